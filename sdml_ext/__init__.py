@@ -1,0 +1,14 @@
+"""sdml_ext: SDML (Scalable Deep Multimodal Learning, Hu et al., SIGIR 2019) for cross-modal retrieval.
+
+Fused C++/CUDA kernels registered as torch ops (``torch.ops.sdml.*``, Python faces in
+:mod:`sdml_ext.ops`) and the modules built on them.
+"""
+
+from ._extension import build_info
+from . import ops
+from .ops import DSAELossOutput, dsae_loss
+from .loss import DSAELoss
+
+__version__ = "0.1.0"
+
+__all__ = ["build_info", "ops", "dsae_loss", "DSAELossOutput", "DSAELoss", "__version__"]
