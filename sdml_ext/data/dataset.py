@@ -295,7 +295,8 @@ def _as_features(features, where: str) -> np.ndarray:
         raise ValueError(f"{where}: features has non-numeric dtype {x.dtype}")
     if np.iscomplexobj(x):
         raise ValueError(f"{where}: features is complex ({x.dtype})")
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    with np.errstate(over="ignore"):  # values beyond float32 become inf and are reported below
+        x = np.ascontiguousarray(x, dtype=np.float32)
     finite = np.isfinite(x)
     if not finite.all():
         row, col = np.argwhere(~finite)[0]

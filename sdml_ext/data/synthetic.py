@@ -21,7 +21,7 @@ from .dataset import Dataset, Modality, default_class_names
 
 def make_synthetic(
     n_modalities: int = 3,
-    dims: int | Sequence[int] = (64, 48, 32),
+    dims: int | Sequence[int] | None = None,
     n_classes: int = 10,
     n_train: int | Sequence[int] = 300,
     n_val: int | Sequence[int] = 100,
@@ -39,7 +39,8 @@ def make_synthetic(
 
     Args:
         n_modalities: number of modalities m.
-        dims: feature width per modality (one int for all, or m ints).
+        dims: feature width per modality (one int for all, or m ints); default 64, 48, 32,
+            64, ... for modalities 0, 1, 2, 3, ...
         n_classes: number of classes c.
         n_train, n_val, n_test: samples per split, one int for all modalities or m ints.
         multilabel: if True, labels are (n, c) uint8 multi-hot rows with 1..max_labels ones;
@@ -59,6 +60,8 @@ def make_synthetic(
     m = int(n_modalities)
     if m < 1:
         raise ValueError(f"n_modalities must be >= 1, got {n_modalities}")
+    if dims is None:
+        dims = [(64, 48, 32)[i % 3] for i in range(m)]
     dims_ = _per_modality("dims", dims, m)
     sizes = {
         name: _per_modality(name, value, m)

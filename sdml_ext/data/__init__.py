@@ -1,0 +1,40 @@
+"""Datasets for SDML: in-memory types, the embedded UCI digits, a synthetic generator and file
+loaders. Pure Python (numpy; scipy/h5py only when a .mat/.h5 file is read); needs no compiled code.
+
+    from sdml_ext.data import load_dataset
+    ds = load_dataset("mfeat")          # 6 modalities, 10 classes, shipped with the package
+    print(ds.describe())
+    x, y = ds["fou"].train.features, ds.label_matrix(ds["fou"].train.labels)
+"""
+
+from ._io import MissingKeyError
+from .dataset import Dataset, Modality, Split, default_class_names
+from .embedded import MFEAT_VIEWS, load_mfeat
+from .formats import AUTHORS_H5_N_VAL, load_authors_h5, load_multiview_mat, load_xmedia
+from .generic import load_generic, save_npz, to_arrays
+from .registry import DATASET_NAMES, load_dataset
+from .splits import DEFAULT_FRACTIONS, split_paired_views, stratified_split
+from .synthetic import make_synthetic
+
+__all__ = [
+    "AUTHORS_H5_N_VAL",
+    "DATASET_NAMES",
+    "DEFAULT_FRACTIONS",
+    "MFEAT_VIEWS",
+    "Dataset",
+    "MissingKeyError",
+    "Modality",
+    "Split",
+    "default_class_names",
+    "load_authors_h5",
+    "load_dataset",
+    "load_generic",
+    "load_mfeat",
+    "load_multiview_mat",
+    "load_xmedia",
+    "make_synthetic",
+    "save_npz",
+    "split_paired_views",
+    "stratified_split",
+    "to_arrays",
+]

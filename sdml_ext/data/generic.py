@@ -1,0 +1,146 @@
+"""sdml_ext's own dataset layout: named arrays in one .npz, .h5/.hdf5 or .mat file, or in a
+directory of .npy files (one `{key}.npy` per key).
+
+Keys (m = modality name, s = split, one of train / val / test):
+
+    {m}_{s}_x     (n, D) real features (any float/int dtype; loaded as float32)
+    {m}_{s}_y     (n,) integer class ids in [0, c), -1 = unlabelled sample
+                  or (n, c) 0/1 multi-hot rows, an all-zero row = unlabelled sample
+    class_names   optional (c,) strings; default "0".."c-1"
+    modalities    optional (m,) strings: which modalities, in order; default every modality
+                  with keys, in key order (alphabetical in .h5 files and directories)
+    name, source  optional strings: dataset name (default the file stem) and attribution
+
+Every modality needs {m}_train_x and {m}_train_y; a modality without val or test keys gets an
+empty split. Sample counts may differ between modalities and splits (SDML needs no pairing).
+Without class_names, c is the multi-hot width or 1 + the largest class id.
+
+Format notes: .h5 files hold one dataset per key at the root, row-major as h5py writes numpy
+arrays. .mat files may be v5 (scipy.io.savemat) or v7.3; MATLAB's (1, n) / (n, 1) id vectors are
+accepted, and MATLAB variable names must start with a letter (name a modality "x3d", not "3d").
+
+save_npz writes this layout; load_generic reads it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import tempfile
+
+import numpy as np
+
+from ._io import ArrayFile, MissingKeyError, naming_file, strings
+from .dataset import SPLIT_NAMES, Dataset, Modality, Split, default_class_names
+
+_KEY = re.compile(r"^(?P<modality>.+)_(?P<split>train|val|test)_(?P<part>x|y)$")
+
+
+def load_generic(path: str | os.PathLike, fmt: str | None = None) -> Dataset:
+    """Load a dataset stored in the layout described in this module's docstring.
+
+    Args:
+        path: .npz, .h5/.hdf5 or .mat file, or a directory of .npy files.
+        fmt: "npz", "h5", "mat" or "dir" to override the extension.
+    """
+    with ArrayFile(path, fmt) as f, naming_file(f.path):
+        keys = f.keys()
+        found = [m.group("modality") for m in map(_KEY.match, keys) if m]
+        if "modalities" in f:
+            names = strings(f["modalities"])
+        else:
+            names = list(dict.fromkeys(found))
+        if not names:
+            raise MissingKeyError(
+                f"{f.path}: no keys of the form {{modality}}_{{split}}_x / _y; keys present: "
+                f"{', '.join(keys) or '(none)'}"
+            )
+        raw = {name: {s: _read_split(f, name, s) for s in SPLIT_NAMES} for name in names}
+        labels = [split[1] for splits in raw.values() for split in splits.values() if split]
+        multilabel = any(np.ndim(y) == 2 for y in labels)
+        if "class_names" in f:
+            class_names = strings(f["class_names"])
+        elif multilabel:
+            class_names = default_class_names(max(y.shape[1] for y in labels if y.ndim == 2))
+        else:
+            largest = max((int(y.max()) for y in labels if y.size), default=-1)
+            if largest < 0:
+                raise ValueError("no labelled sample and no class_names key: cannot tell c")
+            class_names = default_class_names(largest + 1)
+        modalities = []
+        for name, splits in raw.items():
+            train = splits["train"]
+            dim = np.shape(train[0])[1] if np.ndim(train[0]) == 2 else 0
+            empty = Split.empty(dim, len(class_names) if multilabel else None) if dim else None
+            modalities.append(
+                Modality(name, train, splits["val"] or empty, splits["test"] or empty)
+            )
+        default_name = os.path.splitext(os.path.basename(os.path.normpath(f.path)))[0]
+        return Dataset(
+            _scalar(f, "name", default_name),
+            modalities,
+            class_names,
+            multilabel=multilabel,
+            source=_scalar(f, "source", ""),
+        )
+
+
+def to_arrays(dataset: Dataset) -> dict[str, np.ndarray]:
+    """The dataset as the key -> array dict of the layout (features float32, labels as stored)."""
+    arrays: dict[str, np.ndarray] = {}
+    for modality in dataset.modalities:
+        for split_name, split in modality.splits():
+            arrays[f"{modality.name}_{split_name}_x"] = split.features
+            arrays[f"{modality.name}_{split_name}_y"] = split.labels
+    arrays["modalities"] = np.array(dataset.modality_names, dtype=str)
+    arrays["class_names"] = np.array(dataset.class_names, dtype=str)
+    arrays["name"] = np.array(dataset.name, dtype=str)
+    arrays["source"] = np.array(dataset.source, dtype=str)
+    return arrays
+
+
+def save_npz(dataset: Dataset, path: str | os.PathLike) -> None:
+    """Write `dataset` to `path` as a compressed .npz in this layout, atomically.
+
+    The archive is written to a temporary file in the target directory and moved over `path`
+    with os.replace, so readers never see a partial file. `path` is used as given (no ".npz" is
+    appended).
+    """
+    path = os.fspath(path)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **to_arrays(dataset))
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(buffer.getvalue())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _read_split(f: ArrayFile, modality: str, split: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(features, labels) for one split, None when neither key exists (train is required)."""
+    x_key, y_key = f"{modality}_{split}_x", f"{modality}_{split}_y"
+    if split != "train" and x_key not in f and y_key not in f:
+        return None
+    x, y = f[x_key], f[y_key]  # MissingKeyError names whichever is absent
+    x = np.asarray(x)
+    y = np.asarray(y)
+    n = x.shape[0] if x.ndim == 2 else 0
+    if x.size == 0:
+        return None if split != "train" else (x, y)
+    if y.ndim == 2 and 1 in y.shape and y.size == n:
+        y = y.reshape(-1)  # MATLAB stores id vectors as (1, n) or (n, 1)
+    return x, y
+
+
+def _scalar(f: ArrayFile, key: str, default: str) -> str:
+    if key not in f:
+        return default
+    values = strings(f[key])
+    return values[0] if values else default

@@ -1,0 +1,110 @@
+"""load_dataset: one entry point that maps a dataset name (or a file) to the right loader."""
+
+from __future__ import annotations
+
+import os
+
+from ._io import ArrayFile, check_path, format_of
+from .dataset import Dataset
+from .embedded import load_mfeat
+from .formats import (
+    AUTHORS_H5_KEYS,
+    AUTHORS_H5_N_VAL,
+    MULTIVIEW_VIEW_KEYS,
+    XMEDIA_KEYS,
+    load_authors_h5,
+    load_multiview_mat,
+    load_xmedia,
+)
+from .generic import load_generic
+from .synthetic import make_synthetic
+
+DATASET_NAMES = (
+    "mfeat",
+    "synthetic",
+    "xmedia",
+    "wikipedia",
+    "nus-wide",
+    "mscoco",
+    "multiview-mat",
+    "npz",
+    "h5",
+    "mat",
+    "dir",
+    "auto",
+)
+"""Names accepted by load_dataset ("auto" = detect from the file; also what None means)."""
+
+
+def load_dataset(name: str | None = "mfeat", path: str | os.PathLike | None = None, **opts) -> Dataset:
+    """Load a dataset by name.
+
+    Args:
+        name: one of DATASET_NAMES (case-insensitive):
+            "mfeat"          the embedded UCI digits (no path); opts go to load_mfeat
+            "synthetic"      make_synthetic(**opts) (no path)
+            "xmedia"         authors' XMedia .mat; opts go to load_xmedia
+            "wikipedia", "nus-wide", "mscoco"
+                             authors' HDF5; opts go to load_authors_h5, with n_val defaulting
+                             to 231 / 5,000 / 10,000
+            "multiview-mat"  multi-view-clustering .mat; opts go to load_multiview_mat
+            "npz", "h5", "mat", "dir"
+                             the generic layout (sdml_ext.data.generic) in that format
+            "auto" or None   detect from the file: generic-layout keys first, then the XMedia,
+                             authors' HDF5 (needs n_val=) and multi-view keys
+        path: the data file or directory (required for every name but mfeat and synthetic).
+        **opts: keyword options of the chosen loader.
+
+    Raises:
+        ValueError: unknown name (the message lists the valid ones), unreadable file, bad data.
+        FileNotFoundError: `path` does not exist.
+        MissingKeyError (KeyError and ValueError): a required key is absent from the file.
+    """
+    key = "auto" if name is None else str(name).lower()
+    if key not in DATASET_NAMES:
+        raise ValueError(f"unknown dataset name {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+    if key in ("mfeat", "synthetic"):
+        if path is not None:
+            raise ValueError(f"dataset {key!r} is built in and takes no path (got {path!r})")
+        return load_mfeat(**opts) if key == "mfeat" else make_synthetic(**opts)
+    if path is None:
+        raise ValueError(f"dataset {key!r} needs a path to its file")
+    path = check_path(path)
+    if key == "auto":
+        key = _detect(path, opts)
+    if key == "xmedia":
+        return load_xmedia(path, **opts)
+    if key in AUTHORS_H5_N_VAL:
+        opts.setdefault("n_val", AUTHORS_H5_N_VAL[key])
+        return load_authors_h5(path, name=key, **opts)
+    if key == "authors-h5":
+        return load_authors_h5(path, **opts)
+    if key == "multiview-mat":
+        return load_multiview_mat(path, **opts)
+    return load_generic(path, key, **opts)
+
+
+def _detect(path: str, opts: dict) -> str:
+    """Loader name for a file, from its format and the keys it holds."""
+    fmt = format_of(path)
+    if fmt in ("npz", "dir"):
+        return fmt
+    with ArrayFile(path, fmt) as f:
+        keys = f.keys()
+    if any(k.endswith("_train_x") for k in keys):
+        return fmt
+    if fmt == "mat" and any(v[0] in keys for v in XMEDIA_KEYS.values()):
+        return "xmedia"
+    if fmt == "mat" and any(k in keys for k in MULTIVIEW_VIEW_KEYS):
+        return "multiview-mat"
+    if fmt == "h5" and AUTHORS_H5_KEYS["image"][0] in keys:
+        if "n_val" not in opts:
+            raise ValueError(
+                f"{path} is in the SDML authors' HDF5 layout: pass name='wikipedia', "
+                f"'nus-wide' or 'mscoco', or n_val=<validation rows>"
+            )
+        return "authors-h5"
+    raise ValueError(
+        f"{path}: cannot tell the dataset layout from its keys ({', '.join(keys) or 'none'}); "
+        f"pass one of these names: {', '.join(DATASET_NAMES)}"
+    )
