@@ -199,18 +199,20 @@ def test_mfeat_split_is_seeded_and_license_ships(mfeat):
 
 
 def test_synthetic_shapes_and_determinism():
-    ds = make_synthetic(n_modalities=3, dims=(20, 12, 7), n_classes=4, n_train=(30, 20, 10), n_val=5, n_test=(8, 6, 4), seed=7)
+    sizes = dict(n_modalities=3, dims=(20, 12, 7), n_classes=4, n_val=5, n_test=(8, 6, 4), seed=7)
+    ds = make_synthetic(n_train=(30, 20, 10), **sizes)
     assert ds.modality_names == ["m0", "m1", "m2"] and ds.num_classes == 4
     assert [m.dim for m in ds] == [20, 12, 7]
     assert [(m.train.n, m.val.n, m.test.n) for m in ds] == [(30, 5, 8), (20, 5, 6), (10, 5, 4)]
     assert np.bincount(ds["m0"].train.labels).tolist() == [8, 8, 7, 7]
-    same = make_synthetic(n_modalities=3, dims=(20, 12, 7), n_classes=4, n_train=(30, 20, 10), n_val=5, n_test=(8, 6, 4), seed=7)
+    same = make_synthetic(n_train=(30, 20, 10), **sizes)
     for a, b in zip(ds, same):
         np.testing.assert_array_equal(a.train.features, b.train.features)
         np.testing.assert_array_equal(a.test.labels, b.test.labels)
-    assert not np.array_equal(make_synthetic(seed=8)["m0"].train.features, make_synthetic(seed=7)["m0"].train.features)
+    other = make_synthetic(n_train=(30, 20, 10), **dict(sizes, seed=8))
+    assert not np.array_equal(other["m0"].train.features, ds["m0"].train.features)
     # Each modality has its own random stream: resizing m1 leaves m0 untouched.
-    resized = make_synthetic(n_modalities=3, dims=(20, 12, 7), n_classes=4, n_train=(30, 99, 10), n_val=5, n_test=(8, 6, 4), seed=7)
+    resized = make_synthetic(n_train=(30, 99, 10), **sizes)
     np.testing.assert_array_equal(resized["m0"].train.features, ds["m0"].train.features)
 
 

@@ -200,10 +200,10 @@ def load_multiview_mat(
         )
         if len(names) != len(cells):
             raise ValueError(f"{len(names)} modality_names given for {len(cells)} views")
-        views = {
-            name: _orient(dense(cell, f"{views_key}{{{i + 1}}}"), y.size, f"{views_key}{{{i + 1}}}", samples_as_rows)
-            for i, (name, cell) in enumerate(zip(names, cells))
-        }
+        views = {}
+        for i, (name, cell) in enumerate(zip(names, cells)):
+            where = f"{views_key}{{{i + 1}}}"  # MATLAB's fea{1}, fea{2}, ...
+            views[name] = _orient(dense(cell, where), y.size, where, samples_as_rows)
         stem = os.path.splitext(os.path.basename(f.path))[0]
         return split_paired_views(
             stem,
