@@ -125,7 +125,7 @@ class ArrayFile:
         """Turn any failure to decode the file into a ValueError naming the file (and key)."""
         try:
             yield
-        except (MissingKeyError, FileNotFoundError):
+        except (MissingKeyError, FileNotFoundError, MemoryError):
             raise
         except Exception as exc:
             what = f"key {key!r} of " if key else ""
