@@ -1,0 +1,249 @@
+// CUDA kernel of the fused SDML loss: one thread block per row, launched on the current stream.
+// The per-row math is sdml/dsae_loss_math.h, shared with the CPU kernel.
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "sdml/dsae_loss.h"
+#include "sdml/dsae_loss_math.h"
+
+namespace sdml {
+namespace {
+
+using namespace dsae;
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr size_t kMaxSharedBytes = 48 * 1024;
+
+// Sum of v over the block, valid in thread 0. Deterministic: fixed shuffle tree.
+template <typename A>
+__device__ A block_sum(A v, A* scratch) {
+  __syncthreads();  // scratch may still be read by a previous call
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < kWarps ? scratch[lane] : A(0);
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  }
+  return v;
+}
+
+// Whether row y (c entries) has a non-zero label; the same answer in every thread.
+template <typename T, typename A>
+__device__ bool block_row_labelled(const T* y, int64_t c) {
+  int any = 0;
+  for (int64_t col = threadIdx.x; col < c; col += blockDim.x) any |= static_cast<A>(y[col]) != A(0);
+  return __syncthreads_or(any);
+}
+
+// e = P^T h - y for one row into shared e_s (h staged in shared h_s); returns this thread's
+// part of ||e||^2.
+template <typename T, typename A>
+__device__ A block_project_residual(const T* P, const T* h, const T* y, int64_t d, int64_t c, A* h_s, A* e_s) {
+  for (int64_t k = threadIdx.x; k < d; k += blockDim.x) h_s[k] = static_cast<A>(h[k]);
+  __syncthreads();
+  A part = 0;
+  for (int64_t col = threadIdx.x; col < c; col += blockDim.x) {
+    A e = 0;
+    for (int64_t k = 0; k < d; ++k) e = project_step(e, P[k * c + col], h_s[k]);
+    e -= static_cast<A>(y[col]);
+    if (e_s) e_s[col] = e;
+    part += sq(e);
+  }
+  return part;
+}
+
+template <typename T, typename A>
+__global__ void __launch_bounds__(kThreads) dsae_forward_kernel(
+    const T* __restrict__ xh, const T* __restrict__ x, const T* __restrict__ h, const T* __restrict__ P,
+    const T* __restrict__ y, int64_t sxh, int64_t sx, int64_t sh, int64_t sy, int64_t D, int64_t d,
+    int64_t c, A* __restrict__ row_rec, A* __restrict__ row_sup, int64_t* __restrict__ n_labelled) {
+  extern __shared__ unsigned char smem[];
+  __shared__ A scratch[kWarps];
+  const int64_t j = blockIdx.x;
+  xh += j * sxh;
+  x += j * sx;
+  h += j * sh;
+  y += j * sy;
+  A part = 0;
+  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) part += sq(static_cast<A>(xh[i]) - static_cast<A>(x[i]));
+  const A r2 = block_sum(part, scratch);
+  const bool labelled = block_row_labelled<T, A>(y, c);
+  A s2 = 0;
+  if (labelled) {
+    A* h_s = reinterpret_cast<A*>(smem);
+    s2 = block_sum(block_project_residual<T, A>(P, h, y, d, c, h_s, nullptr), scratch);
+  }
+  if (threadIdx.x == 0) {
+    row_rec[j] = sqrt(r2);
+    row_sup[j] = labelled ? sqrt(s2) : A(0);
+    if (labelled) atomicAdd(reinterpret_cast<unsigned long long*>(n_labelled), 1ull);
+  }
+}
+
+template <typename T, typename A>
+__global__ void __launch_bounds__(kThreads) dsae_finalize_kernel(
+    const A* __restrict__ row_rec, const A* __restrict__ row_sup, const int64_t* __restrict__ n_labelled,
+    int64_t B, A lam, T* loss, T* rec, T* sup) {
+  __shared__ A scratch[kWarps];
+  A a = 0, b = 0;
+  for (int64_t i = threadIdx.x; i < B; i += blockDim.x) {
+    a += row_rec[i];
+    b += row_sup[i];
+  }
+  a = block_sum(a, scratch);
+  b = block_sum(b, scratch);
+  if (threadIdx.x == 0) {
+    const Terms<A> t = combine(a, b, B, *n_labelled, lam);
+    *loss = static_cast<T>(t.loss);
+    *rec = static_cast<T>(t.rec);
+    *sup = static_cast<T>(t.sup);
+  }
+}
+
+// Upstream gradients, all on the device (no host sync); null = not used.
+template <typename T, typename A>
+struct Grads {
+  const T *loss, *rec, *sup;
+  const A *row_rec, *row_sup;
+};
+
+template <typename T, typename A>
+__global__ void __launch_bounds__(kThreads) dsae_backward_kernel(
+    const T* __restrict__ xh, const T* __restrict__ x, const T* __restrict__ h, const T* __restrict__ P,
+    const T* __restrict__ y, int64_t sxh, int64_t sx, int64_t sh, int64_t sy, int64_t B, int64_t D,
+    int64_t d, int64_t c, const A* __restrict__ row_rec, const A* __restrict__ row_sup,
+    const int64_t* __restrict__ n_labelled, Grads<T, A> g, A lam, T* __restrict__ gxh, T* __restrict__ gh) {
+  extern __shared__ unsigned char smem[];
+  const int64_t j = blockIdx.x;
+  const A g_loss = g.loss ? static_cast<A>(*g.loss) : A(0);
+  if (gxh) {
+    const A g_rec = g.rec ? static_cast<A>(*g.rec) : A(0);
+    const A alpha = rec_weight(g_loss, g_rec, lam, B) + (g.row_rec ? g.row_rec[j] : A(0));
+    const A coef = alpha * inv_norm_or_zero(row_rec[j]);
+    const T *xh_j = xh + j * sxh, *x_j = x + j * sx;
+    T* out = gxh + j * D;
+    for (int64_t i = threadIdx.x; i < D; i += blockDim.x)
+      out[i] = static_cast<T>(coef * (static_cast<A>(xh_j[i]) - static_cast<A>(x_j[i])));
+  }
+  if (!gh) return;
+  const T* y_j = y + j * sy;
+  T* out = gh + j * d;
+  if (!block_row_labelled<T, A>(y_j, c)) {
+    for (int64_t k = threadIdx.x; k < d; k += blockDim.x) out[k] = static_cast<T>(A(0));
+    return;
+  }
+  A* h_s = reinterpret_cast<A*>(smem);
+  A* e_s = h_s + d;
+  block_project_residual<T, A>(P, h + j * sh, y_j, d, c, h_s, e_s);
+  __syncthreads();
+  const A g_sup = g.sup ? static_cast<A>(*g.sup) : A(0);
+  const A beta = sup_weight(g_loss, g_sup, lam, *n_labelled) + (g.row_sup ? g.row_sup[j] : A(0));
+  const A coef = beta * inv_norm_or_zero(row_sup[j]);
+  for (int64_t k = threadIdx.x; k < d; k += blockDim.x) {
+    const T* P_k = P + k * c;
+    A acc = 0;
+    for (int64_t col = 0; col < c; ++col) acc += static_cast<A>(P_k[col]) * e_s[col];
+    out[k] = static_cast<T>(coef * acc);
+  }
+}
+
+size_t shared_bytes(int64_t d, int64_t c, size_t acc_size) {
+  const size_t bytes = static_cast<size_t>(d + c) * acc_size;
+  TORCH_CHECK_VALUE(bytes <= kMaxSharedBytes, "dsae_loss: on CUDA d + c must be at most ",
+                    kMaxSharedBytes / acc_size, ", got d = ", d, ", c = ", c);
+  return bytes;
+}
+
+DsaeForward dsae_loss_cuda(const at::Tensor& x_hat_in, const at::Tensor& x_in, const at::Tensor& h_in,
+                           const at::Tensor& P_in, const at::Tensor& y_in, double lam, bool check_finite) {
+  check_dsae_loss_args(x_hat_in, x_in, h_in, P_in, y_in, lam);
+  const c10::cuda::CUDAGuard guard(x_hat_in.device());
+  const at::Tensor x_hat = rows_contiguous(x_hat_in), x = rows_contiguous(x_in),
+                   h = rows_contiguous(h_in), y = rows_contiguous(y_in), P = P_in.contiguous();
+  const int64_t B = x_hat.size(0), D = x_hat.size(1), d = h.size(1), c = P.size(1);
+  const auto acc_dtype = x_hat.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor row_rec = at::empty({B}, x_hat.options().dtype(acc_dtype));
+  at::Tensor row_sup = at::empty({B}, x_hat.options().dtype(acc_dtype));
+  at::Tensor n_labelled = at::zeros({}, x_hat.options().dtype(at::kLong));
+  at::Tensor loss = at::empty({}, x_hat.options()), rec = at::empty({}, x_hat.options()),
+             sup = at::empty({}, x_hat.options());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_hat.scalar_type(), "dsae_loss_cuda", [&] {
+    using A = acc_t<scalar_t>;
+    dsae_forward_kernel<scalar_t, A><<<B, kThreads, shared_bytes(d, c, sizeof(A)), stream>>>(
+        x_hat.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(),
+        P.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), x_hat.stride(0), x.stride(0),
+        h.stride(0), y.stride(0), D, d, c, row_rec.mutable_data_ptr<A>(), row_sup.mutable_data_ptr<A>(),
+        n_labelled.mutable_data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    dsae_finalize_kernel<scalar_t, A><<<1, kThreads, 0, stream>>>(
+        row_rec.const_data_ptr<A>(), row_sup.const_data_ptr<A>(), n_labelled.const_data_ptr<int64_t>(), B,
+        static_cast<A>(lam), loss.mutable_data_ptr<scalar_t>(), rec.mutable_data_ptr<scalar_t>(),
+        sup.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  if (check_finite) check_dsae_loss_finite(rec, sup, x_hat, x, h, P, y);
+  return {loss, rec, sup, row_rec, row_sup, n_labelled};
+}
+
+// A device pointer to g (cast to dtype) or null; g stays alive in holder.
+template <typename S>
+const S* device_ptr(const std::optional<at::Tensor>& g, at::ScalarType dtype, at::Tensor& holder) {
+  if (!g.has_value()) return nullptr;
+  holder = g->to(dtype).contiguous();
+  return holder.const_data_ptr<S>();
+}
+
+DsaeBackward dsae_loss_backward_cuda(
+    const std::optional<at::Tensor>& grad_loss, const std::optional<at::Tensor>& grad_rec,
+    const std::optional<at::Tensor>& grad_sup, const std::optional<at::Tensor>& grad_row_rec,
+    const std::optional<at::Tensor>& grad_row_sup, const at::Tensor& x_hat_in, const at::Tensor& x_in,
+    const at::Tensor& h_in, const at::Tensor& P_in, const at::Tensor& y_in, const at::Tensor& row_rec,
+    const at::Tensor& row_sup, const at::Tensor& n_labelled, double lam, bool need_input_grad,
+    bool need_code_grad) {
+  check_dsae_loss_args(x_hat_in, x_in, h_in, P_in, y_in, lam);
+  const c10::cuda::CUDAGuard guard(x_hat_in.device());
+  const at::Tensor x_hat = rows_contiguous(x_hat_in), x = rows_contiguous(x_in),
+                   h = rows_contiguous(h_in), y = rows_contiguous(y_in), P = P_in.contiguous();
+  const int64_t B = x_hat.size(0), D = x_hat.size(1), d = h.size(1), c = P.size(1);
+  at::Tensor grad_x_hat = at::empty({need_input_grad ? B : 0, D}, x_hat.options());
+  at::Tensor grad_h = at::empty({need_code_grad ? B : 0, d}, h.options());
+  if (!need_input_grad && !need_code_grad) return {grad_x_hat, grad_h};
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const auto dtype = x_hat.scalar_type(), acc_dtype = row_rec.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "dsae_loss_backward_cuda", [&] {
+    using A = acc_t<scalar_t>;
+    at::Tensor held[5];
+    const Grads<scalar_t, A> g{device_ptr<scalar_t>(grad_loss, dtype, held[0]),
+                               device_ptr<scalar_t>(grad_rec, dtype, held[1]),
+                               device_ptr<scalar_t>(grad_sup, dtype, held[2]),
+                               device_ptr<A>(grad_row_rec, acc_dtype, held[3]),
+                               device_ptr<A>(grad_row_sup, acc_dtype, held[4])};
+    dsae_backward_kernel<scalar_t, A><<<B, kThreads, shared_bytes(d, c, sizeof(A)), stream>>>(
+        x_hat.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(),
+        P.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), x_hat.stride(0), x.stride(0),
+        h.stride(0), y.stride(0), B, D, d, c, row_rec.const_data_ptr<A>(), row_sup.const_data_ptr<A>(),
+        n_labelled.const_data_ptr<int64_t>(), g, static_cast<A>(lam),
+        need_input_grad ? grad_x_hat.mutable_data_ptr<scalar_t>() : nullptr,
+        need_code_grad ? grad_h.mutable_data_ptr<scalar_t>() : nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {grad_x_hat, grad_h};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sdml, CUDA, m) {
+  m.impl("dsae_loss", &dsae_loss_cuda);
+  m.impl("dsae_loss_backward", &dsae_loss_backward_cuda);
+}
+
+}  // namespace sdml

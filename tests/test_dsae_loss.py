@@ -1,0 +1,360 @@
+"""sdml::dsae_loss against a plain PyTorch reference: forward, gradients, opcheck, compile, errors."""
+
+import pytest
+import torch
+
+import sdml_ext
+from sdml_ext.loss import DSAELoss
+from sdml_ext.ops import dsae_loss
+
+from conftest import DEVICES
+
+# (B, D, d, c): single row, single column, c = 1, c = d, odd sizes, the paper's shapes.
+SHAPES = [(1, 1, 1, 1), (1, 7, 5, 3), (5, 13, 16, 1), (4, 9, 6, 6), (33, 129, 64, 10), (100, 300, 512, 80)]
+CPU_DTYPES = [torch.float32, torch.float64]
+CUDA_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+# Relative error bounds against a float64 reference (the issue's acceptance bounds).
+REL_TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+
+def reference(x_hat, x, h, P, y, lam):
+    """The SDML objective written from the definition, with plain PyTorch ops."""
+    r = torch.linalg.vector_norm(x_hat - x, dim=1)
+    s = torch.linalg.vector_norm(h @ P - y, dim=1)
+    labelled = (y != 0).any(dim=1)
+    s = torch.where(labelled, s, torch.zeros_like(s))
+    n = int(labelled.sum())
+    rec = r.mean()
+    sup = s.sum() / n if n else s.sum() * 0
+    return lam * rec + (1 - lam) * sup, rec, sup, r, s, n
+
+
+def make_inputs(B, D, d, c, dtype, device, seed=0, unlabelled=(), exact_rows=()):
+    """Random inputs; rows in ``unlabelled`` get all-zero labels, rows in ``exact_rows`` zero residuals."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, D, generator=g, dtype=torch.float64)
+    x_hat = x + 0.5 * torch.randn(B, D, generator=g, dtype=torch.float64)
+    h = torch.randn(B, d, generator=g, dtype=torch.float64)
+    P = torch.linalg.qr(torch.randn(d, c, generator=g, dtype=torch.float64))[0]
+    y = torch.zeros(B, c, dtype=torch.float64)
+    y[torch.arange(B), torch.randint(0, c, (B,), generator=g)] = 1
+    for j in unlabelled:
+        y[j] = 0
+    for j in exact_rows:
+        x_hat[j] = x[j]
+    return [t.to(device=device, dtype=dtype) for t in (x_hat, x, h, P, y)]
+
+
+def rel_err(a, b):
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def check_against_reference(inputs, lam, tol, weights=True):
+    """Forward outputs and the gradients of a weighted sum of all of them, vs the reference."""
+    ours = [t.clone().requires_grad_(i in (0, 1, 2)) for i, t in enumerate(inputs)]
+    ref = [t.detach().double().cpu().requires_grad_(i in (0, 1, 2)) for i, t in enumerate(inputs)]
+    out = dsae_loss(*ours, lam=lam)
+    loss, rec, sup, r, s, n = reference(*ref, lam)
+    assert int(out.n_labelled) == n
+    for a, b in zip(out[:5], (loss, rec, sup, r, s)):
+        assert rel_err(a, b.detach()) <= tol
+    B = inputs[0].shape[0]
+    w = torch.linspace(0.5, 1.5, B, dtype=torch.float64) if weights else torch.zeros(B, dtype=torch.float64)
+    total_ours = out.loss + 0.3 * out.rec + 0.7 * out.sup + (w.to(out.row_rec) * out.row_rec).sum() + (
+        w.flip(0).to(out.row_sup) * out.row_sup
+    ).sum()
+    total_ref = loss + 0.3 * rec + 0.7 * sup + (w * r).sum() + (w.flip(0) * s).sum()
+    total_ours.backward()
+    total_ref.backward()
+    for a, b in zip(ours[:3], ref[:3]):
+        assert torch.isfinite(a.grad).all()
+        assert rel_err(a.grad, b.grad) <= tol
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_reference(shape, dtype, device):
+    inputs = make_inputs(*shape, dtype, device, seed=sum(shape))
+    check_against_reference(inputs, 0.5, REL_TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("lam", [0.0, 0.3, 1.0])
+def test_lambda_and_loss_only_backward(lam, dtype, device):
+    inputs = make_inputs(17, 31, 24, 5, dtype, device, seed=3, unlabelled=[2, 5])
+    check_against_reference(inputs, lam, REL_TOL[dtype], weights=False)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_all_rows_unlabelled(device):
+    x_hat, x, h, P, y = make_inputs(6, 11, 8, 3, torch.float64, device, unlabelled=range(6))
+    h.requires_grad_()
+    out = dsae_loss(x_hat, x, h, P, y)
+    assert int(out.n_labelled) == 0 and float(out.sup) == 0.0 and (out.row_sup == 0).all()
+    out.loss.backward()
+    assert (h.grad == 0).all()
+    check_against_reference([x_hat, x, h.detach(), P, y], 0.5, REL_TOL[torch.float64])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_zero_residual_rows_get_zero_gradient(dtype, device):
+    # P = I and h = y make P^T h - y exactly zero; x_hat = x makes the reconstruction residual zero.
+    B, c = 5, 4
+    x_hat, x, _, _, y = make_inputs(B, 9, c, c, dtype, device, exact_rows=[1, 3])
+    P = torch.eye(c, dtype=dtype, device=device)
+    h = y.clone()
+    h[0] += 0.25
+    x_hat.requires_grad_()
+    h.requires_grad_()
+    out = dsae_loss(x_hat, x, h, P, y)
+    out.loss.backward()
+    assert float(out.row_rec[1]) == 0 and float(out.row_sup[2]) == 0
+    assert torch.isfinite(x_hat.grad).all() and torch.isfinite(h.grad).all()
+    assert (x_hat.grad[[1, 3]] == 0).all() and (h.grad[1:] == 0).all() and (h.grad[0] != 0).any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_non_contiguous_inputs(dtype, device):
+    B, D, d, c = 9, 14, 12, 5
+    x_hat, x, h, P, y = make_inputs(B, D, d, c, dtype, device, seed=7, unlabelled=[4])
+    wide = torch.randn(B, 2 * D, dtype=dtype, device=device)
+    wide[:, 1::2] = x_hat
+    x_hat_nc = wide[:, 1::2]  # column stride 2
+    x_nc = x.t().contiguous().t()  # column-major
+    h_nc = torch.cat([h, h], dim=1)[:, :d]  # row stride 2d
+    P_nc = P.t().contiguous().t()
+    y_nc = y.repeat(2, 1)[::2]  # row stride 2 rows
+    assert not any(t.is_contiguous() for t in (x_hat_nc, x_nc, h_nc, P_nc, y_nc))
+    check_against_reference([x_hat_nc, x_nc, h_nc, P_nc, y_nc], 0.5, REL_TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_input_gradient_when_x_requires_grad(device):
+    x_hat, x, h, P, y = make_inputs(4, 6, 5, 2, torch.float64, device)
+    x_hat.requires_grad_()
+    x.requires_grad_()
+    dsae_loss(x_hat, x, h, P, y).loss.backward()
+    assert torch.equal(x.grad, -x_hat.grad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_float64(device):
+    x_hat, x, h, P, y = make_inputs(6, 7, 5, 3, torch.float64, device, seed=11, unlabelled=[2])
+    args = [t.requires_grad_() for t in (x_hat, x, h)]
+
+    def f(x_hat, x, h):
+        return tuple(dsae_loss(x_hat, x, h, P, y, lam=0.4)[:5])
+
+    assert torch.autograd.gradcheck(f, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_opcheck(dtype, device):
+    x_hat, x, h, P, y = make_inputs(7, 10, 8, 3, dtype, device, seed=5, unlabelled=[0])
+    for grads in [(x_hat, h), (x_hat, x, h)]:
+        for t in grads:
+            t.requires_grad_()
+        torch.library.opcheck(torch.ops.sdml.dsae_loss.default, (x_hat, x, h, P, y, 0.5, True))
+        x_hat, x, h = (t.detach() for t in (x_hat, x, h))
+    out = torch.ops.sdml.dsae_loss.default(x_hat, x, h, P, y, 0.5, True)
+    g = torch.ones((), dtype=dtype, device=device)
+    torch.library.opcheck(
+        torch.ops.sdml.dsae_loss_backward.default,
+        (g, None, g, out[3].clone(), None, x_hat, x, h, P, y, out[3], out[4], out[5], 0.5, True, True),
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
+    x_hat, x, h, P, y = make_inputs(8, 12, 10, 4, torch.float32, device, seed=2, unlabelled=[1])
+    enc = torch.nn.Linear(12, 10).to(device)
+
+    def step(x_hat, x, y):
+        h = enc(x)
+        out = dsae_loss(x_hat, x, h, P, y)
+        return out.loss + 0.1 * out.row_sup.sum()
+
+    compiled = torch.compile(step, fullgraph=True)
+    x_hat_a = x_hat.clone().requires_grad_()
+    x_hat_b = x_hat.clone().requires_grad_()
+    eager = step(x_hat_a, x, y)
+    eager.backward()
+    grads_eager = [p.grad.clone() for p in enc.parameters()]
+    enc.zero_grad()
+    comp = compiled(x_hat_b, x, y)
+    comp.backward()
+    assert torch.allclose(eager, comp)
+    assert torch.allclose(x_hat_a.grad, x_hat_b.grad)
+    for a, p in zip(grads_eager, enc.parameters()):
+        assert torch.allclose(a, p.grad)
+
+
+def test_deterministic_and_thread_count_independent():
+    x_hat, x, h, P, y = make_inputs(257, 301, 64, 10, torch.float32, "cpu", seed=9, unlabelled=[3])
+    h.requires_grad_()
+    first = dsae_loss(x_hat, x, h, P, y)
+    first.loss.backward()
+    grad = h.grad.clone()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        h.grad = None
+        second = dsae_loss(x_hat, x, h, P, y)
+        second.loss.backward()
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert torch.equal(grad, h.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_low_precision_within_eager_error(dtype):
+    """Our error vs float64 must not exceed (2x + eps) that of the eager composition run in ``dtype``."""
+    inputs = make_inputs(64, 513, 512, 20, torch.float64, "cuda", seed=4, unlabelled=[7])
+    low = [t.to(dtype).requires_grad_(i < 3) for i, t in enumerate(inputs)]
+    eager_low = [t.to(dtype).requires_grad_(i < 3) for i, t in enumerate(inputs)]
+    exact = [t.to(dtype).double().requires_grad_(i < 3) for i, t in enumerate(inputs)]  # same rounded inputs
+    ours = dsae_loss(*low)
+    ours.loss.backward()
+    ref = reference(*exact, 0.5)
+    ref[0].backward()
+    eager = reference(*eager_low, 0.5)
+    eager[0].backward()
+    eps = torch.finfo(dtype).eps
+    assert rel_err(ours.loss, ref[0].detach()) <= 2 * rel_err(eager[0].detach(), ref[0].detach()) + eps
+    for a, b, e in zip(low[:3], exact[:3], eager_low[:3]):
+        assert rel_err(a.grad, b.grad) <= 2 * rel_err(e.grad, b.grad) + 4 * eps
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_matches_cpu_kernel_and_runs_on_current_stream():
+    inputs = make_inputs(50, 77, 64, 7, torch.float64, "cpu", seed=8, unlabelled=[1, 2])
+    cpu = dsae_loss(*inputs)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        gpu = dsae_loss(*[t.cuda() for t in inputs])
+    stream.synchronize()
+    for a, b in zip(cpu, gpu):
+        assert rel_err(b, a) <= 1e-12
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+
+
+def _good(device="cpu"):
+    return dict(zip(["x_hat", "x", "h", "P", "y"], make_inputs(4, 6, 8, 3, torch.float32, device)))
+
+
+@pytest.mark.parametrize(
+    "name, value, error, match",
+    [
+        ("x", torch.zeros(4, 7), ValueError, "x must have shape"),
+        ("x_hat", torch.zeros(4, 6, 1), ValueError, "x_hat must be a 2-D"),
+        ("x_hat", torch.zeros(0, 6), ValueError, "x_hat has no rows"),
+        ("h", torch.zeros(3, 8), ValueError, "h must have one row per row"),
+        ("P", torch.zeros(7, 3), ValueError, "P must be d x c"),
+        ("P", torch.zeros(8, 9), ValueError, "c <= d"),
+        ("y", torch.zeros(4, 2), ValueError, "y must have shape"),
+        ("y", torch.zeros(4, 3, dtype=torch.int64), TypeError, "y must be a floating-point"),
+        ("x_hat", torch.zeros(4, 6, dtype=torch.int32), TypeError, "x_hat must be a floating-point"),
+        ("h", torch.zeros(4, 8, dtype=torch.float64), TypeError, "h has dtype Double but x_hat"),
+    ],
+)
+def test_bad_arguments_name_the_argument(name, value, error, match):
+    args = _good()
+    args[name] = value
+    with pytest.raises(error, match=match):
+        dsae_loss(**args)
+
+
+@pytest.mark.parametrize("lam", [-0.1, 1.5, float("nan")])
+def test_bad_lambda(lam):
+    with pytest.raises(ValueError, match="lam must be in"):
+        dsae_loss(**_good(), lam=lam)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["x_hat", "x", "h", "P", "y"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_input_named(name, bad, device):
+    args = _good(device)
+    args[name] = args[name].clone()
+    args[name][-1, -1] = bad
+    with pytest.raises(ValueError, match=f"dsae_loss: {name} contains NaN or Inf"):
+        dsae_loss(**args)
+    # Opting out of the check returns the non-finite loss instead.
+    assert not torch.isfinite(dsae_loss(**args, check_finite=False).loss)
+
+
+def test_overflow_reported():
+    args = _good()
+    args["x_hat"] = torch.full((4, 6), 3e38)
+    args["x"] = -args["x_hat"]
+    with pytest.raises(ValueError, match="overflowed"):
+        dsae_loss(**args)
+
+
+@pytest.mark.parametrize("name", ["P", "y"])
+def test_constants_must_not_require_grad(name):
+    args = _good()
+    args[name].requires_grad_()
+    with pytest.raises(ValueError, match=f"{name} is a constant"):
+        dsae_loss(**args)
+
+
+def test_cpu_rejects_half():
+    args = {k: v.half() for k, v in _good().items()}
+    with pytest.raises(TypeError, match="on CPU x_hat must be float32 or float64"):
+        dsae_loss(**args)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_mixed_devices():
+    args = _good()
+    args["h"] = args["h"].cuda()
+    with pytest.raises(ValueError, match="h is on cuda:0 but x_hat is on cpu"):
+        dsae_loss(**args)
+
+
+def test_cuda_call_without_gpu_is_a_clean_error():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises((RuntimeError, AssertionError)):
+        dsae_loss(**{k: v.to("cuda") for k, v in _good().items()})
+
+
+# ---- the module --------------------------------------------------------------------------------
+
+
+def test_module_accepts_class_ids_and_casts():
+    x_hat, x, h, P, y = make_inputs(6, 5, 8, 3, torch.float64, "cpu", unlabelled=[4])
+    ids = torch.where(y.any(1), y.argmax(1), torch.full((6,), -1))
+    module = DSAELoss(P.float(), lam=0.25)
+    by_ids = module(x_hat, x, h, ids)
+    by_rows = dsae_loss(x_hat, x, h, P.float().double(), y, lam=0.25)
+    assert all(torch.equal(a, b) for a, b in zip(by_ids, by_rows))
+    assert "d=8, c=3, lam=0.25" in repr(module)
+
+
+@pytest.mark.parametrize("ids, match", [(torch.tensor([0, 1, 3, 0, 1, 2]), r"in \[-1, 3\)"), (torch.tensor([0, -2, 1, 0, 1, 2]), "got -2")])
+def test_module_rejects_bad_class_ids(ids, match):
+    x_hat, x, h, P, _ = make_inputs(6, 5, 8, 3, torch.float32, "cpu")
+    with pytest.raises(ValueError, match=match):
+        DSAELoss(P)(x_hat, x, h, ids)
+
+
+def test_module_rejects_bad_projection_and_lambda():
+    with pytest.raises(ValueError, match="c <= d"):
+        DSAELoss(torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="lam"):
+        DSAELoss(torch.zeros(4, 3), lam=2.0)
