@@ -1,7 +1,8 @@
 // Op schemas, declared once. Kernels register per device in csrc/cpu/*.cpp and csrc/cuda/*.cu;
-// fake (meta) implementations and autograd live in sdml_ext/ops.py.
+// fake (meta) implementations and autograd live in sdml_ext/ops/.
 #include <torch/library.h>
 
+// Other op families add theirs with TORCH_LIBRARY_FRAGMENT(sdml, m) in python/registration_*.cpp.
 TORCH_LIBRARY(sdml, m) {
   // Fused SDML objective of one modality's batch; see csrc/include/sdml/dsae_loss_math.h.
   m.def(

@@ -1,4 +1,4 @@
-"""Python faces of the compiled ops, with their fake (meta) implementations and autograd.
+"""The fused SDML loss op: Python face, fake (meta) implementation and autograd.
 
 The schemas are declared once in ``python/registration.cpp``; kernels live in ``csrc/``.
 """
@@ -10,7 +10,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import _extension  # noqa: F401  (loads the kernels and their schemas)
+from .. import _extension  # noqa: F401  (loads the kernels and their schemas)
 
 
 class DSAELossOutput(NamedTuple):

@@ -1,0 +1,8 @@
+"""Python faces of the compiled ops (``torch.ops.sdml.*``), one module per op family, each with
+its fake (meta) implementations and autograd. Schemas are declared in ``python/registration*.cpp``;
+kernels live in ``csrc/``.
+"""
+
+from .dsae_loss import DSAELossOutput, dsae_loss
+
+__all__ = ["DSAELossOutput", "dsae_loss"]
