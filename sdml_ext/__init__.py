@@ -5,7 +5,7 @@ Fused C++/CUDA kernels registered as torch ops (``torch.ops.sdml.*``, Python fac
 """
 
 from ._extension import build_info
-from . import ops
+from . import metrics, ops
 from .ops import DSAELossOutput, dsae_loss
 from .loss import DSAELoss
 
