@@ -28,15 +28,20 @@ namespace {
 
 using namespace retrieval;
 
-// Bytes of one thread's score tile: large enough for GEMM efficiency, small enough to stay in
-// the last-level cache share of a thread.
-constexpr int64_t kTileBytes = 8 << 20;
-constexpr int64_t kMinTileRows = 8, kMaxTileRows = 256;
-// Gallery columns per GEMM block of cosine_topk.
-constexpr int64_t kTopkBlockCols = 2048;
+// Query rows per thread tile: enough rows for GEMM efficiency, fewer when that leaves a thread
+// idle, and a score buffer of at most kTileBytes. Gallery columns per GEMM block: the block's
+// output (rows x kBlockCols) fits the L2 cache.
+constexpr int64_t kTileBytes = 64 << 20;
+constexpr int64_t kMaxTileRows = 256;
+constexpr int64_t kBlockCols = 1024;
+// Ranking buckets: about two items per bucket, the bucket array within a share of the L2 cache.
+constexpr int64_t kItemsPerBucket = 2;
+constexpr size_t kBucketBytes = 256 << 10;
 
-int64_t tile_rows(int64_t cols, size_t elem) {
-  return std::clamp<int64_t>(kTileBytes / std::max<int64_t>(cols * int64_t(elem), 1), kMinTileRows, kMaxTileRows);
+int64_t tile_rows(int64_t nq, int64_t cols, size_t elem) {
+  const int64_t per_thread = (nq + at::get_num_threads() - 1) / at::get_num_threads();
+  const int64_t by_memory = kTileBytes / std::max<int64_t>(cols * int64_t(elem), 1);
+  return std::max<int64_t>(1, std::min({kMaxTileRows, per_thread, by_memory}));
 }
 
 void check_cpu_dtype(const char* op, const at::Tensor& query) {
@@ -121,17 +126,17 @@ std::tuple<at::Tensor, at::Tensor> cosine_topk_cpu(const at::Tensor& query_in, c
   at::Tensor scores = at::empty({nq, k}, query.options());
   at::Tensor indices = at::empty({nq, k}, query.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "cosine_topk_cpu", [&] {
-    const int64_t rows = tile_rows(kTopkBlockCols, sizeof(scalar_t));
+    const int64_t rows = tile_rows(nq, kBlockCols, sizeof(scalar_t));
     const int64_t tiles = (nq + rows - 1) / rows;
     at::parallel_for(0, tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
-      at::Tensor buffer = at::empty({rows * kTopkBlockCols}, query.options());
+      at::Tensor buffer = at::empty({rows * kBlockCols}, query.options());
       std::vector<RunningTopK<scalar_t>> best(rows, RunningTopK<scalar_t>(k));
       for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
         const int64_t q0 = tile * rows, nrows = std::min(rows, nq - q0);
         const at::Tensor q_tile = query.narrow(0, q0, nrows);
         for (int64_t i = 0; i < nrows; ++i) best[i].reset();
-        for (int64_t g0 = 0; g0 < ng; g0 += kTopkBlockCols) {
-          const int64_t ncols = std::min(kTopkBlockCols, ng - g0);
+        for (int64_t g0 = 0; g0 < ng; g0 += kBlockCols) {
+          const int64_t ncols = std::min(kBlockCols, ng - g0);
           at::Tensor block = buffer.narrow(0, 0, nrows * ncols).view({nrows, ncols});
           at::mm_out(block, q_tile, gallery.narrow(0, g0, ncols).t());
           const scalar_t* s = block.const_data_ptr<scalar_t>();
@@ -217,101 +222,198 @@ class LabelBitsRelevance {
 
 // ---- exact ranks of the relevant items of one query -------------------------------------------
 
+// Smallest and largest of s[0, n), n >= 1.
+template <typename T>
+SDML_CPU_CLONES std::pair<T, T> min_max(const T* s, int64_t n) {
+  T lo = s[0], hi = s[0];
+#pragma omp simd reduction(min : lo) reduction(max : hi)
+  for (int64_t t = 0; t < n; ++t) {
+    lo = s[t] < lo ? s[t] : lo;
+    hi = s[t] > hi ? s[t] : hi;
+  }
+  return {lo, hi};
+}
+
+// bucket_of[t] = min(int((s[t] - lo) * scale), last): monotone, s_a <= s_b implies
+// bucket_of[a] <= bucket_of[b].
+template <typename T>
+SDML_CPU_CLONES void assign_buckets(const T* s, int64_t n, T lo, T scale, int32_t last, int32_t* bucket_of) {
+#pragma omp simd
+  for (int64_t t = 0; t < n; ++t) {
+    const int32_t b = int32_t((s[t] - lo) * scale);
+    bucket_of[t] = b < last ? b : last;
+  }
+}
+
+// An integer key per ranked item that orders like the ranking: key(a) > key(b) exactly when a
+// ranks ahead of b (higher score, or equal score and lower index). The high half is the score's
+// bits made order-preserving (-0 counted as +0), the low half the complemented index.
+template <typename T> struct RankKey;
+template <> struct RankKey<float> {
+  using type = uint64_t;
+  static constexpr type kTop = ~type{0};  // beats every finite score
+  static type make(float v, int64_t t) {
+    uint32_t bits;
+    v += 0.0f;
+    std::memcpy(&bits, &v, sizeof bits);
+    bits ^= uint32_t(int32_t(bits) >> 31) | 0x80000000u;
+    return (type(bits) << 32) | uint32_t(~uint32_t(t));
+  }
+};
+template <> struct RankKey<double> {
+  using type = unsigned __int128;
+  static constexpr type kTop = ~type{0};
+  static type make(double v, int64_t t) {
+    uint64_t bits;
+    v += 0.0;
+    std::memcpy(&bits, &v, sizeof bits);
+    bits ^= uint64_t(int64_t(bits) >> 63) | (uint64_t{1} << 63);
+    return (type(bits) << 64) | uint64_t(~uint64_t(t));
+  }
+};
+
+template <typename T>
+SDML_CPU_CLONES void make_keys(const T* s, int64_t n, typename RankKey<T>::type* keys) {
+#pragma omp simd
+  for (int64_t t = 0; t < n; ++t) keys[t] = RankKey<T>::make(s[t], t);
+}
+
 template <typename T>
 class RelevantRanker {
+  using Key = typename RankKey<T>::type;
+
  public:
-  explicit RelevantRanker(int64_t n) : n_(n), buckets_(bucket_count(n)), bucket_of_(n),
-                                       hist_(buckets_), group_start_(buckets_ + 1) {}
+  explicit RelevantRanker(int64_t n)
+      : n_(n), buckets_(bucket_count(n)), bucket_of_(n), keys_(n), bucket_(buckets_), is_relevant_(n, 0) {}
 
   // Ranks (1-based, ascending) of the relevant items `rel` (gallery indices, not containing
   // `self`) in the ranking of scores s[0, n) that leaves out item `self` (-1: none).
-  SDML_CPU_CLONES const std::vector<int64_t>& rank(const T* s, const std::vector<int64_t>& rel, int64_t self) {
-    ranks_.clear();
+  //
+  // Each bucket keeps the keys of up to two relevant items. Every item falling into a bucket
+  // is compared with both, without a branch (an empty slot holds a key no item beats).
+  // Buckets with three or more relevant items ("crowded", rare unless scores tie massively)
+  // set their items aside to be sorted.
+  const std::vector<int64_t>& rank(const T* s, const std::vector<int64_t>& rel, int64_t self) {
     const int64_t R = rel.size();
+    ranks_.resize(R);
     if (R == 0) return ranks_;
-    T lo = s[0], hi = s[0];
-#pragma omp simd reduction(min : lo) reduction(max : hi)
-    for (int64_t t = 0; t < n_; ++t) {
-      lo = s[t] < lo ? s[t] : lo;
-      hi = s[t] > hi ? s[t] : hi;
-    }
-    // A monotone map: s_a <= s_b implies bucket(a) <= bucket(b).
+    const auto [lo, hi] = min_max(s, n_);
     const T scale = hi > lo ? T(buckets_) / (hi - lo) : T(0);
-    const int32_t last = int32_t(buckets_ - 1);
-    int32_t* bucket_of = bucket_of_.data();
-#pragma omp simd
-    for (int64_t t = 0; t < n_; ++t) {
-      const int32_t b = int32_t((s[t] - lo) * scale);
-      bucket_of[t] = b < last ? b : last;
+    const int32_t* bucket_of = bucket_of_.data();
+    assign_buckets(s, n_, lo, scale, int32_t(buckets_ - 1), bucket_of_.data());
+    const Key* keys = keys_.data();
+    make_keys(s, n_, keys_.data());
+
+    Bucket* bucket = bucket_.data();  // all empty (reset by the previous call's last pass)
+    for (const int64_t t : rel) {
+      Bucket& home = bucket[bucket_of[t]];
+      is_relevant_[t] = 1;
+      if (home.relevant < 2) {
+        home.key[home.relevant] = keys[t];
+      } else {
+        home.key[0] = home.key[1] = RankKey<T>::kTop;
+      }
+      ++home.relevant;
     }
 
-    // The relevant items grouped by bucket (a counting sort).
-    std::fill(group_start_.begin(), group_start_.end(), 0);
-    for (const int64_t t : rel) ++group_start_[bucket_of[t] + 1];
-    for (int64_t b = 0; b < buckets_; ++b) group_start_[b + 1] += group_start_[b];
-    group_.resize(R);
-    {
-      std::vector<int32_t>& fill = hist_;  // reused as the per-bucket write cursor
-      std::copy(group_start_.begin(), group_start_.end() - 1, fill.begin());
-      for (const int64_t t : rel) group_[fill[bucket_of[t]]++] = {s[t], t};
-    }
-    ahead_.assign(R, 0);
-
-    // Histogram of all ranked items; exact comparisons only inside buckets holding relevant items.
-    std::fill(hist_.begin(), hist_.end(), 0);
-    const int32_t* start = group_start_.data();
+    // One pass over all items: the histogram and the exact comparisons inside the bucket.
+    crowded_.clear();
     for (int64_t t = 0; t < n_; ++t) {
-      const int32_t b = bucket_of[t];
-      ++hist_[b];
-      if (start[b] == start[b + 1]) continue;
-      if (t == self) continue;
-      const T v = s[t];
-      for (int32_t m = start[b]; m < start[b + 1]; ++m)
-        ahead_[m] += v > group_[m].score || (v == group_[m].score && t < group_[m].index);
+      Bucket& home = bucket[bucket_of[t]];
+      const Key key = keys[t];
+      ++home.count;
+      home.ahead[0] += key > home.key[0];
+      home.ahead[1] += key > home.key[1];
+      if (home.relevant > 2 && t != self) crowded_.push_back({bucket_of[t], key, t});  // rare
     }
-    if (self >= 0) --hist_[bucket_of[self]];
+    if (self >= 0) {
+      Bucket& home = bucket[bucket_of[self]];
+      --home.count;
+      for (int i = 0; i < 2; ++i) home.ahead[i] -= keys[self] > home.key[i];
+    }
+    std::sort(crowded_.begin(), crowded_.end());
 
     // Buckets from the top: rank = 1 + items in higher buckets + items ahead in the bucket.
-    int64_t above = 0;
+    // Each bucket is reset on the way for the next call.
+    int64_t above = 0, j = 0;
+    int64_t* ranks = ranks_.data();
+    auto crowded = crowded_.cbegin();
     for (int64_t b = buckets_ - 1; b >= 0; --b) {
-      const size_t first = ranks_.size();
-      for (int32_t m = start[b]; m < start[b + 1]; ++m) ranks_.push_back(1 + above + ahead_[m]);
-      std::sort(ranks_.begin() + first, ranks_.end());
-      above += hist_[b];
+      Bucket& home = bucket[b];
+      if (home.relevant > 2) {
+        for (int64_t place = 0; crowded != crowded_.cend() && crowded->bucket == b; ++crowded, ++place)
+          if (is_relevant_[crowded->index]) ranks[j++] = 1 + above + place;
+      } else if (home.relevant > 0) {
+        const int64_t first = 1 + above + home.ahead[0];
+        if (home.relevant == 1) {
+          ranks[j++] = first;
+        } else {
+          const int64_t second = 1 + above + home.ahead[1];
+          ranks[j++] = std::min(first, second);
+          ranks[j++] = std::max(first, second);
+        }
+      }
+      above += home.count;
+      home = Bucket{};
     }
+    for (const int64_t t : rel) is_relevant_[t] = 0;
     return ranks_;
   }
 
  private:
-  // About one bucket per item (a power of two in [64, 65536]).
+  struct Bucket {
+    int32_t count = 0;               // items in the bucket
+    int32_t relevant = 0;            // relevant items in the bucket
+    int32_t ahead[2] = {0, 0};       // items ranking ahead of each slot's relevant item
+    Key key[2] = {RankKey<T>::kTop, RankKey<T>::kTop};  // the slots' relevant items
+  };
+
+  // An item of a crowded bucket; sorts by bucket (highest first), then ranking order.
+  struct Crowded {
+    int32_t bucket;
+    Key key;
+    int64_t index;
+    bool operator<(const Crowded& o) const { return bucket != o.bucket ? bucket > o.bucket : key > o.key; }
+  };
+
+  // A power of two, at least 64, about n / kItemsPerBucket, at most kBucketBytes of buckets.
   static int64_t bucket_count(int64_t n) {
     int64_t b = 64;
-    while (b < n && b < (int64_t{1} << 16)) b <<= 1;
+    while (b * kItemsPerBucket < n && 2 * b * sizeof(Bucket) <= kBucketBytes) b <<= 1;
     return b;
   }
 
   int64_t n_, buckets_;
-  std::vector<int32_t> bucket_of_, hist_, group_start_;
-  std::vector<Scored<T>> group_;
-  std::vector<int64_t> ahead_, ranks_;
+  std::vector<int32_t> bucket_of_;
+  std::vector<Key> keys_;
+  std::vector<Bucket> bucket_;
+  std::vector<uint8_t> is_relevant_;
+  std::vector<Crowded> crowded_;
+  std::vector<int64_t> ranks_;
 };
 
-// Calls consume(qi, ranks, total_relevant) for every query, ranks as RelevantRanker::rank.
+// Calls consume(qi, ranks) for every query, ranks as RelevantRanker::rank. Each thread takes
+// tiles of query rows; a tile's scores are computed in column blocks whose output fits the L2
+// cache (the GEMM runs faster so), into one [rows, Ng] buffer the ranker then reads row by row.
 template <typename T, typename Relevance, typename Consume>
 void for_each_query_ranks(const at::Tensor& query, const at::Tensor& gallery, const Relevance& relevance,
                           bool exclude_self, const Consume& consume) {
   const int64_t nq = query.size(0), ng = gallery.size(0);
-  const int64_t rows = tile_rows(ng, sizeof(T));
+  const int64_t rows = tile_rows(nq, ng, sizeof(T));
   const int64_t tiles = (nq + rows - 1) / rows;
   at::parallel_for(0, tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
-    at::Tensor buffer = at::empty({rows * ng}, query.options());
+    at::Tensor buffer = at::empty({rows, ng}, query.options());
     RelevantRanker<T> ranker(ng);
     std::vector<int64_t> rel;
     for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
       const int64_t q0 = tile * rows, nrows = std::min(rows, nq - q0);
-      at::Tensor block = buffer.narrow(0, 0, nrows * ng).view({nrows, ng});
-      at::mm_out(block, query.narrow(0, q0, nrows), gallery.t());
-      const T* s = block.const_data_ptr<T>();
+      const at::Tensor q_tile = query.narrow(0, q0, nrows);
+      for (int64_t g0 = 0; g0 < ng; g0 += kBlockCols) {
+        const int64_t ncols = std::min(kBlockCols, ng - g0);
+        at::Tensor block = buffer.narrow(0, 0, nrows).narrow(1, g0, ncols);  // row stride ng
+        at::mm_out(block, q_tile, gallery.narrow(0, g0, ncols).t());
+      }
+      const T* s = buffer.const_data_ptr<T>();
       for (int64_t i = 0; i < nrows; ++i) {
         const int64_t qi = q0 + i, self = exclude_self ? qi : -1;
         relevance.collect(qi, self, rel);
