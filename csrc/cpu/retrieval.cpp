@@ -1,13 +1,15 @@
 // CPU kernels of the retrieval ops. Similarities are computed tile by tile with a GEMM
 // (at::mm_out into a per-thread buffer, never the full Nq x Ng matrix); query tiles run in
-// parallel, one thread per tile, so the GEMM inside runs single-threaded on its own tile.
+// parallel, one thread per tile, so the GEMM inside runs single-threaded on its own tile and
+// threads never wait for each other (which matters on a shared, oversubscribed machine).
 //
 // cosine_topk keeps a running top-k per query (a candidate buffer pruned with nth_element).
 // The ranking metrics need, per query, the exact rank of every relevant item. Instead of a
-// full sort, the row's scores are bucketed (a monotone map of [min, max] onto B buckets): an
+// full sort, the row's scores are bucketed (a monotone map of [min, max] onto buckets): an
 // item in a higher bucket always scores higher, so a histogram gives each relevant item the
-// count of items above its bucket, and only items sharing a bucket with a relevant item are
-// compared exactly (score, then ascending index). See sdml/retrieval_math.h for the metrics.
+// count of items above its bucket, and items sharing a bucket with a relevant item are
+// compared exactly (score, then ascending index) through integer rank keys. See
+// sdml/retrieval_math.h for the metrics.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
