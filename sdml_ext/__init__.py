@@ -8,7 +8,8 @@ from ._extension import build_info
 from . import ops
 from .ops import DSAELossOutput, dsae_loss
 from .loss import DSAELoss
+from .bundle import Bundle, load
 
 __version__ = "0.1.0"
 
-__all__ = ["build_info", "ops", "dsae_loss", "DSAELossOutput", "DSAELoss", "__version__"]
+__all__ = ["Bundle", "build_info", "ops", "dsae_loss", "DSAELossOutput", "DSAELoss", "load", "__version__"]
