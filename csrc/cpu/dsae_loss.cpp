@@ -5,11 +5,13 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
 #include "sdml/dsae_loss.h"
 #include "sdml/dsae_loss_math.h"
+#include "sdml/host_buffers.h"
 
 namespace sdml {
 namespace {
@@ -43,35 +45,33 @@ bool row_labelled(const T* y, int64_t c) {
   return false;
 }
 
-// e = P^T h - y for one row (P row-major d x c); returns ||e||^2.
+// e_col = <Pt[col], h> - y_col for one row (Pt = P^T, [c, d] row-major); returns ||e||^2.
 template <typename T, typename A>
-SDML_CPU_CLONES A project_residual(const T* P, const T* h, const T* y, int64_t d, int64_t c, A* e) {
-  for (int64_t col = 0; col < c; ++col) e[col] = A(0);
-  for (int64_t k = 0; k < d; ++k) {
-    const A hk = A(h[k]);
-    const T* Pk = P + k * c;
-#pragma omp simd
-    for (int64_t col = 0; col < c; ++col) e[col] = project_step(e[col], Pk[col], hk);
-  }
-  A acc = 0;
-#pragma omp simd reduction(+ : acc)
+SDML_CPU_CLONES A project_residual(const T* Pt, const T* h, const T* y, int64_t d, int64_t c, A* e) {
+  A norm2 = 0;
   for (int64_t col = 0; col < c; ++col) {
-    e[col] -= A(y[col]);
-    acc += sq(e[col]);
+    const T* Pt_c = Pt + col * d;
+    A dot = 0;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t k = 0; k < d; ++k) dot += project_term(Pt_c[k], A(h[k]));
+    e[col] = dot - A(y[col]);
+    norm2 += sq(e[col]);
   }
-  return acc;
+  return norm2;
 }
 
-// g_k = coef * sum_col P[k, col] e[col]
+// g = coef * P e = coef * sum_col e_col Pt[col]; work holds d accumulators.
 template <typename T, typename A>
-SDML_CPU_CLONES void back_project(const T* P, const A* e, T* g, A coef, int64_t d, int64_t c) {
-  for (int64_t k = 0; k < d; ++k) {
-    const T* Pk = P + k * c;
-    A acc = 0;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t col = 0; col < c; ++col) acc += A(Pk[col]) * e[col];
-    g[k] = T(coef * acc);
+SDML_CPU_CLONES void back_project(const T* Pt, const A* e, T* g, A coef, int64_t d, int64_t c, A* work) {
+  std::fill_n(work, d, A(0));
+  for (int64_t col = 0; col < c; ++col) {
+    const T* Pt_c = Pt + col * d;
+    const A e_c = e[col];
+#pragma omp simd
+    for (int64_t k = 0; k < d; ++k) work[k] += project_term(Pt_c[k], e_c);
   }
+#pragma omp simd
+  for (int64_t k = 0; k < d; ++k) g[k] = T(coef * work[k]);
 }
 
 int64_t grain_rows(int64_t per_row) { return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(per_row, 1)); }
@@ -80,8 +80,8 @@ DsaeForward dsae_loss_cpu(const at::Tensor& x_hat_in, const at::Tensor& x_in, co
                           const at::Tensor& P_in, const at::Tensor& y_in, double lam, bool check_finite) {
   check_dsae_loss_args(x_hat_in, x_in, h_in, P_in, y_in, lam);
   const at::Tensor x_hat = rows_contiguous(x_hat_in), x = rows_contiguous(x_in),
-                   h = rows_contiguous(h_in), y = rows_contiguous(y_in), P = P_in.contiguous();
-  const int64_t B = x_hat.size(0), D = x_hat.size(1), d = h.size(1), c = P.size(1);
+                   h = rows_contiguous(h_in), y = rows_contiguous(y_in), Pt = P_in.t().contiguous();
+  const int64_t B = x_hat.size(0), D = x_hat.size(1), d = h.size(1), c = Pt.size(0);
   TORCH_CHECK_TYPE(x_hat.scalar_type() == at::kFloat || x_hat.scalar_type() == at::kDouble,
                    "dsae_loss: on CPU x_hat must be float32 or float64, got ", x_hat.scalar_type());
   const auto acc_dtype = x_hat.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -95,7 +95,7 @@ DsaeForward dsae_loss_cpu(const at::Tensor& x_hat_in, const at::Tensor& x_in, co
   AT_DISPATCH_FLOATING_TYPES(x_hat.scalar_type(), "dsae_loss_cpu", [&] {
     using A = acc_t<scalar_t>;
     const scalar_t *xh_p = x_hat.const_data_ptr<scalar_t>(), *x_p = x.const_data_ptr<scalar_t>(),
-                   *h_p = h.const_data_ptr<scalar_t>(), *P_p = P.const_data_ptr<scalar_t>(),
+                   *h_p = h.const_data_ptr<scalar_t>(), *Pt_p = Pt.const_data_ptr<scalar_t>(),
                    *y_p = y.const_data_ptr<scalar_t>();
     const int64_t sxh = x_hat.stride(0), sx = x.stride(0), sh = h.stride(0), sy = y.stride(0);
     A *rr = row_rec.mutable_data_ptr<A>(), *rs = row_sup.mutable_data_ptr<A>();
@@ -105,7 +105,7 @@ DsaeForward dsae_loss_cpu(const at::Tensor& x_hat_in, const at::Tensor& x_in, co
         rr[j] = std::sqrt(row_sq_dist<scalar_t, A>(xh_p + j * sxh, x_p + j * sx, D));
         labelled[j] = row_labelled(y_p + j * sy, c);
         rs[j] = labelled[j]
-                    ? std::sqrt(project_residual<scalar_t, A>(P_p, h_p + j * sh, y_p + j * sy, d, c, e.data()))
+                    ? std::sqrt(project_residual<scalar_t, A>(Pt_p, h_p + j * sh, y_p + j * sy, d, c, e.data()))
                     : A(0);
       }
     });
@@ -123,7 +123,7 @@ DsaeForward dsae_loss_cpu(const at::Tensor& x_hat_in, const at::Tensor& x_in, co
     *sup.mutable_data_ptr<scalar_t>() = scalar_t(t.sup);
     *n_labelled.mutable_data_ptr<int64_t>() = n_lab;
   });
-  if (check_finite) check_dsae_loss_finite(rec, sup, x_hat, x, h, P, y);
+  if (check_finite) check_dsae_loss_finite(rec, sup, x_hat_in, x_in, h_in, P_in, y_in);
   return {loss, rec, sup, row_rec, row_sup, n_labelled};
 }
 
@@ -138,13 +138,13 @@ DsaeBackward dsae_loss_backward_cpu(
     bool need_code_grad) {
   check_dsae_loss_args(x_hat_in, x_in, h_in, P_in, y_in, lam);
   const at::Tensor x_hat = rows_contiguous(x_hat_in), x = rows_contiguous(x_in),
-                   h = rows_contiguous(h_in), y = rows_contiguous(y_in), P = P_in.contiguous();
-  const int64_t B = x_hat.size(0), D = x_hat.size(1), d = h.size(1), c = P.size(1);
+                   h = rows_contiguous(h_in), y = rows_contiguous(y_in), Pt = P_in.t().contiguous();
+  const int64_t B = x_hat.size(0), D = x_hat.size(1), d = h.size(1), c = Pt.size(0);
   const auto acc_dtype = row_rec.scalar_type();
   const at::Tensor g_row_rec = grad_row_rec.has_value() ? grad_row_rec->to(acc_dtype).contiguous() : at::Tensor();
   const at::Tensor g_row_sup = grad_row_sup.has_value() ? grad_row_sup->to(acc_dtype).contiguous() : at::Tensor();
-  at::Tensor grad_x_hat = at::empty({need_input_grad ? B : 0, D}, x_hat.options());
-  at::Tensor grad_h = at::empty({need_code_grad ? B : 0, d}, h.options());
+  at::Tensor grad_x_hat = empty_large_cpu({need_input_grad ? B : 0, D}, x_hat.options());
+  at::Tensor grad_h = empty_large_cpu({need_code_grad ? B : 0, d}, h.options());
   const double g_loss = scalar_or_zero(grad_loss), g_rec = scalar_or_zero(grad_rec),
                g_sup = scalar_or_zero(grad_sup);
   const int64_t n_lab = n_labelled.item<int64_t>();
@@ -152,7 +152,7 @@ DsaeBackward dsae_loss_backward_cpu(
   AT_DISPATCH_FLOATING_TYPES(x_hat.scalar_type(), "dsae_loss_backward_cpu", [&] {
     using A = acc_t<scalar_t>;
     const scalar_t *xh_p = x_hat.const_data_ptr<scalar_t>(), *x_p = x.const_data_ptr<scalar_t>(),
-                   *h_p = h.const_data_ptr<scalar_t>(), *P_p = P.const_data_ptr<scalar_t>(),
+                   *h_p = h.const_data_ptr<scalar_t>(), *Pt_p = Pt.const_data_ptr<scalar_t>(),
                    *y_p = y.const_data_ptr<scalar_t>();
     const int64_t sxh = x_hat.stride(0), sx = x.stride(0), sh = h.stride(0), sy = y.stride(0);
     const A *rr = row_rec.const_data_ptr<A>(), *rs = row_sup.const_data_ptr<A>();
@@ -163,7 +163,7 @@ DsaeBackward dsae_loss_backward_cpu(
     scalar_t* gh = need_code_grad ? grad_h.mutable_data_ptr<scalar_t>() : nullptr;
     const int64_t per_row = (need_input_grad ? D : 0) + (need_code_grad ? 2 * d * c : 0);
     at::parallel_for(0, B, grain_rows(per_row), [&](int64_t begin, int64_t end) {
-      std::vector<A> e(c);
+      std::vector<A> e(c), work(d);
       for (int64_t j = begin; j < end; ++j) {
         if (gxh) {
           const A alpha = w_rec + (grr ? grr[j] : A(0));
@@ -175,9 +175,9 @@ DsaeBackward dsae_loss_backward_cpu(
           std::fill_n(gh + j * d, d, scalar_t(0));
           continue;
         }
-        project_residual<scalar_t, A>(P_p, h_p + j * sh, y_p + j * sy, d, c, e.data());
+        project_residual<scalar_t, A>(Pt_p, h_p + j * sh, y_p + j * sy, d, c, e.data());
         const A beta = w_sup + (grs ? grs[j] : A(0));
-        back_project<scalar_t, A>(P_p, e.data(), gh + j * d, beta * inv_norm_or_zero(rs[j]), d, c);
+        back_project<scalar_t, A>(Pt_p, e.data(), gh + j * d, beta * inv_norm_or_zero(rs[j]), d, c, work.data());
       }
     });
   });
