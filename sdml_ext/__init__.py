@@ -4,7 +4,7 @@ Fused C++/CUDA kernels registered as torch ops (``torch.ops.sdml.*``, Python fac
 :mod:`sdml_ext.ops`) and the modules built on them.
 """
 
-from ._extension import build_info
+from ._extension import build_info, release_cached_host_buffers
 from . import ops
 from .ops import DSAELossOutput, dsae_loss
 from .loss import DSAELoss
@@ -12,4 +12,7 @@ from .bundle import Bundle, load
 
 __version__ = "0.1.0"
 
-__all__ = ["Bundle", "build_info", "ops", "dsae_loss", "DSAELossOutput", "DSAELoss", "load", "__version__"]
+__all__ = [
+    "Bundle", "build_info", "release_cached_host_buffers", "ops", "dsae_loss", "DSAELossOutput", "DSAELoss",
+    "load", "__version__",
+]
