@@ -5,10 +5,10 @@ Fused C++/CUDA kernels registered as torch ops (``torch.ops.sdml.*``, Python fac
 """
 
 from ._extension import build_info, release_cached_host_buffers
-from . import ops
+from . import metrics, ops
 from .ops import DSAELossOutput, dsae_loss
 from .loss import DSAELoss
 
 __version__ = "0.1.0"
 
-__all__ = ["build_info", "release_cached_host_buffers", "ops", "dsae_loss", "DSAELossOutput", "DSAELoss", "__version__"]
+__all__ = ["build_info", "release_cached_host_buffers", "metrics", "ops", "dsae_loss", "DSAELossOutput", "DSAELoss", "__version__"]
