@@ -5,7 +5,7 @@ Fused C++/CUDA kernels registered as torch ops (``torch.ops.sdml.*``, Python fac
 """
 
 from ._extension import build_info, release_cached_host_buffers
-from . import ops
+from . import metrics, ops
 from .ops import DSAELossOutput, dsae_loss
 from .loss import DSAELoss
 from .bundle import Bundle, load
@@ -13,6 +13,6 @@ from .bundle import Bundle, load
 __version__ = "0.1.0"
 
 __all__ = [
-    "Bundle", "build_info", "release_cached_host_buffers", "ops", "dsae_loss", "DSAELossOutput", "DSAELoss",
-    "load", "__version__",
+    "Bundle", "build_info", "release_cached_host_buffers", "metrics", "ops", "dsae_loss", "DSAELossOutput",
+    "DSAELoss", "load", "__version__",
 ]

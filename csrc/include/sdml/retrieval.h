@@ -1,0 +1,47 @@
+#pragma once
+// Host entry points shared by the CPU and CUDA retrieval kernels (schemas in
+// python/registration_retrieval.cpp; metric math in sdml/retrieval_math.h).
+#include <optional>
+#include <string_view>
+#include <utility>
+
+#include <ATen/core/Tensor.h>
+
+#include "sdml/retrieval_math.h"
+
+namespace sdml {
+
+// Validates query [Nq, d] and gallery [Ng, d] (floating, one dtype and device, finite, no
+// zero-norm row; Nq == Ng when exclude_self) and returns contiguous L2-normalized copies.
+std::pair<at::Tensor, at::Tensor> normalized_embeddings(const char* op, const at::Tensor& query,
+                                                        const at::Tensor& gallery, bool exclude_self);
+
+// Relevance labels in kernel form. Class ids: int64 [N], -1 = unlabelled (relevant to nothing).
+// Multi-hot: int64 [N, words], bit j of word w set when the row has class 64 w + j.
+struct RetrievalLabels {
+  bool multi_hot;
+  at::Tensor query, gallery;
+  int64_t words() const { return multi_hot ? query.size(1) : 0; }
+};
+
+// Validates query_labels / gallery_labels against Nq and Ng rows on ref's device.
+RetrievalLabels prepare_labels(const char* op, const at::Tensor& query_labels,
+                               const at::Tensor& gallery_labels, const at::Tensor& query,
+                               const at::Tensor& gallery);
+
+retrieval::Divisor parse_divisor(const char* op, std::string_view divisor);
+retrieval::Empty parse_empty(const char* op, std::string_view empty);
+
+// Items each query ranks: the gallery, less the query itself under exclude_self.
+inline int64_t ranked_items(int64_t gallery_rows, bool exclude_self) {
+  return gallery_rows - (exclude_self ? 1 : 0);
+}
+
+// k for AP@k: None means all ranked items; otherwise positive (larger k is the same as all).
+int64_t resolve_k(const char* op, std::optional<int64_t> k, int64_t ranked);
+
+// Validates the cut-offs of precision_at_k (positive) and the recall levels (in [0, 1]).
+void check_cutoffs(const char* op, at::IntArrayRef ks);
+void check_recall_levels(const char* op, at::ArrayRef<double> levels);
+
+}  // namespace sdml

@@ -1,0 +1,335 @@
+"""sdml retrieval ops against the numpy references in retrieval_reference.py: cosine_topk,
+average_precision, precision_at_k, precision_recall_curve; ties, awkward sizes, opcheck, errors."""
+
+import numpy as np
+import pytest
+import torch
+
+from sdml_ext.ops import average_precision, cosine_topk, precision_at_k, precision_recall_curve
+
+import retrieval_reference as ref
+from conftest import DEVICES
+
+# (Nq, Ng, d): single query, single gallery item, d = 1, Ng < k, several query tiles (256 rows)
+# and gallery blocks (2048 columns) that the sizes do not divide.
+SIZES = [(1, 1, 1), (1, 7, 3), (5, 1, 4), (3, 4, 1), (300, 50, 8), (40, 5000, 16)]
+CPU_DTYPES = [torch.float32, torch.float64]
+LABEL_KINDS = ["class_ids", "multi_hot", "multi_hot_wide"]  # wide: 80 classes, two label words
+LEVELS = [0.0, 0.1, 0.25, 0.3, 0.5, 0.7, 1.0]
+
+
+def class_structured(nq, ng, d, kind, seed, dtype=torch.float64, device="cpu"):
+    """Embeddings near per-class centers; labels with unlabelled (-1 / all-zero) entries."""
+    gen = torch.Generator().manual_seed(seed)
+    classes = {"class_ids": 5, "multi_hot": 7, "multi_hot_wide": 80}[kind]
+    centers = torch.randn(classes, d, generator=gen, dtype=torch.float64)
+
+    def side(n):
+        if kind == "class_ids":
+            labels = torch.randint(0, classes, (n,), generator=gen)
+            emb = centers[labels] + 1.5 * torch.randn(n, d, generator=gen, dtype=torch.float64)
+            labels[torch.rand(n, generator=gen) < 0.1] = -1
+        else:
+            labels = (torch.rand(n, classes, generator=gen) < 2.0 / classes).long()
+            labels[torch.rand(n, generator=gen) < 0.1] = 0
+            emb = labels.double() @ centers + 1.5 * torch.randn(n, d, generator=gen, dtype=torch.float64)
+        return emb.to(dtype=dtype, device=device), labels.to(device)
+
+    (q, ql), (g, gl) = side(nq), side(ng)
+    return q, g, ql, gl
+
+
+def tied(nq, ng, seed, dtype, device, d=16, classes=3):
+    """Rows with four entries +-1 (scaled by powers of two): normalized entries are +-0.5 and every
+    cosine is an exact multiple of 1/4 in any dtype and summation order, so ties are massive and
+    exact. Same-sample query and gallery when nq == ng."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rows(n):
+        x = torch.zeros(n, d, dtype=torch.float64)
+        for i in range(n):
+            x[i, torch.randperm(d, generator=gen)[:4]] = torch.randint(0, 2, (4,), generator=gen).double() * 2 - 1
+        return x * 2.0 ** torch.randint(-3, 4, (n, 1), generator=gen).double()
+
+    q = rows(nq)
+    g = q.clone() if nq == ng else rows(ng)
+    ql = torch.randint(-1, classes, (nq,), generator=gen)
+    gl = ql.clone() if nq == ng else torch.randint(-1, classes, (ng,), generator=gen)
+    return q.to(dtype=dtype, device=device), g.to(dtype=dtype, device=device), ql.to(device), gl.to(device)
+
+
+def assert_close(ours, expected, atol=1e-12):
+    ours = ours.cpu().numpy()
+    assert ours.shape == expected.shape
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=atol, equal_nan=True)
+
+
+# ---- cosine_topk -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("size", SIZES)
+def test_topk_matches_reference_float64(size, device):
+    nq, ng, d = size
+    q, g, _, _ = class_structured(nq, ng, d, "class_ids", seed=nq + ng + d, device=device)
+    scores = ref.cosine_scores(q, g)
+    for k in sorted({1, min(5, ng), ng}):
+        ours = cosine_topk(q, g, k)
+        want_scores, want_idx = ref.topk(scores, k)
+        assert ours.indices.dtype == torch.int64 and ours.scores.dtype == torch.float64
+        assert np.array_equal(ours.indices.cpu().numpy(), want_idx)
+        assert_close(ours.scores, want_scores)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_topk_float32_within_rounding(device):
+    q, g, _, _ = class_structured(37, 3000, 32, "class_ids", seed=4, dtype=torch.float32, device=device)
+    scores = ref.cosine_scores(q, g)
+    ours = cosine_topk(q, g, 100)
+    want_scores, _ = ref.topk(scores, 100)
+    idx = ours.indices.cpu().numpy()
+    assert ours.scores.dtype == torch.float32
+    assert all(len(set(row)) == 100 for row in idx)
+    assert_close(ours.scores.double(), want_scores, atol=1e-5)
+    # Every returned item really has the returned score (up to float32 rounding).
+    assert_close(ours.scores.double(), np.take_along_axis(scores, idx, axis=1), atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_topk_ties_by_ascending_index(exclude_self, dtype, device):
+    q, g, _, _ = tied(300, 300, seed=1, dtype=dtype, device=device)
+    scores = ref.cosine_scores(q, g)
+    for k in (1, 17, 299):
+        ours = cosine_topk(q, g, k, exclude_self=exclude_self)
+        want_scores, want_idx = ref.topk(scores, k, exclude_self)
+        assert np.array_equal(ours.indices.cpu().numpy(), want_idx)
+        assert_close(ours.scores.double(), want_scores, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_topk_inputs_need_not_be_normalized_or_contiguous(device):
+    q, g, _, _ = class_structured(20, 70, 12, "class_ids", seed=2, device=device)
+    plain = cosine_topk(q, g, 9)
+    wide = torch.randn(70, 24, dtype=torch.float64, device=device)
+    wide[:, ::2] = g * 7.0
+    scaled = cosine_topk(q.t().contiguous().t() * 0.01, wide[:, ::2], 9)
+    assert torch.equal(plain.indices, scaled.indices)
+    assert torch.allclose(plain.scores, scaled.scores, rtol=0, atol=1e-14)
+
+
+# ---- ranking metrics --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", LABEL_KINDS)
+@pytest.mark.parametrize("size", SIZES)
+def test_average_precision_matches_reference(size, kind, device):
+    nq, ng, d = size
+    q, g, ql, gl = class_structured(nq, ng, d, kind, seed=3 * nq + ng + d, device=device)
+    scores, rel = ref.cosine_scores(q, g), ref.relevance(ql, gl)
+    for k in (None, 1, 3, 50):
+        for divisor in ("retrieved", "relevant"):
+            for empty in ("zero", "skip"):
+                ours = average_precision(q, g, ql, gl, k, divisor=divisor, empty=empty)
+                assert ours.dtype == torch.float64
+                assert_close(ours, ref.average_precision(scores, rel, k, divisor, empty))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_metrics_exact_under_ties(exclude_self, dtype, device):
+    q, g, ql, gl = tied(300, 300, seed=5, dtype=dtype, device=device)
+    scores, rel = ref.cosine_scores(q, g), ref.relevance(ql, gl)
+    for k in (None, 10):
+        ours = average_precision(q, g, ql, gl, k, exclude_self=exclude_self)
+        assert_close(ours, ref.average_precision(scores, rel, k, exclude_self=exclude_self))
+    ks = [1, 10, 299, 300, 1000]
+    assert_close(precision_at_k(q, g, ql, gl, ks, exclude_self=exclude_self),
+                 ref.precision_at_k(scores, rel, ks, exclude_self=exclude_self))
+    assert_close(precision_recall_curve(q, g, ql, gl, LEVELS, exclude_self=exclude_self),
+                 ref.precision_recall(scores, rel, LEVELS, exclude_self=exclude_self))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_d1_scores_are_all_ties(device):
+    # With d = 1 every cosine is +1 or -1.
+    q, g, ql, gl = class_structured(9, 40, 1, "multi_hot", seed=6, dtype=torch.float32, device=device)
+    scores, rel = ref.cosine_scores(q, g), ref.relevance(ql, gl)
+    assert set(np.unique(scores)) <= {-1.0, 1.0}
+    assert_close(average_precision(q, g, ql, gl), ref.average_precision(scores, rel))
+    assert np.array_equal(cosine_topk(q, g, 40).indices.cpu().numpy(), ref.topk(scores, 40)[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", LABEL_KINDS)
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("empty", ["zero", "skip"])
+def test_curves_match_reference(empty, size, kind, device):
+    nq, ng, d = size
+    q, g, ql, gl = class_structured(nq, ng, d, kind, seed=nq + 2 * ng + d, device=device)
+    scores, rel = ref.cosine_scores(q, g), ref.relevance(ql, gl)
+    ks = [1, 2, 5, 100, 1000]
+    assert_close(precision_at_k(q, g, ql, gl, ks, empty=empty), ref.precision_at_k(scores, rel, ks, empty))
+    assert_close(precision_recall_curve(q, g, ql, gl, LEVELS, empty=empty),
+                 ref.precision_recall(scores, rel, LEVELS, empty))
+
+
+@pytest.mark.parametrize("kind", ["class_ids", "multi_hot_wide"])
+@pytest.mark.parametrize("k", [0, 50])
+def test_authors_rules_reproduced(k, kind):
+    """Our op under the authors' options agrees with a reproduction of their code to 1e-6."""
+    q, g, ql, gl = class_structured(150, 400, 24, kind, seed=7)
+    empty = "zero" if kind == "class_ids" else "skip"
+    ap = average_precision(q, g, ql, gl, k or None, divisor="retrieved", empty=empty)
+    assert abs(float(torch.nanmean(ap)) - ref.authors_map(q, g, ql, gl, k)) <= 1e-6
+
+
+def test_label_dtypes_are_interchangeable():
+    q, g, ql, gl = class_structured(30, 60, 8, "multi_hot", seed=8)
+    base = average_precision(q, g, ql, gl)
+    for dtype in (torch.bool, torch.uint8, torch.int32, torch.float32):
+        assert torch.equal(average_precision(q, g, ql.to(dtype), gl.to(dtype)), base)
+    q, g, ql, gl = class_structured(30, 60, 8, "class_ids", seed=8)
+    assert torch.equal(average_precision(q, g, ql.int(), gl.short()), average_precision(q, g, ql, gl))
+
+
+def test_no_queries():
+    q, g, ql, gl = class_structured(0, 10, 4, "class_ids", seed=9)
+    assert average_precision(q, g, ql, gl).shape == (0,)
+    assert cosine_topk(q, g, 3).indices.shape == (0, 3)
+    assert precision_at_k(q, g, ql, gl, [1, 2]).shape == (0, 2)
+
+
+def test_thread_count_independent():
+    q, g, ql, gl = class_structured(600, 900, 16, "multi_hot", seed=10, dtype=torch.float32)
+    first = (average_precision(q, g, ql, gl), cosine_topk(q, g, 20))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        second = (average_precision(q, g, ql, gl), cosine_topk(q, g, 20))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(first[0], second[0])
+    assert torch.equal(first[1].indices, second[1].indices) and torch.equal(first[1].scores, second[1].scores)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_opcheck(dtype, device):
+    q, g, ql, gl = class_structured(11, 23, 5, "multi_hot", seed=11, dtype=dtype, device=device)
+    ids = torch.arange(11, device=device) % 3
+    torch.library.opcheck(torch.ops.sdml.cosine_topk.default, (q, g, 4, False))
+    torch.library.opcheck(torch.ops.sdml.cosine_topk.default, (q, q, 4, True))
+    # (opcheck compares outputs without equal_nan, so "skip" is checked where no query is empty)
+    torch.library.opcheck(torch.ops.sdml.average_precision.default, (q, g, ql, gl, 5, "relevant", "zero", False))
+    torch.library.opcheck(torch.ops.sdml.average_precision.default, (q, q, ids, ids, None, "retrieved", "skip", True))
+    torch.library.opcheck(torch.ops.sdml.precision_at_k.default, (q, g, ql, gl, [1, 5], "zero", False))
+    torch.library.opcheck(torch.ops.sdml.precision_recall_curve.default, (q, g, ql, gl, [0.0, 0.5], "zero", False))
+
+
+# ---- bad input -----------------------------------------------------------------------------------
+
+
+def _good():
+    q, g, ql, gl = class_structured(4, 6, 3, "class_ids", seed=12, dtype=torch.float32)
+    return dict(query=q, gallery=g, query_labels=ql, gallery_labels=gl)
+
+
+def _with(**changes):
+    args = _good()
+    args.update(changes)
+    return args
+
+
+def _nonfinite(name, value):
+    args = _good()
+    args[name] = args[name].clone()
+    args[name][1, 2] = value
+    return args
+
+
+def _zero_row(name):
+    args = _good()
+    args[name] = args[name].clone()
+    args[name][2] = 0
+    return args
+
+
+BAD = [
+    (_with(gallery=torch.ones(6, 4)), ValueError, "query and gallery must have the same embedding size d"),
+    (_with(query=torch.ones(4)), ValueError, "query must be a 2-D"),
+    (_with(gallery=torch.ones(0, 3)), ValueError, "gallery has no rows"),
+    (_with(query=torch.ones(4, 0), gallery=torch.ones(6, 0)), ValueError, "query has no columns"),
+    (_with(query=torch.ones(4, 3, dtype=torch.int32)), TypeError, "query must be a floating-point"),
+    (_with(gallery=torch.ones(6, 3, dtype=torch.float64)), TypeError, "gallery has dtype Double but query"),
+    (_with(query=torch.ones(4, 3, dtype=torch.float16), gallery=torch.ones(6, 3, dtype=torch.float16)), TypeError,
+     "on CPU query must be float32 or float64"),
+    (_nonfinite("query", float("nan")), ValueError, r"query contains NaN or Inf \(row 1"),
+    (_nonfinite("gallery", float("inf")), ValueError, r"gallery contains NaN or Inf \(row 1"),
+    (_zero_row("query"), ValueError, "query row 2 has zero norm"),
+    (_zero_row("gallery"), ValueError, "gallery row 2 has zero norm"),
+    (_with(query_labels=torch.zeros(5, dtype=torch.long)), ValueError, "query_labels must have one entry per query row"),
+    (_with(gallery_labels=torch.zeros(4, dtype=torch.long)), ValueError, "gallery_labels must have one entry per gallery"),
+    (_with(query_labels=torch.zeros(4, 2)), ValueError, "query_labels and gallery_labels must both be class ids"),
+    (_with(query_labels=torch.zeros(4, 2), gallery_labels=torch.zeros(6, 3)), ValueError, "gallery_labels must have the same positive number of classes"),
+    (_with(query_labels=torch.zeros(4)), TypeError, "query_labels as a 1-D tensor holds class ids"),
+    (_with(gallery_labels=torch.full((6,), -2)), ValueError, "gallery_labels class ids must be >= -1"),
+    (_with(query_labels=torch.full((4, 2), float("nan")), gallery_labels=torch.zeros(6, 2)), ValueError,
+     "query_labels contains NaN"),
+]
+
+
+@pytest.mark.parametrize("args, error, match", BAD)
+def test_bad_input_names_the_argument(args, error, match):
+    for op in (average_precision, precision_at_k, precision_recall_curve):
+        with pytest.raises(error, match=match):
+            op(**args)
+    if "labels" not in match:
+        with pytest.raises(error, match=match):
+            cosine_topk(args["query"], args["gallery"], 2)
+
+
+def test_bad_options():
+    args = _good()
+    with pytest.raises(ValueError, match="average_precision: k must be positive"):
+        average_precision(**args, k=0)
+    with pytest.raises(ValueError, match="k must be positive"):
+        average_precision(**args, k=-3)
+    with pytest.raises(ValueError, match="divisor must be"):
+        average_precision(**args, divisor="all")
+    with pytest.raises(ValueError, match="empty must be"):
+        average_precision(**args, empty="nan")
+    with pytest.raises(ValueError, match="ks must be positive"):
+        precision_at_k(**args, ks=[10, 0])
+    with pytest.raises(ValueError, match="ks must list"):
+        precision_at_k(**args, ks=[])
+    with pytest.raises(ValueError, match=r"recall_levels must lie in \[0, 1\]"):
+        precision_recall_curve(**args, recall_levels=[0.5, 1.5])
+    with pytest.raises(ValueError, match="exclude_self needs the query and gallery to be the same samples"):
+        average_precision(**args, exclude_self=True)
+    with pytest.raises(ValueError, match="cosine_topk: k must be positive"):
+        cosine_topk(args["query"], args["gallery"], 0)
+    with pytest.raises(ValueError, match="k = 7 exceeds the 6 gallery items"):
+        cosine_topk(args["query"], args["gallery"], 7)
+    with pytest.raises(ValueError, match="k = 4 exceeds the 3 gallery items.*exclude_self"):
+        cosine_topk(args["query"], args["query"], 4, exclude_self=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_mixed_devices():
+    args = _good()
+    with pytest.raises(ValueError, match="gallery is on cuda:0 but query is on cpu"):
+        cosine_topk(args["query"], args["gallery"].cuda(), 2)
+    with pytest.raises(ValueError, match="gallery_labels is on cuda:0 but query is on cpu"):
+        average_precision(**_with(gallery_labels=args["gallery_labels"].cuda()))
+
+
+def test_cuda_call_without_gpu_is_a_clean_error():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises((RuntimeError, AssertionError)):
+        average_precision(**{k: v.to("cuda") for k, v in _good().items()})
