@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import subprocess
 import sys
@@ -64,12 +65,18 @@ def main() -> None:
         order = strategies[r % 3:] + strategies[: r % 3]
         for strategy in order:
             note = load_note()
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
             proc = subprocess.run([*base, "--one", strategy], capture_output=True, text=True, check=True)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
             run = json.loads(proc.stdout.strip().splitlines()[-1])
+            # CPU seconds of the run's processes (workers included) over its wall time: the cores
+            # it actually got. Well under the core count means other work took the machine.
+            cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+            run["cores_used"] = cpu / run["wall_s"]
             results[strategy].append(run)
             times = ", ".join(f"{k} {v:.1f}" for k, v in run["modalities"].items() if v is not None)
-            print(f"round {r} {strategy:>8}: {run['wall_s']:6.1f} s, peak {run['peak_rss_mib']:6.0f} MiB "
-                  f"({note} before)  per modality: {times}", flush=True)
+            print(f"round {r} {strategy:>8}: {run['wall_s']:6.1f} s, peak {run['peak_rss_mib']:6.0f} MiB, "
+                  f"cores used {run['cores_used']:.2f} ({note} before)  per modality: {times}", flush=True)
     print(f"\n{args.dataset}, {args.epochs} epochs, median of {args.rounds} rounds:")
     median = {s: statistics.median(r["wall_s"] for r in runs) for s, runs in results.items()}
     for s in strategies:

@@ -17,6 +17,7 @@ names the modality and the error.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import queue
@@ -177,18 +178,21 @@ def _reset_cuda_peaks(devices: Sequence[str]) -> None:
             torch.cuda.reset_peak_memory_stats(d)
 
 
-def _fail(task: ModalityTask, exc: BaseException) -> WorkerError:
-    return WorkerError(f"modality {task.name!r} failed: {type(exc).__name__}: {exc}")
+@contextlib.contextmanager
+def _blame(task: ModalityTask):
+    """Report bad input or divergence of one modality as a WorkerError that names it."""
+    try:
+        yield
+    except (ValueError, FloatingPointError) as exc:
+        raise WorkerError(f"modality {task.name!r} failed: {type(exc).__name__}: {exc}") from exc
 
 
 def _serial(tasks, device, on_epoch):
     results = []
     for task in tasks:
         _reset_cuda_peaks([device])
-        try:
+        with _blame(task):
             result = ModalityTrainer(task, device).run(on_epoch)
-        except (ValueError, FloatingPointError) as exc:
-            raise _fail(task, exc) from exc
         if device.startswith("cuda"):
             result.peak_memory_bytes = torch.cuda.max_memory_allocated(device)
         results.append(result)
@@ -199,10 +203,8 @@ def _joint(tasks, device, on_epoch):
     _reset_cuda_peaks([device])
     trainers = []
     for task in tasks:
-        try:
+        with _blame(task):
             trainers.append(ModalityTrainer(task, device))
-        except ValueError as exc:
-            raise _fail(task, exc) from exc
     for _ in range(tasks[0].options.epochs):
         for trainer in trainers:
             trainer.begin_epoch()
@@ -210,12 +212,11 @@ def _joint(tasks, device, on_epoch):
         for j in range(max(t.steps_per_epoch for t in trainers)):
             for trainer in trainers:
                 if j < trainer.steps_per_epoch:
-                    trainer.step(j)
+                    with _blame(trainer.task):
+                        trainer.step(j)
         for trainer in trainers:
-            try:
+            with _blame(trainer.task):
                 stats = trainer.end_epoch()
-            except FloatingPointError as exc:
-                raise _fail(trainer.task, exc) from exc
             on_epoch(stats)
     results = [t.result() for t in trainers]
     if device.startswith("cuda"):
@@ -301,12 +302,20 @@ def _parallel_cpu(tasks, on_epoch, cores):
         for i in range(n_workers)
     ]
 
+    all_exited_seen = []
+
     def check_alive():
         for w in workers:
             if w.exitcode not in (None, 0):
                 raise WorkerError(
                     f"training worker {w.name} died with exit code {w.exitcode} (killed, e.g. out of memory?)"
                 )
+        if all(w.exitcode == 0 for w in workers):
+            # A worker's last events are in the pipe before it exits: one more empty wait after
+            # seeing all of them gone means those events were read and some result never came.
+            if all_exited_seen:
+                raise WorkerError("the training workers exited before every modality was trained")
+            all_exited_seen.append(True)
 
     ok = False
     try:

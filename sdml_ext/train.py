@@ -179,6 +179,10 @@ def _train(config: RunConfig, dataset: Dataset, names: list[str], P, first_index
 
 
 def _evaluate_and_record(bundle: Bundle, dataset: Dataset, path: Path) -> None:
+    """Print the test split's mAP tables and store them in the bundle's manifest."""
+    if len(set(bundle.modality_names) & set(dataset.modality_names)) < 2:
+        print("\none modality so far: no cross-modal table yet (add another with --add-modality)")
+        return
     result = evaluate(encode_split(bundle, dataset, "test"))
     print("\n" + result.format())
     set_metrics(path, {"test": result.to_json()})

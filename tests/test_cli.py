@@ -130,3 +130,11 @@ def test_module_entry_point_exits_2_without_traceback(tmp_path):
     assert proc.returncode == 2 and "invalid choice" in proc.stderr and "Traceback" not in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "sdml_ext.evaluate", str(tmp_path)], capture_output=True, text=True)
     assert proc.returncode == 2 and "not an SDML bundle" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_single_modality_trains_and_skips_the_table(tmp_path, config_file, capsys):
+    out = tmp_path / "one"
+    code, stdout, _ = run_main(train.main, ["--dataset", "synthetic", "--modalities", "m1", "--config", config_file,
+                                            "--epochs", "1", "--out", str(out)], capsys)
+    assert code == 0 and "no cross-modal table yet" in stdout
+    assert sdml_ext.load(out).modality_names == ["m1"]

@@ -1,12 +1,14 @@
 """joint / serial / parallel give the same models; failures stop the run; time and memory."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 
 from sdml_ext.data import make_synthetic
 from sdml_ext.model import make_projection
-from sdml_ext.strategies import STRATEGIES, WorkerError, _assign_devices, train_tasks
+from sdml_ext.strategies import STRATEGIES, WorkerError, _assign_devices, _thread_share, train_tasks
 from sdml_ext.training import TrainOptions, make_tasks
 
 
@@ -73,3 +75,25 @@ def test_devices_are_balanced_by_cost():
     ds = make_synthetic(4, dims=[400, 10, 10, 10], n_train=100, n_val=10, n_test=10, n_classes=3)
     assignment = _assign_devices(make(ds), ["cuda:0", "cuda:1"])
     assert assignment[0] != assignment[1] and {assignment[2], assignment[3]} == {assignment[1]}
+
+
+def test_cores_are_shared_between_live_workers_never_oversubscribed():
+    assert [_thread_share(2, SimpleNamespace(value=n)) for n in (2, 1, 0)] == [1, 2, 2]
+    assert [_thread_share(16, SimpleNamespace(value=n)) for n in (6, 5, 3, 1)] == [2, 3, 5, 16]
+    assert all(_thread_share(c, SimpleNamespace(value=n)) * n <= c for c in (2, 4, 16) for n in range(1, c + 1))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_strategies_match_the_cpu_models():
+    ds = make_synthetic(3, n_train=200, n_val=40, n_test=40, n_classes=5, seed=4)
+    tasks = make(ds)
+    cpu = train_tasks(tasks, "serial")
+    for strategy in STRATEGIES:  # parallel: one stream per modality on one device
+        report = train_tasks(tasks, strategy, devices=["cuda:0"])
+        assert report.device_peak_bytes["cuda:0"] > 0
+        for a, b in zip(cpu.modalities, report.modalities):
+            # Different kernels and summation orders: the same trajectory, not the same bits.
+            for field in ("train_loss", "val_loss"):
+                np.testing.assert_allclose([getattr(s, field) for s in a.history], [getattr(s, field) for s in b.history],
+                                           rtol=2e-3, err_msg=f"{strategy} {a.name} {field}")
