@@ -4,6 +4,7 @@
 import os
 
 import pytest
+import torch
 
 from sdml_ext.bundle import load, save_bundle
 from sdml_ext.data import load_dataset
@@ -21,7 +22,17 @@ def msrc():
     return load_dataset("multiview-mat", os.path.join(root, "msrc_v1", "MSRC_v1.mat"))
 
 
-def test_msrc_v1_learns_a_common_space(msrc, tmp_path):
+@pytest.fixture
+def one_thread():
+    # Networks this small gain nothing from a second thread, and on a loaded machine spinning
+    # OpenMP threads made this test 10x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_msrc_v1_learns_a_common_space(msrc, tmp_path, one_thread):
     opts = TrainOptions(epochs=30, batch_size=42, hidden=(128, 128), code_dim=64, lrs=(1e-3,))
     P = make_projection(64, msrc.num_classes, 0)
     splits = [(m.train.features, m.train.labels, m.val.features, m.val.labels) for m in msrc]
