@@ -8,7 +8,11 @@ from ._extension import build_info, release_cached_host_buffers
 from . import metrics, ops
 from .ops import DSAELossOutput, dsae_loss
 from .loss import DSAELoss
+from .bundle import Bundle, load
 
 __version__ = "0.1.0"
 
-__all__ = ["build_info", "release_cached_host_buffers", "metrics", "ops", "dsae_loss", "DSAELossOutput", "DSAELoss", "__version__"]
+__all__ = [
+    "Bundle", "build_info", "release_cached_host_buffers", "metrics", "ops", "dsae_loss", "DSAELossOutput",
+    "DSAELoss", "load", "__version__",
+]
