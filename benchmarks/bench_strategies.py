@@ -52,17 +52,18 @@ def main() -> None:
     p.add_argument("--modalities", help="comma-separated subset (default: all)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--strategies", default="joint,serial,parallel", help="comma-separated subset to compare")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
         return one(args)
-    strategies = ["joint", "serial", "parallel"]
+    strategies = args.strategies.split(",")
     results: dict[str, list[dict]] = {s: [] for s in strategies}
     base = [sys.executable, __file__, "--dataset", args.dataset, "--epochs", str(args.epochs)]
     base += ["--data", args.data] if args.data else []
     base += ["--modalities", args.modalities] if args.modalities else []
     for r in range(args.rounds):
-        order = strategies[r % 3:] + strategies[: r % 3]
+        order = strategies[r % len(strategies):] + strategies[: r % len(strategies)]
         for strategy in order:
             note = load_note()
             before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -82,9 +83,10 @@ def main() -> None:
     for s in strategies:
         peak = statistics.median(r["peak_rss_mib"] for r in results[s])
         print(f"  {s:>8}: {median[s]:6.1f} s  peak RSS {peak:6.0f} MiB")
-    print(f"  serial / parallel = {median['serial'] / median['parallel']:.2f}x, "
-          f"joint / parallel = {median['joint'] / median['parallel']:.2f}x")
-    print(f"  parallel plan: {results['parallel'][-1]['plan']}")
+    if "parallel" in median:
+        for s in (s for s in strategies if s != "parallel"):
+            print(f"  {s} / parallel = {median[s] / median['parallel']:.2f}x")
+        print(f"  parallel plan: {results['parallel'][-1]['plan']}")
 
 
 if __name__ == "__main__":

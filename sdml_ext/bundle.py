@@ -119,6 +119,18 @@ def check_new_bundle_path(path: str | os.PathLike) -> Path:
     return path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish(path: Path, mode: int) -> None:
+    """Give a file or directory the permissions a plain create would (mkdtemp makes 0700 and
+    safetensors writes 0600, which would hide a bundle from the user's group)."""
+    os.chmod(path, mode & ~_umask())
+
+
 def _modality_file(index: int) -> str:
     return f"modality-{index:02d}.safetensors"
 
@@ -130,6 +142,7 @@ def _write_modality(directory: Path, result: ModalityResult, final_name: str) ->
     save_file(arrays, str(tmp), metadata={"format": FORMAT, "modality": result.name})
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
+    _publish(tmp, 0o666)
     os.replace(tmp, directory / final_name)
     return {
         "name": result.name,
@@ -172,7 +185,9 @@ def save_bundle(
         raise ValueError(f"{len(class_names)} class names but P has {P.shape[1]} columns")
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     try:
+        _publish(tmp, 0o777)
         save_file({"P": P.detach().cpu().contiguous().numpy()}, str(tmp / PROJECTION_FILE), metadata={"format": FORMAT})
+        _publish(tmp / PROJECTION_FILE, 0o666)
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,

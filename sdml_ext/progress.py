@@ -24,7 +24,7 @@ class EpochBars:
         self.epochs = epochs
         width = max(len(n) for n in names)
         self.bars = {
-            name: tqdm(total=epochs, desc=f"{name:<{width}}", position=i, unit="epoch", file=self.file, disable=None, dynamic_ncols=True)
+            name: tqdm(total=epochs, desc=f"{name:<{width}}", position=i, unit="epoch", file=self.file, disable=None)
             for i, name in enumerate(names)
         }
 

@@ -147,7 +147,10 @@ def _add_modalities(args, file_settings: dict, flags: dict) -> int:
 
 def _load(config: RunConfig) -> Dataset:
     dataset = load_dataset(config.dataset, config.data, **config.dataset_options)
-    for name in config.modalities or []:
+    chosen = config.modalities or []
+    if len(set(chosen)) != len(chosen):
+        raise ValueError(f"modalities listed twice: {sorted({n for n in chosen if chosen.count(n) > 1})}")
+    for name in chosen:
         dataset.modality(name)  # raises with the names present
     print(dataset.describe())
     return dataset

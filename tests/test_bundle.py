@@ -51,6 +51,10 @@ def test_manifest_and_files(tmp_path, trained):
     assert {"sdml_ext", "torch", "safetensors"} <= set(manifest["versions"])
     assert manifest["metrics"] == {"test": {"avg": 0.5}}
     assert len(manifest["modalities"][0]["training"]["history"]) == 2
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's private 0700
+    assert all(os.stat(path / f).st_mode & 0o777 == 0o666 & ~umask for f in os.listdir(path))
 
 
 def test_encode_matches_the_trained_network_and_never_unpickles(tmp_path, trained, monkeypatch):

@@ -105,6 +105,7 @@ def test_add_modality_with_other_classes_is_refused(tmp_path, config_file, capsy
         (["--dataset", "synthetic", "--code-dim", "4"], "exceeds the code width"),
         (["--dataset", "synthetic", "--out", "/proc/sdml-cannot-write-here"], "cannot write the output"),
         (["--dataset", "synthetic", "--modalities", "m0,text"], "no modality 'text'"),
+        (["--dataset", "synthetic", "--modalities", "m0,m0"], "listed twice"),
         (["--dataset", "synthetic", "--batch-size", "1000"], "fewer than the batch size"),
         (["--config", "/nonexistent.toml"], "config file not found"),
         (["--add-modality", "m9"], "go together"),
@@ -126,9 +127,11 @@ def test_evaluate_user_errors(tmp_path, capsys):
 
 
 def test_module_entry_point_exits_2_without_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "sdml_ext.train", "--dataset", "nope"], capture_output=True, text=True)
+    # cwd outside the repository: -m must find the installed package, not the source tree.
+    run = lambda *args: subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=tmp_path)  # noqa: E731
+    proc = run("sdml_ext.train", "--dataset", "nope")
     assert proc.returncode == 2 and "invalid choice" in proc.stderr and "Traceback" not in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "sdml_ext.evaluate", str(tmp_path)], capture_output=True, text=True)
+    proc = run("sdml_ext.evaluate", str(tmp_path))
     assert proc.returncode == 2 and "not an SDML bundle" in proc.stderr and "Traceback" not in proc.stderr
 
 
