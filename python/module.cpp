@@ -4,6 +4,8 @@
 
 #include <string>
 
+#include "sdml/host_buffers.h"
+
 namespace py = pybind11;
 
 PYBIND11_MODULE(_C, m) {
@@ -14,4 +16,6 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("with_cuda") = false;
 #endif
+  m.def("release_cached_host_buffers", &sdml::release_cached_host_buffers,
+        "Frees the CPU blocks cached for large kernel outputs; returns the bytes released.");
 }

@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest tests "$@"
+# -P: do not put the repo root on sys.path, so the installed package (with _C) is imported.
+exec .venv/bin/python -P -m pytest tests "$@"

@@ -4,11 +4,15 @@ Fused C++/CUDA kernels registered as torch ops (``torch.ops.sdml.*``, Python fac
 :mod:`sdml_ext.ops`) and the modules built on them.
 """
 
-from ._extension import build_info
+from ._extension import build_info, release_cached_host_buffers
 from . import metrics, ops
 from .ops import DSAELossOutput, dsae_loss
 from .loss import DSAELoss
+from .bundle import Bundle, load
 
 __version__ = "0.1.0"
 
-__all__ = ["build_info", "ops", "dsae_loss", "DSAELossOutput", "DSAELoss", "__version__"]
+__all__ = [
+    "Bundle", "build_info", "release_cached_host_buffers", "metrics", "ops", "dsae_loss", "DSAELossOutput",
+    "DSAELoss", "load", "__version__",
+]

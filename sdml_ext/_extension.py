@@ -52,3 +52,9 @@ def build_info() -> dict:
         "cuda_archs": archs if _C.with_cuda else [],
         "cuda_available": torch.cuda.is_available(),
     }
+
+
+def release_cached_host_buffers() -> int:
+    """Frees the CPU blocks that the kernels keep for large outputs (e.g. the loss gradient);
+    returns the number of bytes released. At most 4 blocks / 1 GiB are ever kept."""
+    return _C.release_cached_host_buffers()

@@ -26,9 +26,10 @@ def test_cuda_kernels_registered_when_compiled():
     assert torch._C._dispatch_has_kernel_for_dispatch_key("sdml::dsae_loss", "CPU")
 
 
-def test_foreign_torch_is_refused_with_rebuild_advice():
+def test_foreign_torch_is_refused_with_rebuild_advice(tmp_path):
     code = "import torch; torch.__version__ = '0.0.1'; import sdml_ext"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    # cwd away from the repo root, so the installed package is imported, not the source tree.
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("ImportError: sdml_ext was built against torch")

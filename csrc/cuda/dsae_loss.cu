@@ -43,26 +43,32 @@ __device__ bool block_row_labelled(const T* y, int64_t c) {
   return __syncthreads_or(any);
 }
 
-// e = P^T h - y for one row into shared e_s (h staged in shared h_s); returns this thread's
-// part of ||e||^2.
+// e = P^T h - y for one row (Pt = P^T, [c, d] row-major): a warp per column, lanes over k.
+// h is staged in shared h_s; e goes to shared e_s when given. Returns this thread's part of
+// ||e||^2 (non-zero on lane 0 of each warp).
 template <typename T, typename A>
-__device__ A block_project_residual(const T* P, const T* h, const T* y, int64_t d, int64_t c, A* h_s, A* e_s) {
+__device__ A block_project_residual(const T* Pt, const T* h, const T* y, int64_t d, int64_t c, A* h_s, A* e_s) {
   for (int64_t k = threadIdx.x; k < d; k += blockDim.x) h_s[k] = static_cast<A>(h[k]);
   __syncthreads();
+  const int lane = threadIdx.x & 31;
   A part = 0;
-  for (int64_t col = threadIdx.x; col < c; col += blockDim.x) {
-    A e = 0;
-    for (int64_t k = 0; k < d; ++k) e = project_step(e, P[k * c + col], h_s[k]);
-    e -= static_cast<A>(y[col]);
-    if (e_s) e_s[col] = e;
-    part += sq(e);
+  for (int64_t col = threadIdx.x >> 5; col < c; col += kWarps) {
+    const T* Pt_c = Pt + col * d;
+    A dot = 0;
+    for (int64_t k = lane; k < d; k += 32) dot += project_term(Pt_c[k], h_s[k]);
+    for (int off = 16; off > 0; off >>= 1) dot += __shfl_down_sync(0xffffffffu, dot, off);
+    if (lane == 0) {
+      const A e = dot - static_cast<A>(y[col]);
+      if (e_s) e_s[col] = e;
+      part += sq(e);
+    }
   }
   return part;
 }
 
 template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads) dsae_forward_kernel(
-    const T* __restrict__ xh, const T* __restrict__ x, const T* __restrict__ h, const T* __restrict__ P,
+    const T* __restrict__ xh, const T* __restrict__ x, const T* __restrict__ h, const T* __restrict__ Pt,
     const T* __restrict__ y, int64_t sxh, int64_t sx, int64_t sh, int64_t sy, int64_t D, int64_t d,
     int64_t c, A* __restrict__ row_rec, A* __restrict__ row_sup, int64_t* __restrict__ n_labelled) {
   extern __shared__ unsigned char smem[];
@@ -79,7 +85,7 @@ __global__ void __launch_bounds__(kThreads) dsae_forward_kernel(
   A s2 = 0;
   if (labelled) {
     A* h_s = reinterpret_cast<A*>(smem);
-    s2 = block_sum(block_project_residual<T, A>(P, h, y, d, c, h_s, nullptr), scratch);
+    s2 = block_sum(block_project_residual<T, A>(Pt, h, y, d, c, h_s, nullptr), scratch);
   }
   if (threadIdx.x == 0) {
     row_rec[j] = sqrt(r2);
@@ -117,7 +123,7 @@ struct Grads {
 
 template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads) dsae_backward_kernel(
-    const T* __restrict__ xh, const T* __restrict__ x, const T* __restrict__ h, const T* __restrict__ P,
+    const T* __restrict__ xh, const T* __restrict__ x, const T* __restrict__ h, const T* __restrict__ Pt,
     const T* __restrict__ y, int64_t sxh, int64_t sx, int64_t sh, int64_t sy, int64_t B, int64_t D,
     int64_t d, int64_t c, const A* __restrict__ row_rec, const A* __restrict__ row_sup,
     const int64_t* __restrict__ n_labelled, Grads<T, A> g, A lam, T* __restrict__ gxh, T* __restrict__ gh) {
@@ -142,15 +148,14 @@ __global__ void __launch_bounds__(kThreads) dsae_backward_kernel(
   }
   A* h_s = reinterpret_cast<A*>(smem);
   A* e_s = h_s + d;
-  block_project_residual<T, A>(P, h + j * sh, y_j, d, c, h_s, e_s);
+  block_project_residual<T, A>(Pt, h + j * sh, y_j, d, c, h_s, e_s);
   __syncthreads();
   const A g_sup = g.sup ? static_cast<A>(*g.sup) : A(0);
   const A beta = sup_weight(g_loss, g_sup, lam, *n_labelled) + (g.row_sup ? g.row_sup[j] : A(0));
   const A coef = beta * inv_norm_or_zero(row_sup[j]);
   for (int64_t k = threadIdx.x; k < d; k += blockDim.x) {
-    const T* P_k = P + k * c;
     A acc = 0;
-    for (int64_t col = 0; col < c; ++col) acc += static_cast<A>(P_k[col]) * e_s[col];
+    for (int64_t col = 0; col < c; ++col) acc += project_term(Pt[col * d + k], e_s[col]);
     out[k] = static_cast<T>(coef * acc);
   }
 }
@@ -167,8 +172,8 @@ DsaeForward dsae_loss_cuda(const at::Tensor& x_hat_in, const at::Tensor& x_in, c
   check_dsae_loss_args(x_hat_in, x_in, h_in, P_in, y_in, lam);
   const c10::cuda::CUDAGuard guard(x_hat_in.device());
   const at::Tensor x_hat = rows_contiguous(x_hat_in), x = rows_contiguous(x_in),
-                   h = rows_contiguous(h_in), y = rows_contiguous(y_in), P = P_in.contiguous();
-  const int64_t B = x_hat.size(0), D = x_hat.size(1), d = h.size(1), c = P.size(1);
+                   h = rows_contiguous(h_in), y = rows_contiguous(y_in), Pt = P_in.t().contiguous();
+  const int64_t B = x_hat.size(0), D = x_hat.size(1), d = h.size(1), c = Pt.size(0);
   const auto acc_dtype = x_hat.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor row_rec = at::empty({B}, x_hat.options().dtype(acc_dtype));
   at::Tensor row_sup = at::empty({B}, x_hat.options().dtype(acc_dtype));
@@ -180,7 +185,7 @@ DsaeForward dsae_loss_cuda(const at::Tensor& x_hat_in, const at::Tensor& x_in, c
     using A = acc_t<scalar_t>;
     dsae_forward_kernel<scalar_t, A><<<B, kThreads, shared_bytes(d, c, sizeof(A)), stream>>>(
         x_hat.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(),
-        P.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), x_hat.stride(0), x.stride(0),
+        Pt.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), x_hat.stride(0), x.stride(0),
         h.stride(0), y.stride(0), D, d, c, row_rec.mutable_data_ptr<A>(), row_sup.mutable_data_ptr<A>(),
         n_labelled.mutable_data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -190,7 +195,7 @@ DsaeForward dsae_loss_cuda(const at::Tensor& x_hat_in, const at::Tensor& x_in, c
         sup.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  if (check_finite) check_dsae_loss_finite(rec, sup, x_hat, x, h, P, y);
+  if (check_finite) check_dsae_loss_finite(rec, sup, x_hat_in, x_in, h_in, P_in, y_in);
   return {loss, rec, sup, row_rec, row_sup, n_labelled};
 }
 
@@ -212,8 +217,8 @@ DsaeBackward dsae_loss_backward_cuda(
   check_dsae_loss_args(x_hat_in, x_in, h_in, P_in, y_in, lam);
   const c10::cuda::CUDAGuard guard(x_hat_in.device());
   const at::Tensor x_hat = rows_contiguous(x_hat_in), x = rows_contiguous(x_in),
-                   h = rows_contiguous(h_in), y = rows_contiguous(y_in), P = P_in.contiguous();
-  const int64_t B = x_hat.size(0), D = x_hat.size(1), d = h.size(1), c = P.size(1);
+                   h = rows_contiguous(h_in), y = rows_contiguous(y_in), Pt = P_in.t().contiguous();
+  const int64_t B = x_hat.size(0), D = x_hat.size(1), d = h.size(1), c = Pt.size(0);
   at::Tensor grad_x_hat = at::empty({need_input_grad ? B : 0, D}, x_hat.options());
   at::Tensor grad_h = at::empty({need_code_grad ? B : 0, d}, h.options());
   if (!need_input_grad && !need_code_grad) return {grad_x_hat, grad_h};
@@ -229,7 +234,7 @@ DsaeBackward dsae_loss_backward_cuda(
                                device_ptr<A>(grad_row_sup, acc_dtype, held[4])};
     dsae_backward_kernel<scalar_t, A><<<B, kThreads, shared_bytes(d, c, sizeof(A)), stream>>>(
         x_hat.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(),
-        P.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), x_hat.stride(0), x.stride(0),
+        Pt.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), x_hat.stride(0), x.stride(0),
         h.stride(0), y.stride(0), B, D, d, c, row_rec.const_data_ptr<A>(), row_sup.const_data_ptr<A>(),
         n_labelled.const_data_ptr<int64_t>(), g, static_cast<A>(lam),
         need_input_grad ? grad_x_hat.mutable_data_ptr<scalar_t>() : nullptr,

@@ -39,10 +39,10 @@ template <typename A> SDML_HD A sup_weight(A g_loss, A g_sup, A lam, int64_t n_l
   return n_labelled > 0 ? ((A(1) - lam) * g_loss + g_sup) / A(n_labelled) : A(0);
 }
 
-// One step of the projection e[col] += P[k, col] * h[k]; every path sums over k in order
-// 0..d-1 for each column, so CPU (columns vectorized) and CUDA (a thread per column) agree.
-template <typename A, typename T> SDML_HD A project_step(A e, T p_kc, A h_k) {
-  return e + static_cast<A>(p_kc) * h_k;
+// P^T h_j is formed from Pt = P^T stored [c, d] row-major (a small copy made per call), so
+// that column col of P is contiguous: CPU SIMD lanes and GPU warp lanes both run over k.
+template <typename A, typename T> SDML_HD A project_term(T pt_ck, A h_k) {
+  return static_cast<A>(pt_ck) * h_k;
 }
 
 // The three reported terms from the row sums.

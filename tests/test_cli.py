@@ -1,0 +1,143 @@
+"""python -m sdml_ext.train / sdml_ext.evaluate: end to end on small synthetic data, adding a
+modality, and bad input (one clear line, exit status 2, no traceback)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import sdml_ext
+from sdml_ext import cli, evaluate, train
+
+# Small networks keep every run to seconds; serial avoids the worker start-up cost (the parallel
+# path is covered by test_train_strategies.py and the default run).
+CONFIG = """
+strategy = "serial"
+epochs = 4
+hidden = [64, 64]
+code_dim = 32
+lr = [1e-3]
+batch_size = 50
+
+[dataset_options]
+n_train = 150
+n_val = 50
+n_test = 60
+n_classes = 5
+"""
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cfg") / "small.toml"
+    path.write_text(CONFIG)
+    return str(path)
+
+
+def run_main(main, argv, capsys):
+    code = cli.run(main, argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_help_lists_every_setting(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--dataset", "--data", "--strategy", "--epochs", "--batch-size", "--lam", "--lr", "--seed", "--out",
+                 "--devices", "--config", "--add-modality", "--into", "--modalities", "--code-dim", "--preprocess"):
+        assert flag in text
+
+
+def test_train_add_modality_and_evaluate(tmp_path, config_file, capsys):
+    out = tmp_path / "bundle"
+    code, stdout, _ = run_main(train.main, ["--dataset", "synthetic", "--modalities", "m0,m1", "--config", config_file,
+                                            "--epochs", "3", "--out", str(out)], capsys)
+    assert code == 0
+    assert "mAP@all" in stdout and "average over 2 pairs" in stdout and "whole run (serial)" in stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["epochs"] == 3 and manifest["config"]["hidden"] == [64, 64]  # flag over file
+    assert manifest["config"]["dataset_options"]["n_classes"] == 5
+    assert manifest["metrics"]["test"]["map_all"]["average"] > 0.3  # chance is ~0.2
+    old = {f: (out / f).read_bytes() for f in os.listdir(out) if f.endswith(".safetensors")}
+
+    code, stdout, _ = run_main(train.main, ["--add-modality", "m2", "--into", str(out)], capsys)
+    assert code == 0 and "average over 6 pairs" in stdout
+    assert {f: (out / f).read_bytes() for f in old} == old  # existing networks untouched, bit for bit
+    b = sdml_ext.load(out)
+    assert b.modality_names == ["m0", "m1", "m2"] and b.input_dim("m2") == 32
+    test = json.loads((out / "manifest.json").read_text())["metrics"]["test"]
+    table, new = test["map_all"], test["modalities"].index("m2")
+    # The new modality retrieves from and into the old ones, well above chance (~0.2).
+    assert min(table["table"][new][g] for g in range(3) if g != new) > 0.3
+    assert min(table["table"][q][new] for q in range(3) if q != new) > 0.3
+
+    code, stdout, _ = run_main(evaluate.main, [str(out), "--out", str(tmp_path / "eval")], capsys)
+    assert code == 0 and "mAP@50" in stdout
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["modalities"] == ["m0", "m1", "m2"] and len(metrics["precision_at_k"]["m2->m0"]) == 1
+    for png in ("precision_recall.png", "precision_at_k.png"):
+        assert (tmp_path / "eval" / png).read_bytes()[:4] == b"\x89PNG"
+
+    # Never overwrite a finished bundle.
+    code, _, err = run_main(train.main, ["--dataset", "synthetic", "--config", config_file, "--out", str(out)], capsys)
+    assert code == 2 and "already exists" in err
+    assert {f: (out / f).read_bytes() for f in old} == old
+
+
+def test_add_modality_with_other_classes_is_refused(tmp_path, config_file, capsys):
+    out = tmp_path / "b"
+    assert run_main(train.main, ["--dataset", "synthetic", "--modalities", "m0,m1", "--config", config_file,
+                                 "--epochs", "1", "--out", str(out)], capsys)[0] == 0
+    other = tmp_path / "other.toml"
+    other.write_text(CONFIG.replace("n_classes = 5", "n_classes = 6"))
+    code, _, err = run_main(train.main, ["--add-modality", "m2", "--into", str(out), "--config", str(other)], capsys)
+    assert code == 2 and "6 classes" in err and "5 classes" in err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--dataset", "xmedia", "--data", "/nonexistent/x.mat"], "not found"),
+        (["--dataset", "synthetic", "--code-dim", "4"], "exceeds the code width"),
+        (["--dataset", "synthetic", "--out", "/proc/sdml-cannot-write-here"], "cannot write the output"),
+        (["--dataset", "synthetic", "--modalities", "m0,text"], "no modality 'text'"),
+        (["--dataset", "synthetic", "--modalities", "m0,m0"], "listed twice"),
+        (["--dataset", "synthetic", "--batch-size", "1000"], "fewer than the batch size"),
+        (["--config", "/nonexistent.toml"], "config file not found"),
+        (["--add-modality", "m9"], "go together"),
+        (["--add-modality", "m9", "--into", "/nonexistent-bundle"], "bundle not found"),
+    ],
+)
+def test_user_errors_are_one_clear_line(argv, message, capsys, config_file, tmp_path):
+    argv = [*argv, "--config", config_file] if "--config" not in argv else argv
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "never")]
+    code, _, err = run_main(train.main, argv, capsys)
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "never").exists()
+
+
+def test_evaluate_user_errors(tmp_path, capsys):
+    code, _, err = run_main(evaluate.main, [str(tmp_path / "absent")], capsys)
+    assert code == 2 and "bundle not found" in err
+
+
+def test_module_entry_point_exits_2_without_traceback(tmp_path):
+    # cwd outside the repository: -m must find the installed package, not the source tree.
+    run = lambda *args: subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=tmp_path)  # noqa: E731
+    proc = run("sdml_ext.train", "--dataset", "nope")
+    assert proc.returncode == 2 and "invalid choice" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run("sdml_ext.evaluate", str(tmp_path))
+    assert proc.returncode == 2 and "not an SDML bundle" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_single_modality_trains_and_skips_the_table(tmp_path, config_file, capsys):
+    out = tmp_path / "one"
+    code, stdout, _ = run_main(train.main, ["--dataset", "synthetic", "--modalities", "m1", "--config", config_file,
+                                            "--epochs", "1", "--out", str(out)], capsys)
+    assert code == 0 and "no cross-modal table yet" in stdout
+    assert sdml_ext.load(out).modality_names == ["m1"]

@@ -1,0 +1,94 @@
+"""The per-modality trainer: recipe, model selection, seeding, bad input."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sdml_ext.data import make_synthetic
+from sdml_ext.model import DSAE, make_projection
+from sdml_ext.training import ModalityTrainer, TrainOptions, make_tasks
+
+SMALL = dict(hidden=(48, 48), code_dim=16, batch_size=50)
+
+
+def tasks_for(ds, **options):
+    opts = TrainOptions(**{**SMALL, **options})
+    P = make_projection(opts.code_dim, ds.num_classes, opts.seed)
+    splits = [(m.train.features, m.train.labels, m.val.features, m.val.labels) for m in ds]
+    return make_tasks(ds.modality_names, splits, P, opts)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_synthetic(3, n_train=220, n_val=60, n_test=60, n_classes=5, seed=1)
+
+
+def test_recipe_defaults():
+    opts = TrainOptions()
+    assert (opts.epochs, opts.batch_size, opts.lam, opts.betas) == (200, 100, 0.5, (0.5, 0.999))
+    assert [opts.lr_for(i) for i in range(3)] == [1e-4, 2e-4, 2e-4]
+
+
+def test_trainer_uses_fused_adam_and_per_modality_lr(data):
+    tasks = tasks_for(data, epochs=1, lrs=(1e-3, 5e-4))
+    trainers = [ModalityTrainer(t) for t in tasks[:2]]
+    assert [t.optimizer.param_groups[0]["lr"] for t in trainers] == [1e-3, 5e-4]
+    assert all(t.optimizer.defaults["fused"] for t in trainers)
+    assert trainers[0].optimizer.param_groups[0]["betas"] == (0.5, 0.999)
+    assert trainers[0].steps_per_epoch == 220 // 50  # the last incomplete batch is dropped
+
+
+def test_training_reduces_the_loss_and_keeps_the_best_validation_epoch(data):
+    trainer = ModalityTrainer(tasks_for(data, epochs=8, lrs=(1e-3,))[0])
+    result = trainer.run()
+    history = result.history
+    assert len(history) == 8 and [s.epoch for s in history] == list(range(1, 9))
+    assert history[-1].train_loss < history[0].train_loss
+    best = min(range(8), key=lambda i: history[i].val_sup)
+    assert result.best_epoch == best + 1 and history[best].best
+    # The kept weights are that epoch's: rescoring them gives its validation loss back.
+    model = DSAE(**result.model_options)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in result.state.items() if not k.startswith("preprocess.")})
+    trainer.model.load_state_dict(model.state_dict())
+    _, _, sup = trainer.evaluate_split(trainer.val_x, trainer.val_y)
+    assert sup == pytest.approx(history[best].val_sup, rel=1e-5)
+    assert result.selection.startswith("lowest validation")
+    assert result.state["preprocess.shift"].shape == (data["m0"].dim,)
+
+
+def test_same_seed_same_model_other_seed_or_index_differs(data):
+    a = ModalityTrainer(tasks_for(data, epochs=2)[1]).run()
+    b = ModalityTrainer(tasks_for(data, epochs=2)[1]).run()
+    c = ModalityTrainer(tasks_for(data, epochs=2, seed=5)[1]).run()
+    assert all(np.array_equal(a.state[k], b.state[k]) for k in a.state)
+    assert not np.array_equal(a.state["encoder.0.weight"], c.state["encoder.0.weight"])
+    assert TrainOptions().seed_for(0) != TrainOptions().seed_for(1)
+
+
+def test_reshuffles_every_epoch(data):
+    trainer = ModalityTrainer(tasks_for(data, epochs=2)[0])
+    trainer.begin_epoch()
+    first = trainer._perm.clone()
+    trainer.begin_epoch()
+    assert not torch.equal(first, trainer._perm)
+
+
+def test_semi_supervised_and_no_validation_data():
+    ds = make_synthetic(1, n_train=200, n_val=0, n_test=10, n_classes=4, unlabelled=0.5)
+    result = ModalityTrainer(tasks_for(ds, epochs=3)[0]).run()
+    assert result.best_epoch == 3 and result.selection.startswith("last epoch")
+    assert all(math.isfinite(s.train_loss) and math.isnan(s.val_sup) for s in result.history)
+
+
+def test_fewer_samples_than_a_batch_is_a_clear_error():
+    ds = make_synthetic(1, n_train=30, n_val=10, n_test=10, n_classes=3)
+    with pytest.raises(ValueError, match="fewer than the batch size 50"):
+        ModalityTrainer(tasks_for(ds, epochs=1)[0])
+
+
+@pytest.mark.parametrize("bad", [dict(epochs=0), dict(lam=1.5), dict(lrs=(-1e-4,)), dict(preprocess="zscore")])
+def test_bad_options(bad):
+    with pytest.raises(ValueError):
+        TrainOptions(**bad)
