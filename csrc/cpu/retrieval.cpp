@@ -61,57 +61,58 @@ struct Scored {
   bool operator<(const Scored& o) const { return score > o.score || (score == o.score && index < o.index); }
 };
 
-// The best k of the items offered so far, in the ranking order.
+// The best k of the items offered so far, in the ranking order. Candidates beating the
+// current k-th best are appended without a branch into a buffer of 2k (+ one chunk of slack);
+// a full buffer is pruned back to the best k with nth_element.
 template <typename T>
 class RunningTopK {
+  static constexpr int64_t kChunk = 16;
+
  public:
-  explicit RunningTopK(int64_t k) : k_(k) { cand_.reserve(2 * k); }
+  explicit RunningTopK(int64_t k) : k_(k), cand_(2 * k + kChunk) {}
 
   void reset() {
-    cand_.clear();
+    size_ = 0;
     threshold_ = -std::numeric_limits<T>::infinity();
   }
 
   // Offers scores s[0, n) of gallery items base, base + 1, ...; `self` is never kept.
   SDML_CPU_CLONES void offer_block(const T* s, int64_t n, int64_t base, int64_t self) {
-    constexpr int64_t kChunk = 16;
-    int64_t t = 0;
-    for (; t + kChunk <= n; t += kChunk) {
+    for (int64_t t0 = 0; t0 < n; t0 += kChunk) {
+      const int64_t len = std::min(kChunk, n - t0);
       // Later items lose ties, so only a strictly higher score than the k-th best enters.
-      T m = s[t];
+      T m = s[t0];
 #pragma omp simd reduction(max : m)
-      for (int64_t j = 1; j < kChunk; ++j) m = s[t + j] > m ? s[t + j] : m;
+      for (int64_t j = 1; j < len; ++j) m = s[t0 + j] > m ? s[t0 + j] : m;
       if (m <= threshold_) continue;
-      for (int64_t j = 0; j < kChunk; ++j) offer(s[t + j], base + t + j, self);
+      for (int64_t j = 0; j < len; ++j) {
+        const int64_t index = base + t0 + j;
+        cand_[size_] = {s[t0 + j], index};
+        size_ += int64_t(s[t0 + j] > threshold_) & int64_t(index != self);
+      }
+      if (size_ >= 2 * k_) prune();
     }
-    for (; t < n; ++t) offer(s[t], base + t, self);
   }
 
   // Writes the kept items best first (min(k, offered) of them).
   void finish(T* scores, int64_t* indices) {
     prune();
-    std::sort(cand_.begin(), cand_.end());
-    for (size_t j = 0; j < cand_.size(); ++j) {
+    std::sort(cand_.begin(), cand_.begin() + size_);
+    for (int64_t j = 0; j < size_; ++j) {
       scores[j] = cand_[j].score;
       indices[j] = cand_[j].index;
     }
   }
 
  private:
-  void offer(T v, int64_t index, int64_t self) {
-    if (v <= threshold_ || index == self) return;
-    cand_.push_back({v, index});
-    if (int64_t(cand_.size()) == 2 * k_) prune();
-  }
-
   void prune() {
-    if (int64_t(cand_.size()) <= k_) return;
-    std::nth_element(cand_.begin(), cand_.begin() + (k_ - 1), cand_.end());
-    cand_.resize(k_);
+    if (size_ <= k_) return;
+    std::nth_element(cand_.begin(), cand_.begin() + (k_ - 1), cand_.begin() + size_);
+    size_ = k_;
     threshold_ = cand_[k_ - 1].score;
   }
 
-  int64_t k_;
+  int64_t k_, size_ = 0;
   std::vector<Scored<T>> cand_;
   T threshold_ = -std::numeric_limits<T>::infinity();
 };
