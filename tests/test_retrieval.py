@@ -8,7 +8,9 @@ import torch
 from sdml_ext.ops import average_precision, cosine_topk, precision_at_k, precision_recall_curve
 
 import retrieval_reference as ref
-from conftest import DEVICES
+from conftest import CUDA_REASON, DEVICES
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_REASON)
 
 # (Nq, Ng, d): single query, single gallery item, d = 1, Ng < k, several query tiles (256 rows)
 # and gallery blocks (2048 columns) that the sizes do not divide.
@@ -228,6 +230,61 @@ def test_opcheck(dtype, device):
     torch.library.opcheck(torch.ops.sdml.average_precision.default, (q, q, ids, ids, None, "retrieved", "skip", True))
     torch.library.opcheck(torch.ops.sdml.precision_at_k.default, (q, g, ql, gl, [1, 5], "zero", False))
     torch.library.opcheck(torch.ops.sdml.precision_recall_curve.default, (q, g, ql, gl, [0.0, 0.5], "zero", False))
+
+
+# ---- CUDA against the CPU kernel ------------------------------------------------------------------
+
+def _all_ops(q, g, ql, gl, exclude_self=False):
+    return [
+        *cosine_topk(q, g, 7, exclude_self=exclude_self),
+        average_precision(q, g, ql, gl, exclude_self=exclude_self),
+        average_precision(q, g, ql, gl, 20, divisor="relevant", empty="skip", exclude_self=exclude_self),
+        precision_at_k(q, g, ql, gl, [1, 10, 100, 10**6], empty="skip", exclude_self=exclude_self),
+        precision_recall_curve(q, g, ql, gl, LEVELS, exclude_self=exclude_self),
+    ]
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("kind", LABEL_KINDS)
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_cuda_matches_cpu_kernel_on_current_stream(exclude_self, kind):
+    q, g, ql, gl = class_structured(300, 300, 16, kind, seed=13)
+    cpu = _all_ops(q, g, ql, gl, exclude_self)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        gpu = _all_ops(q.cuda(), g.cuda(), ql.cuda(), gl.cuda(), exclude_self)
+    stream.synchronize()
+    for a, b in zip(cpu, gpu):
+        assert b.device.type == "cuda" and a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(b.cpu(), a, rtol=0, atol=1e-12, equal_nan=True)
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["class_ids", "multi_hot_wide"])
+def test_cuda_several_tiles_match_cpu(kind):
+    """1500 x 50000 exceeds one CUDA tile (2^26 scores): 1342 + 158 query rows."""
+    q, g, ql, gl = class_structured(1500, 50000, 16, kind, seed=14)
+    cpu = [average_precision(q, g, ql, gl), cosine_topk(q, g, 30).indices]
+    gpu = [average_precision(q.cuda(), g.cuda(), ql.cuda(), gl.cuda()), cosine_topk(q.cuda(), g.cuda(), 30).indices]
+    torch.testing.assert_close(gpu[0].cpu(), cpu[0], rtol=0, atol=1e-12)
+    assert torch.equal(gpu[1].cpu(), cpu[1])
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_low_precision_close_to_float64(dtype):
+    q, g, ql, gl = class_structured(200, 500, 32, "class_ids", seed=15)
+    exact = float(average_precision(q, g, ql, gl).mean())
+    low = average_precision(q.cuda().to(dtype), g.cuda().to(dtype), ql.cuda(), gl.cuda())
+    assert abs(float(low.mean()) - exact) < 0.02
+    top = cosine_topk(q.cuda().to(dtype), g.cuda().to(dtype), 10)
+    assert top.scores.dtype == dtype
+    want = torch.from_numpy(ref.topk(ref.cosine_scores(q, g), 10)[0])
+    torch.testing.assert_close(top.scores.double().cpu(), want, rtol=0, atol=0.02)
 
 
 # ---- bad input -----------------------------------------------------------------------------------

@@ -17,33 +17,73 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "sdml/checks.h"
 #include "sdml/retrieval.h"
+
+// MKL (linked into torch's CPU library when torch uses it) may start its own threads for a
+// GEMM called inside at::parallel_for, oversubscribing the cores; declared weak so that builds
+// against a torch without MKL link too.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 
 namespace sdml {
 namespace {
 
 using namespace retrieval;
 
-// Query rows per thread tile: enough rows for GEMM efficiency, fewer when that leaves a thread
-// idle, and a score buffer of at most kTileBytes. Gallery columns per GEMM block: the block's
-// output (rows x kBlockCols) fits the L2 cache.
+// BLAS calls on this thread run single-threaded while it lives (a no-op without MKL).
+class SingleThreadedBlas {
+ public:
+  SingleThreadedBlas() : previous_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {}
+  ~SingleThreadedBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous_);
+  }
+  SingleThreadedBlas(const SingleThreadedBlas&) = delete;
+  SingleThreadedBlas& operator=(const SingleThreadedBlas&) = delete;
+
+ private:
+  int previous_;
+};
+
+// Query rows per tile: enough rows for GEMM efficiency, fewer when that would leave a thread
+// without kTilesPerThread tiles to balance (threads take tiles dynamically), and a score buffer
+// of at most kTileBytes. Gallery columns per GEMM block: the block's output (rows x
+// kBlockCols) fits the L2 cache.
 constexpr int64_t kTileBytes = 64 << 20;
-constexpr int64_t kMaxTileRows = 256;
+constexpr int64_t kMinTileRows = 16, kMaxTileRows = 256;
 constexpr int64_t kBlockCols = 1024;
+constexpr int64_t kTilesPerThread = 4;
+// Bytes of the running top-k candidates of one tile (cosine_topk).
+constexpr int64_t kCandidateBytes = 1 << 20;
 // Ranking buckets: about two items per bucket, the bucket array within a share of the L2 cache.
 constexpr int64_t kItemsPerBucket = 2;
 constexpr size_t kBucketBytes = 256 << 10;
 
 int64_t tile_rows(int64_t nq, int64_t cols, size_t elem) {
-  const int64_t per_thread = (nq + at::get_num_threads() - 1) / at::get_num_threads();
+  const int64_t share = kTilesPerThread * at::get_num_threads();
+  const int64_t balanced = std::max<int64_t>((nq + share - 1) / share, kMinTileRows);
   const int64_t by_memory = kTileBytes / std::max<int64_t>(cols * int64_t(elem), 1);
-  return std::max<int64_t>(1, std::min({kMaxTileRows, per_thread, by_memory}));
+  return std::max<int64_t>(1, std::min({kMaxTileRows, balanced, by_memory}));
+}
+
+// Runs on every thread: setup() makes the thread's scratch, then work(scratch, tile) for the
+// tiles the thread takes, one at a time from a shared counter. Dynamic, because on a shared
+// machine one thread may run slower than another; BLAS stays single-threaded per thread.
+template <typename Setup, typename Work>
+void for_each_tile(int64_t tiles, const Setup& setup, const Work& work) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(tiles, at::get_num_threads());
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    const SingleThreadedBlas one_thread;
+    auto scratch = setup();
+    for (int64_t tile = next++; tile < tiles; tile = next++) work(scratch, tile);
+  });
 }
 
 void check_cpu_dtype(const char* op, const at::Tensor& query) {
@@ -129,12 +169,22 @@ std::tuple<at::Tensor, at::Tensor> cosine_topk_cpu(const at::Tensor& query_in, c
   at::Tensor scores = at::empty({nq, k}, query.options());
   at::Tensor indices = at::empty({nq, k}, query.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "cosine_topk_cpu", [&] {
-    const int64_t rows = tile_rows(nq, kBlockCols, sizeof(scalar_t));
+    // Fewer rows for a large k: the rows' candidate buffers should stay in the L2 cache.
+    const int64_t rows = std::min(tile_rows(nq, kBlockCols, sizeof(scalar_t)),
+                                  std::max<int64_t>(kMinTileRows, kCandidateBytes / (2 * k * sizeof(Scored<scalar_t>))));
     const int64_t tiles = (nq + rows - 1) / rows;
-    at::parallel_for(0, tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
-      at::Tensor buffer = at::empty({rows * kBlockCols}, query.options());
-      std::vector<RunningTopK<scalar_t>> best(rows, RunningTopK<scalar_t>(k));
-      for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
+    struct Scratch {
+      at::Tensor buffer;
+      std::vector<RunningTopK<scalar_t>> best;
+    };
+    const auto setup = [&] {
+      return Scratch{at::empty({rows * kBlockCols}, query.options()),
+                     std::vector<RunningTopK<scalar_t>>(rows, RunningTopK<scalar_t>(k))};
+    };
+    for_each_tile(tiles, setup, [&](Scratch& scratch, int64_t tile) {
+      at::Tensor& buffer = scratch.buffer;
+      std::vector<RunningTopK<scalar_t>>& best = scratch.best;
+      {
         const int64_t q0 = tile * rows, nrows = std::min(rows, nq - q0);
         const at::Tensor q_tile = query.narrow(0, q0, nrows);
         for (int64_t i = 0; i < nrows; ++i) best[i].reset();
@@ -404,11 +454,19 @@ void for_each_query_ranks(const at::Tensor& query, const at::Tensor& gallery, co
   const int64_t nq = query.size(0), ng = gallery.size(0);
   const int64_t rows = tile_rows(nq, ng, sizeof(T));
   const int64_t tiles = (nq + rows - 1) / rows;
-  at::parallel_for(0, tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
-    at::Tensor buffer = at::empty({rows, ng}, query.options());
-    RelevantRanker<T> ranker(ng);
+  struct Scratch {
+    at::Tensor buffer;
+    std::unique_ptr<RelevantRanker<T>> ranker;
     std::vector<int64_t> rel;
-    for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
+  };
+  const auto setup = [&] {
+    return Scratch{at::empty({rows, ng}, query.options()), std::make_unique<RelevantRanker<T>>(ng), {}};
+  };
+  for_each_tile(tiles, setup, [&](Scratch& scratch, int64_t tile) {
+    at::Tensor& buffer = scratch.buffer;
+    RelevantRanker<T>& ranker = *scratch.ranker;
+    std::vector<int64_t>& rel = scratch.rel;
+    {
       const int64_t q0 = tile * rows, nrows = std::min(rows, nq - q0);
       const at::Tensor q_tile = query.narrow(0, q0, nrows);
       for (int64_t g0 = 0; g0 < ng; g0 += kBlockCols) {
