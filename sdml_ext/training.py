@@ -10,6 +10,7 @@ how the trainers' steps are interleaved in time and where they run.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -25,6 +26,7 @@ from .preprocess import PREPROCESS_MODES, Preprocessor
 DEFAULT_LRS = (1e-4, 2e-4)
 """Authors' learning rates: the first for modality 0, the last for every later modality."""
 
+_INIT_LOCK = threading.Lock()
 _EVAL_CHUNK = 2048  # rows per forward pass when scoring a split, to bound activation memory
 
 
@@ -183,7 +185,9 @@ class ModalityTrainer:
         self.lr = opts.lr_for(task.index)
         # Initial weights and shuffles come from this modality's own seed, drawn on the CPU, so
         # they do not depend on the strategy, the device or what other modalities did first.
-        with torch.random.fork_rng(devices=[]):
+        # nn.Linear draws from the global generator: the lock keeps trainers built in parallel
+        # threads (CUDA streams) from reseeding it under each other.
+        with _INIT_LOCK, torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             self.model = DSAE(**opts.model_options(task.input_dim))
         self.model.to(self.device)
