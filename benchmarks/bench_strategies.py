@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,7 @@ def one(args) -> None:
         "wall_s": report.wall_s,
         "peak_rss_mib": report.peak_rss_bytes / 2**20,
         "modalities": {r.name: r.time_s for r in report.modalities},
+        "cpu_s": sum(r.cpu_s for r in report.modalities),
         "plan": report.plan,
     }))
 
@@ -66,14 +66,11 @@ def main() -> None:
         order = strategies[r % len(strategies):] + strategies[: r % len(strategies)]
         for strategy in order:
             note = load_note()
-            before = resource.getrusage(resource.RUSAGE_CHILDREN)
             proc = subprocess.run([*base, "--one", strategy], capture_output=True, text=True, check=True)
-            after = resource.getrusage(resource.RUSAGE_CHILDREN)
             run = json.loads(proc.stdout.strip().splitlines()[-1])
-            # CPU seconds of the run's processes (workers included) over its wall time: the cores
-            # it actually got. Well under the core count means other work took the machine.
-            cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
-            run["cores_used"] = cpu / run["wall_s"]
+            # Training CPU seconds (workers included, start-up not) over the run's wall time: the
+            # cores it actually got. Well under the core count means other work took the machine.
+            run["cores_used"] = run["cpu_s"] / run["wall_s"]
             results[strategy].append(run)
             times = ", ".join(f"{k} {v:.1f}" for k, v in run["modalities"].items() if v is not None)
             print(f"round {r} {strategy:>8}: {run['wall_s']:6.1f} s, peak {run['peak_rss_mib']:6.0f} MiB, "

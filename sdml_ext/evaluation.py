@@ -108,12 +108,20 @@ def evaluate(encoded: EncodedSplit, k: int = 50, empty: str | None = None) -> Ev
     )
 
 
+def precision_scope(gallery_size: int) -> list[int]:
+    """Cut-offs K of the precision@K curve: the paper's 100, 200, ..., 1000, or for a gallery
+    smaller than 1000 ten even steps up to its size (K = 100 alone would leave a 400-item
+    gallery with 4 points, all past the 40 relevant items of a class)."""
+    if gallery_size >= 1000:
+        return list(range(100, 1001, 100))
+    return sorted({max(1, round(gallery_size * i / 10)) for i in range(1, 11)})
+
+
 def curves(encoded: EncodedSplit, empty: str | None = None) -> tuple[PairCurves, PairCurves]:
-    """(precision-recall curves, precision@K curves) for every ordered pair. K runs over
-    100, 200, ..., 1000 cut to the smallest gallery (at least the gallery size itself)."""
+    """(precision-recall curves, precision@K curves) for every ordered pair, K from
+    :func:`precision_scope` of the smallest gallery."""
     empty = empty or default_empty(encoded.multilabel)
-    smallest = min(c.shape[0] for c in encoded.codes)
-    ks = [k for k in range(100, 1001, 100) if k <= smallest] or [smallest]
+    ks = precision_scope(min(c.shape[0] for c in encoded.codes))
     pr = precision_recall_curves(encoded.codes, encoded.labels, names=encoded.names, empty=empty)
     pk = precision_at_k_curves(encoded.codes, encoded.labels, ks=ks, names=encoded.names, empty=empty)
     return pr, pk

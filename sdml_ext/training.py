@@ -9,7 +9,9 @@ how the trainers' steps are interleaved in time and where they run.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -25,6 +27,7 @@ from .preprocess import PREPROCESS_MODES, Preprocessor
 DEFAULT_LRS = (1e-4, 2e-4)
 """Authors' learning rates: the first for modality 0, the last for every later modality."""
 
+_INIT_LOCK = threading.Lock()
 _EVAL_CHUNK = 2048  # rows per forward pass when scoring a split, to bound activation memory
 
 
@@ -131,7 +134,14 @@ class EpochStats:
 class ModalityResult:
     """A trained modality. ``state`` maps DSAE parameter names (plus ``preprocess.*``) to float32
     numpy arrays of the kept epoch (lowest validation supervised loss, or the last epoch when
-    there is no labelled validation data: ``selection`` says which)."""
+    there is no labelled validation data: ``selection`` says which).
+
+    time_s: wall seconds spent training this modality (steps, validation); cpu_s: CPU seconds of
+    the training process meanwhile, all its threads (cpu_s / time_s = cores it got). Strategies
+    set them to None where another modality shares the same moments (see strategies).
+    state_bytes: see :meth:`ModalityTrainer.state_bytes`; peak_memory_bytes: the peak RSS of the
+    worker process (parallel CPU) or the device's peak allocation (CUDA, one modality at a time).
+    """
 
     name: str
     index: int
@@ -144,6 +154,7 @@ class ModalityResult:
     selection: str
     history: list[EpochStats]
     time_s: float | None
+    cpu_s: float | None
     state_bytes: int
     peak_memory_bytes: int | None = None
     device: str = "cpu"
@@ -183,7 +194,9 @@ class ModalityTrainer:
         self.lr = opts.lr_for(task.index)
         # Initial weights and shuffles come from this modality's own seed, drawn on the CPU, so
         # they do not depend on the strategy, the device or what other modalities did first.
-        with torch.random.fork_rng(devices=[]):
+        # nn.Linear draws from the global generator: the lock keeps trainers built in parallel
+        # threads (CUDA streams) from reseeding it under each other.
+        with _INIT_LOCK, torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             self.model = DSAE(**opts.model_options(task.input_dim))
         self.model.to(self.device)
@@ -204,7 +217,8 @@ class ModalityTrainer:
         self.best_loss = math.inf
         self.best_epoch = 0
         self.best_state: dict[str, Tensor] | None = None
-        self.busy_s = 0.0
+        self.busy_s = 0.0  # wall seconds in this trainer's steps and epoch ends
+        self.cpu_s = 0.0  # CPU seconds of this process (all its threads) meanwhile
         self._perm: Tensor | None = None
         self._sums: Tensor | None = None
 
@@ -214,48 +228,55 @@ class ModalityTrainer:
         rows = label_targets(torch.from_numpy(np.asarray(y)), c, torch.float32)
         return features.to(self.device).contiguous(), rows.to(self.device).contiguous()
 
+    @contextlib.contextmanager
+    def _clock(self):
+        """Adds the enclosed wall and process CPU time to busy_s and cpu_s."""
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.busy_s += time.perf_counter() - wall
+            self.cpu_s += time.process_time() - cpu
+
     def begin_epoch(self) -> None:
-        start = time.perf_counter()
-        self.model.train()
-        self._perm = torch.randperm(self.train_x.shape[0], generator=self.shuffle).to(self.device)
-        self._sums = torch.zeros(3, dtype=torch.float32, device=self.device)
-        self.busy_s += time.perf_counter() - start
+        with self._clock():
+            self.model.train()
+            self._perm = torch.randperm(self.train_x.shape[0], generator=self.shuffle).to(self.device)
+            self._sums = torch.zeros(3, dtype=torch.float32, device=self.device)
 
     def step(self, j: int) -> None:
         """One Adam step on batch j of the current epoch's permutation."""
-        start = time.perf_counter()
-        b = self.task.options.batch_size
-        idx = self._perm[j * b : (j + 1) * b]
-        x = self.train_x.index_select(0, idx)
-        h, x_hat = self.model(x)
-        out = self.loss(x_hat, x, h, self.train_y.index_select(0, idx))
-        self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        self.optimizer.step()
-        self._sums += torch.stack([out.loss.detach(), out.rec.detach(), out.sup.detach()]).float()
-        self.busy_s += time.perf_counter() - start
+        with self._clock():
+            b = self.task.options.batch_size
+            idx = self._perm[j * b : (j + 1) * b]
+            x = self.train_x.index_select(0, idx)
+            h, x_hat = self.model(x)
+            out = self.loss(x_hat, x, h, self.train_y.index_select(0, idx))
+            self.optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            self.optimizer.step()
+            self._sums += torch.stack([out.loss.detach(), out.rec.detach(), out.sup.detach()]).float()
 
     def end_epoch(self) -> EpochStats:
         """Scores the validation split and keeps the best state; returns the epoch's losses."""
-        start = time.perf_counter()
-        self.epoch += 1
-        train = (self._sums / self.steps_per_epoch).tolist()
-        if not all(math.isfinite(v) for v in train):
-            raise FloatingPointError(
-                f"modality {self.task.name!r}: the training loss became {train[0]} in epoch "
-                f"{self.epoch}; lower the learning rate ({self.lr}) or check the input features"
-            )
-        val = self.evaluate_split(self.val_x, self.val_y)
-        # Without labelled validation rows there is nothing to select on: keep the last epoch.
-        selectable = self.val_labelled > 0
-        best = (val[2] < self.best_loss) if selectable else True
-        if best:
-            self.best_loss = val[2] if selectable else math.inf
-            self.best_epoch = self.epoch
-            self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        stats = EpochStats(self.task.name, self.epoch, *train, *val, best)
-        self.history.append(stats)
-        self.busy_s += time.perf_counter() - start
+        with self._clock():
+            self.epoch += 1
+            train = (self._sums / self.steps_per_epoch).tolist()
+            if not all(math.isfinite(v) for v in train):
+                raise FloatingPointError(
+                    f"modality {self.task.name!r}: the training loss became {train[0]} in epoch "
+                    f"{self.epoch}; lower the learning rate ({self.lr}) or check the input features"
+                )
+            val = self.evaluate_split(self.val_x, self.val_y)
+            # Without labelled validation rows there is nothing to select on: keep the last epoch.
+            selectable = self.val_labelled > 0
+            best = (val[2] < self.best_loss) if selectable else True
+            if best:
+                self.best_loss = val[2] if selectable else math.inf
+                self.best_epoch = self.epoch
+                self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            stats = EpochStats(self.task.name, self.epoch, *train, *val, best)
+            self.history.append(stats)
         return stats
 
     @torch.no_grad()
@@ -322,6 +343,7 @@ class ModalityTrainer:
             selection="lowest validation supervised loss" if self.val_labelled else "last epoch (no labelled validation data)",
             history=list(self.history),
             time_s=self.busy_s,
+            cpu_s=self.cpu_s,
             state_bytes=self.state_bytes(),
             device=str(self.device),
         )

@@ -78,7 +78,8 @@ def test_train_add_modality_and_evaluate(tmp_path, config_file, capsys):
     code, stdout, _ = run_main(evaluate.main, [str(out), "--out", str(tmp_path / "eval")], capsys)
     assert code == 0 and "mAP@50" in stdout
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert metrics["modalities"] == ["m0", "m1", "m2"] and len(metrics["precision_at_k"]["m2->m0"]) == 1
+    assert metrics["modalities"] == ["m0", "m1", "m2"] and metrics["precision_at_k"]["k"] == [6, 12, 18, 24, 30, 36, 42, 48, 54, 60]
+    assert len(metrics["precision_at_k"]["m2->m0"]) == 10 and len(metrics["precision_recall"]["recall"]) == 11
     for png in ("precision_recall.png", "precision_at_k.png"):
         assert (tmp_path / "eval" / png).read_bytes()[:4] == b"\x89PNG"
 
@@ -141,3 +142,11 @@ def test_a_single_modality_trains_and_skips_the_table(tmp_path, config_file, cap
                                             "--epochs", "1", "--out", str(out)], capsys)
     assert code == 0 and "no cross-modal table yet" in stdout
     assert sdml_ext.load(out).modality_names == ["m1"]
+
+
+def test_precision_scope():
+    from sdml_ext.evaluation import precision_scope
+
+    assert precision_scope(23661) == list(range(100, 1001, 100))
+    assert precision_scope(400) == list(range(40, 401, 40))
+    assert precision_scope(5) == [1, 2, 3, 4, 5]

@@ -92,3 +92,23 @@ def test_fewer_samples_than_a_batch_is_a_clear_error():
 def test_bad_options(bad):
     with pytest.raises(ValueError):
         TrainOptions(**bad)
+
+
+def test_trainers_built_in_threads_get_their_own_initial_weights(data):
+    # The CUDA parallel strategy builds one trainer per thread; seeding must not interleave.
+    import threading
+
+    tasks = tasks_for(data, epochs=1) * 3
+    expected = [ModalityTrainer(t).model.state_dict() for t in tasks]
+    built = [None] * len(tasks)
+
+    def build(i):
+        built[i] = ModalityTrainer(tasks[i]).model.state_dict()
+
+    threads = [threading.Thread(target=build, args=(i,)) for i in range(len(tasks))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for a, b in zip(expected, built):
+        assert all(torch.equal(a[k], b[k]) for k in a)

@@ -44,7 +44,7 @@ def test_reports_time_and_memory(runs):
         assert report.strategy == strategy and report.wall_s > 0 and report.peak_rss_bytes > 0
         assert [r.name for r in report.modalities] == ["m0", "m1", "m2"]
         for r in report.modalities:
-            assert r.time_s > 0 and r.state_bytes > 0
+            assert r.time_s > 0 and r.cpu_s > 0 and r.state_bytes > 0
         assert "whole run" in report.table()
     parallel = runs["parallel"]
     assert parallel.plan["workers"] == 2 and parallel.plan["threads_per_worker_at_start"] == 1
