@@ -1,7 +1,7 @@
 // CPU kernels of the retrieval ops. Similarities are computed tile by tile with a GEMM
-// (at::mm_out into a per-thread buffer, never the full Nq x Ng matrix); query tiles run in
-// parallel, one thread per tile, so the GEMM inside runs single-threaded on its own tile and
-// threads never wait for each other (which matters on a shared, oversubscribed machine).
+// (at::mm_out into a per-thread buffer, never the full Nq x Ng matrix). The threads take query
+// tiles one at a time from a shared counter and run the GEMM of a tile single-threaded, so they
+// never wait for each other (which matters on a shared, oversubscribed machine).
 //
 // cosine_topk keeps a running top-k per query (a candidate buffer pruned with nth_element).
 // The ranking metrics need, per query, the exact rank of every relevant item. Instead of a
@@ -184,22 +184,20 @@ std::tuple<at::Tensor, at::Tensor> cosine_topk_cpu(const at::Tensor& query_in, c
     for_each_tile(tiles, setup, [&](Scratch& scratch, int64_t tile) {
       at::Tensor& buffer = scratch.buffer;
       std::vector<RunningTopK<scalar_t>>& best = scratch.best;
-      {
-        const int64_t q0 = tile * rows, nrows = std::min(rows, nq - q0);
-        const at::Tensor q_tile = query.narrow(0, q0, nrows);
-        for (int64_t i = 0; i < nrows; ++i) best[i].reset();
-        for (int64_t g0 = 0; g0 < ng; g0 += kBlockCols) {
-          const int64_t ncols = std::min(kBlockCols, ng - g0);
-          at::Tensor block = buffer.narrow(0, 0, nrows * ncols).view({nrows, ncols});
-          at::mm_out(block, q_tile, gallery.narrow(0, g0, ncols).t());
-          const scalar_t* s = block.const_data_ptr<scalar_t>();
-          for (int64_t i = 0; i < nrows; ++i)
-            best[i].offer_block(s + i * ncols, ncols, g0, exclude_self ? q0 + i : -1);
-        }
+      const int64_t q0 = tile * rows, nrows = std::min(rows, nq - q0);
+      const at::Tensor q_tile = query.narrow(0, q0, nrows);
+      for (int64_t i = 0; i < nrows; ++i) best[i].reset();
+      for (int64_t g0 = 0; g0 < ng; g0 += kBlockCols) {
+        const int64_t ncols = std::min(kBlockCols, ng - g0);
+        at::Tensor block = buffer.narrow(0, 0, nrows * ncols).view({nrows, ncols});
+        at::mm_out(block, q_tile, gallery.narrow(0, g0, ncols).t());
+        const scalar_t* s = block.const_data_ptr<scalar_t>();
         for (int64_t i = 0; i < nrows; ++i)
-          best[i].finish(scores.mutable_data_ptr<scalar_t>() + (q0 + i) * k,
-                         indices.mutable_data_ptr<int64_t>() + (q0 + i) * k);
+          best[i].offer_block(s + i * ncols, ncols, g0, exclude_self ? q0 + i : -1);
       }
+      for (int64_t i = 0; i < nrows; ++i)
+        best[i].finish(scores.mutable_data_ptr<scalar_t>() + (q0 + i) * k,
+                       indices.mutable_data_ptr<int64_t>() + (q0 + i) * k);
     });
   });
   return {scores, indices};
@@ -466,20 +464,18 @@ void for_each_query_ranks(const at::Tensor& query, const at::Tensor& gallery, co
     at::Tensor& buffer = scratch.buffer;
     RelevantRanker<T>& ranker = *scratch.ranker;
     std::vector<int64_t>& rel = scratch.rel;
-    {
-      const int64_t q0 = tile * rows, nrows = std::min(rows, nq - q0);
-      const at::Tensor q_tile = query.narrow(0, q0, nrows);
-      for (int64_t g0 = 0; g0 < ng; g0 += kBlockCols) {
-        const int64_t ncols = std::min(kBlockCols, ng - g0);
-        at::Tensor block = buffer.narrow(0, 0, nrows).narrow(1, g0, ncols);  // row stride ng
-        at::mm_out(block, q_tile, gallery.narrow(0, g0, ncols).t());
-      }
-      const T* s = buffer.const_data_ptr<T>();
-      for (int64_t i = 0; i < nrows; ++i) {
-        const int64_t qi = q0 + i, self = exclude_self ? qi : -1;
-        relevance.collect(qi, self, rel);
-        consume(qi, ranker.rank(s + i * ng, rel, self));
-      }
+    const int64_t q0 = tile * rows, nrows = std::min(rows, nq - q0);
+    const at::Tensor q_tile = query.narrow(0, q0, nrows);
+    for (int64_t g0 = 0; g0 < ng; g0 += kBlockCols) {
+      const int64_t ncols = std::min(kBlockCols, ng - g0);
+      at::Tensor block = buffer.narrow(0, 0, nrows).narrow(1, g0, ncols);  // row stride ng
+      at::mm_out(block, q_tile, gallery.narrow(0, g0, ncols).t());
+    }
+    const T* s = buffer.const_data_ptr<T>();
+    for (int64_t i = 0; i < nrows; ++i) {
+      const int64_t qi = q0 + i, self = exclude_self ? qi : -1;
+      relevance.collect(qi, self, rel);
+      consume(qi, ranker.rank(s + i * ng, rel, self));
     }
   });
 }

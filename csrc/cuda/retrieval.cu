@@ -1,0 +1,294 @@
+// CUDA kernels of the retrieval ops, launched on the current stream. A tile of query rows is
+// scored with one GEMM (at::mm) and each row is ordered with a stable descending sort (equal
+// scores keep ascending gallery index); under exclude_self the query's own item scores -inf,
+// so it sorts last and is left out. cosine_topk keeps the first k of each sorted row. The
+// ranking metrics come from one kernel, a thread block per query row: it scans the row's
+// relevance in rank order (a block-wide prefix sum gives the hit count h at each rank p) and
+// accumulates AP@k, P@K and the precision of every relevant item for the interpolated PR
+// curve, with the per-query math of sdml/retrieval_math.h shared with the CPU kernel.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sort.h>
+#include <ATen/ops/tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cub/block/block_reduce.cuh>
+#include <cub/block/block_scan.cuh>
+
+#include <limits>
+#include <vector>
+
+#include "sdml/checks.h"
+#include "sdml/retrieval.h"
+
+namespace sdml {
+namespace {
+
+using namespace retrieval;
+
+constexpr int kThreads = 512;
+// Scores (and sort buffers) of one tile: at most this many elements.
+constexpr int64_t kTileElements = int64_t{1} << 26;
+// Cut-offs of precision_at_k and recall levels of precision_recall_curve kept in shared memory.
+constexpr int64_t kMaxPoints = 1024;
+
+int64_t tile_rows(int64_t nq, int64_t ng) {
+  return std::max<int64_t>(1, std::min<int64_t>(nq, kTileElements / ng));
+}
+
+// Scores of queries [q0, q0 + rows) against the gallery, ordered best first per row.
+at::Tensor sorted_order(const at::Tensor& query, const at::Tensor& gallery, int64_t q0, int64_t rows,
+                        bool exclude_self, at::Tensor* sorted_scores) {
+  at::Tensor scores = at::mm(query.narrow(0, q0, rows), gallery.t());
+  if (exclude_self) {
+    // Element (i, q0 + i) of the tile: stride ng + 1 from element (0, q0).
+    scores.view({-1}).narrow(0, q0, (rows - 1) * (gallery.size(0) + 1) + 1)
+        .as_strided({rows}, {gallery.size(0) + 1})
+        .fill_(-std::numeric_limits<double>::infinity());
+  }
+  auto [values, order] = at::sort(scores, /*stable=*/true, /*dim=*/1, /*descending=*/true);
+  if (sorted_scores) *sorted_scores = values;
+  return order;
+}
+
+std::tuple<at::Tensor, at::Tensor> cosine_topk_cuda(const at::Tensor& query_in, const at::Tensor& gallery_in,
+                                                    int64_t k, bool exclude_self) {
+  constexpr const char* op = "cosine_topk";
+  const c10::cuda::CUDAGuard guard(query_in.device());
+  auto [query, gallery] = normalized_embeddings(op, query_in, gallery_in, exclude_self);
+  const int64_t nq = query.size(0), ng = gallery.size(0), ranked = ranked_items(ng, exclude_self);
+  SDML_CHECK_VALUE(k > 0, op, ": k must be positive, got ", k);
+  SDML_CHECK_VALUE(k <= ranked, op, ": k = ", k, " exceeds the ", ranked, " gallery items each query ranks",
+                   exclude_self ? " (exclude_self leaves out the query itself)" : "");
+  at::Tensor scores = at::empty({nq, k}, query.options());
+  at::Tensor indices = at::empty({nq, k}, query.options().dtype(at::kLong));
+  const int64_t rows = tile_rows(nq, ng);
+  for (int64_t q0 = 0; q0 < nq; q0 += rows) {
+    const int64_t n = std::min(rows, nq - q0);
+    at::Tensor values;
+    const at::Tensor order = sorted_order(query, gallery, q0, n, exclude_self, &values);
+    scores.narrow(0, q0, n).copy_(values.narrow(1, 0, k));
+    indices.narrow(0, q0, n).copy_(order.narrow(1, 0, k));
+  }
+  return {scores, indices};
+}
+
+// ---- relevance on the device ---------------------------------------------------------------
+
+struct ClassIds {
+  const int64_t* query;
+  const int64_t* gallery;
+  __device__ bool operator()(int64_t qi, int64_t gi) const {
+    const int64_t c = query[qi];
+    return c >= 0 && gallery[gi] == c;
+  }
+};
+
+struct LabelBits {
+  const int64_t* query;
+  const int64_t* gallery;
+  int64_t words;
+  __device__ bool operator()(int64_t qi, int64_t gi) const {
+    int64_t any = 0;
+    for (int64_t w = 0; w < words; ++w) any |= query[qi * words + w] & gallery[gi * words + w];
+    return any != 0;
+  }
+};
+
+// What the metrics kernel computes; a null output is skipped.
+struct MetricArgs {
+  int64_t q0, ng, ranked, cutoff;  // cutoff: k of AP@k
+  bool exclude_self;
+  Divisor divisor;
+  Empty empty;
+  const int64_t* ks;
+  int64_t n_ks;
+  const double* levels;
+  int64_t n_levels;
+  double* ap;         // [Nq]
+  double* patk;       // [Nq, n_ks]
+  double* pr;         // [Nq, n_levels]
+  double* precision;  // [rows, ranked] scratch for pr: precision of the h-th relevant item
+};
+
+template <typename Relevance>
+__global__ void __launch_bounds__(kThreads)
+    ranking_metrics_kernel(const int64_t* __restrict__ order, Relevance relevance, MetricArgs a) {
+  using Scan = cub::BlockScan<int64_t, kThreads>;
+  using Sum = cub::BlockReduce<double, kThreads>;
+  __shared__ typename Scan::TempStorage scan_storage;
+  __shared__ typename Sum::TempStorage sum_storage;
+  __shared__ int64_t chunk_hits, hits_at[kMaxPoints];
+  __shared__ double best;
+  const int64_t row = blockIdx.x, qi = a.q0 + row, self = a.exclude_self ? qi : -1;
+  const int64_t* ranked_order = order + row * a.ng;
+  double* precision = a.precision ? a.precision + row * a.ranked : nullptr;
+  for (int64_t j = threadIdx.x; j < a.n_ks; j += blockDim.x) hits_at[j] = -1;
+  __syncthreads();
+
+  int64_t before = 0;  // relevant items at ranks before this chunk
+  double ap_part = 0;
+  int64_t within_part = 0;
+  for (int64_t start = 0; start < a.ranked; start += kThreads) {
+    const int64_t j = start + threadIdx.x, p = j + 1;  // the item at rank p (self sorts last)
+    int64_t rel = 0;
+    if (j < a.ranked) {
+      const int64_t gi = ranked_order[j];
+      rel = gi != self && relevance(qi, gi);
+    }
+    int64_t h, total;
+    Scan(scan_storage).InclusiveSum(rel, h, total);
+    h += before;
+    if (rel) {
+      const double prec = precision_term(h, p);
+      if (p <= a.cutoff) {
+        ap_part += prec;
+        ++within_part;
+      }
+      if (precision) precision[h - 1] = prec;
+    }
+    if (j < a.ranked) {
+      for (int64_t m = 0; m < a.n_ks; ++m)
+        if (a.ks[m] == p) hits_at[m] = h;
+    }
+    before += total;
+    __syncthreads();  // scan_storage is reused by the next chunk
+  }
+  const int64_t R = before;
+  const double ap_sum = Sum(sum_storage).Sum(ap_part);
+  __syncthreads();
+  const int64_t r = Sum(sum_storage).Sum(double(within_part)) + 0.5;
+  __syncthreads();
+  if (threadIdx.x == 0 && a.ap) a.ap[qi] = average_precision_from(ap_sum, r, R, a.divisor, a.empty);
+  for (int64_t m = threadIdx.x; m < a.n_ks && a.patk; m += blockDim.x) {
+    const int64_t hits = hits_at[m] >= 0 ? hits_at[m] : R;  // K beyond the ranking: every hit
+    a.patk[qi * a.n_ks + m] = R == 0 ? empty_value(a.empty) : precision_at(hits, a.ks[m], a.ranked);
+  }
+  if (!a.pr) return;
+  for (int64_t m = 0; m < a.n_levels; ++m) {
+    if (R == 0) {
+      if (threadIdx.x == 0) a.pr[qi * a.n_levels + m] = empty_value(a.empty);
+      continue;
+    }
+    // The first h reaching the level (h = R always does), as in the CPU kernel.
+    int64_t h0 = static_cast<int64_t>(ceil(a.levels[m] * R));
+    h0 = h0 < 1 ? 1 : (h0 > R ? R : h0);
+    while (h0 > 1 && reaches_recall(h0 - 1, R, a.levels[m])) --h0;
+    while (!reaches_recall(h0, R, a.levels[m])) ++h0;
+    double part = 0;
+    for (int64_t h = h0 + threadIdx.x; h <= R; h += blockDim.x) part = fmax(part, precision[h - 1]);
+    const double top = cub::BlockReduce<double, kThreads>(sum_storage).Reduce(part, ::cuda::maximum<>{});
+    if (threadIdx.x == 0) best = top;
+    __syncthreads();
+    if (threadIdx.x == 0) a.pr[qi * a.n_levels + m] = best;
+    __syncthreads();
+  }
+}
+
+// The common path of the metric ops: checks, tiles, sort, kernel.
+void ranking_metrics_cuda(const char* op, const at::Tensor& query_in, const at::Tensor& gallery_in,
+                          const at::Tensor& query_labels, const at::Tensor& gallery_labels, bool exclude_self,
+                          MetricArgs args, const std::vector<int64_t>& ks, const std::vector<double>& levels) {
+  const c10::cuda::CUDAGuard guard(query_in.device());
+  auto [query, gallery] = normalized_embeddings(op, query_in, gallery_in, exclude_self);
+  const RetrievalLabels labels = prepare_labels(op, query_labels, gallery_labels, query, gallery);
+  SDML_CHECK_VALUE(int64_t(ks.size()) <= kMaxPoints && int64_t(levels.size()) <= kMaxPoints, op,
+                   ": on CUDA at most ", kMaxPoints, " cut-offs or recall levels");
+  const int64_t nq = query.size(0), ng = gallery.size(0);
+  const auto device = query.options();
+  const at::Tensor ks_dev = at::tensor(ks, at::kLong).to(query.device());
+  const at::Tensor levels_dev = at::tensor(levels, at::kDouble).to(query.device());
+  args.ng = ng;
+  args.ranked = ranked_items(ng, exclude_self);
+  args.exclude_self = exclude_self;
+  args.ks = ks.empty() ? nullptr : ks_dev.const_data_ptr<int64_t>();
+  args.n_ks = ks.size();
+  args.levels = levels.empty() ? nullptr : levels_dev.const_data_ptr<double>();
+  args.n_levels = levels.size();
+  const int64_t rows = tile_rows(nq, ng);
+  at::Tensor precision;
+  if (args.pr) precision = at::empty({rows, args.ranked}, device.dtype(at::kDouble));
+  args.precision = args.pr ? precision.mutable_data_ptr<double>() : nullptr;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  for (int64_t q0 = 0; q0 < nq; q0 += rows) {
+    const int64_t n = std::min(rows, nq - q0);
+    const at::Tensor order = sorted_order(query, gallery, q0, n, exclude_self, nullptr);
+    args.q0 = q0;
+    if (labels.multi_hot) {
+      const LabelBits rel{labels.query.const_data_ptr<int64_t>(), labels.gallery.const_data_ptr<int64_t>(),
+                          labels.words()};
+      ranking_metrics_kernel<<<n, kThreads, 0, stream>>>(order.const_data_ptr<int64_t>(), rel, args);
+    } else {
+      const ClassIds rel{labels.query.const_data_ptr<int64_t>(), labels.gallery.const_data_ptr<int64_t>()};
+      ranking_metrics_kernel<<<n, kThreads, 0, stream>>>(order.const_data_ptr<int64_t>(), rel, args);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+MetricArgs no_outputs() {
+  MetricArgs a{};
+  a.divisor = Divisor::Retrieved;
+  a.empty = Empty::Zero;
+  return a;
+}
+
+at::Tensor average_precision_cuda(const at::Tensor& query, const at::Tensor& gallery, const at::Tensor& query_labels,
+                                  const at::Tensor& gallery_labels, std::optional<int64_t> k,
+                                  c10::string_view divisor, c10::string_view empty, bool exclude_self) {
+  constexpr const char* op = "average_precision";
+  MetricArgs a = no_outputs();
+  a.divisor = parse_divisor(op, divisor);
+  a.empty = parse_empty(op, empty);
+  a.cutoff = resolve_k(op, k, ranked_items(gallery.size(0), exclude_self));
+  at::Tensor ap = at::empty({query.size(0)}, query.options().dtype(at::kDouble));
+  a.ap = ap.mutable_data_ptr<double>();
+  ranking_metrics_cuda(op, query, gallery, query_labels, gallery_labels, exclude_self, a, {}, {});
+  return ap;
+}
+
+at::Tensor precision_at_k_cuda(const at::Tensor& query, const at::Tensor& gallery, const at::Tensor& query_labels,
+                               const at::Tensor& gallery_labels, at::IntArrayRef ks, c10::string_view empty,
+                               bool exclude_self) {
+  constexpr const char* op = "precision_at_k";
+  check_cutoffs(op, ks);
+  MetricArgs a = no_outputs();
+  a.empty = parse_empty(op, empty);
+  at::Tensor prec = at::empty({query.size(0), int64_t(ks.size())}, query.options().dtype(at::kDouble));
+  a.patk = prec.mutable_data_ptr<double>();
+  ranking_metrics_cuda(op, query, gallery, query_labels, gallery_labels, exclude_self, a,
+                       std::vector<int64_t>(ks.begin(), ks.end()), {});
+  return prec;
+}
+
+at::Tensor precision_recall_curve_cuda(const at::Tensor& query, const at::Tensor& gallery,
+                                       const at::Tensor& query_labels, const at::Tensor& gallery_labels,
+                                       at::ArrayRef<double> recall_levels, c10::string_view empty,
+                                       bool exclude_self) {
+  constexpr const char* op = "precision_recall_curve";
+  check_recall_levels(op, recall_levels);
+  MetricArgs a = no_outputs();
+  a.empty = parse_empty(op, empty);
+  at::Tensor prec = at::empty({query.size(0), int64_t(recall_levels.size())}, query.options().dtype(at::kDouble));
+  a.pr = prec.mutable_data_ptr<double>();
+  ranking_metrics_cuda(op, query, gallery, query_labels, gallery_labels, exclude_self, a, {},
+                       std::vector<double>(recall_levels.begin(), recall_levels.end()));
+  return prec;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sdml, CUDA, m) {
+  m.impl("cosine_topk", &cosine_topk_cuda);
+  m.impl("average_precision", &average_precision_cuda);
+  m.impl("precision_at_k", &precision_at_k_cuda);
+  m.impl("precision_recall_curve", &precision_recall_curve_cuda);
+}
+
+}  // namespace sdml
