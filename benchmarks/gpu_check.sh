@@ -37,7 +37,11 @@ echo "== CUDA benchmarks"
 bench_rc=$?
 grep -E "^test_|passed|failed|Error" "$out/bench.log" | tail -40
 
+echo "== retrieval at full size"
+"$py" -P benchmarks/gpu_check_retrieval.py --out "$out" 2>&1 | tee "$out/retrieval.log" | tail -30
+retrieval_rc=${PIPESTATUS[0]}
+
 echo "== report"
 "$py" -P benchmarks/report.py "$out/bench.json" || true
-echo "GPU CHECK: tests rc=$tests_rc, benchmarks rc=$bench_rc"
-exit $(( tests_rc != 0 || bench_rc != 0 ))
+echo "GPU CHECK: tests rc=$tests_rc, benchmarks rc=$bench_rc, retrieval rc=$retrieval_rc"
+exit $(( tests_rc != 0 || bench_rc != 0 || retrieval_rc != 0 ))

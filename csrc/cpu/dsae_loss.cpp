@@ -12,6 +12,7 @@
 #include <cmath>
 #include <vector>
 
+#include "sdml/cpu_blas.h"
 #include "sdml/dsae_loss.h"
 #include "sdml/dsae_loss_math.h"
 #include "sdml/host_buffers.h"
@@ -96,6 +97,7 @@ DsaeForward dsae_loss_cpu(const at::Tensor& x_hat_in, const at::Tensor& x_in, co
     const int64_t sxh = x_hat.stride(0), sx = x.stride(0), sy = y.stride(0);
     A *rr = row_rec.mutable_data_ptr<A>(), *rs = row_sup.mutable_data_ptr<A>();
     at::parallel_for(0, B, grain_rows(D + d * c), [&](int64_t begin, int64_t end) {
+      const SingleThreadedBlas one_thread;
       at::Tensor tile = at::empty({std::min(kTileRows, end - begin), c}, h.options());
       for (int64_t row0 = begin; row0 < end; row0 += kTileRows) {
         const int64_t n = std::min(kTileRows, end - row0);
@@ -168,6 +170,7 @@ DsaeBackward dsae_loss_backward_cpu(
         }
       }
       if (!need_code_grad) return;
+      const SingleThreadedBlas one_thread;
       // grad_h rows = (beta_j / s_j) e_j P^T: scale the residual rows, then one GEMM per tile.
       at::Tensor tile = at::empty({std::min(kTileRows, end - begin), c}, h.options());
       for (int64_t row0 = begin; row0 < end; row0 += kTileRows) {

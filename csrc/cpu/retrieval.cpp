@@ -25,31 +25,13 @@
 #include <vector>
 
 #include "sdml/checks.h"
+#include "sdml/cpu_blas.h"
 #include "sdml/retrieval.h"
-
-// MKL (linked into torch's CPU library when torch uses it) may start its own threads for a
-// GEMM called inside at::parallel_for, oversubscribing the cores; declared weak so that builds
-// against a torch without MKL link too.
-extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 
 namespace sdml {
 namespace {
 
 using namespace retrieval;
-
-// BLAS calls on this thread run single-threaded while it lives (a no-op without MKL).
-class SingleThreadedBlas {
- public:
-  SingleThreadedBlas() : previous_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {}
-  ~SingleThreadedBlas() {
-    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous_);
-  }
-  SingleThreadedBlas(const SingleThreadedBlas&) = delete;
-  SingleThreadedBlas& operator=(const SingleThreadedBlas&) = delete;
-
- private:
-  int previous_;
-};
 
 // Query rows per tile: enough rows for GEMM efficiency, fewer when that would leave a thread
 // without kTilesPerThread tiles to balance (threads take tiles dynamically), and a score buffer
