@@ -93,7 +93,7 @@ def test_all_rows_unlabelled(device):
     x_hat, x, h, P, y = make_inputs(6, 11, 8, 3, torch.float64, device, unlabelled=range(6))
     h.requires_grad_()
     out = dsae_loss(x_hat, x, h, P, y)
-    assert int(out.n_labelled) == 0 and float(out.sup) == 0.0 and (out.row_sup == 0).all()
+    assert int(out.n_labelled) == 0 and float(out.sup.detach()) == 0.0 and (out.row_sup == 0).all()
     out.loss.backward()
     assert (h.grad == 0).all()
     check_against_reference([x_hat, x, h.detach(), P, y], 0.5, REL_TOL[torch.float64])
