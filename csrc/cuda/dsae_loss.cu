@@ -43,7 +43,8 @@ __device__ bool block_row_labelled(const T* y, int64_t c) {
   return __syncthreads_or(any);
 }
 
-// e = P^T h - y for one row (Pt = P^T, [c, d] row-major): a warp per column, lanes over k.
+// e = P^T h - y for one row (Pt = P^T, [c, d] row-major, copied per call so that a column of P
+// is contiguous): a warp per column, lanes over k.
 // h is staged in shared h_s; e goes to shared e_s when given. Returns this thread's part of
 // ||e||^2 (non-zero on lane 0 of each warp).
 template <typename T, typename A>
@@ -55,7 +56,7 @@ __device__ A block_project_residual(const T* Pt, const T* h, const T* y, int64_t
   for (int64_t col = threadIdx.x >> 5; col < c; col += kWarps) {
     const T* Pt_c = Pt + col * d;
     A dot = 0;
-    for (int64_t k = lane; k < d; k += 32) dot += project_term(Pt_c[k], h_s[k]);
+    for (int64_t k = lane; k < d; k += 32) dot += static_cast<A>(Pt_c[k]) * h_s[k];
     for (int off = 16; off > 0; off >>= 1) dot += __shfl_down_sync(0xffffffffu, dot, off);
     if (lane == 0) {
       const A e = dot - static_cast<A>(y[col]);
@@ -155,7 +156,7 @@ __global__ void __launch_bounds__(kThreads) dsae_backward_kernel(
   const A coef = beta * inv_norm_or_zero(row_sup[j]);
   for (int64_t k = threadIdx.x; k < d; k += blockDim.x) {
     A acc = 0;
-    for (int64_t col = 0; col < c; ++col) acc += project_term(Pt[col * d + k], e_s[col]);
+    for (int64_t col = 0; col < c; ++col) acc += static_cast<A>(Pt[col * d + k]) * e_s[col];
     out[k] = static_cast<T>(coef * acc);
   }
 }

@@ -11,6 +11,8 @@
 //   d/dx_hat_j = alpha_j * (x_hat_j - x_j) / r_j,    alpha_j = (lam g_loss + g_rec) / B + g_row_rec[j]
 //   d/dh_j     = beta_j  * P e_j / s_j,              beta_j  = ((1-lam) g_loss + g_sup) / L + g_row_sup[j]
 // with 1/r := 0 at r = 0 (the subgradient of a norm at its kink: no NaN for a perfect row).
+// P^T h_j itself is a plain product: the CPU kernel forms it by a GEMM per tile of rows, the CUDA
+// kernel by a warp per column of P; both keep it out of memory.
 #include <cstdint>
 #include "sdml/macros.h"
 
@@ -37,12 +39,6 @@ template <typename A> SDML_HD A rec_weight(A g_loss, A g_rec, A lam, int64_t bat
 // The batch-level weight of every labelled row's projection term; 0 when no row is labelled.
 template <typename A> SDML_HD A sup_weight(A g_loss, A g_sup, A lam, int64_t n_labelled) {
   return n_labelled > 0 ? ((A(1) - lam) * g_loss + g_sup) / A(n_labelled) : A(0);
-}
-
-// P^T h_j is formed from Pt = P^T stored [c, d] row-major (a small copy made per call), so
-// that column col of P is contiguous: CPU SIMD lanes and GPU warp lanes both run over k.
-template <typename A, typename T> SDML_HD A project_term(T pt_ck, A h_k) {
-  return static_cast<A>(pt_ck) * h_k;
 }
 
 // The three reported terms from the row sums.
