@@ -98,9 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.into is not None:
         return _add_modalities(args, file_settings, flags)
     config = resolve_config(file_settings, flags)
+    # Refuse an existing output before any work is done.
+    out = check_new_bundle_path(config.out or _default_out(config.dataset))
     dataset = _load(config)
     names = config.modalities or dataset.modality_names
-    out = check_new_bundle_path(config.out or _default_out(config.dataset))
     P = make_projection(config.code_dim, dataset.num_classes, config.seed)
     config.out = str(out)
     report = _train(config, dataset, names, P, first_index=0)
