@@ -34,8 +34,7 @@ def one(args) -> None:
     names = args.modalities.split(",") if args.modalities else ds.modality_names
     opts = TrainOptions(epochs=args.epochs)
     P = make_projection(opts.code_dim, ds.num_classes, opts.seed)
-    splits = [(ds[n].train.features, ds[n].train.labels, ds[n].val.features, ds[n].val.labels) for n in names]
-    report = train_tasks(make_tasks(names, splits, P, opts), args.one)
+    report = train_tasks(make_tasks([ds[n] for n in names], P, opts), args.one)
     print(json.dumps({
         "wall_s": report.wall_s,
         "peak_rss_mib": report.peak_rss_bytes / 2**20,

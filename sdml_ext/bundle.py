@@ -36,18 +36,15 @@ from safetensors.numpy import save_file
 from safetensors.torch import load_file
 from torch import Tensor
 
+from .errors import BundleError
 from .model import DSAE, tensor_checksum
 from .preprocess import Preprocessor
-from .training import ModalityResult
+from .records import ModalityResult
 
 FORMAT = "sdml-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PROJECTION_FILE = "projection.safetensors"
-
-
-class BundleError(ValueError):
-    """A bundle path that is missing, not a bundle, corrupt, or cannot be written."""
 
 
 def versions() -> dict:

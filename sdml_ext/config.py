@@ -23,67 +23,67 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .model import DEFAULT_CODE_DIM, DEFAULT_HIDDEN
 from .strategies import STRATEGIES
-from .training import DEFAULT_LRS, TrainOptions
-
-DEMO_EPOCHS = 40
-"""Default epochs: a demo that finishes in a few minutes on 2 CPU cores (the authors use 200)."""
+from .training import TrainOptions
 
 
-@dataclass
-class RunConfig:
-    """Every setting of a training run (see ``python -m sdml_ext.train --help``)."""
+@dataclass(frozen=True)
+class RunConfig(TrainOptions):
+    """Every setting of a training run (see ``python -m sdml_ext.train --help``): the training
+    hyper-parameters it inherits from :class:`~sdml_ext.training.TrainOptions` (one name and one
+    default each) and what the run reads, where it trains and where it writes.
+
+    Sequences are stored as tuples. Use ``dataclasses.replace`` to change a setting.
+    """
 
     dataset: str = "mfeat"
     data: str | None = None
     dataset_options: dict = field(default_factory=dict)
-    modalities: list[str] | None = None
+    modalities: tuple[str, ...] | None = None
     strategy: str = "parallel"
-    epochs: int = DEMO_EPOCHS
-    batch_size: int = 100
-    lam: float = 0.5
-    lr: list[float] = field(default_factory=lambda: list(DEFAULT_LRS))
-    betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
-    seed: int = 0
-    code_dim: int = DEFAULT_CODE_DIM
-    hidden: list[int] = field(default_factory=lambda: list(DEFAULT_HIDDEN))
-    normalize_code: bool = True
-    normalize_output: bool = True
-    preprocess: str = "standardize"
-    devices: list[str] = field(default_factory=lambda: ["auto"])
+    devices: tuple[str, ...] = ("auto",)
     out: str | None = None
 
     def __post_init__(self):
+        for name in ("modalities", "devices"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, tuple(getattr(self, name)))  # frozen: normalise once
+        super().__post_init__()
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r}; valid: {', '.join(STRATEGIES)}")
-        if self.code_dim < 1:
-            raise ValueError(f"code_dim must be >= 1, got {self.code_dim}")
-        self.train_options()  # validates the hyper-parameters
+        _check_devices(self.devices)
 
     def train_options(self) -> TrainOptions:
-        return TrainOptions(
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            lam=self.lam,
-            lrs=tuple(self.lr),
-            betas=tuple(self.betas),
-            seed=self.seed,
-            code_dim=self.code_dim,
-            hidden=tuple(self.hidden),
-            normalize_code=self.normalize_code,
-            normalize_output=self.normalize_output,
-            preprocess=self.preprocess,
-        )
+        """The training hyper-parameters alone (what each modality's task carries)."""
+        return TrainOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TrainOptions)})
 
     def resolved_devices(self) -> list[str]:
         """``devices`` with "auto" replaced: the first CUDA device if there is one, else cpu."""
-        if self.devices == ["auto"]:
+        if self.devices == ("auto",):
             return ["cuda:0"] if torch.cuda.is_available() else ["cpu"]
         return list(self.devices)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _check_devices(devices: tuple[str, ...]) -> None:
+    """devices: ("auto",), ("cpu",) or one or more distinct CUDA devices ("cuda", "cuda:N")."""
+    if devices == ("auto",):
+        return
+    if not devices:
+        raise ValueError("devices is empty; use cpu, auto or CUDA devices such as cuda:0")
+    parsed = []
+    for d in devices:
+        try:
+            parsed.append(torch.device(d))
+        except (RuntimeError, TypeError):
+            raise ValueError(f"devices: {d!r} is not a device; use cpu, auto, cuda or cuda:N") from None
+    kinds = {d.type for d in parsed}
+    if not kinds <= {"cpu", "cuda"} or len(kinds) > 1 or (kinds == {"cpu"} and len(parsed) > 1):
+        raise ValueError(f"devices must be cpu, auto, or one or more CUDA devices (cuda:N), got {list(devices)}")
+    if len(set(parsed)) < len(parsed):
+        raise ValueError(f"devices lists a device twice: {list(devices)}")
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
@@ -98,18 +98,20 @@ def _is(value, kind: str) -> bool:
 
 
 def _check_type(name: str, value, source: str):
-    """Value of setting `name` checked against RunConfig's annotation (ints pass as floats)."""
+    """Value of setting `name` checked against RunConfig's annotation (ints pass as floats;
+    a sequence setting takes a list, stored as the annotated list or tuple)."""
     kind = _FIELDS[name].type
     if value is None and kind.endswith("| None"):
         return value
     base = kind.removesuffix(" | None")
-    if base.startswith("list["):
-        item = base[5:-1]
-        if isinstance(value, list) and all(_is(v, item) for v in value):
-            return [float(v) for v in value] if item == "float" else list(value)
+    if base.startswith(("list[", "tuple[")):
+        item = base[base.index("[") + 1 : -1].split(",")[0].strip()
+        if isinstance(value, (list, tuple)) and all(_is(v, item) for v in value):
+            items = [float(v) for v in value] if item == "float" else list(value)
+            return tuple(items) if base.startswith("tuple[") else items
     elif _is(value, base):
         return float(value) if base == "float" else value
-    raise ValueError(f"{source}: setting {name!r} must be {kind}, got {value!r}")
+    raise ValueError(f"{source}: setting {name!r} must be {kind.replace('tuple[', 'list[').replace(', ...', '')}, got {value!r}")
 
 
 def load_config_file(path: str | os.PathLike) -> dict:
@@ -121,8 +123,8 @@ def load_config_file(path: str | os.PathLike) -> dict:
         raise ValueError(f"config file not found: {path}") from None
     except OSError as exc:
         raise ValueError(f"cannot read config file {path}: {exc.strerror or exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"config file {path} is not valid TOML: {exc}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:  # a binary file fails to decode
+        raise ValueError(f"config file {path} is not valid TOML (UTF-8 text): {exc}") from None
     unknown = sorted(set(raw) - set(_FIELDS))
     if unknown:
         raise ValueError(f"config file {path}: unknown settings {unknown}; valid: {', '.join(_FIELDS)}")

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 
-from .training import EpochStats
+from .records import EpochStats
 
 
 class EpochBars:

@@ -12,8 +12,9 @@ memory only; every modality is trained by its own :class:`~sdml_ext.training.Mod
     CUDA: one thread and stream per modality; with several devices the modalities are spread
     over them, each to the least-loaded device by cost.
 
-A failing modality stops the whole run: the other workers are ended and a :class:`WorkerError`
-names the modality and the error.
+A failing modality stops the whole run: the other workers are ended and a
+:class:`~sdml_ext.errors.ModalityError` (bad data or settings, divergence) or a
+:class:`~sdml_ext.errors.WorkerCrash` (a bug, a dead worker) names the modality and the error.
 """
 
 from __future__ import annotations
@@ -32,15 +33,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .training import EpochStats, ModalityResult, ModalityTask, ModalityTrainer
+from .errors import ModalityError, WorkerCrash, WorkerError  # noqa: F401 (WorkerError: both kinds)
+from .records import EpochStats, ModalityResult
+from .training import ModalityTask, ModalityTrainer
 
 STRATEGIES = ("joint", "serial", "parallel")
 
 OnEpoch = Callable[[EpochStats], None]
-
-
-class WorkerError(RuntimeError):
-    """A modality failed while training (in a worker process or thread, or in-process)."""
 
 
 @dataclass
@@ -187,11 +186,11 @@ def _reset_cuda_peaks(devices: Sequence[str]) -> None:
 
 @contextlib.contextmanager
 def _blame(task: ModalityTask):
-    """Report bad input or divergence of one modality as a WorkerError that names it."""
+    """Report bad input or divergence of one modality as a ModalityError that names it."""
     try:
         yield
     except (ValueError, FloatingPointError) as exc:
-        raise WorkerError(f"modality {task.name!r} failed: {type(exc).__name__}: {exc}") from exc
+        raise ModalityError(f"modality {task.name!r} failed: {type(exc).__name__}: {exc}") from exc
 
 
 def _serial(tasks, device, on_epoch):
@@ -235,8 +234,9 @@ def _joint(tasks, device, on_epoch):
 
 
 def _collect(events: queue.Queue, tasks, on_epoch, check_alive: Callable[[], None]) -> list[ModalityResult]:
-    """Receive ("epoch", stats) / ("done", result) / ("error", index, message) events until
-    every task has a result; raise WorkerError on the first error."""
+    """Receive ("epoch", stats) / ("done", result) / ("error", index, (user, message, detail))
+    events until every task has a result; raise ModalityError (user) or WorkerCrash on the
+    first error."""
     by_index = {t.index: t for t in tasks}
     results: dict[int, ModalityResult] = {}
     while len(results) < len(tasks):
@@ -250,16 +250,18 @@ def _collect(events: queue.Queue, tasks, on_epoch, check_alive: Callable[[], Non
         elif event[0] == "done":
             results[event[1].index] = event[1]
         else:
-            _, index, message = event
-            raise WorkerError(f"modality {by_index[index].name!r} failed: {message}")
+            _, index, (user, message, detail) = event
+            message = f"modality {by_index[index].name!r} failed: {message}"
+            raise ModalityError(message) if user else WorkerCrash(message, detail)
     return [results[t.index] for t in tasks]
 
 
-def _describe(exc: BaseException) -> str:
-    """One-line message for user-facing errors; the traceback for anything unexpected."""
-    if isinstance(exc, (ValueError, FloatingPointError, MemoryError)):
-        return f"{type(exc).__name__}: {exc}"
-    return "".join(traceback.format_exception(exc)).rstrip()
+def _describe(exc: BaseException) -> tuple[bool, str, str]:
+    """(user-caused?, one-line message, traceback) of a worker's exception: bad input and
+    divergence are the user's to fix; anything else (out of memory included) is a crash."""
+    user = isinstance(exc, (ValueError, FloatingPointError))
+    detail = "" if user else "".join(traceback.format_exception(exc)).rstrip()
+    return user, f"{type(exc).__name__}: {exc}", detail
 
 
 def _thread_share(cores: int, active) -> int:
@@ -325,14 +327,14 @@ def _parallel_cpu(tasks, on_epoch, cores):
     def check_alive():
         for w in workers:
             if w.exitcode not in (None, 0):
-                raise WorkerError(
+                raise WorkerCrash(
                     f"training worker {w.name} died with exit code {w.exitcode} (killed, e.g. out of memory?)"
                 )
         if all(w.exitcode == 0 for w in workers):
             # A worker's last events are in the pipe before it exits: one more empty wait after
             # seeing all of them gone means those events were read and some result never came.
             if all_exited_seen:
-                raise WorkerError("the training workers exited before every modality was trained")
+                raise WorkerCrash("the training workers exited before every modality was trained")
             all_exited_seen.append(True)
 
     ok = False

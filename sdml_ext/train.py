@@ -7,20 +7,21 @@ number of epochs; the bundle goes to runs/<dataset>-<time>. See ``--help``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import sys
 from pathlib import Path
 
 from . import cli
 from .bundle import Bundle, add_to_bundle, check_new_bundle_path, load, save_bundle, set_metrics
-from .config import DEMO_EPOCHS, RunConfig, load_config_file, resolve_config
+from .config import RunConfig, load_config_file, resolve_config
 from .data import DATASET_NAMES, Dataset, load_dataset
 from .evaluation import encode_split, evaluate
 from .model import make_projection
 from .preprocess import PREPROCESS_MODES
 from .progress import EpochBars
 from .strategies import STRATEGIES, RunReport, train_tasks
-from .training import make_tasks
+from .training import DEFAULT_EPOCHS, PAPER_EPOCHS, make_tasks
 
 
 def _csv(kind):
@@ -64,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = p.add_argument_group("training")
     train.add_argument("--strategy", choices=STRATEGIES,
                        help="joint (SDML-1), serial (SDML-2) or parallel (SDML-3, default): same models, different time/memory")
-    train.add_argument("--epochs", type=int, metavar="N", help=f"epochs per modality (default: {DEMO_EPOCHS}; the paper: 200)")
+    train.add_argument("--epochs", type=int, metavar="N", help=f"epochs per modality (default: {DEFAULT_EPOCHS}; the paper: {PAPER_EPOCHS})")
     train.add_argument("--batch-size", type=int, metavar="N", help="batch size (default: 100; the last incomplete batch is dropped)")
     train.add_argument("--lam", type=float, metavar="L", help="weight of the reconstruction term in [0, 1] (default: 0.5)")
     train.add_argument("--lr", type=_csv(float), metavar="LR[,LR...]",
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     dataset = _load(config)
     names = config.modalities or dataset.modality_names
     P = make_projection(config.code_dim, dataset.num_classes, config.seed)
-    config.out = str(out)
+    config = dataclasses.replace(config, out=str(out))
     report = _train(config, dataset, names, P, first_index=0)
     save_bundle(
         out,
@@ -168,11 +169,7 @@ def _default_out(dataset: str) -> Path:
 
 
 def _train(config: RunConfig, dataset: Dataset, names: list[str], P, first_index: int) -> RunReport:
-    splits = []
-    for name in names:
-        m = dataset.modality(name)
-        splits.append((m.train.features, m.train.labels, m.val.features, m.val.labels))
-    tasks = make_tasks(names, splits, P, config.train_options(), first_index=first_index)
+    tasks = make_tasks([dataset.modality(n) for n in names], P, config.train_options(), first_index=first_index)
     devices = config.resolved_devices()
     print(f"\ntraining {len(tasks)} modalities, strategy {config.strategy}, {config.epochs} epochs, on {', '.join(devices)}",
           file=sys.stderr)

@@ -14,18 +14,26 @@ import math
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from .data import Modality
 from .loss import DSAELoss, label_targets
 from .model import DEFAULT_CODE_DIM, DEFAULT_HIDDEN, DSAE
 from .preprocess import PREPROCESS_MODES, Preprocessor
+from .records import EpochStats, ModalityResult
 
 DEFAULT_LRS = (1e-4, 2e-4)
 """Authors' learning rates: the first for modality 0, the last for every later modality."""
+
+DEFAULT_EPOCHS = 40
+"""Default epochs per modality: enough for the embedded digits' demo to finish in a few minutes
+on 2 CPU cores. The paper trains 200 (PAPER_EPOCHS); pass that to reproduce it."""
+
+PAPER_EPOCHS = 200
 
 _INIT_LOCK = threading.Lock()
 _EVAL_CHUNK = 2048  # rows per forward pass when scoring a split, to bound activation memory
@@ -33,15 +41,18 @@ _EVAL_CHUNK = 2048  # rows per forward pass when scoring a split, to bound activ
 
 @dataclass(frozen=True)
 class TrainOptions:
-    """Hyper-parameters shared by all modalities of a run (authors' defaults).
+    """Hyper-parameters shared by all modalities of a run: the authors' recipe except for the
+    number of epochs (see DEFAULT_EPOCHS). :class:`sdml_ext.config.RunConfig`, the settings of a
+    whole run, extends this class, so every setting has one name and one default.
 
-    lrs: learning rates by modality index; modalities past the end use the last value.
+    lr: learning rates by modality index; modalities past the end use the last value (a single
+    number means the same rate for all). Sequences are stored as tuples.
     """
 
-    epochs: int = 200
+    epochs: int = DEFAULT_EPOCHS
     batch_size: int = 100
     lam: float = 0.5
-    lrs: tuple[float, ...] = DEFAULT_LRS
+    lr: tuple[float, ...] = DEFAULT_LRS
     betas: tuple[float, float] = (0.5, 0.999)
     seed: int = 0
     code_dim: int = DEFAULT_CODE_DIM
@@ -51,21 +62,32 @@ class TrainOptions:
     preprocess: str = "standardize"
 
     def __post_init__(self):
+        for name in ("lr", "betas", "hidden"):
+            value = getattr(self, name)
+            value = (value,) if isinstance(value, (int, float)) else value
+            try:
+                object.__setattr__(self, name, tuple(value))  # frozen: the one sanctioned write
+            except TypeError:
+                raise ValueError(f"{name} must be a sequence of numbers, got {value!r}") from None
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
         if not 0.0 <= self.lam <= 1.0:
             raise ValueError(f"lam must be in [0, 1], got {self.lam}")
-        if not self.lrs or any(not (lr > 0 and math.isfinite(lr)) for lr in self.lrs):
-            raise ValueError(f"learning rates must be positive and finite, got {list(self.lrs)}")
+        if not self.lr or any(not (lr > 0 and math.isfinite(lr)) for lr in self.lr):
+            raise ValueError(f"learning rates must be positive and finite, got {list(self.lr)}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {list(self.betas)}")
+        if self.code_dim < 1:
+            raise ValueError(f"code_dim must be >= 1, got {self.code_dim}")
+        if not self.hidden or any(w < 1 for w in self.hidden):
+            raise ValueError(f"hidden must be one or more layer widths >= 1, got {list(self.hidden)}")
         if self.preprocess not in PREPROCESS_MODES:
             raise ValueError(f"preprocess must be one of {', '.join(PREPROCESS_MODES)}, got {self.preprocess!r}")
 
     def lr_for(self, index: int) -> float:
-        return float(self.lrs[min(index, len(self.lrs) - 1)])
+        return float(self.lr[min(index, len(self.lr) - 1)])
 
     def seed_for(self, index: int) -> int:
         """The seed of modality `index`: a pure function of (seed, index), independent of strategy."""
@@ -112,58 +134,6 @@ class ModalityTask:
         dims = [self.input_dim, *self.options.hidden, self.options.code_dim]
         weights = 2 * sum(a * b for a, b in zip(dims[:-1], dims[1:]))
         return self.steps_per_epoch() * weights * (3 * self.options.batch_size + 5) * self.options.epochs
-
-
-@dataclass
-class EpochStats:
-    """Losses of one epoch: train_* are means over the epoch's batches, val_* over the whole
-    validation split (val_sup over its labelled rows); val_* are NaN without validation data."""
-
-    modality: str
-    epoch: int
-    train_loss: float
-    train_rec: float
-    train_sup: float
-    val_loss: float
-    val_rec: float
-    val_sup: float
-    best: bool
-
-
-@dataclass
-class ModalityResult:
-    """A trained modality. ``state`` maps DSAE parameter names (plus ``preprocess.*``) to float32
-    numpy arrays of the kept epoch (lowest validation supervised loss, or the last epoch when
-    there is no labelled validation data: ``selection`` says which).
-
-    time_s: wall seconds spent training this modality (steps, validation); cpu_s: CPU seconds of
-    the training process meanwhile, all its threads (cpu_s / time_s = cores it got). Strategies
-    set them to None where another modality shares the same moments (see strategies).
-    state_bytes: see :meth:`ModalityTrainer.state_bytes`; peak_memory_bytes: the peak RSS of the
-    worker process (parallel CPU) or the device's peak allocation (CUDA, one modality at a time).
-    """
-
-    name: str
-    index: int
-    model_options: dict
-    preprocess: str
-    lr: float
-    seed: int
-    state: dict[str, np.ndarray]
-    best_epoch: int
-    selection: str
-    history: list[EpochStats]
-    time_s: float | None
-    cpu_s: float | None
-    state_bytes: int
-    peak_memory_bytes: int | None = None
-    device: str = "cpu"
-
-    def summary(self) -> dict:
-        """JSON-ready description without the weights."""
-        out = {k: v for k, v in asdict(self).items() if k not in ("state", "history")}
-        out["history"] = [{k: v for k, v in asdict(s).items() if k != "modality"} for s in self.history]
-        return out
 
 
 class ModalityTrainer:
@@ -350,15 +320,14 @@ class ModalityTrainer:
 
 
 def make_tasks(
-    names: Sequence[str],
-    splits: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
+    modalities: Sequence[Modality],
     P: Tensor,
     options: TrainOptions,
     first_index: int = 0,
 ) -> list[ModalityTask]:
-    """Tasks for modalities ``names`` with (train_x, train_y, val_x, val_y) each, indexed from
-    ``first_index`` (the number of modalities already in a bundle when adding one)."""
+    """One task per modality (its train and val splits), indexed from ``first_index`` (the
+    number of modalities already in a bundle when adding one)."""
     return [
-        ModalityTask(name, first_index + i, tx, ty, vx, vy, P, options)
-        for i, (name, (tx, ty, vx, vy)) in enumerate(zip(names, splits))
+        ModalityTask(m.name, first_index + i, m.train.features, m.train.labels, m.val.features, m.val.labels, P, options)
+        for i, m in enumerate(modalities)
     ]

@@ -24,8 +24,7 @@ OPTS = TrainOptions(hidden=(32, 32), code_dim=16, batch_size=50, epochs=2, seed=
 def trained():
     ds = make_synthetic(3, n_train=100, n_val=20, n_test=30, n_classes=4, seed=3)
     P = make_projection(16, 4, OPTS.seed)
-    splits = [(m.train.features, m.train.labels, m.val.features, m.val.labels) for m in ds]
-    report = train_tasks(make_tasks(ds.modality_names, splits, P, OPTS), "serial")
+    report = train_tasks(make_tasks(ds, P, OPTS), "serial")
     return ds, P, report
 
 

@@ -99,15 +99,12 @@ def test_dataset_structure_errors():
         Dataset("d", [m], ["x", "y", "z"], multilabel=True)
 
 
-def test_unpaired_sizes_label_matrix_and_describe():
+def test_unpaired_sizes_and_describe():
     a = _modality("image", n=(6, 0, 3))
     b = _modality("text", n=(9, 2, 4), dim=5, labels=None)
     ds = Dataset("toy", [a, b], ["x", "y", "z"], source="unit test")
     assert not ds.multilabel and ds.num_classes == 3 and ds.modality_names == ["image", "text"]
     assert ds["text"].test.n == 4 and ds["image"].val.n == 0 and ds["text"].dim == 5
-    mat = ds.label_matrix(np.array([2, -1, 0]))
-    assert mat.dtype == np.float32
-    np.testing.assert_array_equal(mat, [[0, 0, 1], [0, 0, 0], [1, 0, 0]])
     text = ds.describe()
     assert "toy" in text and "image" in text and "text" in text and "unit test" in text
     with pytest.raises(ValueError, match="no modality 'audio'; present: image, text"):

@@ -16,8 +16,7 @@ SMALL = dict(hidden=(48, 48), code_dim=16, batch_size=50)
 def tasks_for(ds, **options):
     opts = TrainOptions(**{**SMALL, **options})
     P = make_projection(opts.code_dim, ds.num_classes, opts.seed)
-    splits = [(m.train.features, m.train.labels, m.val.features, m.val.labels) for m in ds]
-    return make_tasks(ds.modality_names, splits, P, opts)
+    return make_tasks(ds, P, opts)
 
 
 @pytest.fixture(scope="module")
@@ -27,12 +26,26 @@ def data():
 
 def test_recipe_defaults():
     opts = TrainOptions()
-    assert (opts.epochs, opts.batch_size, opts.lam, opts.betas) == (200, 100, 0.5, (0.5, 0.999))
+    # The authors' recipe, except the demo's epochs (the paper trains 200).
+    assert (opts.epochs, opts.batch_size, opts.lam, opts.betas) == (40, 100, 0.5, (0.5, 0.999))
     assert [opts.lr_for(i) for i in range(3)] == [1e-4, 2e-4, 2e-4]
+    assert TrainOptions(lr=1e-3).lr == (1e-3,) and TrainOptions(hidden=[8]).hidden == (8,)
+
+
+def test_run_config_is_the_train_options_plus_the_run():
+    from sdml_ext.config import RunConfig, resolve_config
+
+    config = resolve_config({"lr": [1e-3, 2e-3], "epochs": 5, "hidden": [8, 8], "dataset": "synthetic"})
+    assert isinstance(config, TrainOptions) and config.lr_for(3) == 2e-3
+    options = config.train_options()
+    assert type(options) is TrainOptions
+    assert options == TrainOptions(epochs=5, lr=(1e-3, 2e-3), hidden=(8, 8))
+    # One set of defaults: a default RunConfig trains exactly like default TrainOptions.
+    assert RunConfig().train_options() == TrainOptions()
 
 
 def test_trainer_uses_fused_adam_and_per_modality_lr(data):
-    tasks = tasks_for(data, epochs=1, lrs=(1e-3, 5e-4))
+    tasks = tasks_for(data, epochs=1, lr=(1e-3, 5e-4))
     trainers = [ModalityTrainer(t) for t in tasks[:2]]
     assert [t.optimizer.param_groups[0]["lr"] for t in trainers] == [1e-3, 5e-4]
     assert all(t.optimizer.defaults["fused"] for t in trainers)
@@ -41,7 +54,7 @@ def test_trainer_uses_fused_adam_and_per_modality_lr(data):
 
 
 def test_training_reduces_the_loss_and_keeps_the_best_validation_epoch(data):
-    trainer = ModalityTrainer(tasks_for(data, epochs=8, lrs=(1e-3,))[0])
+    trainer = ModalityTrainer(tasks_for(data, epochs=8, lr=(1e-3,))[0])
     result = trainer.run()
     history = result.history
     assert len(history) == 8 and [s.epoch for s in history] == list(range(1, 9))
@@ -88,7 +101,7 @@ def test_fewer_samples_than_a_batch_is_a_clear_error():
         ModalityTrainer(tasks_for(ds, epochs=1)[0])
 
 
-@pytest.mark.parametrize("bad", [dict(epochs=0), dict(lam=1.5), dict(lrs=(-1e-4,)), dict(preprocess="zscore")])
+@pytest.mark.parametrize("bad", [dict(epochs=0), dict(lam=1.5), dict(lr=(-1e-4,)), dict(preprocess="zscore")])
 def test_bad_options(bad):
     with pytest.raises(ValueError):
         TrainOptions(**bad)

@@ -33,10 +33,9 @@ def one_thread():
 
 
 def test_msrc_v1_learns_a_common_space(msrc, tmp_path, one_thread):
-    opts = TrainOptions(epochs=30, batch_size=42, hidden=(128, 128), code_dim=64, lrs=(1e-3,))
+    opts = TrainOptions(epochs=30, batch_size=42, hidden=(128, 128), code_dim=64, lr=(1e-3,))
     P = make_projection(64, msrc.num_classes, 0)
-    splits = [(m.train.features, m.train.labels, m.val.features, m.val.labels) for m in msrc]
-    report = train_tasks(make_tasks(msrc.modality_names, splits, P, opts), "serial")
+    report = train_tasks(make_tasks(msrc, P, opts), "serial")
     path = save_bundle(tmp_path / "msrc", P=P, projection_seed=0, results=report.modalities,
                        class_names=msrc.class_names, dataset={"name": msrc.name}, config={}, run=report.summary())
     result = evaluate(encode_split(load(path), msrc))

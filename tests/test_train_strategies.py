@@ -15,8 +15,7 @@ from sdml_ext.training import TrainOptions, make_tasks
 def make(ds, **options):
     opts = TrainOptions(**{"hidden": (48, 48), "code_dim": 16, "batch_size": 50, "epochs": 3, **options})
     P = make_projection(opts.code_dim, ds.num_classes, opts.seed)
-    splits = [(m.train.features, m.train.labels, m.val.features, m.val.labels) for m in ds]
-    return make_tasks(ds.modality_names, splits, P, opts)
+    return make_tasks(ds, P, opts)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ loaders. Pure Python (numpy; scipy/h5py only when a .mat/.h5 file is read); need
     from sdml_ext.data import load_dataset
     ds = load_dataset("mfeat")          # 6 modalities, 10 classes, shipped with the package
     print(ds.describe())
-    x, y = ds["fou"].train.features, ds.label_matrix(ds["fou"].train.labels)
+    x, y = ds["fou"].train.features, ds["fou"].train.labels   # (n, 76) float32, (n,) int64
 """
 
 from ._io import MissingKeyError

@@ -227,24 +227,6 @@ class Dataset:
     def __iter__(self) -> Iterator[Modality]:
         return iter(self.modalities)
 
-    def label_matrix(self, labels: np.ndarray) -> np.ndarray:
-        """Labels of one split as a float32 (n, c) matrix: one-hot or multi-hot rows, all-zero
-        rows for unlabelled samples (the form SDML's supervised loss and mAP relevance use)."""
-        labels = np.asarray(labels)
-        c = self.num_classes
-        if labels.ndim == 2:
-            if labels.shape[1] != c:
-                raise ValueError(f"labels has {labels.shape[1]} columns, expected {c}")
-            return np.ascontiguousarray(labels, dtype=np.float32)
-        if labels.ndim != 1:
-            raise ValueError(f"labels must be (n,) or (n, {c}), got shape {labels.shape}")
-        if labels.size and (labels.min() < -1 or labels.max() >= c):
-            raise ValueError(f"labels has class ids outside [-1, {c})")
-        out = np.zeros((labels.shape[0], c), np.float32)
-        rows = np.flatnonzero(labels >= 0)
-        out[rows, labels[rows].astype(np.int64)] = 1.0
-        return out
-
     def describe(self) -> str:
         """Multi-line human-readable summary: classes, modalities, dims and split sizes."""
         kind = "multi-label" if self.multilabel else "single-label"

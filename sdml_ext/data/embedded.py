@@ -26,7 +26,6 @@ from .dataset import Dataset, default_class_names
 from .splits import DEFAULT_FRACTIONS, split_paired_views
 
 MFEAT_VIEWS = ("fou", "fac", "kar", "pix", "zer", "mor")
-MFEAT_DIMS = {"fou": 76, "fac": 216, "kar": 64, "pix": 240, "zer": 47, "mor": 6}
 MFEAT_SOURCE = (
     'UCI Machine Learning Repository "Multiple Features" (van Breukelen, Duin, Tax, den Hartog '
     '1998, "Handwritten digit recognition by combined classifiers"), CC BY 4.0'

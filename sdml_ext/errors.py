@@ -1,0 +1,36 @@
+"""The errors sdml_ext raises on purpose, in one place that every layer (bundle, training
+strategies, command-line tools) can import without pulling in the others.
+
+User errors (bad input, a bundle that is not one, a modality whose data or settings make it
+fail) are ValueErrors or carry a message meant for the user; the command-line tools print them
+as one line and exit with status 2. A :class:`WorkerCrash` is not the user's fault (a bug, a
+segfault, a worker killed by the system): the tools say so and exit with status 1.
+"""
+
+from __future__ import annotations
+
+
+class BundleError(ValueError):
+    """A bundle path that is missing, not a bundle, corrupt, or cannot be written."""
+
+
+class WorkerError(RuntimeError):
+    """A modality failed while training (in a worker process or thread, or in-process).
+    Raised as one of its two kinds below; catch this to catch both."""
+
+
+class ModalityError(WorkerError):
+    """A modality failed because of its data or settings (bad input, a diverging loss): a user
+    error. The message names the modality and says what went wrong."""
+
+
+class WorkerCrash(WorkerError):
+    """Training stopped for a reason that is not the input's fault: an unexpected exception in
+    a worker (a bug), a worker that died (segfault, killed, out of memory).
+
+    detail: the worker's traceback or exit status, for SDML_DEBUG=1 and bug reports ("" if none).
+    """
+
+    def __init__(self, message: str, detail: str = ""):
+        super().__init__(message)
+        self.detail = detail
