@@ -15,7 +15,8 @@ epoch, time, memory), plus the run's report and metrics.
 Writes are atomic: a new bundle is assembled in a temporary sibling directory and renamed into
 place; adding a modality writes its file under a temporary name, renames it, and then replaces
 the manifest (os.replace), so a reader sees either the old bundle or the new one. Loading reads
-JSON and safetensors only (never pickle) and verifies every checksum.
+JSON and safetensors only (never pickle), checks the manifest's schema once and verifies every
+checksum; a network is only built once its weights file is known to hold it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -36,9 +38,10 @@ from safetensors.numpy import save_file
 from safetensors.torch import load_file
 from torch import Tensor
 
+from ._files import publish as _publish
 from .errors import BundleError
 from .model import DSAE, tensor_checksum
-from .preprocess import Preprocessor
+from .preprocess import PREPROCESS_MODES, Preprocessor
 from .records import ModalityResult
 
 FORMAT = "sdml-bundle"
@@ -114,18 +117,6 @@ def check_new_bundle_path(path: str | os.PathLike) -> Path:
     except OSError as exc:
         raise BundleError(f"cannot write the output {path}: {exc.strerror or exc}") from None
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _publish(path: Path, mode: int) -> None:
-    """Give a file or directory the permissions a plain create would (mkdtemp makes 0700 and
-    safetensors writes 0600, which would hide a bundle from the user's group)."""
-    os.chmod(path, mode & ~_umask())
 
 
 def _modality_file(index: int) -> str:
@@ -215,7 +206,8 @@ def save_bundle(
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
-    """The manifest of the bundle at `path`; BundleError if it is not a readable bundle."""
+    """The manifest of the bundle at `path`, its schema checked (see :func:`check_manifest`);
+    BundleError naming the field if it is not a readable, well-formed bundle."""
     path = Path(path)
     if not path.exists():
         raise BundleError(f"bundle not found: {path}")
@@ -226,14 +218,116 @@ def read_manifest(path: str | os.PathLike) -> dict:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"{manifest_path}: unreadable manifest ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise BundleError(f"{manifest_path}: not an SDML bundle manifest (format is not {FORMAT!r})")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise BundleError(
-            f"{manifest_path}: bundle format version {manifest.get('format_version')} is not supported "
-            f"(this sdml_ext reads version {FORMAT_VERSION})"
-        )
+    check_manifest(manifest, str(manifest_path))
     return manifest
+
+
+_MODEL_KEYS = {"input_dim": "int", "code_dim": "int", "hidden": "ints", "normalize_code": "bool", "normalize_output": "bool"}
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class _Schema:
+    """Checks of one manifest's fields; every failure is a BundleError naming the field."""
+
+    def __init__(self, where: str):
+        self.where = where
+
+    def fail(self, field: str, problem: str):
+        raise BundleError(f"{self.where}: malformed manifest: {field} {problem}")
+
+    def get(self, obj: dict, key: str, field: str, kind: str):
+        """obj[key] checked to be of `kind`: object, list, str, int (>= 1 for "count"), bool,
+        ints (a non-empty list of counts), sha256, file (a plain name inside the bundle)."""
+        if key not in obj:
+            self.fail(field, "is missing")
+        value = obj[key]
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        ok = {
+            "object": isinstance(value, dict),
+            "list": isinstance(value, list),
+            "str": isinstance(value, str),
+            "int": is_int,
+            "count": is_int and value >= 1,
+            "bool": isinstance(value, bool),
+            "ints": isinstance(value, list) and bool(value)
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value),
+            "sha256": isinstance(value, str) and _SHA256.fullmatch(value) is not None,
+            "file": isinstance(value, str) and _plain_file_name(value),
+        }[kind]
+        if not ok:
+            wanted = {
+                "object": "an object (mapping)", "list": "a list", "str": "a string", "int": "an integer",
+                "count": "an integer >= 1", "bool": "true or false", "ints": "a non-empty list of integers >= 1",
+                "sha256": "a sha256 hex digest", "file": "the name of a file inside the bundle directory",
+            }[kind]
+            self.fail(field, f"must be {wanted}, got {value!r}")
+        return value
+
+
+def _plain_file_name(name: str) -> bool:
+    """A file directly in the bundle directory: no directory part, not absolute, not . or ..."""
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
+
+
+def check_manifest(manifest, where: str = MANIFEST) -> None:
+    """Check a manifest's schema once, on load, so that nothing later trips over a missing or
+    mistyped field: BundleError naming the first bad field (``modalities[1].model.hidden``).
+
+    Sizes are checked against each other here (P's shape against the classes, every network's
+    code width against P); that the weights files hold what the manifest says is checked when a
+    network is loaded, before anything is allocated for it.
+    """
+    s = _Schema(where)
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise BundleError(f"{where}: not an SDML bundle manifest (format is not {FORMAT!r})")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        s.fail("format_version", f"must be an integer, got {version!r}")
+    if version != FORMAT_VERSION:
+        raise BundleError(f"{where}: bundle format version {version} is not supported (this sdml_ext reads version {FORMAT_VERSION})")
+    for key in ("config", "dataset", "metrics"):
+        s.get(manifest, key, key, "object")
+    s.get(manifest, "runs", "runs", "list")
+    class_names = s.get(manifest, "class_names", "class_names", "list")
+    if not class_names or not all(isinstance(c, str) for c in class_names):
+        s.fail("class_names", f"must be a non-empty list of strings, got {class_names!r}")
+    proj = s.get(manifest, "projection", "projection", "object")
+    s.get(proj, "file", "projection.file", "file")
+    s.get(proj, "seed", "projection.seed", "int")
+    s.get(proj, "sha256", "projection.sha256", "sha256")
+    shape = s.get(proj, "shape", "projection.shape", "ints")
+    if len(shape) != 2 or shape[1] != len(class_names):
+        s.fail("projection.shape", f"must be [d, {len(class_names)}] (one column per class), got {shape}")
+    entries = s.get(manifest, "modalities", "modalities", "list")
+    names: set[str] = set()
+    for i, entry in enumerate(entries):
+        at = f"modalities[{i}]"
+        if not isinstance(entry, dict):
+            s.fail(at, f"must be an object (mapping), got {entry!r}")
+        name = s.get(entry, "name", f"{at}.name", "str")
+        if not name or name in names:
+            s.fail(f"{at}.name", f"must be a non-empty name used once, got {name!r}")
+        names.add(name)
+        if s.get(entry, "index", f"{at}.index", "int") != i:
+            s.fail(f"{at}.index", f"must be {i} (its position), got {entry['index']}")
+        s.get(entry, "file", f"{at}.file", "file")
+        s.get(entry, "sha256", f"{at}.sha256", "sha256")
+        input_dim = s.get(entry, "input_dim", f"{at}.input_dim", "count")
+        model = s.get(entry, "model", f"{at}.model", "object")
+        extra = sorted(set(model) - set(_MODEL_KEYS))
+        if extra:
+            s.fail(f"{at}.model", f"has unknown keys {extra}; it holds exactly {', '.join(_MODEL_KEYS)}")
+        for key, kind in _MODEL_KEYS.items():
+            s.get(model, key, f"{at}.model.{key}", "count" if kind == "int" else kind)
+        if model["input_dim"] != input_dim:
+            s.fail(f"{at}.model.input_dim", f"is {model['input_dim']} but {at}.input_dim is {input_dim}")
+        if model["code_dim"] != shape[0]:
+            s.fail(f"{at}.model.code_dim", f"is {model['code_dim']} but P has {shape[0]} rows")
+        if s.get(entry, "preprocess", f"{at}.preprocess", "str") not in PREPROCESS_MODES:
+            s.fail(f"{at}.preprocess", f"must be one of {', '.join(PREPROCESS_MODES)}, got {entry['preprocess']!r}")
+    files = [proj["file"], *(e["file"] for e in entries)]
+    if len(set(files)) < len(files):
+        s.fail("modalities[*].file", f"names a file twice: {files}")
 
 
 def _write_manifest(path: Path, manifest: dict) -> None:
@@ -268,36 +362,51 @@ def add_to_bundle(path: str | os.PathLike, results: Sequence[ModalityResult], ru
     _write_manifest(path, manifest)
 
 
-def set_metrics(path: str | os.PathLike, metrics: dict) -> None:
-    """Merge evaluation results into a bundle's manifest (atomically)."""
-    path = Path(path)
-    manifest = read_manifest(path)
-    manifest["metrics"].update(json_safe(metrics))
-    _write_manifest(path, manifest)
-
-
 class Bundle:
     """A loaded bundle: the projection, the class names and one encoder per modality.
 
-    Use :func:`load`. ``encode(modality, x)`` maps raw features [n, D] (numpy or tensor, any
-    real dtype) to common-space codes [n, d] float32 on CPU, applying the stored preprocessing.
+    Use :func:`load` (or :meth:`unsaved` for a run's results not yet written).
+    ``encode(modality, x)`` maps raw features [n, D] (numpy or tensor, any real dtype) to
+    common-space codes [n, d] float32 on CPU, applying the stored preprocessing.
     """
 
     def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu"):
-        self.path = Path(path)
+        self.path: Path | None = Path(path)
         self.device = torch.device(device)
-        self.manifest = read_manifest(self.path)
-        try:
-            proj = self.manifest["projection"]
-            self.P = self._load_tensors(proj["file"], None)["P"]
-            if tensor_checksum(self.P) != proj["sha256"]:
-                raise BundleError(f"{self.path / proj['file']}: P does not match the checksum in the manifest")
-            self.projection_seed = int(proj["seed"])
-            self.class_names: list[str] = list(self.manifest["class_names"])
-            self._entries = {m["name"]: m for m in self.manifest["modalities"]}
-        except (KeyError, TypeError) as exc:
-            raise BundleError(f"{self.path / MANIFEST}: malformed manifest (missing {exc})") from None
+        self.manifest = read_manifest(self.path)  # schema checked: the fields below exist
+        proj = self.manifest["projection"]
+        P = self._load_tensors(proj["file"], None)
+        if set(P) != {"P"} or P["P"].dtype != torch.float32 or list(P["P"].shape) != proj["shape"]:
+            got = {k: (str(v.dtype), list(v.shape)) for k, v in P.items()}
+            raise BundleError(f"{self.path / proj['file']}: expected one float32 tensor P of shape {proj['shape']}, got {got}")
+        self.P = P["P"]
+        if tensor_checksum(self.P) != proj["sha256"]:
+            raise BundleError(f"{self.path / proj['file']}: P does not match the checksum in the manifest")
+        self.projection_seed = int(proj["seed"])
+        self.class_names: list[str] = list(self.manifest["class_names"])
+        self._entries = {m["name"]: m for m in self.manifest["modalities"]}
         self._models: dict[str, tuple[DSAE, Preprocessor]] = {}
+
+    @classmethod
+    def unsaved(
+        cls, P: Tensor, class_names: Sequence[str], results: Sequence[ModalityResult], base: Bundle | None = None
+    ) -> Bundle:
+        """A bundle of trained results held in memory, after `base`'s modalities if given: what
+        the bundle will hold once written, so a run is evaluated before its bundle is written
+        (once, metrics included). Its ``path`` is base's, or None."""
+        self = cls.__new__(cls)
+        self.path = base.path if base is not None else None
+        self.device = torch.device("cpu")
+        self.manifest = base.manifest if base is not None else {"config": {}}
+        self.P, self.projection_seed = P, None if base is None else base.projection_seed
+        self.class_names = list(class_names)
+        self._entries = dict(base._entries) if base is not None else {}
+        self._models = dict(base._models) if base is not None else {}
+        for r in results:
+            self._entries[r.name] = {"name": r.name, "model": r.model_options, "input_dim": r.model_options["input_dim"]}
+            tensors = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in r.state.items()}
+            self._models[r.name] = _network(r.model_options, r.preprocess, tensors, f"modality {r.name!r}")
+        return self
 
     @property
     def modality_names(self) -> list[str]:
@@ -317,6 +426,8 @@ class Bundle:
 
     def _load_tensors(self, name: str, sha256: str | None) -> dict[str, Tensor]:
         file = self.path / name
+        if file.is_symlink() and file.resolve().parent != self.path.resolve():
+            raise BundleError(f"{file}: a link that leads outside the bundle directory ({file.resolve()}); refusing to read it")
         if not file.is_file():
             raise BundleError(f"bundle file missing: {file}")
         if sha256 is not None and _file_sha256(file) != sha256:
@@ -331,20 +442,17 @@ class Bundle:
         if modality not in self._models:
             entry = self._entry(modality)
             tensors = self._load_tensors(entry["file"], entry["sha256"])
-            model = DSAE(**entry["model"])
-            weights = {k: v for k, v in tensors.items() if not k.startswith("preprocess.")}
-            try:
-                model.load_state_dict(weights)
-            except RuntimeError as exc:
-                raise BundleError(f"{self.path / entry['file']}: weights do not fit the network ({exc})") from None
-            model.to(self.device).eval()
-            self._models[modality] = (model, Preprocessor.from_tensors(entry["preprocess"], tensors))
+            model, preprocessor = _network(entry["model"], entry["preprocess"], tensors, str(self.path / entry["file"]))
+            self._models[modality] = (model.to(self.device), preprocessor)
         return self._models[modality]
 
     @torch.no_grad()
     def encode(self, modality: str, x, batch_size: int = 4096) -> Tensor:
         """Codes of raw features: x [n, D] -> [n, d] float32 CPU tensor (L2-normalised if the
-        network normalises codes). Raises ValueError for a wrong width or non-finite input."""
+        network normalises codes), encoded `batch_size` rows at a time. Raises ValueError for a
+        wrong width, non-finite input or a batch_size that is not a positive integer."""
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         model, preprocessor = self.network(modality)
         x = torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x)
         if x.dim() != 2 or x.shape[1] != model.input_dim:
@@ -363,7 +471,39 @@ class Bundle:
         return torch.cat(out) if out else torch.zeros(0, model.code_dim)
 
     def __repr__(self) -> str:
-        return f"Bundle({str(self.path)!r}, modalities={self.modality_names}, classes={len(self.class_names)})"
+        where = str(self.path) if self.path is not None else "unsaved"
+        return f"Bundle({where!r}, modalities={self.modality_names}, classes={len(self.class_names)})"
+
+
+def _network(options: dict, preprocess: str, tensors: dict[str, Tensor], where: str) -> tuple[DSAE, Preprocessor]:
+    """The DSAE with `options` made of the weights in `tensors` (its float32 ``encoder.*`` and
+    ``decoder.*`` tensors; the ``preprocess.*`` ones fit the Preprocessor).
+
+    The network is laid out on the meta device (no memory) and compared with the weights
+    present before it takes them over, so manifest options that ask for a bigger network than
+    the file holds fail here instead of allocating it.
+    """
+    weights = {k: v for k, v in tensors.items() if not k.startswith("preprocess.")}
+    with torch.device("meta"):
+        model = DSAE(**options)
+    expected = {k: list(v.shape) for k, v in model.state_dict().items()}
+    present = {k: list(v.shape) for k, v in weights.items()}
+    if expected != present:
+        diff = sorted(set(expected) ^ set(present)) or [k for k in expected if expected[k] != present[k]]
+        k = diff[0]
+        raise BundleError(
+            f"{where}: the weights do not fit the network the manifest describes ({options}): "
+            f"{k} is {present.get(k, 'absent')} in the file, {expected.get(k, 'not part of the network')} in the network"
+        )
+    bad = sorted(k for k, v in weights.items() if v.dtype != torch.float32)
+    if bad:
+        raise BundleError(f"{where}: weight {bad[0]} is {weights[bad[0]].dtype}, expected float32")
+    model.load_state_dict(weights, assign=True)  # the loaded tensors become the parameters
+    try:
+        preprocessor = Preprocessor.from_tensors(preprocess, tensors, dim=options["input_dim"])
+    except ValueError as exc:
+        raise BundleError(f"{where}: {exc}") from None
+    return model.eval(), preprocessor
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Bundle:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +30,8 @@ class EncodedSplit:
     multilabel: bool
 
 
-def encode_split(bundle: Bundle, dataset: Dataset, split: str = "test", modalities: Sequence[str] | None = None) -> EncodedSplit:
-    """Encode `split` of every bundle modality the dataset has (or of `modalities`).
+def encode_split(bundle: Bundle, dataset: Dataset, split: str = "test") -> EncodedSplit:
+    """Encode `split` of every bundle modality the dataset has.
 
     Raises ValueError when the dataset's classes or a modality's width do not match the bundle,
     when fewer than two modalities remain, or when a split is empty.
@@ -42,8 +41,7 @@ def encode_split(bundle: Bundle, dataset: Dataset, split: str = "test", modaliti
             f"dataset {dataset.name!r} has {dataset.num_classes} classes but the bundle was trained "
             f"with {len(bundle.class_names)}"
         )
-    if modalities is None:
-        modalities = [n for n in bundle.modality_names if n in dataset.modality_names]
+    modalities = [n for n in bundle.modality_names if n in dataset.modality_names]
     codes, labels = [], []
     for name in modalities:
         data = dataset.modality(name).split(split)

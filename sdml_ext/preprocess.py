@@ -66,11 +66,17 @@ class Preprocessor:
         return {"preprocess.shift": self.shift, "preprocess.scale": self.scale}
 
     @classmethod
-    def from_tensors(cls, mode: str, tensors: dict[str, Tensor]) -> Preprocessor:
-        """Inverse of :meth:`tensors`; raises ValueError naming a missing tensor."""
+    def from_tensors(cls, mode: str, tensors: dict[str, Tensor], dim: int | None = None) -> Preprocessor:
+        """Inverse of :meth:`tensors`; `dim`, if given, is the feature width D the shift and scale
+        must have. Raises ValueError naming a missing or misshapen tensor."""
         if mode != "standardize":
             return cls(mode)
         missing = [k for k in ("preprocess.shift", "preprocess.scale") if k not in tensors]
         if missing:
             raise ValueError(f"preprocess mode 'standardize' needs tensors {missing}, which are absent")
+        for key in ("preprocess.shift", "preprocess.scale"):
+            t = tensors[key]
+            if t.dim() != 1 or (dim is not None and t.shape[0] != dim) or t.dtype != torch.float32:
+                expected = f"[{dim}]" if dim is not None else "[D]"
+                raise ValueError(f"{key} must be a float32 tensor of shape {expected}, got {t.dtype} {list(t.shape)}")
         return cls(mode, tensors["preprocess.shift"], tensors["preprocess.scale"])

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from . import cli
-from .bundle import Bundle, add_to_bundle, check_new_bundle_path, load, save_bundle, set_metrics
+from .bundle import Bundle, add_to_bundle, check_new_bundle_path, load, save_bundle
 from .config import RunConfig, load_config_file, resolve_config
 from .data import DATASET_NAMES, Dataset, load_dataset
 from .evaluation import encode_split, evaluate
@@ -94,18 +94,46 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if (args.add_modality is None) != (args.into is None):
         raise ValueError("--add-modality and --into go together: --add-modality NAME --into BUNDLE")
+    if args.into is not None and args.out is not None:
+        raise ValueError("--out does not go with --add-modality: the modalities are added into the --into bundle")
     flags = {k: getattr(args, k) for k in _FLAG_SETTINGS}
     file_settings = load_config_file(args.config) if args.config else {}
     if args.into is not None:
         return _add_modalities(args, file_settings, flags)
     config = resolve_config(file_settings, flags)
+    out = Path(config.out or _default_out(config.dataset))
+    made = _missing_parents(out)
+    try:
+        return _train_new(config, out)
+    except BaseException:
+        for directory in made:  # deepest first; one that is not empty now is someone else's
+            try:
+                directory.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _missing_parents(path: Path) -> list[Path]:
+    """The parent directories of `path` that do not exist yet, deepest first."""
+    missing = []
+    parent = path.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        missing.append(parent)
+        parent = parent.parent
+    return missing
+
+
+def _train_new(config: RunConfig, out: Path) -> int:
     # Refuse an existing output before any work is done.
-    out = check_new_bundle_path(config.out or _default_out(config.dataset))
+    out = check_new_bundle_path(out)
     dataset = _load(config)
     names = config.modalities or dataset.modality_names
     P = make_projection(config.code_dim, dataset.num_classes, config.seed)
     config = dataclasses.replace(config, out=str(out))
     report = _train(config, dataset, names, P, first_index=0)
+    # Evaluate the trained networks in memory first, so the bundle is written once, with its metrics.
+    metrics = _evaluate(Bundle.unsaved(P, dataset.class_names, report.modalities), dataset)
     save_bundle(
         out,
         P=P,
@@ -114,10 +142,10 @@ def main(argv: list[str] | None = None) -> int:
         class_names=dataset.class_names,
         dataset={"name": dataset.name, "source": dataset.source, "multilabel": dataset.multilabel},
         config=config.to_dict(),
-        run={"kind": "train", "config": config.to_dict(), **report.summary()},
+        run={"kind": "train", **report.summary()},  # its config is the bundle's
+        metrics=metrics,
     )
     print(f"\nbundle written to {out}")
-    _evaluate_and_record(load(out), dataset, out)
     return 0
 
 
@@ -141,9 +169,10 @@ def _add_modalities(args, file_settings: dict, flags: dict) -> int:
     if taken:
         raise ValueError(f"bundle {args.into} already has modalities {taken}")
     report = _train(config, dataset, args.add_modality, bundle.P, first_index=len(bundle.modality_names))
-    add_to_bundle(args.into, report.modalities, run={"kind": "add-modality", "config": config.to_dict(), **report.summary()})
+    metrics = _evaluate(Bundle.unsaved(bundle.P, bundle.class_names, report.modalities, base=bundle), dataset)
+    add_to_bundle(args.into, report.modalities, metrics=metrics,
+                  run={"kind": "add-modality", "config": config.to_dict(), **report.summary()})
     print(f"\nadded {', '.join(args.add_modality)} to {args.into}")
-    _evaluate_and_record(load(args.into), dataset, Path(args.into))
     return 0
 
 
@@ -179,14 +208,15 @@ def _train(config: RunConfig, dataset: Dataset, names: list[str], P, first_index
     return report
 
 
-def _evaluate_and_record(bundle: Bundle, dataset: Dataset, path: Path) -> None:
-    """Print the test split's mAP tables and store them in the bundle's manifest."""
+def _evaluate(bundle: Bundle, dataset: Dataset) -> dict:
+    """Print the test split's mAP tables; return them as the manifest's metrics ({} for fewer
+    than two modalities)."""
     if len(set(bundle.modality_names) & set(dataset.modality_names)) < 2:
         print("\none modality so far: no cross-modal table yet (add another with --add-modality)")
-        return
+        return {}
     result = evaluate(encode_split(bundle, dataset, "test"))
     print("\n" + result.format())
-    set_metrics(path, {"test": result.to_json()})
+    return {"test": result.to_json()}
 
 
 if __name__ == "__main__":

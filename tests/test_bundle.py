@@ -10,7 +10,7 @@ import torch
 
 import sdml_ext
 from sdml_ext import bundle as bundle_mod
-from sdml_ext.bundle import BundleError, add_to_bundle, save_bundle, set_metrics
+from sdml_ext.bundle import BundleError, add_to_bundle, save_bundle
 from sdml_ext.data import make_synthetic
 from sdml_ext.model import DSAE, make_projection, tensor_checksum
 from sdml_ext.preprocess import Preprocessor
@@ -144,6 +144,175 @@ def test_add_leaves_existing_files_bit_identical(tmp_path, trained):
     assert [r.get("kind") for r in manifest["runs"]] == [None, "add"] and manifest["metrics"]["extra"] == 1
     with pytest.raises(BundleError, match="already has a modality named 'm2'"):
         add_to_bundle(path, [report.modalities[2]], run={})
-    set_metrics(path, {"test": {"avg": 0.9}})
-    assert sdml_ext.load(path).manifest["metrics"]["test"] == {"avg": 0.9}
     assert not [f for f in os.listdir(path) if f.startswith(".")]  # no temporary files left
+
+
+def _tamper(path, change):
+    manifest = json.loads((path / "manifest.json").read_text())
+    change(manifest)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _set(*keys_value):
+    *keys, value = keys_value
+
+    def change(manifest):
+        obj = manifest
+        for k in keys[:-1]:
+            obj = obj[k]
+        obj[keys[-1]] = value
+
+    return change
+
+
+def _delete(*keys):
+    def change(manifest):
+        obj = manifest
+        for k in keys[:-1]:
+            obj = obj[k]
+        del obj[keys[-1]]
+
+    return change
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (_delete("modalities", 0, "file"), r"modalities\[0\]\.file is missing"),
+        (_delete("modalities", 1, "sha256"), r"modalities\[1\]\.sha256 is missing"),
+        (_set("modalities", 0, "model", "extra", 1), r"modalities\[0\]\.model has unknown keys \['extra'\]"),
+        (_set("modalities", 0, "model", [64, 16]), r"modalities\[0\]\.model must be an object"),
+        (_set("modalities", 0, "model", "hidden", "32"), r"modalities\[0\]\.model\.hidden must be a non-empty list"),
+        (_set("modalities", 2, "model", "code_dim", 17), r"modalities\[2\]\.model\.code_dim is 17 but P has 16 rows"),
+        (_set("config", "epochs=2"), "config must be an object"),
+        (_set("modalities", 1, "name", "m0"), r"modalities\[1\]\.name must be a non-empty name used once, got 'm0'"),
+        (_set("modalities", 0, "file", "../b2/modality-00.safetensors"), r"modalities\[0\]\.file must be the name of a file inside"),
+        (_set("modalities", 0, "file", "/etc/passwd"), r"modalities\[0\]\.file must be the name of a file inside"),
+        (_set("modalities", 1, "file", "modality-00.safetensors"), "names a file twice"),
+        (_set("projection", "shape", [16, 5]), r"projection\.shape must be \[d, 4\]"),
+        (_set("modalities", 0, "preprocess", "zscore"), r"modalities\[0\]\.preprocess must be one of"),
+        (_set("class_names", []), "class_names must be a non-empty list of strings"),
+        (_set("format_version", "1"), "format_version must be an integer, got '1'"),
+        (_set("format_version", 2), r"format version 2 is not supported \(this sdml_ext reads version 1\)"),
+    ],
+)
+def test_a_malformed_manifest_is_refused_on_load_naming_the_field(tmp_path, trained, change, message):
+    path = write(tmp_path / "b", trained)
+    _tamper(path, change)
+    with pytest.raises(BundleError, match=message):
+        sdml_ext.load(path)
+    with pytest.raises(BundleError, match=message):  # and before adding to it
+        add_to_bundle(path, [], run={})
+
+
+def test_a_network_bigger_than_its_weights_is_never_built(tmp_path, trained):
+    path = write(tmp_path / "b", trained)
+    # [10^7, 10^7] hidden units would be ~800 TB of float32 weights.
+    _tamper(path, _set("modalities", 1, "model", "hidden", [10**7, 10**7]))
+    b = sdml_ext.load(path)
+    with pytest.raises(BundleError, match=r"weights do not fit the network .* is \[32, 48\] in the file, \[10000000, 48\]"):
+        b.encode("m1", np.zeros((1, 48), np.float32))
+    b.encode("m0", np.zeros((1, 64), np.float32))  # the others are intact
+
+
+def _rewrite_modality_file(path, index, change):
+    """Rewrite a modality's safetensors file through `change(tensors)` and fix its checksum,
+    as someone crafting a bundle would."""
+    from safetensors.numpy import load_file, save_file
+
+    file = path / f"modality-{index:02d}.safetensors"
+    tensors = load_file(str(file))
+    change(tensors)
+    save_file(tensors, str(file))
+    _tamper(path, _set("modalities", index, "sha256", bundle_mod._file_sha256(file)))
+
+
+def test_preprocess_tensors_of_the_wrong_length_are_refused(tmp_path, trained):
+    path = write(tmp_path / "b", trained)
+    _rewrite_modality_file(path, 1, lambda t: t.update({"preprocess.shift": t["preprocess.shift"][:-1]}))
+    with pytest.raises(BundleError, match=r"preprocess\.shift must be a float32 tensor of shape \[48\], got .*\[47\]"):
+        sdml_ext.load(path).encode("m1", np.zeros((1, 48), np.float32))
+
+
+def test_weights_of_another_dtype_or_extra_tensors_are_refused(tmp_path, trained):
+    path = write(tmp_path / "b", trained)
+    _rewrite_modality_file(path, 0, lambda t: t.update({k: v.astype(np.float64) for k, v in t.items() if k.startswith("encoder.0")}))
+    _rewrite_modality_file(path, 1, lambda t: t.update({"encoder.9.weight": np.zeros((2, 2), np.float32)}))
+    b = sdml_ext.load(path)
+    with pytest.raises(BundleError, match="is torch.float64, expected float32"):
+        b.encode("m0", np.zeros((1, 64), np.float32))
+    with pytest.raises(BundleError, match=r"encoder\.9\.weight is \[2, 2\] in the file, not part of the network"):
+        b.encode("m1", np.zeros((1, 48), np.float32))
+
+
+def test_a_link_out_of_the_bundle_is_not_followed(tmp_path, trained):
+    path = write(tmp_path / "b", trained)
+    outside = tmp_path / "elsewhere.safetensors"
+    os.replace(path / "modality-00.safetensors", outside)
+    os.symlink(outside, path / "modality-00.safetensors")  # same bytes, so the checksum matches
+    b = sdml_ext.load(path)
+    with pytest.raises(BundleError, match="leads outside the bundle directory"):
+        b.encode("m0", np.zeros((1, 64), np.float32))
+    os.remove(path / "modality-00.safetensors")
+    os.replace(outside, path / "m0-moved.safetensors")
+    os.symlink("m0-moved.safetensors", path / "modality-00.safetensors")  # a link inside the bundle is fine
+    sdml_ext.load(path).encode("m0", np.zeros((1, 64), np.float32))
+
+
+@pytest.mark.parametrize("batch_size", [-1, 0, 1.5, True, "8"])
+def test_encode_batch_size_must_be_a_positive_integer(tmp_path, trained, batch_size):
+    b = sdml_ext.load(write(tmp_path / "b", trained))
+    with pytest.raises(ValueError, match=f"batch_size must be a positive integer, got {batch_size!r}"):
+        b.encode("m1", np.zeros((5, 48), np.float32), batch_size=batch_size)
+
+
+def test_encode_in_batches_matches_one_pass(tmp_path, trained):
+    ds, _, _ = trained
+    b = sdml_ext.load(write(tmp_path / "b", trained))
+    x = ds["m1"].test.features
+    torch.testing.assert_close(b.encode("m1", x, batch_size=7), b.encode("m1", x))
+
+
+def test_unsaved_bundle_encodes_like_the_written_one(tmp_path, trained):
+    ds, P, report = trained
+    written = sdml_ext.load(write(tmp_path / "b", trained))
+    unsaved = sdml_ext.Bundle.unsaved(P, ds.class_names, report.modalities)
+    assert unsaved.modality_names == written.modality_names and unsaved.path is None
+    x = ds["m2"].test.features
+    torch.testing.assert_close(unsaved.encode("m2", x), written.encode("m2", x), rtol=0, atol=0)
+    # After a base bundle's modalities: old ones from disk, new ones from memory.
+    base = sdml_ext.load(write(tmp_path / "two", trained, n=2))
+    both = sdml_ext.Bundle.unsaved(P, ds.class_names, report.modalities[2:], base=base)
+    assert both.modality_names == ["m0", "m1", "m2"] and both.path == base.path
+    torch.testing.assert_close(both.encode("m2", x), written.encode("m2", x), rtol=0, atol=0)
+
+
+def test_permissions_follow_the_umask_which_is_never_changed(tmp_path, trained, monkeypatch):
+    from sdml_ext._files import current_umask
+    from sdml_ext.data import save_npz
+
+    def forbidden(*args):
+        raise AssertionError("os.umask changes the umask of every thread, even to read it")
+
+    old = os.umask(0o027)
+    try:
+        monkeypatch.setattr(os, "umask", forbidden)
+        assert current_umask() == 0o027
+        path = write(tmp_path / "b", trained)
+        assert os.stat(path).st_mode & 0o777 == 0o750
+        assert {os.stat(path / f).st_mode & 0o777 for f in os.listdir(path)} == {0o640}
+        save_npz(trained[0], tmp_path / "set.npz")
+        assert os.stat(tmp_path / "set.npz").st_mode & 0o777 == 0o640
+        # Without /proc (not Linux): inferred from a fresh directory's mode.
+        real_open = open
+
+        def no_proc(file, *args, **kwargs):
+            if str(file).startswith("/proc/"):
+                raise OSError(2, "No such file or directory")
+            return real_open(file, *args, **kwargs)
+
+        monkeypatch.setattr("builtins.open", no_proc)
+        assert current_umask() == 0o027
+    finally:
+        monkeypatch.undo()
+        os.umask(old)

@@ -111,15 +111,97 @@ def test_add_modality_with_other_classes_is_refused(tmp_path, config_file, capsy
         (["--config", "/nonexistent.toml"], "config file not found"),
         (["--add-modality", "m9"], "go together"),
         (["--add-modality", "m9", "--into", "/nonexistent-bundle"], "bundle not found"),
+        (["--add-modality", "m9", "--into", "/nonexistent-bundle", "--out", "x"], "--out does not go with --add-modality"),
+        (["--dataset", "synthetic", "--devices", "foo"], "devices: 'foo' is not a device"),
+        (["--dataset", "synthetic", "--devices", "cuda:x"], "devices: 'cuda:x' is not a device"),
+        (["--dataset", "synthetic", "--devices", "cpu,cuda:0"], "devices must be cpu, auto, or one or more CUDA"),
+        (["--dataset", "synthetic", "--devices", "cuda:0,cuda:0"], "lists a device twice"),
     ],
 )
 def test_user_errors_are_one_clear_line(argv, message, capsys, config_file, tmp_path):
     argv = [*argv, "--config", config_file] if "--config" not in argv else argv
-    if "--out" not in argv:
+    if "--out" not in argv and "--into" not in argv:
         argv += ["--out", str(tmp_path / "never")]
     code, _, err = run_main(train.main, argv, capsys)
     assert code == 2 and message in err and "Traceback" not in err
     assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('devices = ["cuda:x"]', "devices: 'cuda:x' is not a device"),
+        ('devices = "cpu"', "setting 'devices' must be list[str]"),
+        ('[dataset_options]\nn_train = 150\nbogus = 1', "dataset 'synthetic': unknown dataset option(s) ['bogus']; valid: n_modalities"),
+    ],
+)
+def test_config_file_errors_are_one_clear_line(text, message, tmp_path, capsys):
+    config = tmp_path / "bad.toml"
+    config.write_text(f'dataset = "synthetic"\n{text}\n')
+    code, _, err = run_main(train.main, ["--config", str(config), "--out", str(tmp_path / "never")], capsys)
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_a_binary_config_file_is_named(tmp_path, capsys):
+    config = tmp_path / "model.bin"
+    config.write_bytes(bytes(range(256)))
+    code, _, err = run_main(train.main, ["--config", str(config)], capsys)
+    assert code == 2 and f"config file {config} is not valid TOML" in err and "Traceback" not in err
+
+
+def test_a_failed_run_removes_the_directories_it_created_only(tmp_path, config_file, capsys):
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "mine.txt").write_text("not the run's")
+    for out, gone, kept in ((tmp_path / "a" / "b" / "bundle", tmp_path / "a", tmp_path),
+                            (tmp_path / "kept" / "c" / "bundle", tmp_path / "kept" / "c", tmp_path / "kept" / "mine.txt")):
+        # Fails after the output was checked (its parents created): too few rows for the batch.
+        argv = ["--dataset", "synthetic", "--config", config_file, "--batch-size", "1000", "--out", str(out)]
+        code, _, err = run_main(train.main, argv, capsys)
+        assert code == 2 and "fewer than the batch size" in err
+        assert not gone.exists() and kept.exists()
+
+
+def test_the_manifest_is_written_once_per_run(tmp_path, config_file, capsys, monkeypatch):
+    from sdml_ext import bundle as bundle_mod
+
+    writes = []
+    real = bundle_mod._fsync_write_json
+    monkeypatch.setattr(bundle_mod, "_fsync_write_json", lambda path, data: (writes.append(path), real(path, data)))
+    out = tmp_path / "b"
+    argv = ["--dataset", "synthetic", "--modalities", "m0,m1", "--config", config_file, "--epochs", "1", "--out", str(out)]
+    assert run_main(train.main, argv, capsys)[0] == 0
+    assert len(writes) == 1
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["metrics"]["test"]["modalities"] == ["m0", "m1"]
+    assert "config" not in manifest["runs"][0]  # stored once, at the top
+    assert run_main(train.main, ["--add-modality", "m2", "--into", str(out)], capsys)[0] == 0
+    assert len(writes) == 2
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["metrics"]["test"]["modalities"] == ["m0", "m1", "m2"]
+    assert manifest["runs"][1]["config"]["modalities"] == ["m2"]  # what the add ran with
+
+
+def test_evaluate_overrides_dataset_data_and_split(tmp_path, config_file, capsys):
+    from sdml_ext.data import load_dataset, save_npz
+
+    out = tmp_path / "b"
+    argv = ["--dataset", "synthetic", "--modalities", "m0,m1", "--config", config_file, "--epochs", "2", "--out", str(out)]
+    assert run_main(train.main, argv, capsys)[0] == 0
+    recorded = json.loads((out / "manifest.json").read_text())["metrics"]["test"]
+    # The same data, moved to a file of another kind: the same tables.
+    options = json.loads((out / "manifest.json").read_text())["config"]["dataset_options"]
+    save_npz(load_dataset("synthetic", **options), tmp_path / "moved.npz")
+    for split, rows in (("test", 60), ("val", 50)):
+        argv = [str(out), "--dataset", "npz", "--data", str(tmp_path / "moved.npz"), "--split", split,
+                "--out", str(tmp_path / split)]
+        assert run_main(evaluate.main, argv, capsys)[0] == 0
+        metrics = json.loads((tmp_path / split / "metrics.json").read_text())
+        assert metrics["split"] == split and metrics["queries"] == {"m0": rows, "m1": rows}
+    test = json.loads((tmp_path / "test" / "metrics.json").read_text())
+    assert test["map_all"]["table"] == recorded["map_all"]["table"]
+    assert json.loads((tmp_path / "val" / "metrics.json").read_text())["map_all"]["table"] != recorded["map_all"]["table"]
+    code, _, err = run_main(evaluate.main, [str(out), "--dataset", "npz", "--data", str(tmp_path / "absent.npz")], capsys)
+    assert code == 2 and "absent.npz" in err
 
 
 def test_evaluate_user_errors(tmp_path, capsys):

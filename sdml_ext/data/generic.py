@@ -31,6 +31,7 @@ import tempfile
 
 import numpy as np
 
+from .._files import publish
 from ._io import ArrayFile, MissingKeyError, naming_file, strings
 from .dataset import SPLIT_NAMES, Dataset, Modality, Split, default_class_names
 
@@ -115,7 +116,7 @@ def save_npz(dataset: Dataset, path: str | os.PathLike) -> None:
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(buffer.getvalue())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        publish(tmp, 0o666)  # mkstemp creates 0600; a plain create would give 0666 less the umask
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 
 from ._io import ArrayFile, check_path, format_of
@@ -66,12 +67,14 @@ def load_dataset(name: str | None = "mfeat", path: str | os.PathLike | None = No
     if key in ("mfeat", "synthetic"):
         if path is not None:
             raise ValueError(f"dataset {key!r} is built in and takes no path (got {path!r})")
+        _check_options(key, opts)
         return load_mfeat(**opts) if key == "mfeat" else make_synthetic(**opts)
     if path is None:
         raise ValueError(f"dataset {key!r} needs a path to its file")
     path = check_path(path)
     if key == "auto":
         key = _detect(path, opts)
+    _check_options(key, opts)
     if key == "xmedia":
         return load_xmedia(path, **opts)
     if key in AUTHORS_H5_N_VAL:
@@ -82,6 +85,34 @@ def load_dataset(name: str | None = "mfeat", path: str | os.PathLike | None = No
     if key == "multiview-mat":
         return load_multiview_mat(path, **opts)
     return load_generic(path, key, **opts)
+
+
+# The loader behind each name, and the parameters load_dataset fills in itself.
+_LOADERS = {
+    "mfeat": (load_mfeat, ()),
+    "synthetic": (make_synthetic, ()),
+    "xmedia": (load_xmedia, ("path",)),
+    "authors-h5": (load_authors_h5, ("path",)),
+    **{name: (load_authors_h5, ("path", "name")) for name in AUTHORS_H5_N_VAL},
+    "multiview-mat": (load_multiview_mat, ("path",)),
+    **{fmt: (load_generic, ("path", "fmt")) for fmt in ("npz", "h5", "mat", "dir")},
+}
+
+
+def _check_options(key: str, opts: dict) -> None:
+    """ValueError naming options the loader of `key` does not take (instead of a TypeError from
+    deep inside the call); nothing to check for "auto" until the layout is detected."""
+    if key not in _LOADERS:
+        return
+    loader, fixed = _LOADERS[key]
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    valid = [n for n, p in inspect.signature(loader).parameters.items() if p.kind in kinds and n not in fixed]
+    unknown = sorted(set(opts) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"dataset {key!r}: unknown dataset option(s) {unknown}; "
+            f"{'valid: ' + ', '.join(valid) if valid else 'it takes none'}"
+        )
 
 
 def _detect(path: str, opts: dict) -> str:

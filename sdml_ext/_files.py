@@ -1,0 +1,34 @@
+"""File-permission helpers shared by everything that writes files for the user (bundles, .npz
+datasets): temporary files are created private (mkstemp/mkdtemp: 0600/0700, safetensors: 0600)
+and, once complete, given the permissions a plain create would have given them."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it.
+
+    ``os.umask`` can only be read by setting it, and setting it (even for a moment) changes the
+    permissions of files other threads create meanwhile. Linux reports it in /proc/self/status;
+    elsewhere it is inferred from the mode of a directory created with mode 0777.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with tempfile.TemporaryDirectory(prefix=".sdml-umask-") as scratch:
+        probe = os.path.join(scratch, "probe")
+        os.mkdir(probe, 0o777)
+        return ~os.stat(probe).st_mode & 0o777
+
+
+def publish(path: str | os.PathLike, mode: int) -> None:
+    """Give `path` `mode` (0o666 for files, 0o777 for directories) less the umask, as a plain
+    create would."""
+    os.chmod(path, mode & ~current_umask())
