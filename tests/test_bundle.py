@@ -316,3 +316,28 @@ def test_permissions_follow_the_umask_which_is_never_changed(tmp_path, trained, 
     finally:
         monkeypatch.undo()
         os.umask(old)
+
+
+@pytest.mark.parametrize("mode", ["l2", "none"])
+def test_preprocess_modes_round_trip_through_a_bundle(tmp_path, mode):
+    from safetensors import safe_open
+
+    ds = make_synthetic(2, n_train=100, n_val=20, n_test=30, n_classes=4, seed=3)
+    opts = TrainOptions(hidden=(32,), code_dim=16, batch_size=50, epochs=1, seed=7, preprocess=mode)
+    P = make_projection(16, 4, 7)
+    report = train_tasks(make_tasks(ds, P, opts), "serial")
+    path = save_bundle(tmp_path / mode, P=P, projection_seed=7, results=report.modalities, class_names=ds.class_names,
+                       dataset={"name": ds.name}, config={}, run=report.summary())
+    b = sdml_ext.load(path)
+    assert [m["preprocess"] for m in b.manifest["modalities"]] == [mode, mode]
+    with safe_open(str(path / "modality-01.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if k.startswith("preprocess.")]  # nothing fitted to store
+    x = torch.from_numpy(ds["m1"].test.features)
+    result = report.modalities[1]
+    model = DSAE(**result.model_options)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in result.state.items()})
+    with torch.no_grad():
+        expected = model.encode(torch.nn.functional.normalize(x, dim=1) if mode == "l2" else x)
+    torch.testing.assert_close(b.encode("m1", x), expected)
+    scaled = b.encode("m1", 3 * x)  # l2 removes a row's scale; none keeps it
+    assert torch.allclose(scaled, expected, atol=1e-5) == (mode == "l2")
