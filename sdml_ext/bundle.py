@@ -287,6 +287,11 @@ def check_manifest(manifest, where: str = MANIFEST) -> None:
         raise BundleError(f"{where}: bundle format version {version} is not supported (this sdml_ext reads version {FORMAT_VERSION})")
     for key in ("config", "dataset", "metrics"):
         s.get(manifest, key, key, "object")
+    # What evaluating and extending a bundle read from its config to find the data again.
+    config = manifest["config"]
+    for key, kind in (("dataset", "str"), ("data", "str"), ("dataset_options", "object")):
+        if config.get(key) is not None:
+            s.get(config, key, f"config.{key}", kind)
     s.get(manifest, "runs", "runs", "list")
     class_names = s.get(manifest, "class_names", "class_names", "list")
     if not class_names or not all(isinstance(c, str) for c in class_names):

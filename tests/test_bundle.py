@@ -185,6 +185,7 @@ def _delete(*keys):
         (_set("modalities", 0, "model", "hidden", "32"), r"modalities\[0\]\.model\.hidden must be a non-empty list"),
         (_set("modalities", 2, "model", "code_dim", 17), r"modalities\[2\]\.model\.code_dim is 17 but P has 16 rows"),
         (_set("config", "epochs=2"), "config must be an object"),
+        (_set("config", "dataset_options", [1]), r"config\.dataset_options must be an object"),
         (_set("modalities", 1, "name", "m0"), r"modalities\[1\]\.name must be a non-empty name used once, got 'm0'"),
         (_set("modalities", 0, "file", "../b2/modality-00.safetensors"), r"modalities\[0\]\.file must be the name of a file inside"),
         (_set("modalities", 0, "file", "/etc/passwd"), r"modalities\[0\]\.file must be the name of a file inside"),
