@@ -277,6 +277,16 @@ def test_save_npz_round_trip_is_atomic(tmp_path, request, which):
     _assert_same(load_dataset(None, str(path)), ds)
 
 
+def test_unknown_loader_options_are_named(tmp_path, small):
+    save_npz(small, tmp_path / "set.npz")
+    with pytest.raises(ValueError, match=r"dataset 'npz': unknown dataset option\(s\) \['n_val'\]; it takes none"):
+        load_dataset(None, tmp_path / "set.npz", n_val=3)  # checked once the layout is detected
+    with pytest.raises(ValueError, match=r"dataset 'mfeat': unknown dataset option\(s\) \['n_train'\]; valid: seed, fractions, views"):
+        load_dataset("mfeat", n_train=10)
+    with pytest.raises(ValueError, match=r"dataset 'xmedia': unknown dataset option\(s\) \['bogus'\]; valid: modalities, class_names"):
+        load_dataset("xmedia", tmp_path / "set.npz", bogus=1)
+
+
 def test_generic_h5_mat_and_directory_round_trip(tmp_path, small, small_multi):
     for ds in (small, small_multi):
         arrays = to_arrays(ds)
