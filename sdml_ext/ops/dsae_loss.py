@@ -66,18 +66,34 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# The SDML_CHECK_* macros of csrc/include/sdml/checks.h, for fake tensors (same wording).
+def _check_floating(op, name, t):
+    torch._check_type(t.dtype.is_floating_point, lambda: f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
+
+
+def _check_shape(op, name, t, shape):
+    torch._check_value(t.shape == tuple(shape), lambda: f"{op}: {name} must have shape {list(shape)}, got {list(t.shape)}")
+
+
+def _check_device(op, name, t, x_hat):
+    torch._check_value(
+        t.device == x_hat.device,
+        lambda: f"{op}: {name} is on {t.device} but x_hat is on {x_hat.device}; move them to one device",
+    )
+
+
 def _check_args(x_hat, x, h, P, y, lam):
     """The checks of ``check_dsae_loss_args`` (C++), for fake tensors; returns (B, D, d, c)."""
     op = "dsae_loss"
     named = (("x_hat", x_hat), ("x", x), ("h", h), ("P", P), ("y", y))
     for name, t in named:
-        torch._check_type(t.dtype.is_floating_point, lambda: f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
+        _check_floating(op, name, t)
     for name, t in (("x_hat", x_hat), ("h", h), ("P", P)):
         torch._check_value(t.dim() == 2, lambda: f"{op}: {name} must be a 2-D tensor, got shape {list(t.shape)}")
     B, D, d, c = x_hat.shape[0], x_hat.shape[1], h.shape[1], P.shape[1]
     torch._check_value(B > 0, lambda: f"{op}: x_hat has no rows (an empty batch has no loss)")
     torch._check_value(D > 0, lambda: f"{op}: x_hat has no columns")
-    torch._check_value(x.shape == (B, D), lambda: f"{op}: x must have shape {[B, D]}, got {list(x.shape)}")
+    _check_shape(op, "x", x, (B, D))
     torch._check_value(
         h.shape[0] == B, lambda: f"{op}: h must have one row per row of x_hat ({B}), got shape {list(h.shape)}"
     )
@@ -89,17 +105,14 @@ def _check_args(x_hat, x, h, P, y, lam):
     torch._check_value(
         c <= d, lambda: f"{op}: P has c = {c} columns but d = {d} rows; SDML needs c <= d (P has orthonormal columns)"
     )
-    torch._check_value(y.shape == (B, c), lambda: f"{op}: y must have shape {[B, c]}, got {list(y.shape)}")
+    _check_shape(op, "y", y, (B, c))
     for name, t in named[1:]:
         torch._check_type(
             t.dtype == x_hat.dtype,
             lambda: f"{op}: {name} has dtype {t.dtype} but x_hat has dtype {x_hat.dtype}; cast them to one floating dtype",
         )
     for name, t in named[1:]:
-        torch._check_value(
-            t.device == x_hat.device,
-            lambda: f"{op}: {name} is on {t.device} but x_hat is on {x_hat.device}; move them to one device",
-        )
+        _check_device(op, name, t, x_hat)
     torch._check_value(0.0 <= lam <= 1.0, lambda: f"{op}: lam must be in [0, 1], got {lam}")
     if x_hat.device.type == "cpu":
         torch._check_type(
@@ -136,23 +149,15 @@ def _check_backward_args(grads, x_hat, row_rec, row_sup, n_labelled, batch):
         ("row_sup", row_sup, (batch,), acc),
         ("n_labelled", n_labelled, (), torch.int64),
     ):
-        torch._check_value(
-            t.device == x_hat.device,
-            lambda: f"{op}: {name} is on {t.device} but x_hat is on {x_hat.device}; move them to one device",
-        )
-        torch._check_value(t.shape == shape, lambda: f"{op}: {name} must have shape {list(shape)}, got {list(t.shape)}")
+        _check_device(op, name, t, x_hat)
+        _check_shape(op, name, t, shape)
         torch._check_type(t.dtype == dtype, lambda: f"{op}: {name} must have dtype {dtype}, got {t.dtype}")
-    for name, g, shape in zip(
-        ("grad_loss", "grad_rec", "grad_sup", "grad_row_rec", "grad_row_sup"), grads, ((),) * 3 + ((batch,),) * 2
-    ):
-        if g is None:
-            continue
-        torch._check_type(g.dtype.is_floating_point, lambda: f"{op}: {name} must be a floating-point tensor, got {g.dtype}")
-        torch._check_value(
-            g.device == x_hat.device,
-            lambda: f"{op}: {name} is on {g.device} but x_hat is on {x_hat.device}; move them to one device",
-        )
-        torch._check_value(g.shape == shape, lambda: f"{op}: {name} must have shape {list(shape)}, got {list(g.shape)}")
+    names = ("grad_loss", "grad_rec", "grad_sup", "grad_row_rec", "grad_row_sup")
+    for name, g, shape in zip(names, grads, ((),) * 3 + ((batch,),) * 2):
+        if g is not None:
+            _check_floating(op, name, g)
+            _check_device(op, name, g, x_hat)
+            _check_shape(op, name, g, shape)
 
 
 @torch.library.register_fake("sdml::dsae_loss_backward")
