@@ -133,10 +133,11 @@ int64_t check_dsae_loss_cuda_limits(const DsaeSizes& s, at::ScalarType input_dty
   SDML_CHECK_VALUE(s.B <= kDsaeCudaMaxRows, "dsae_loss: on CUDA x_hat must have at most ",
                    kDsaeCudaMaxRows, " rows (one thread block per row), got ", s.B);
   const int64_t acc_size = at::elementSize(dsae_acc_dtype(input_dtype));
-  const int64_t max_d_plus_c = kDsaeCudaSharedBytes / acc_size;
+  const int64_t scratch_bytes = (kDsaeCudaThreads / 32) * acc_size;
+  const int64_t max_d_plus_c = (kDsaeCudaSharedBytes - scratch_bytes) / acc_size;
   SDML_CHECK_VALUE(s.d + s.c <= max_d_plus_c, "dsae_loss: on CUDA d + c must be at most ",
                    max_d_plus_c, " for ", input_dtype, " inputs (h_j and P^T h_j - y_j are staged in ",
-                   kDsaeCudaSharedBytes, " bytes of shared memory), got d = ", s.d, ", c = ", s.c);
+                   kDsaeCudaSharedBytes, " bytes of shared memory per block), got d = ", s.d, ", c = ", s.c);
   return (s.d + s.c) * acc_size;
 }
 

@@ -14,7 +14,7 @@ namespace {
 
 using namespace dsae;
 
-constexpr int kThreads = 256;
+constexpr int kThreads = kDsaeCudaThreads;
 constexpr int kWarps = kThreads / 32;
 
 // Sum of v over the block, valid in thread 0. Deterministic: fixed shuffle tree.

@@ -52,13 +52,15 @@ void check_dsae_loss_finite(const at::Tensor& rec, const at::Tensor& sup, const 
                             const at::Tensor& x, const at::Tensor& h, const at::Tensor& P,
                             const at::Tensor& y);
 
-// Limits of the CUDA kernels: one thread block per row (a grid of at most kDsaeCudaMaxRows
-// blocks), with h_j and P^T h_j - y_j staged in kDsaeCudaSharedBytes of shared memory, i.e.
-// (d + c) accumulation-dtype values.
+// Limits of the CUDA kernels: one block of kDsaeCudaThreads threads per row (a grid of at most
+// kDsaeCudaMaxRows blocks). A block's shared memory, static and dynamic together, is at most
+// kDsaeCudaSharedBytes (the limit without an opt-in): a reduction scratch of one accumulation-dtype
+// value per warp (static), and h_j and P^T h_j - y_j, (d + c) values (dynamic).
+constexpr int kDsaeCudaThreads = 256;
 constexpr int64_t kDsaeCudaMaxRows = 2147483647;  // gridDim.x
-constexpr int64_t kDsaeCudaSharedBytes = 48 * 1024;  // static shared memory per block, no opt-in
+constexpr int64_t kDsaeCudaSharedBytes = 48 * 1024;
 // Raises a ValueError naming the size when a call of these sizes and dtype exceeds the limits;
-// returns the shared memory bytes a block needs.
+// returns the dynamic shared memory bytes a block needs.
 int64_t check_dsae_loss_cuda_limits(const DsaeSizes& s, at::ScalarType input_dtype);
 
 // A copy only when rows are not unit-stride in their last dimension.
