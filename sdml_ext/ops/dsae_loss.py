@@ -54,7 +54,12 @@ def dsae_loss(
             not finite. Free on CPU; on CUDA it reads one value back (a stream sync).
 
     All tensors share one device and one dtype: float32/float64 on CPU; float32, float64,
-    float16 or bfloat16 on CUDA (accumulating in float32, float64 for float64).
+    float16 or bfloat16 on CUDA (accumulating in float32, float64 for float64). On CUDA,
+    d + c <= 12280 (6136 for float64): a row's h and P^T h - y live in a block's shared memory.
+
+    Raises:
+        ValueError / TypeError naming the argument for a bad shape, dtype, device or ``lam``, also
+        while ``torch.compile`` traces the call; ValueError naming the input that holds NaN/Inf.
     """
     for name, t in (("P", P), ("y", y)):
         if isinstance(t, Tensor) and t.requires_grad:
