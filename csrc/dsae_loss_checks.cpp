@@ -1,14 +1,50 @@
-// Argument validation and error reporting shared by the CPU and CUDA entry points of dsae_loss.
+// Host code shared by the CPU and CUDA entry points of dsae_loss: argument checks, output
+// allocation, the finite check and the CUDA launch limits.
 #include "sdml/dsae_loss.h"
 
 #include <cmath>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include "sdml/checks.h"
+#include "sdml/host_buffers.h"
 
 namespace sdml {
 
-void check_dsae_loss_args(const at::Tensor& x_hat, const at::Tensor& x, const at::Tensor& h,
-                          const at::Tensor& P, const at::Tensor& y, double lam) {
-  constexpr const char* op = "dsae_loss";
+namespace {
+constexpr const char* kOp = "dsae_loss";
+constexpr const char* kBackwardOp = "dsae_loss_backward";
+
+// An optional upstream gradient, when present: floating, on x_hat's device, of the given shape.
+void check_grad(const char* name, const std::optional<at::Tensor>& g, const at::Tensor& x_hat,
+                at::IntArrayRef shape) {
+  if (!g.has_value()) return;
+  TORCH_CHECK_TYPE(at::isFloatingType(g->scalar_type()), kBackwardOp, ": ", name,
+                   " must be a floating-point tensor, got ", g->scalar_type());
+  SDML_CHECK_VALUE(g->device() == x_hat.device(), kBackwardOp, ": ", name, " is on ", g->device(),
+                   " but x_hat is on ", x_hat.device(), "; move them to one device");
+  SDML_CHECK_VALUE(g->sizes() == shape, kBackwardOp, ": ", name, " must have shape ", shape,
+                   ", got ", g->sizes());
+}
+
+// A saved forward output: on x_hat's device, of the given shape and dtype.
+void check_saved(const char* name, const at::Tensor& t, const at::Tensor& x_hat, at::IntArrayRef shape,
+                 at::ScalarType dtype) {
+  SDML_CHECK_VALUE(t.device() == x_hat.device(), kBackwardOp, ": ", name, " is on ", t.device(),
+                   " but x_hat is on ", x_hat.device(), "; move them to one device");
+  SDML_CHECK_VALUE(t.sizes() == shape, kBackwardOp, ": ", name, " must have shape ", shape, ", got ",
+                   t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, kBackwardOp, ": ", name, " must have dtype ", dtype,
+                   ", got ", t.scalar_type());
+}
+}  // namespace
+
+at::ScalarType dsae_acc_dtype(at::ScalarType input_dtype) {
+  return input_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+DsaeSizes check_dsae_loss_args(const at::Tensor& x_hat, const at::Tensor& x, const at::Tensor& h,
+                               const at::Tensor& P, const at::Tensor& y, double lam) {
+  constexpr const char* op = kOp;
   SDML_CHECK_FLOATING(op, x_hat);
   SDML_CHECK_FLOATING(op, x);
   SDML_CHECK_FLOATING(op, h);
@@ -40,6 +76,42 @@ void check_dsae_loss_args(const at::Tensor& x_hat, const at::Tensor& x, const at
   SDML_CHECK_DEVICE(op, y, x_hat);
   SDML_CHECK_VALUE(std::isfinite(lam) && lam >= 0.0 && lam <= 1.0,
                    "dsae_loss: lam must be in [0, 1], got ", lam);
+  return {B, D, d, c};
+}
+
+DsaeSizes check_dsae_loss_backward_args(
+    const std::optional<at::Tensor>& grad_loss, const std::optional<at::Tensor>& grad_rec,
+    const std::optional<at::Tensor>& grad_sup, const std::optional<at::Tensor>& grad_row_rec,
+    const std::optional<at::Tensor>& grad_row_sup, const at::Tensor& x_hat, const at::Tensor& x,
+    const at::Tensor& h, const at::Tensor& P, const at::Tensor& y, const at::Tensor& row_rec,
+    const at::Tensor& row_sup, const at::Tensor& n_labelled, double lam) {
+  const DsaeSizes s = check_dsae_loss_args(x_hat, x, h, P, y, lam);
+  const at::ScalarType acc = dsae_acc_dtype(x_hat.scalar_type());
+  check_saved("row_rec", row_rec, x_hat, {s.B}, acc);
+  check_saved("row_sup", row_sup, x_hat, {s.B}, acc);
+  check_saved("n_labelled", n_labelled, x_hat, {}, at::kLong);
+  check_grad("grad_loss", grad_loss, x_hat, {});
+  check_grad("grad_rec", grad_rec, x_hat, {});
+  check_grad("grad_sup", grad_sup, x_hat, {});
+  check_grad("grad_row_rec", grad_row_rec, x_hat, {s.B});
+  check_grad("grad_row_sup", grad_row_sup, x_hat, {s.B});
+  return s;
+}
+
+DsaeForward empty_dsae_forward(const at::Tensor& x_hat, int64_t B) {
+  const at::TensorOptions opts = x_hat.options();
+  const at::TensorOptions acc = opts.dtype(dsae_acc_dtype(x_hat.scalar_type()));
+  return {at::empty({}, opts),      at::empty({}, opts),  at::empty({}, opts),
+          at::empty({B}, acc),      at::empty({B}, acc),  at::zeros({}, opts.dtype(at::kLong))};
+}
+
+DsaeBackward empty_dsae_backward(const at::Tensor& x_hat, const DsaeSizes& s, bool need_input_grad,
+                                 bool need_code_grad) {
+  const auto empty = [&](int64_t rows, int64_t cols) {
+    return x_hat.is_cpu() ? empty_large_cpu({rows, cols}, x_hat.options())
+                          : at::empty({rows, cols}, x_hat.options());
+  };
+  return {empty(need_input_grad ? s.B : 0, s.D), empty(need_code_grad ? s.B : 0, s.d)};
 }
 
 void check_dsae_loss_finite(const at::Tensor& rec, const at::Tensor& sup, const at::Tensor& x_hat,
@@ -55,6 +127,18 @@ void check_dsae_loss_finite(const at::Tensor& rec, const at::Tensor& sup, const 
   }
   SDML_CHECK_VALUE(false, "dsae_loss: the loss overflowed ", x_hat.scalar_type(),
                    " although every input is finite; scale the inputs down or use a wider dtype");
+}
+
+int64_t check_dsae_loss_cuda_limits(const DsaeSizes& s, at::ScalarType input_dtype) {
+  SDML_CHECK_VALUE(s.B <= kDsaeCudaMaxRows, "dsae_loss: on CUDA x_hat must have at most ",
+                   kDsaeCudaMaxRows, " rows (one thread block per row), got ", s.B);
+  const int64_t acc_size = at::elementSize(dsae_acc_dtype(input_dtype));
+  const int64_t scratch_bytes = (kDsaeCudaThreads / 32) * acc_size;
+  const int64_t max_d_plus_c = (kDsaeCudaSharedBytes - scratch_bytes) / acc_size;
+  SDML_CHECK_VALUE(s.d + s.c <= max_d_plus_c, "dsae_loss: on CUDA d + c must be at most ",
+                   max_d_plus_c, " for ", input_dtype, " inputs (h_j and P^T h_j - y_j are staged in ",
+                   kDsaeCudaSharedBytes, " bytes of shared memory per block), got d = ", s.d, ", c = ", s.c);
+  return (s.d + s.c) * acc_size;
 }
 
 at::Tensor rows_contiguous(const at::Tensor& t) {

@@ -1,5 +1,10 @@
-"""Plain numpy references of the retrieval ops, written from the definitions in
-shared/docs/sdml.md (Evaluation), plus a reproduction of the authors' evaluation code."""
+"""Plain numpy references of the retrieval ops, written from the paper's evaluation definitions,
+plus a reproduction of the authors' evaluation code.
+
+The definitions: gallery ranked per query by descending cosine similarity, ties by ascending
+gallery index; relevant = same class id, or multi-hot label rows sharing a class;
+AP@k = (1/r) sum_{j<=k} rel_j * (sum_{t<=j} rel_t) / j with r = sum_{j<=k} rel_j (the relevant
+items retrieved within k, not all relevant items), 0 when r = 0; k = gallery size for mAP@all."""
 
 from __future__ import annotations
 

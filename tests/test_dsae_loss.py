@@ -2,8 +2,10 @@
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import sdml_ext
+from sdml_ext import _extension
 from sdml_ext.loss import DSAELoss
 from sdml_ext.ops import dsae_loss
 
@@ -12,7 +14,8 @@ from conftest import DEVICES
 # (B, D, d, c): single row, single column, c = 1, c = d, odd sizes, the paper's shapes.
 SHAPES = [(1, 1, 1, 1), (1, 7, 5, 3), (5, 13, 16, 1), (4, 9, 6, 6), (33, 129, 64, 10), (100, 300, 512, 80)]
 CPU_DTYPES = [torch.float32, torch.float64]
-# Relative error bounds against a float64 reference (the issue's acceptance bounds).
+# Relative error bounds against a float64 reference: a few ulps of float32 accumulation over the
+# largest shape, and float64 round-off with room for reordering.
 REL_TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 
@@ -253,32 +256,127 @@ def _good(device="cpu"):
     return dict(zip(["x_hat", "x", "h", "P", "y"], make_inputs(4, 6, 8, 3, torch.float32, device)))
 
 
+# How a bad call is made: eagerly on CPU tensors, or on fake tensors (what torch.compile traces
+# with), where only the fake implementation's checks can catch it: no kernel runs.
+CALL_MODES = ["eager", "fake"]
+
+
+def _call(mode, op, args):
+    if mode == "eager":
+        return op(**args)
+    with FakeTensorMode() as fake:
+        return op(**{k: fake.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in args.items()})
+
+
+@pytest.mark.parametrize("mode", CALL_MODES)
 @pytest.mark.parametrize(
     "name, value, error, match",
     [
-        ("x", torch.zeros(4, 7), ValueError, "x must have shape"),
+        ("x", torch.zeros(4, 7), ValueError, r"x must have shape \[4, 6\], got \[4, 7\]"),
+        ("x", torch.zeros(4, 6, 1), ValueError, "x must have shape"),
         ("x_hat", torch.zeros(4, 6, 1), ValueError, "x_hat must be a 2-D"),
         ("x_hat", torch.zeros(0, 6), ValueError, "x_hat has no rows"),
         ("h", torch.zeros(3, 8), ValueError, "h must have one row per row"),
+        ("h", torch.zeros(4, 0), ValueError, "h has no columns"),
         ("P", torch.zeros(7, 3), ValueError, "P must be d x c"),
         ("P", torch.zeros(8, 9), ValueError, "c <= d"),
+        ("P", torch.zeros(8), ValueError, "P must be a 2-D"),
         ("y", torch.zeros(4, 2), ValueError, "y must have shape"),
         ("y", torch.zeros(4, 3, dtype=torch.int64), TypeError, "y must be a floating-point"),
         ("x_hat", torch.zeros(4, 6, dtype=torch.int32), TypeError, "x_hat must be a floating-point"),
-        ("h", torch.zeros(4, 8, dtype=torch.float64), TypeError, "h has dtype Double but x_hat"),
+        ("h", torch.zeros(4, 8, dtype=torch.float64), TypeError, r"h has dtype \S+ but x_hat has dtype"),
+        ("y", torch.zeros(4, 3, device="meta"), ValueError, "y is on meta but x_hat is on cpu"),
     ],
 )
-def test_bad_arguments_name_the_argument(name, value, error, match):
+def test_bad_arguments_name_the_argument(name, value, error, match, mode):
     args = _good()
     args[name] = value
     with pytest.raises(error, match=match):
+        _call(mode, dsae_loss, args)
+
+
+@pytest.mark.parametrize("mode", CALL_MODES)
+@pytest.mark.parametrize("lam", [-0.1, 1.5, float("nan")])
+def test_bad_lambda(lam, mode):
+    with pytest.raises(ValueError, match="lam must be in"):
+        _call(mode, dsae_loss, dict(_good(), lam=lam))
+
+
+@pytest.mark.parametrize("name", ["x_hat", "x", "h", "P", "y"])
+def test_meta_tensor_mixed_with_cpu_is_refused(name):
+    """Mixing devices is refused by our own device check, whichever device dispatch picks; before it,
+    a meta tensor among CPU ones reached the fake implementation and returned uninitialized memory."""
+    args = _good()
+    args[name] = args[name].to("meta")
+    match = "x is on cpu but x_hat is on meta" if name == "x_hat" else f"{name} is on meta but x_hat is on cpu"
+    with pytest.raises(ValueError, match=match):
         dsae_loss(**args)
 
 
-@pytest.mark.parametrize("lam", [-0.1, 1.5, float("nan")])
-def test_bad_lambda(lam):
-    with pytest.raises(ValueError, match="lam must be in"):
-        dsae_loss(**_good(), lam=lam)
+def test_compile_rejects_bad_shapes_while_tracing():
+    """The fake implementation's checks stop torch.compile before a graph reaches the backend."""
+    args = _good()
+    args["P"] = torch.zeros(8, 9)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(lambda a: dsae_loss(**a).loss, backend=backend, fullgraph=True)
+    with pytest.raises(Exception, match="c <= d"):
+        compiled(args)
+    assert graphs == []
+
+
+def _backward_args(**overrides):
+    """Arguments of dsae_loss_backward for the inputs of _good(), with some replaced."""
+    inputs = _good()
+    out = torch.ops.sdml.dsae_loss.default(*inputs.values(), 0.5, True)
+    g = torch.ones(())
+    args = dict(
+        grad_loss=g, grad_rec=None, grad_sup=g, grad_row_rec=torch.ones(4), grad_row_sup=None, **inputs,
+        row_rec=out[3], row_sup=out[4], n_labelled=out[5], lam=0.5, need_input_grad=True, need_code_grad=True,
+    )
+    args.update(overrides)
+    return args
+
+
+@pytest.mark.parametrize("mode", CALL_MODES)
+@pytest.mark.parametrize(
+    "name, value, error, match",
+    [
+        ("row_rec", torch.zeros(3), ValueError, r"row_rec must have shape \[4\], got \[3\]"),
+        ("row_sup", torch.zeros(4, dtype=torch.float64), TypeError, "row_sup must have dtype"),
+        ("n_labelled", torch.zeros(1, dtype=torch.int64), ValueError, "n_labelled must have shape"),
+        ("n_labelled", torch.zeros((), dtype=torch.int32), TypeError, "n_labelled must have dtype"),
+        ("grad_loss", torch.ones(2), ValueError, "grad_loss must have shape"),
+        ("grad_row_sup", torch.ones(5), ValueError, "grad_row_sup must have shape"),
+        ("grad_row_rec", torch.ones(4, dtype=torch.int64), TypeError, "grad_row_rec must be a floating-point"),
+        ("grad_sup", torch.ones((), device="meta"), ValueError, "grad_sup is on meta but x_hat is on cpu"),
+        ("P", torch.zeros(7, 3), ValueError, "P must be d x c"),
+    ],
+)
+def test_backward_op_checks_saved_tensors_and_gradients(name, value, error, match, mode):
+    """Called directly, the backward op refuses what would make its kernel read out of bounds."""
+    with pytest.raises(error, match=match):
+        _call(mode, torch.ops.sdml.dsae_loss_backward.default, _backward_args(**{name: value}))
+
+
+def test_backward_op_fake_shapes():
+    args = _backward_args(need_input_grad=False)
+    with FakeTensorMode() as fake:
+        gx, gh = torch.ops.sdml.dsae_loss_backward.default(
+            **{k: fake.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+        )
+    assert gx.shape == (0, 6) and gh.shape == (4, 8)
+
+
+def test_fake_tensors_skip_the_finite_check():
+    # The finite check reads values: fake tensors have none, so it must not run (or raise) there.
+    args = _good()
+    args["x"][-1, -1] = float("nan")
+    assert _call("fake", dsae_loss, args).loss.shape == ()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -310,10 +408,11 @@ def test_constants_must_not_require_grad(name):
         dsae_loss(**args)
 
 
-def test_cpu_rejects_half():
+@pytest.mark.parametrize("mode", CALL_MODES)
+def test_cpu_rejects_half(mode):
     args = {k: v.half() for k, v in _good().items()}
     with pytest.raises(TypeError, match="on CPU x_hat must be float32 or float64"):
-        dsae_loss(**args)
+        _call(mode, dsae_loss, args)
 
 
 @pytest.mark.cuda
@@ -325,11 +424,54 @@ def test_mixed_devices():
         dsae_loss(**args)
 
 
-def test_cuda_call_without_gpu_is_a_clean_error():
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present")
-    with pytest.raises((RuntimeError, AssertionError)):
-        dsae_loss(**{k: v.to("cuda") for k, v in _good().items()})
+# ---- CUDA launch limits: checked by host code compiled into every build -----------------------
+
+# The largest d + c per accumulation dtype (float32, or float64 for float64 inputs): 48 KiB of
+# shared memory per block, less a reduction scratch of one value per warp (8 warps); and the most
+# rows (one block per row: gridDim.x).
+MAX_D_PLUS_C = {False: (48 * 1024 - 8 * 4) // 4, True: (48 * 1024 - 8 * 8) // 8}
+MAX_ROWS = 2**31 - 1
+
+
+@pytest.mark.parametrize("float64", [False, True])
+def test_cuda_limits_at_and_past_the_bounds(float64):
+    check = _extension._C.check_dsae_loss_cuda_limits
+    top = MAX_D_PLUS_C[float64]
+    assert check(MAX_ROWS, 5, top - 1, 1, float64) == top * (8 if float64 else 4)
+    with pytest.raises(ValueError, match=f"on CUDA d \\+ c must be at most {top} .*got d = {top}, c = 1"):
+        check(7, 5, top, 1, float64)
+    with pytest.raises(ValueError, match=f"on CUDA x_hat must have at most {MAX_ROWS} rows"):
+        check(MAX_ROWS + 1, 5, 8, 2, float64)
+
+
+def _fake_cuda_call(B, d, c, dtype):
+    with FakeTensorMode():
+        t = [torch.empty(s, dtype=dtype, device="cuda") for s in ((B, 3), (B, 3), (B, d), (d, c), (B, c))]
+        return dsae_loss(*t)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_cuda_limits_reached_through_the_fake_implementation(dtype):
+    """A CUDA call past the limits fails while tracing (fake CUDA tensors need no GPU)."""
+    top = MAX_D_PLUS_C[dtype == torch.float64]
+    assert _fake_cuda_call(2, top - 1, 1, dtype).row_rec.shape == (2,)
+    with pytest.raises(ValueError, match=f"d \\+ c must be at most {top}"):
+        _fake_cuda_call(2, top - 1, 2, dtype)
+    with pytest.raises(ValueError, match="at most 2147483647 rows"):
+        _fake_cuda_call(MAX_ROWS + 1, 4, 2, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_kernel_refuses_past_the_limits():
+    top = MAX_D_PLUS_C[False]
+    x_hat, x, h, P, y = make_inputs(2, 3, top - 1, 2, torch.float32, "cuda")
+    with pytest.raises(ValueError, match=f"d \\+ c must be at most {top}"):
+        dsae_loss(x_hat, x, h, P, y)
+    h_top = h[:, :-1].clone().requires_grad_()  # d + c = top: both kernels launch
+    out = dsae_loss(x_hat, x, h_top, P[:-1], y)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and torch.isfinite(h_top.grad).all()
 
 
 # ---- the module --------------------------------------------------------------------------------

@@ -15,7 +15,6 @@
 #include "sdml/cpu_blas.h"
 #include "sdml/dsae_loss.h"
 #include "sdml/dsae_loss_math.h"
-#include "sdml/host_buffers.h"
 
 namespace sdml {
 namespace {
@@ -73,61 +72,130 @@ at::Tensor project_tile(const at::Tensor& h, const at::Tensor& P, at::Tensor& ti
 
 int64_t grain_rows(int64_t per_row) { return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(per_row, 1)); }
 
-DsaeForward dsae_loss_cpu(const at::Tensor& x_hat_in, const at::Tensor& x_in, const at::Tensor& h_in,
-                          const at::Tensor& P_in, const at::Tensor& y_in, double lam, bool check_finite) {
-  check_dsae_loss_args(x_hat_in, x_in, h_in, P_in, y_in, lam);
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // the tile GEMMs are internal
-  const at::Tensor x_hat = rows_contiguous(x_hat_in), x = rows_contiguous(x_in), h = h_in,
-                   y = rows_contiguous(y_in), P = P_in;
-  const int64_t B = x_hat.size(0), D = x_hat.size(1), d = h.size(1), c = P.size(1);
+// The row-major views of one call that the row loops read: x_hat, x, y with rows unit-stride
+// (copies only where they are not); h and P as given (the tile GEMMs take any strides).
+struct Rows {
+  at::Tensor x_hat, x, h, P, y;
+  Rows(const at::Tensor& x_hat_in, const at::Tensor& x_in, const at::Tensor& h_in, const at::Tensor& P_in,
+       const at::Tensor& y_in)
+      : x_hat(rows_contiguous(x_hat_in)), x(rows_contiguous(x_in)), h(h_in), P(P_in), y(rows_contiguous(y_in)) {}
+};
+
+// Raw row pointers and row strides of x_hat, x, y.
+template <typename T>
+struct RowPtrs {
+  const T *xh, *x, *y;
+  int64_t sxh, sx, sy;
+  explicit RowPtrs(const Rows& r)
+      : xh(r.x_hat.const_data_ptr<T>()), x(r.x.const_data_ptr<T>()), y(r.y.const_data_ptr<T>()),
+        sxh(r.x_hat.stride(0)), sx(r.x.stride(0)), sy(r.y.stride(0)) {}
+};
+
+// Forward, phase 1: row_rec[j], row_sup[j] and whether row j is labelled, rows in parallel.
+template <typename T, typename A>
+void forward_row_norms(const Rows& r, const DsaeSizes& s, A* rr, A* rs, uint8_t* labelled) {
+  const RowPtrs<T> p(r);
+  at::parallel_for(0, s.B, grain_rows(s.D + s.d * s.c), [&](int64_t begin, int64_t end) {
+    const SingleThreadedBlas one_thread;
+    at::Tensor tile = at::empty({std::min(kTileRows, end - begin), s.c}, r.h.options());
+    for (int64_t row0 = begin; row0 < end; row0 += kTileRows) {
+      const int64_t n = std::min(kTileRows, end - row0);
+      T* e = project_tile(r.h, r.P, tile, row0, n).mutable_data_ptr<T>();
+      for (int64_t j = row0; j < row0 + n; ++j, e += s.c) {
+        rr[j] = std::sqrt(row_sq_dist<T, A>(p.xh + j * p.sxh, p.x + j * p.sx, s.D));
+        labelled[j] = row_labelled(p.y + j * p.sy, s.c);
+        rs[j] = labelled[j] ? std::sqrt(subtract_labels<T, A>(e, p.y + j * p.sy, s.c)) : A(0);
+      }
+    }
+  });
+}
+
+// Forward, phase 2: loss, rec, sup, n_labelled from the row norms. Serial, in row order, in
+// double: deterministic and accurate for any thread count.
+template <typename T, typename A>
+void forward_reduce(const A* rr, const A* rs, const uint8_t* labelled, int64_t B, double lam, const DsaeForward& out) {
+  double sum_rec = 0, sum_sup = 0;
+  int64_t n_lab = 0;
+  for (int64_t j = 0; j < B; ++j) {
+    sum_rec += rr[j];
+    sum_sup += rs[j];
+    n_lab += labelled[j];
+  }
+  const Terms<double> t = combine(sum_rec, sum_sup, B, n_lab, lam);
+  *std::get<0>(out).mutable_data_ptr<T>() = T(t.loss);
+  *std::get<1>(out).mutable_data_ptr<T>() = T(t.rec);
+  *std::get<2>(out).mutable_data_ptr<T>() = T(t.sup);
+  *std::get<5>(out).mutable_data_ptr<int64_t>() = n_lab;
+}
+
+void check_cpu_dtype(const at::Tensor& x_hat) {
   TORCH_CHECK_TYPE(x_hat.scalar_type() == at::kFloat || x_hat.scalar_type() == at::kDouble,
                    "dsae_loss: on CPU x_hat must be float32 or float64, got ", x_hat.scalar_type());
-  const auto acc_dtype = x_hat.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor row_rec = at::empty({B}, x_hat.options().dtype(acc_dtype));
-  at::Tensor row_sup = at::empty({B}, x_hat.options().dtype(acc_dtype));
-  at::Tensor loss = at::empty({}, x_hat.options()), rec = at::empty({}, x_hat.options()),
-             sup = at::empty({}, x_hat.options());
-  at::Tensor n_labelled = at::empty({}, x_hat.options().dtype(at::kLong));
-  std::vector<uint8_t> labelled(B);
+}
 
-  AT_DISPATCH_FLOATING_TYPES(x_hat.scalar_type(), "dsae_loss_cpu", [&] {
+DsaeForward dsae_loss_cpu(const at::Tensor& x_hat_in, const at::Tensor& x_in, const at::Tensor& h_in,
+                          const at::Tensor& P_in, const at::Tensor& y_in, double lam, bool check_finite) {
+  const DsaeSizes s = check_dsae_loss_args(x_hat_in, x_in, h_in, P_in, y_in, lam);
+  check_cpu_dtype(x_hat_in);
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // the tile GEMMs are internal
+  const Rows r(x_hat_in, x_in, h_in, P_in, y_in);
+  const DsaeForward out = empty_dsae_forward(r.x_hat, s.B);
+  std::vector<uint8_t> labelled(s.B);
+  AT_DISPATCH_FLOATING_TYPES(r.x_hat.scalar_type(), "dsae_loss_cpu", [&] {
     using A = acc_t<scalar_t>;
-    const scalar_t *xh_p = x_hat.const_data_ptr<scalar_t>(), *x_p = x.const_data_ptr<scalar_t>(),
-                   *y_p = y.const_data_ptr<scalar_t>();
-    const int64_t sxh = x_hat.stride(0), sx = x.stride(0), sy = y.stride(0);
-    A *rr = row_rec.mutable_data_ptr<A>(), *rs = row_sup.mutable_data_ptr<A>();
-    at::parallel_for(0, B, grain_rows(D + d * c), [&](int64_t begin, int64_t end) {
-      const SingleThreadedBlas one_thread;
-      at::Tensor tile = at::empty({std::min(kTileRows, end - begin), c}, h.options());
-      for (int64_t row0 = begin; row0 < end; row0 += kTileRows) {
-        const int64_t n = std::min(kTileRows, end - row0);
-        scalar_t* e = project_tile(h, P, tile, row0, n).mutable_data_ptr<scalar_t>();
-        for (int64_t j = row0; j < row0 + n; ++j, e += c) {
-          rr[j] = std::sqrt(row_sq_dist<scalar_t, A>(xh_p + j * sxh, x_p + j * sx, D));
-          labelled[j] = row_labelled(y_p + j * sy, c);
-          rs[j] = labelled[j] ? std::sqrt(subtract_labels<scalar_t, A>(e, y_p + j * sy, c)) : A(0);
-        }
-      }
-    });
-    // Serial, in row order, in double: deterministic and accurate for any thread count.
-    double sum_rec = 0, sum_sup = 0;
-    int64_t n_lab = 0;
-    for (int64_t j = 0; j < B; ++j) {
-      sum_rec += rr[j];
-      sum_sup += rs[j];
-      n_lab += labelled[j];
-    }
-    const Terms<double> t = combine(sum_rec, sum_sup, B, n_lab, lam);
-    *loss.mutable_data_ptr<scalar_t>() = scalar_t(t.loss);
-    *rec.mutable_data_ptr<scalar_t>() = scalar_t(t.rec);
-    *sup.mutable_data_ptr<scalar_t>() = scalar_t(t.sup);
-    *n_labelled.mutable_data_ptr<int64_t>() = n_lab;
+    A *rr = std::get<3>(out).mutable_data_ptr<A>(), *rs = std::get<4>(out).mutable_data_ptr<A>();
+    forward_row_norms<scalar_t, A>(r, s, rr, rs, labelled.data());
+    forward_reduce<scalar_t, A>(rr, rs, labelled.data(), s.B, lam, out);
   });
-  if (check_finite) check_dsae_loss_finite(rec, sup, x_hat_in, x_in, h_in, P_in, y_in);
-  return {loss, rec, sup, row_rec, row_sup, n_labelled};
+  if (check_finite) check_dsae_loss_finite(std::get<1>(out), std::get<2>(out), x_hat_in, x_in, h_in, P_in, y_in);
+  return out;
 }
 
 double scalar_or_zero(const std::optional<at::Tensor>& g) { return g.has_value() ? g->item<double>() : 0.0; }
+
+// The upstream gradients as the row loops read them: batch-level weights (math header) and
+// per-row gradients of row_rec / row_sup (null when absent).
+template <typename A>
+struct RowWeights {
+  A w_rec, w_sup;
+  const A *g_row_rec, *g_row_sup;
+  A alpha(int64_t j) const { return w_rec + (g_row_rec ? g_row_rec[j] : A(0)); }
+  A beta(int64_t j) const { return w_sup + (g_row_sup ? g_row_sup[j] : A(0)); }
+};
+
+// Backward, phase 1: grad_x_hat rows = alpha_j (x_hat_j - x_j) / r_j for rows [begin, end).
+template <typename T, typename A>
+void input_grad_rows(const RowPtrs<T>& p, const A* rr, const RowWeights<A>& w, int64_t D, T* gxh,
+                     int64_t begin, int64_t end) {
+  for (int64_t j = begin; j < end; ++j)
+    row_scaled_diff<T, A>(p.xh + j * p.sxh, p.x + j * p.sx, gxh + j * D, w.alpha(j) * inv_norm_or_zero(rr[j]), D);
+}
+
+// Backward, phase 2: grad_h rows = (beta_j / s_j) e_j P^T for rows [begin, end): the residual
+// rows of a tile are formed and scaled in the tile buffer, then one GEMM writes the tile's rows.
+template <typename T, typename A>
+void code_grad_rows(const Rows& r, const RowPtrs<T>& p, const A* rs, const RowWeights<A>& w, int64_t c,
+                    at::Tensor& grad_h, int64_t begin, int64_t end) {
+  const SingleThreadedBlas one_thread;
+  at::Tensor tile = at::empty({std::min(kTileRows, end - begin), c}, r.h.options());
+  for (int64_t row0 = begin; row0 < end; row0 += kTileRows) {
+    const int64_t n = std::min(kTileRows, end - row0);
+    at::Tensor E = project_tile(r.h, r.P, tile, row0, n);
+    T* e = E.mutable_data_ptr<T>();
+    for (int64_t j = row0; j < row0 + n; ++j, e += c) {
+      const T* y_j = p.y + j * p.sy;
+      if (!row_labelled(y_j, c)) {
+        std::fill_n(e, c, T(0));
+        continue;
+      }
+      subtract_labels<T, A>(e, y_j, c);
+      const A coef = w.beta(j) * inv_norm_or_zero(rs[j]);
+      for (int64_t col = 0; col < c; ++col) e[col] = T(coef * A(e[col]));
+    }
+    at::Tensor out = grad_h.narrow(0, row0, n);
+    at::mm_out(out, E, r.P.t());
+  }
+}
 
 DsaeBackward dsae_loss_backward_cpu(
     const std::optional<at::Tensor>& grad_loss, const std::optional<at::Tensor>& grad_rec,
@@ -136,62 +204,38 @@ DsaeBackward dsae_loss_backward_cpu(
     const at::Tensor& h_in, const at::Tensor& P_in, const at::Tensor& y_in, const at::Tensor& row_rec,
     const at::Tensor& row_sup, const at::Tensor& n_labelled, double lam, bool need_input_grad,
     bool need_code_grad) {
-  check_dsae_loss_args(x_hat_in, x_in, h_in, P_in, y_in, lam);
+  const DsaeSizes s = check_dsae_loss_backward_args(grad_loss, grad_rec, grad_sup, grad_row_rec, grad_row_sup,
+                                                    x_hat_in, x_in, h_in, P_in, y_in, row_rec, row_sup,
+                                                    n_labelled, lam);
+  check_cpu_dtype(x_hat_in);
   const at::AutoDispatchBelowADInplaceOrView below_autograd;  // the tile GEMMs are internal
-  const at::Tensor x_hat = rows_contiguous(x_hat_in), x = rows_contiguous(x_in), h = h_in,
-                   y = rows_contiguous(y_in), P = P_in;
-  const int64_t B = x_hat.size(0), D = x_hat.size(1), d = h.size(1), c = P.size(1);
+  const Rows r(x_hat_in, x_in, h_in, P_in, y_in);
+  DsaeBackward grads = empty_dsae_backward(r.x_hat, s, need_input_grad, need_code_grad);
+  at::Tensor &grad_x_hat = std::get<0>(grads), &grad_h = std::get<1>(grads);
   const auto acc_dtype = row_rec.scalar_type();
-  const at::Tensor g_row_rec = grad_row_rec.has_value() ? grad_row_rec->to(acc_dtype).contiguous() : at::Tensor();
-  const at::Tensor g_row_sup = grad_row_sup.has_value() ? grad_row_sup->to(acc_dtype).contiguous() : at::Tensor();
-  at::Tensor grad_x_hat = empty_large_cpu({need_input_grad ? B : 0, D}, x_hat.options());
-  at::Tensor grad_h = empty_large_cpu({need_code_grad ? B : 0, d}, h.options());
+  const auto per_row = [&](const std::optional<at::Tensor>& g) {
+    return g.has_value() ? g->to(acc_dtype).contiguous() : at::Tensor();
+  };
+  const at::Tensor g_row_rec = per_row(grad_row_rec), g_row_sup = per_row(grad_row_sup);
   const double g_loss = scalar_or_zero(grad_loss), g_rec = scalar_or_zero(grad_rec),
                g_sup = scalar_or_zero(grad_sup);
   const int64_t n_lab = n_labelled.item<int64_t>();
 
-  AT_DISPATCH_FLOATING_TYPES(x_hat.scalar_type(), "dsae_loss_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(r.x_hat.scalar_type(), "dsae_loss_backward_cpu", [&] {
     using A = acc_t<scalar_t>;
-    const scalar_t *xh_p = x_hat.const_data_ptr<scalar_t>(), *x_p = x.const_data_ptr<scalar_t>(),
-                   *y_p = y.const_data_ptr<scalar_t>();
-    const int64_t sxh = x_hat.stride(0), sx = x.stride(0), sy = y.stride(0);
+    const RowPtrs<scalar_t> p(r);
+    const RowWeights<A> w{rec_weight<A>(g_loss, g_rec, lam, s.B), sup_weight<A>(g_loss, g_sup, lam, n_lab),
+                          g_row_rec.defined() ? g_row_rec.const_data_ptr<A>() : nullptr,
+                          g_row_sup.defined() ? g_row_sup.const_data_ptr<A>() : nullptr};
     const A *rr = row_rec.const_data_ptr<A>(), *rs = row_sup.const_data_ptr<A>();
-    const A *grr = g_row_rec.defined() ? g_row_rec.const_data_ptr<A>() : nullptr;
-    const A *grs = g_row_sup.defined() ? g_row_sup.const_data_ptr<A>() : nullptr;
-    const A w_rec = rec_weight<A>(g_loss, g_rec, lam, B), w_sup = sup_weight<A>(g_loss, g_sup, lam, n_lab);
     scalar_t* gxh = need_input_grad ? grad_x_hat.mutable_data_ptr<scalar_t>() : nullptr;
-    const int64_t per_row = (need_input_grad ? D : 0) + (need_code_grad ? 2 * d * c : 0);
-    at::parallel_for(0, B, grain_rows(per_row), [&](int64_t begin, int64_t end) {
-      if (gxh) {
-        for (int64_t j = begin; j < end; ++j) {
-          const A alpha = w_rec + (grr ? grr[j] : A(0));
-          row_scaled_diff<scalar_t, A>(xh_p + j * sxh, x_p + j * sx, gxh + j * D,
-                                       alpha * inv_norm_or_zero(rr[j]), D);
-        }
-      }
-      if (!need_code_grad) return;
-      const SingleThreadedBlas one_thread;
-      // grad_h rows = (beta_j / s_j) e_j P^T: scale the residual rows, then one GEMM per tile.
-      at::Tensor tile = at::empty({std::min(kTileRows, end - begin), c}, h.options());
-      for (int64_t row0 = begin; row0 < end; row0 += kTileRows) {
-        const int64_t n = std::min(kTileRows, end - row0);
-        at::Tensor E = project_tile(h, P, tile, row0, n);
-        scalar_t* e = E.mutable_data_ptr<scalar_t>();
-        for (int64_t j = row0; j < row0 + n; ++j, e += c) {
-          if (!row_labelled(y_p + j * sy, c)) {
-            std::fill_n(e, c, scalar_t(0));
-            continue;
-          }
-          subtract_labels<scalar_t, A>(e, y_p + j * sy, c);
-          const A coef = (w_sup + (grs ? grs[j] : A(0))) * inv_norm_or_zero(rs[j]);
-          for (int64_t col = 0; col < c; ++col) e[col] = scalar_t(coef * A(e[col]));
-        }
-        at::Tensor out = grad_h.narrow(0, row0, n);
-        at::mm_out(out, E, P.t());
-      }
+    const int64_t per_row_work = (need_input_grad ? s.D : 0) + (need_code_grad ? 2 * s.d * s.c : 0);
+    at::parallel_for(0, s.B, grain_rows(per_row_work), [&](int64_t begin, int64_t end) {
+      if (gxh) input_grad_rows<scalar_t, A>(p, rr, w, s.D, gxh, begin, end);
+      if (need_code_grad) code_grad_rows<scalar_t, A>(r, p, rs, w, s.c, grad_h, begin, end);
     });
   });
-  return {grad_x_hat, grad_h};
+  return grads;
 }
 
 }  // namespace

@@ -1,8 +1,6 @@
 // CUDA kernel of the fused SDML loss: one thread block per row, launched on the current stream.
 // The per-row math is sdml/dsae_loss_math.h, shared with the CPU kernel.
 #include <ATen/Dispatch.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -16,9 +14,8 @@ namespace {
 
 using namespace dsae;
 
-constexpr int kThreads = 256;
+constexpr int kThreads = kDsaeCudaThreads;
 constexpr int kWarps = kThreads / 32;
-constexpr size_t kMaxSharedBytes = 48 * 1024;
 
 // Sum of v over the block, valid in thread 0. Deterministic: fixed shuffle tree.
 template <typename A>
@@ -161,43 +158,42 @@ __global__ void __launch_bounds__(kThreads) dsae_backward_kernel(
   }
 }
 
-size_t shared_bytes(int64_t d, int64_t c, size_t acc_size) {
-  const size_t bytes = static_cast<size_t>(d + c) * acc_size;
-  TORCH_CHECK_VALUE(bytes <= kMaxSharedBytes, "dsae_loss: on CUDA d + c must be at most ",
-                    kMaxSharedBytes / acc_size, ", got d = ", d, ", c = ", c);
-  return bytes;
-}
+// The views the kernels read: x_hat, x, h, y with unit-stride rows (copies only where they are
+// not) and P^T contiguous ([c, d]: a column of P per row, read by one warp).
+struct DeviceRows {
+  at::Tensor x_hat, x, h, y, Pt;
+  DeviceRows(const at::Tensor& x_hat_in, const at::Tensor& x_in, const at::Tensor& h_in, const at::Tensor& P_in,
+             const at::Tensor& y_in)
+      : x_hat(rows_contiguous(x_hat_in)), x(rows_contiguous(x_in)), h(rows_contiguous(h_in)),
+        y(rows_contiguous(y_in)), Pt(P_in.t().contiguous()) {}
+};
 
 DsaeForward dsae_loss_cuda(const at::Tensor& x_hat_in, const at::Tensor& x_in, const at::Tensor& h_in,
                            const at::Tensor& P_in, const at::Tensor& y_in, double lam, bool check_finite) {
-  check_dsae_loss_args(x_hat_in, x_in, h_in, P_in, y_in, lam);
+  const DsaeSizes s = check_dsae_loss_args(x_hat_in, x_in, h_in, P_in, y_in, lam);
+  const size_t smem = check_dsae_loss_cuda_limits(s, x_hat_in.scalar_type());
   const c10::cuda::CUDAGuard guard(x_hat_in.device());
-  const at::Tensor x_hat = rows_contiguous(x_hat_in), x = rows_contiguous(x_in),
-                   h = rows_contiguous(h_in), y = rows_contiguous(y_in), Pt = P_in.t().contiguous();
-  const int64_t B = x_hat.size(0), D = x_hat.size(1), d = h.size(1), c = Pt.size(0);
-  const auto acc_dtype = x_hat.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor row_rec = at::empty({B}, x_hat.options().dtype(acc_dtype));
-  at::Tensor row_sup = at::empty({B}, x_hat.options().dtype(acc_dtype));
-  at::Tensor n_labelled = at::zeros({}, x_hat.options().dtype(at::kLong));
-  at::Tensor loss = at::empty({}, x_hat.options()), rec = at::empty({}, x_hat.options()),
-             sup = at::empty({}, x_hat.options());
+  const DeviceRows r(x_hat_in, x_in, h_in, P_in, y_in);
+  const DsaeForward out = empty_dsae_forward(r.x_hat, s.B);
+  const at::Tensor &loss = std::get<0>(out), &rec = std::get<1>(out), &sup = std::get<2>(out),
+                   &row_rec = std::get<3>(out), &row_sup = std::get<4>(out), &n_labelled = std::get<5>(out);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_hat.scalar_type(), "dsae_loss_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.x_hat.scalar_type(), "dsae_loss_cuda", [&] {
     using A = acc_t<scalar_t>;
-    dsae_forward_kernel<scalar_t, A><<<B, kThreads, shared_bytes(d, c, sizeof(A)), stream>>>(
-        x_hat.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(),
-        Pt.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), x_hat.stride(0), x.stride(0),
-        h.stride(0), y.stride(0), D, d, c, row_rec.mutable_data_ptr<A>(), row_sup.mutable_data_ptr<A>(),
-        n_labelled.mutable_data_ptr<int64_t>());
+    dsae_forward_kernel<scalar_t, A><<<s.B, kThreads, smem, stream>>>(
+        r.x_hat.const_data_ptr<scalar_t>(), r.x.const_data_ptr<scalar_t>(), r.h.const_data_ptr<scalar_t>(),
+        r.Pt.const_data_ptr<scalar_t>(), r.y.const_data_ptr<scalar_t>(), r.x_hat.stride(0), r.x.stride(0),
+        r.h.stride(0), r.y.stride(0), s.D, s.d, s.c, row_rec.mutable_data_ptr<A>(),
+        row_sup.mutable_data_ptr<A>(), n_labelled.mutable_data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     dsae_finalize_kernel<scalar_t, A><<<1, kThreads, 0, stream>>>(
-        row_rec.const_data_ptr<A>(), row_sup.const_data_ptr<A>(), n_labelled.const_data_ptr<int64_t>(), B,
+        row_rec.const_data_ptr<A>(), row_sup.const_data_ptr<A>(), n_labelled.const_data_ptr<int64_t>(), s.B,
         static_cast<A>(lam), loss.mutable_data_ptr<scalar_t>(), rec.mutable_data_ptr<scalar_t>(),
         sup.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   if (check_finite) check_dsae_loss_finite(rec, sup, x_hat_in, x_in, h_in, P_in, y_in);
-  return {loss, rec, sup, row_rec, row_sup, n_labelled};
+  return out;
 }
 
 // A device pointer to g (cast to dtype) or null; g stays alive in holder.
@@ -215,16 +211,17 @@ DsaeBackward dsae_loss_backward_cuda(
     const at::Tensor& h_in, const at::Tensor& P_in, const at::Tensor& y_in, const at::Tensor& row_rec,
     const at::Tensor& row_sup, const at::Tensor& n_labelled, double lam, bool need_input_grad,
     bool need_code_grad) {
-  check_dsae_loss_args(x_hat_in, x_in, h_in, P_in, y_in, lam);
+  const DsaeSizes s = check_dsae_loss_backward_args(grad_loss, grad_rec, grad_sup, grad_row_rec, grad_row_sup,
+                                                    x_hat_in, x_in, h_in, P_in, y_in, row_rec, row_sup,
+                                                    n_labelled, lam);
+  const size_t smem = check_dsae_loss_cuda_limits(s, x_hat_in.scalar_type());
   const c10::cuda::CUDAGuard guard(x_hat_in.device());
-  const at::Tensor x_hat = rows_contiguous(x_hat_in), x = rows_contiguous(x_in),
-                   h = rows_contiguous(h_in), y = rows_contiguous(y_in), Pt = P_in.t().contiguous();
-  const int64_t B = x_hat.size(0), D = x_hat.size(1), d = h.size(1), c = Pt.size(0);
-  at::Tensor grad_x_hat = at::empty({need_input_grad ? B : 0, D}, x_hat.options());
-  at::Tensor grad_h = at::empty({need_code_grad ? B : 0, d}, h.options());
-  if (!need_input_grad && !need_code_grad) return {grad_x_hat, grad_h};
+  DsaeBackward grads = empty_dsae_backward(x_hat_in, s, need_input_grad, need_code_grad);
+  if (!need_input_grad && !need_code_grad) return grads;
+  const DeviceRows r(x_hat_in, x_in, h_in, P_in, y_in);
+  const at::Tensor &grad_x_hat = std::get<0>(grads), &grad_h = std::get<1>(grads);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const auto dtype = x_hat.scalar_type(), acc_dtype = row_rec.scalar_type();
+  const auto dtype = r.x_hat.scalar_type(), acc_dtype = row_rec.scalar_type();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "dsae_loss_backward_cuda", [&] {
     using A = acc_t<scalar_t>;
     at::Tensor held[5];
@@ -233,16 +230,16 @@ DsaeBackward dsae_loss_backward_cuda(
                                device_ptr<scalar_t>(grad_sup, dtype, held[2]),
                                device_ptr<A>(grad_row_rec, acc_dtype, held[3]),
                                device_ptr<A>(grad_row_sup, acc_dtype, held[4])};
-    dsae_backward_kernel<scalar_t, A><<<B, kThreads, shared_bytes(d, c, sizeof(A)), stream>>>(
-        x_hat.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(),
-        Pt.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), x_hat.stride(0), x.stride(0),
-        h.stride(0), y.stride(0), B, D, d, c, row_rec.const_data_ptr<A>(), row_sup.const_data_ptr<A>(),
-        n_labelled.const_data_ptr<int64_t>(), g, static_cast<A>(lam),
+    dsae_backward_kernel<scalar_t, A><<<s.B, kThreads, smem, stream>>>(
+        r.x_hat.const_data_ptr<scalar_t>(), r.x.const_data_ptr<scalar_t>(), r.h.const_data_ptr<scalar_t>(),
+        r.Pt.const_data_ptr<scalar_t>(), r.y.const_data_ptr<scalar_t>(), r.x_hat.stride(0), r.x.stride(0),
+        r.h.stride(0), r.y.stride(0), s.B, s.D, s.d, s.c, row_rec.const_data_ptr<A>(),
+        row_sup.const_data_ptr<A>(), n_labelled.const_data_ptr<int64_t>(), g, static_cast<A>(lam),
         need_input_grad ? grad_x_hat.mutable_data_ptr<scalar_t>() : nullptr,
         need_code_grad ? grad_h.mutable_data_ptr<scalar_t>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {grad_x_hat, grad_h};
+  return grads;
 }
 
 }  // namespace

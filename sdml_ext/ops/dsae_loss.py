@@ -1,6 +1,9 @@
 """The fused SDML loss op: Python face, fake (meta) implementation and autograd.
 
-The schemas are declared once in ``python/registration.cpp``; kernels live in ``csrc/``.
+The schemas are declared once in ``python/registration_dsae_loss.cpp``; kernels live in ``csrc/``.
+The fake implementations run the same argument checks as the kernels (``csrc/dsae_loss_checks.cpp``,
+same messages), so a bad call fails under ``torch.compile`` tracing and ``FakeTensorMode`` too, and a
+meta tensor mixed with real ones is refused instead of returning uninitialized memory.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .. import _extension  # noqa: F401  (loads the kernels and their schemas)
+from .. import _extension  # loads the kernels and their schemas
 
 
 class DSAELossOutput(NamedTuple):
@@ -51,7 +54,12 @@ def dsae_loss(
             not finite. Free on CPU; on CUDA it reads one value back (a stream sync).
 
     All tensors share one device and one dtype: float32/float64 on CPU; float32, float64,
-    float16 or bfloat16 on CUDA (accumulating in float32, float64 for float64).
+    float16 or bfloat16 on CUDA (accumulating in float32, float64 for float64). On CUDA,
+    d + c <= 12280 (6136 for float64): a row's h and P^T h - y live in a block's shared memory.
+
+    Raises:
+        ValueError / TypeError naming the argument for a bad shape, dtype, device or ``lam``, also
+        while ``torch.compile`` traces the call; ValueError naming the input that holds NaN/Inf.
     """
     for name, t in (("P", P), ("y", y)):
         if isinstance(t, Tensor) and t.requires_grad:
@@ -63,9 +71,69 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# The SDML_CHECK_* macros of csrc/include/sdml/checks.h, for fake tensors (same wording).
+def _check_floating(op, name, t):
+    torch._check_type(t.dtype.is_floating_point, lambda: f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
+
+
+def _check_shape(op, name, t, shape):
+    torch._check_value(t.shape == tuple(shape), lambda: f"{op}: {name} must have shape {list(shape)}, got {list(t.shape)}")
+
+
+def _check_device(op, name, t, x_hat):
+    torch._check_value(
+        t.device == x_hat.device,
+        lambda: f"{op}: {name} is on {t.device} but x_hat is on {x_hat.device}; move them to one device",
+    )
+
+
+def _check_args(x_hat, x, h, P, y, lam):
+    """The checks of ``check_dsae_loss_args`` (C++), for fake tensors; returns (B, D, d, c)."""
+    op = "dsae_loss"
+    named = (("x_hat", x_hat), ("x", x), ("h", h), ("P", P), ("y", y))
+    for name, t in named:
+        _check_floating(op, name, t)
+    for name, t in (("x_hat", x_hat), ("h", h), ("P", P)):
+        torch._check_value(t.dim() == 2, lambda: f"{op}: {name} must be a 2-D tensor, got shape {list(t.shape)}")
+    B, D, d, c = x_hat.shape[0], x_hat.shape[1], h.shape[1], P.shape[1]
+    torch._check_value(B > 0, lambda: f"{op}: x_hat has no rows (an empty batch has no loss)")
+    torch._check_value(D > 0, lambda: f"{op}: x_hat has no columns")
+    _check_shape(op, "x", x, (B, D))
+    torch._check_value(
+        h.shape[0] == B, lambda: f"{op}: h must have one row per row of x_hat ({B}), got shape {list(h.shape)}"
+    )
+    torch._check_value(d > 0, lambda: f"{op}: h has no columns")
+    torch._check_value(
+        P.shape[0] == d, lambda: f"{op}: P must be d x c with d = h.size(1) = {d}, got shape {list(P.shape)}"
+    )
+    torch._check_value(c > 0, lambda: f"{op}: P has no columns (no classes)")
+    torch._check_value(
+        c <= d, lambda: f"{op}: P has c = {c} columns but d = {d} rows; SDML needs c <= d (P has orthonormal columns)"
+    )
+    _check_shape(op, "y", y, (B, c))
+    for name, t in named[1:]:
+        torch._check_type(
+            t.dtype == x_hat.dtype,
+            lambda: f"{op}: {name} has dtype {t.dtype} but x_hat has dtype {x_hat.dtype}; cast them to one floating dtype",
+        )
+    for name, t in named[1:]:
+        _check_device(op, name, t, x_hat)
+    torch._check_value(0.0 <= lam <= 1.0, lambda: f"{op}: lam must be in [0, 1], got {lam}")
+    if x_hat.device.type == "cpu":
+        torch._check_type(
+            x_hat.dtype in (torch.float32, torch.float64),
+            lambda: f"{op}: on CPU x_hat must be float32 or float64, got {x_hat.dtype}",
+        )
+    elif x_hat.device.type == "cuda" and all(isinstance(n, int) for n in (B, D, d, c)):
+        # The CUDA kernels' launch limits, from the C++ that enforces them (symbolic sizes are
+        # left to the kernel: reading them here would specialize the compiled graph).
+        _extension._C.check_dsae_loss_cuda_limits(B, D, d, c, x_hat.dtype == torch.float64)
+    return B, D, d, c
+
+
 @torch.library.register_fake("sdml::dsae_loss")
 def _dsae_loss_fake(x_hat, x, h, P, y, lam, check_finite=True):
-    batch = x_hat.shape[0]
+    batch = _check_args(x_hat, x, h, P, y, lam)[0]
     acc = _acc_dtype(x_hat.dtype)
     return (
         x_hat.new_empty(()),
@@ -77,15 +145,37 @@ def _dsae_loss_fake(x_hat, x, h, P, y, lam, check_finite=True):
     )
 
 
+def _check_backward_args(grads, x_hat, row_rec, row_sup, n_labelled, batch):
+    """The checks of ``check_dsae_loss_backward_args`` (C++) beyond the forward's."""
+    op = "dsae_loss_backward"
+    acc = _acc_dtype(x_hat.dtype)
+    for name, t, shape, dtype in (
+        ("row_rec", row_rec, (batch,), acc),
+        ("row_sup", row_sup, (batch,), acc),
+        ("n_labelled", n_labelled, (), torch.int64),
+    ):
+        _check_device(op, name, t, x_hat)
+        _check_shape(op, name, t, shape)
+        torch._check_type(t.dtype == dtype, lambda: f"{op}: {name} must have dtype {dtype}, got {t.dtype}")
+    names = ("grad_loss", "grad_rec", "grad_sup", "grad_row_rec", "grad_row_sup")
+    for name, g, shape in zip(names, grads, ((),) * 3 + ((batch,),) * 2):
+        if g is not None:
+            _check_floating(op, name, g)
+            _check_device(op, name, g, x_hat)
+            _check_shape(op, name, g, shape)
+
+
 @torch.library.register_fake("sdml::dsae_loss_backward")
 def _dsae_loss_backward_fake(
     grad_loss, grad_rec, grad_sup, grad_row_rec, grad_row_sup, x_hat, x, h, P, y, row_rec, row_sup,
     n_labelled, lam, need_input_grad, need_code_grad,
 ):
-    batch = x_hat.shape[0]
+    batch, dim, code, _ = _check_args(x_hat, x, h, P, y, lam)
+    grads = (grad_loss, grad_rec, grad_sup, grad_row_rec, grad_row_sup)
+    _check_backward_args(grads, x_hat, row_rec, row_sup, n_labelled, batch)
     return (
-        x_hat.new_empty((batch if need_input_grad else 0, x_hat.shape[1])),
-        h.new_empty((batch if need_code_grad else 0, h.shape[1])),
+        x_hat.new_empty((batch if need_input_grad else 0, dim)),
+        h.new_empty((batch if need_code_grad else 0, code)),
     )
 
 

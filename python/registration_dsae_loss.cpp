@@ -1,9 +1,9 @@
-// Op schemas, declared once. Kernels register per device in csrc/cpu/*.cpp and csrc/cuda/*.cu;
-// fake (meta) implementations and autograd live in sdml_ext/ops/.
+// Schemas of the fused SDML loss op (kernels in csrc/cpu/dsae_loss.cpp and csrc/cuda/dsae_loss.cu;
+// the Python face, fake implementation and autograd in sdml_ext/ops/dsae_loss.py). Shapes:
+// x_hat, x [B, D]; h [B, d]; P [d, c]; y [B, c]; see csrc/include/sdml/dsae_loss.h.
 #include <torch/library.h>
 
-// Other op families add theirs with TORCH_LIBRARY_FRAGMENT(sdml, m) in python/registration_*.cpp.
-TORCH_LIBRARY(sdml, m) {
+TORCH_LIBRARY_FRAGMENT(sdml, m) {
   // Fused SDML objective of one modality's batch; see csrc/include/sdml/dsae_loss_math.h.
   m.def(
       "dsae_loss(Tensor x_hat, Tensor x, Tensor h, Tensor P, Tensor y, float lam, "
