@@ -21,6 +21,7 @@ from .faiss_export import export_faiss, to_faiss
 from .index import (
     Hits,
     IndexWriter,
+    InputTypeError,
     SearchIndex,
     SearchIndexError,
     build_index,
@@ -32,6 +33,7 @@ from .index import (
 __all__ = [
     "Hits",
     "IndexWriter",
+    "InputTypeError",
     "SearchIndex",
     "SearchIndexError",
     "build_index",

@@ -16,13 +16,11 @@ with :meth:`SearchIndex.ids_of`.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from .index import SearchIndex
+from .index import SearchIndex, write_new_file
 
 KINDS = ("ivf", "hnsw")
 
@@ -83,16 +81,7 @@ def export_faiss(index: SearchIndex, path, kind: str = "ivf", **options) -> Path
     """Write ``to_faiss(index, kind, **options)`` to a new file `path` (atomically; refuses to
     replace an existing file). Read it back with ``faiss.read_index``."""
     faiss = _faiss()
-    path = Path(path)
-    if path.exists():
-        raise ValueError(f"output {path} already exists; choose another path or remove it first")
+    if Path(path).exists():
+        raise FileExistsError(f"output {path} already exists; choose another path or remove it first")
     built = to_faiss(index, kind, **options)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    os.close(fd)
-    try:
-        faiss.write_index(built, tmp)
-        os.chmod(tmp, 0o644)
-        os.link(tmp, path)  # fails rather than replace a file created meanwhile
-    finally:
-        os.unlink(tmp)
-    return path
+    return write_new_file(path, lambda tmp: faiss.write_index(built, tmp))

@@ -60,6 +60,11 @@ class SearchIndexError(ValueError):
     """An index path that is missing, not an index, corrupt, tampered with, or from another model."""
 
 
+class InputTypeError(TypeError, ValueError):
+    """An argument of the wrong type or dtype (a TypeError, and a ValueError like other bad input,
+    so the command line reports it in one line)."""
+
+
 class Hits(NamedTuple):
     """What :meth:`SearchIndex.search` returns, as faiss's ``search(q, k) -> (D, I)``.
 
@@ -126,19 +131,27 @@ def check_features(x, name: str = "features"):
             try:
                 x = np.asarray(x)
             except (TypeError, ValueError) as exc:
-                raise TypeError(f"{name} is not a numeric array ({exc})") from None
+                raise InputTypeError(f"{name} is not a numeric array ({exc})") from None
         dtype_ok = np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)
         dtype = x.dtype
     if not dtype_ok:
-        raise TypeError(f"{name} must hold real numbers, got dtype {dtype}")
+        raise InputTypeError(f"{name} must hold real numbers, got dtype {dtype}")
     if x.ndim != 2:
         raise ValueError(f"{name} must be 2-D [n, D], got shape {tuple(x.shape)}")
     return x
 
 
-def _block_tensor(x, start: int, stop: int) -> Tensor:
-    """Rows [start, stop) of a checked array as a CPU (or CUDA) tensor."""
-    return x[start:stop] if isinstance(x, Tensor) else torch.from_numpy(np.ascontiguousarray(x[start:stop]))
+def encode_blocks(bundle: Bundle, modality: str, x, block_rows: int) -> Iterator[tuple[int, Tensor]]:
+    """(first row, codes [rows, d] float32 CPU) of raw features x [n, D] (checked by
+    :func:`check_features`), `block_rows` rows at a time: only one block of a memory-mapped x is
+    ever read into memory (copied, as torch needs writable memory)."""
+    want = bundle.input_dim(modality)
+    if x.shape[1] != want:
+        raise ValueError(f"modality {modality!r} expects features of shape [n, {want}], got {tuple(x.shape)}")
+    for start in range(0, x.shape[0], block_rows):
+        rows = x[start:start + block_rows]
+        rows = rows.detach().cpu() if isinstance(rows, Tensor) else torch.from_numpy(np.array(rows))
+        yield start, bundle.encode(modality, rows)
 
 
 def check_ids(ids, n: int) -> tuple[str, np.ndarray | list[str] | None]:
@@ -154,7 +167,7 @@ def check_ids(ids, n: int) -> tuple[str, np.ndarray | list[str] | None]:
         return "int", arr.astype(np.int64, copy=False)
     if arr.dtype.kind in "US" or (arr.dtype == object and all(isinstance(v, str) for v in arr)):
         return "str", arr
-    raise TypeError(f"ids must be all integers or all strings, got dtype {arr.dtype}")
+    raise InputTypeError(f"ids must be all integers or all strings, got dtype {arr.dtype}")
 
 
 def check_labels(labels, n: int) -> tuple[str | None, np.ndarray | None]:
@@ -167,7 +180,7 @@ def check_labels(labels, n: int) -> tuple[str | None, np.ndarray | None]:
     if y.ndim not in (1, 2) or y.shape[0] != n:
         raise ValueError(f"labels must be [{n}] class ids or [{n}, c] multi-hot rows, got shape {y.shape}")
     if not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating) or y.dtype == np.bool_):
-        raise TypeError(f"labels must be numeric, got dtype {y.dtype}")
+        raise InputTypeError(f"labels must be numeric, got dtype {y.dtype}")
     if y.ndim == 2:
         if not np.isin(y, (0, 1)).all():
             raise ValueError("multi-hot labels must contain only 0 and 1")
@@ -182,13 +195,34 @@ def check_labels(labels, n: int) -> tuple[str | None, np.ndarray | None]:
 
 def check_k(k, n: int) -> int:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
+        raise InputTypeError(f"k must be an int, got {type(k).__name__}")
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}] (the gallery has {n} items), got {k}")
     return int(k)
 
 
 # ---- writing --------------------------------------------------------------------------------------
+
+
+def write_new_file(path, write) -> Path:
+    """Create the file `path` with ``write(tmp_path)``: written under a temporary name in the same
+    directory, then hard-linked into place, which fails (FileExistsError) rather than replace a
+    file that exists or appeared meanwhile; the temporary name is always removed."""
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"output {path} already exists; choose another path or remove it first")
+    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.tmp-")
+    os.close(fd)
+    try:
+        write(tmp)
+        _publish(Path(tmp), 0o666)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise FileExistsError(f"output {path} already exists; choose another path or remove it first") from None
+    finally:
+        os.unlink(tmp)
+    return path
 
 
 def _shard_name(i: int) -> str:
@@ -226,9 +260,12 @@ class IndexWriter:
         self._pending_rows = 0
         self.rows = 0
 
-    def append(self, codes: Tensor, ids=None, labels=None) -> None:
-        """Add rows: codes [r, d] (normalised here), their ids [r] and labels ([r] or [r, c])."""
-        codes = torch.nn.functional.normalize(codes.detach().to("cpu", torch.float32), dim=1)
+    def append(self, codes: Tensor, ids=None, labels=None, *, normalized: bool = False) -> None:
+        """Add rows: codes [r, d] (L2-normalised here unless `normalized` says they are: a second
+        normalisation may change the last bit), their ids [r] and labels ([r] or [r, c])."""
+        codes = codes.detach().to("cpu", torch.float32)
+        if not normalized:
+            codes = torch.nn.functional.normalize(codes, dim=1)
         if codes.dim() != 2 or codes.shape[1] != self.dim:
             raise ValueError(f"codes must be [r, {self.dim}], got {tuple(codes.shape)}")
         start = 0
@@ -255,7 +292,7 @@ class IndexWriter:
             arrays["labels"] = np.concatenate([y for _, _, y in self._pending])
         name = _shard_name(len(self._shards))
         file = self._tmp / name
-        save_file(arrays, str(file), metadata={"format": FORMAT})
+        save_file(arrays, str(file), metadata={"format": FORMAT, "first_row": str(self.rows)})
         with open(file, "rb+") as f:
             os.fsync(f.fileno())
         _publish(file, 0o666)
@@ -401,6 +438,8 @@ class SearchIndex:
         q = torch.as_tensor(codes).to(self.device, torch.float32)
         if not bool(torch.isfinite(q).all()):
             raise ValueError("codes contain NaN or Inf")
+        if q.shape[0] == 0:
+            return TopK(torch.zeros(0, k), torch.zeros(0, k, dtype=torch.int64))
         best: TopK | None = None
         for start, block in self.blocks():
             top = cosine_topk(q, block, min(k, block.shape[0]))
@@ -411,7 +450,10 @@ class SearchIndex:
     def encode(self, x, modality: str) -> Tensor:
         """Codes [nq, d] (on the index's device) of raw features x [nq, D] of `modality`."""
         x = check_features(x, "query features")
-        return self.bundle.encode(modality, x.cpu() if isinstance(x, Tensor) else x).to(self.device)
+        if x.shape[0] == 0:
+            return torch.zeros(0, self.d, device=self.device)
+        parts = [c for _, c in encode_blocks(self.bundle, modality, x, rows_for_bytes(DEFAULT_BLOCK_BYTES, x.shape[1]))]
+        return torch.cat(parts).to(self.device)
 
     def search(self, x, k: int, *, modality: str) -> Hits:
         """The k gallery items most similar to raw features x [nq, D] of `modality` (any modality
@@ -475,7 +517,7 @@ class SearchIndex:
                 rows = torch.arange(start, start + block.shape[0])
                 ids = None if self.id_kind == "position" else self._stored(rows, "ids")
                 labels = None if self.label_kind is None else self._stored(rows, "labels")
-                writer.append(block, ids, labels)
+                writer.append(block, ids, labels, normalized=True)
         return writer.path
 
     def _stored(self, rows: Tensor, key: str) -> np.ndarray:
@@ -527,29 +569,22 @@ def build_index(bundle: Bundle | str | os.PathLike, modality: str, features, *, 
     n = features.shape[0]
     if n == 0:
         raise ValueError("the gallery is empty: features has 0 rows")
-    want = bundle.input_dim(modality)
-    if features.shape[1] != want:
-        raise ValueError(f"modality {modality!r} expects features of shape [n, {want}], got {tuple(features.shape)}")
     id_kind, id_values = check_ids(ids, n)
     label_kind, label_values = check_labels(labels, n)
     dim = int(bundle.P.shape[0])
-    block = int(block_rows) if block_rows else rows_for_bytes(DEFAULT_BLOCK_BYTES, max(dim, features.shape[1]))
-    if block < 1:
+    if block_rows is not None and (isinstance(block_rows, bool) or int(block_rows) < 1):
         raise ValueError(f"block_rows must be >= 1, got {block_rows}")
-
-    def encoded() -> Iterator[tuple[int, int, Tensor]]:
-        for start in range(0, n, block):
-            stop = min(start + block, n)
-            yield start, stop, bundle.encode(modality, _block_tensor(features, start, stop).cpu())
-
+    block = int(block_rows) if block_rows else rows_for_bytes(DEFAULT_BLOCK_BYTES, max(dim, features.shape[1]))
+    encoded = encode_blocks(bundle, modality, features, block)
     if path is None:
-        codes = torch.cat([torch.nn.functional.normalize(c, dim=1) for _, _, c in encoded()]).to(bundle.device)
+        codes = torch.cat([torch.nn.functional.normalize(c, dim=1) for _, c in encoded]).to(bundle.device)
         return SearchIndex(bundle, source, codes=codes, ids=id_values if id_kind != "str" else np.asarray(id_values, dtype=object),
                            id_kind=id_kind, labels=label_values, label_kind=label_kind, block_rows=block_rows)
     num_classes = int(label_values.shape[1]) if label_kind == "multi_hot" else None
     with IndexWriter(path, source, dim, shard_rows=shard_rows, id_kind=id_kind, label_kind=label_kind,
                      num_classes=num_classes) as writer:
-        for start, stop, codes in encoded():
+        for start, codes in encoded:
+            stop = start + codes.shape[0]
             writer.append(codes, None if id_values is None else id_values[start:stop],
                           None if label_values is None else label_values[start:stop])
     return load_index(writer.path, bundle, block_rows=block_rows, verify=False)
@@ -586,7 +621,9 @@ def read_index_manifest(path) -> dict:
     return manifest
 
 
-def _check_shard(path: Path, shard: dict, manifest: dict, verify: bool) -> None:
+def _check_shard(path: Path, shard: dict, first_row: int, manifest: dict, verify: bool) -> None:
+    """Raise SearchIndexError unless the shard file exists, matches its checksum (if `verify`),
+    holds the arrays index.json promises and starts at the row index.json places it at."""
     file = path / shard["file"]
     if not file.is_file():
         raise SearchIndexError(f"index file missing: {file}")
@@ -604,6 +641,9 @@ def _check_shard(path: Path, shard: dict, manifest: dict, verify: bool) -> None:
         want["labels"] = ([rows, manifest["num_classes"]], "U8")
     try:
         with safe_open(str(file), "np") as f:
+            stored = (f.metadata() or {}).get("first_row")
+            if stored != str(first_row):
+                raise SearchIndexError(f"{file} holds rows from {stored}, but {MANIFEST} places it at row {first_row}")
             for key, (shape, dtype) in want.items():
                 s = f.get_slice(key)
                 if list(s.get_shape()) != shape or s.get_dtype() != dtype:
@@ -630,8 +670,10 @@ def load_index(path, bundle: Bundle | str | os.PathLike | None = None, *, in_mem
     """
     path = Path(path)
     manifest = read_index_manifest(path)
+    first_row = 0
     for shard in manifest["shards"]:
-        _check_shard(path, shard, manifest, verify)
+        _check_shard(path, shard, first_row, manifest, verify)
+        first_row += int(shard["rows"])
     bundle = _open_bundle(bundle if bundle is not None else manifest["source"]["bundle"], device)
     check_bundle(manifest["source"], bundle)
     if int(bundle.P.shape[0]) != manifest["dim"]:
