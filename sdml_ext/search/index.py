@@ -49,9 +49,11 @@ from ..ops.retrieval import TopK, cosine_topk
 FORMAT = "sdml-search-index"
 FORMAT_VERSION = 1
 MANIFEST = "index.json"
-#: Default block and shard sizes, in bytes of float32 codes.
-DEFAULT_BLOCK_BYTES = 64 << 20
-DEFAULT_SHARD_BYTES = 256 << 20
+#: Default block and shard sizes, in bytes of float32 codes. A search holds one block (plus a
+#: copy on its way from the file); a build one encode block and one shard (plus the copy that
+#: safetensors serialises), so both stay at a few hundred MiB whatever the gallery.
+DEFAULT_BLOCK_BYTES = 32 << 20
+DEFAULT_SHARD_BYTES = 64 << 20
 ID_KINDS = ("position", "int", "str")
 LABEL_KINDS = ("class_ids", "multi_hot")
 
@@ -75,6 +77,12 @@ class Hits(NamedTuple):
 
     scores: Tensor
     ids: Tensor | np.ndarray
+
+
+def normalize_(codes: Tensor) -> Tensor:
+    """L2-normalise the rows of codes [n, d] in place (F.normalize's arithmetic, without its
+    copy); the one normalisation every stored code goes through."""
+    return codes.div_(codes.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
 
 def rows_for_bytes(nbytes: int, dim: int) -> int:
@@ -256,7 +264,8 @@ class IndexWriter:
         self._tmp = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}.tmp-"))
         _publish(self._tmp, 0o777)
         self._shards: list[dict] = []
-        self._pending: list[tuple[Tensor, object, object]] = []
+        self._codes: np.ndarray | None = None  # the shard being filled, allocated once
+        self._pending: list[tuple[object, object]] = []  # its ids and labels
         self._pending_rows = 0
         self.rows = 0
 
@@ -265,14 +274,17 @@ class IndexWriter:
         normalisation may change the last bit), their ids [r] and labels ([r] or [r, c])."""
         codes = codes.detach().to("cpu", torch.float32)
         if not normalized:
-            codes = torch.nn.functional.normalize(codes, dim=1)
+            codes = normalize_(codes.clone())
         if codes.dim() != 2 or codes.shape[1] != self.dim:
             raise ValueError(f"codes must be [r, {self.dim}], got {tuple(codes.shape)}")
         start = 0
         while start < codes.shape[0]:
             take = min(codes.shape[0] - start, self.shard_rows - self._pending_rows)
             cut = slice(start, start + take)
-            self._pending.append((codes[cut], None if ids is None else ids[cut], None if labels is None else labels[cut]))
+            if self._codes is None:
+                self._codes = np.empty((self.shard_rows, self.dim), dtype=np.float32)
+            self._codes[self._pending_rows:self._pending_rows + take] = codes[cut].numpy()
+            self._pending.append((None if ids is None else ids[cut], None if labels is None else labels[cut]))
             self._pending_rows += take
             start += take
             if self._pending_rows == self.shard_rows:
@@ -281,15 +293,15 @@ class IndexWriter:
     def _flush(self) -> None:
         if not self._pending_rows:
             return
-        arrays = {"codes": torch.cat([c for c, _, _ in self._pending]).numpy()}
+        arrays = {"codes": self._codes[:self._pending_rows]}
         if self.id_kind == "int":
-            arrays["ids"] = np.concatenate([i for _, i, _ in self._pending]).astype(np.int64)
+            arrays["ids"] = np.concatenate([i for i, _ in self._pending]).astype(np.int64)
         elif self.id_kind == "str":
-            encoded = [str(s).encode("utf-8") for _, ids, _ in self._pending for s in ids]
+            encoded = [str(s).encode("utf-8") for ids, _ in self._pending for s in ids]
             arrays["id_offsets"] = np.concatenate([[0], np.cumsum([len(b) for b in encoded], dtype=np.int64)])
             arrays["id_utf8"] = np.frombuffer(b"".join(encoded), dtype=np.uint8).copy()
         if self.label_kind is not None:
-            arrays["labels"] = np.concatenate([y for _, _, y in self._pending])
+            arrays["labels"] = np.concatenate([y for _, y in self._pending])
         name = _shard_name(len(self._shards))
         file = self._tmp / name
         save_file(arrays, str(file), metadata={"format": FORMAT, "first_row": str(self.rows)})
@@ -302,6 +314,7 @@ class IndexWriter:
 
     def commit(self) -> Path:
         self._flush()
+        self._codes = None
         if self.rows == 0:
             raise ValueError("the gallery is empty: an index needs at least one item")
         manifest = {
@@ -577,7 +590,7 @@ def build_index(bundle: Bundle | str | os.PathLike, modality: str, features, *, 
     block = int(block_rows) if block_rows else rows_for_bytes(DEFAULT_BLOCK_BYTES, max(dim, features.shape[1]))
     encoded = encode_blocks(bundle, modality, features, block)
     if path is None:
-        codes = torch.cat([torch.nn.functional.normalize(c, dim=1) for _, c in encoded]).to(bundle.device)
+        codes = torch.cat([normalize_(c) for _, c in encoded]).to(bundle.device)
         return SearchIndex(bundle, source, codes=codes, ids=id_values if id_kind != "str" else np.asarray(id_values, dtype=object),
                            id_kind=id_kind, labels=label_values, label_kind=label_kind, block_rows=block_rows)
     num_classes = int(label_values.shape[1]) if label_kind == "multi_hot" else None
@@ -585,8 +598,8 @@ def build_index(bundle: Bundle | str | os.PathLike, modality: str, features, *, 
                      num_classes=num_classes) as writer:
         for start, codes in encoded:
             stop = start + codes.shape[0]
-            writer.append(codes, None if id_values is None else id_values[start:stop],
-                          None if label_values is None else label_values[start:stop])
+            writer.append(normalize_(codes), None if id_values is None else id_values[start:stop],
+                          None if label_values is None else label_values[start:stop], normalized=True)
     return load_index(writer.path, bundle, block_rows=block_rows, verify=False)
 
 
