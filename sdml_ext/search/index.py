@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import mmap
 import os
 import shutil
 import tempfile
@@ -156,9 +157,15 @@ def encode_blocks(bundle: Bundle, modality: str, x, block_rows: int) -> Iterator
     want = bundle.input_dim(modality)
     if x.shape[1] != want:
         raise ValueError(f"modality {modality!r} expects features of shape [n, {want}], got {tuple(x.shape)}")
+    # Pages of a memory map that have been read stay mapped, and count as the process's resident
+    # memory until the kernel needs them back; dropping them after each block keeps the resident
+    # size at a block (the file stays in the page cache).
+    mapping = getattr(x, "_mmap", None) if isinstance(x, np.memmap) else None
     for start in range(0, x.shape[0], block_rows):
         rows = x[start:start + block_rows]
         rows = rows.detach().cpu() if isinstance(rows, Tensor) else torch.from_numpy(np.array(rows))
+        if mapping is not None and hasattr(mapping, "madvise"):
+            mapping.madvise(mmap.MADV_DONTNEED)
         yield start, bundle.encode(modality, rows)
 
 
