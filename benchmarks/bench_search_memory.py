@@ -105,6 +105,8 @@ def child(argv: list[str]) -> None:
 
     step, work = argv[0], Path(argv[1])
     bundle = sdml_ext.load(work / "bundle")
+    status = Path("/proc/self/status").read_text().splitlines()
+    import_rss = int(next(line.split()[1] for line in status if line.startswith("VmRSS:"))) * 1024
     t0 = time.perf_counter()
     if step == "build":
         features = np.load(work / "features.npy", mmap_mode="r")
@@ -128,6 +130,7 @@ def child(argv: list[str]) -> None:
         result = {"load_verify_s": t_load, "search_s": t_search, "max_score_error": worst,
                   "block_rows": index.block_rows}
     result["wall_s"] = time.perf_counter() - t0
+    result["rss_after_imports"] = import_rss  # torch, sdml_ext and the bundle, before any gallery work
     result["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps(result))
 
@@ -185,7 +188,7 @@ def main() -> None:
                 result["cgroup_peak"] = cgroup.peak()
                 gallery = sum(f.stat().st_size for f in (work / "index").glob("shard-*.safetensors"))
                 print(f"{step}: " + ", ".join(
-                    f"{k} {v / 2**20:,.0f} MiB" if k in ("peak_rss", "cgroup_peak") else
+                    f"{k} {v / 2**20:,.0f} MiB" if k in ("rss_after_imports", "peak_rss", "cgroup_peak") else
                     f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v:,}" for k, v in result.items()))
         print(f"gallery: {rows:,} codes x {CODE_DIM} float32 = {gallery / 2**30:.2f} GiB in "
               f"{len(list((work / 'index').glob('shard-*')))} shards; cgroup limit {limit / 2**30:.2f} GiB "

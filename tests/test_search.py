@@ -162,11 +162,13 @@ def test_round_trip_with_string_ids(tmp_path, bundle_path, ds, device):
     scores, ids = index.search(q.features, 7, modality="m1")
     assert scores.shape == (q.n, 7) and ids.shape == (q.n, 7) and ids.dtype.kind == "U"
 
-    # Against encoding by hand and the plain op: same rows, mapped to the given ids.
+    # Against encoding by hand and the plain op on the CPU: the same rows (on CUDA the same scores
+    # up to rounding, which may swap near-ties), mapped to the given ids.
     codes = torch.nn.functional.normalize(bundle.encode("m0", g.features), dim=1)
     plain = sdml_ext.ops.cosine_topk(bundle.encode("m1", q.features), codes, 7)
-    assert ids.tolist() == [[names[r] for r in row] for row in plain.indices.tolist()]
-    np.testing.assert_allclose(scores.numpy(), plain.scores.numpy(), atol=1e-6, rtol=0)
+    if device == "cpu":
+        assert ids.tolist() == [[names[r] for r in row] for row in plain.indices.tolist()]
+    np.testing.assert_allclose(scores.numpy(), plain.scores.numpy(), atol=1e-5, rtol=0)
 
     saved = index.save(tmp_path / "idx", shard_rows=11)
     assert sorted(os.listdir(saved))[:2] == ["index.json", "shard-00000.safetensors"]

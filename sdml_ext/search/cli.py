@@ -116,8 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--ids", metavar="FILE", help="gallery ids: .npy (ints or strings) or text, one per line (default: row numbers)")
     b.add_argument("--no-labels", action="store_true", help="do not store the gallery labels (they enable P@k / mAP of queries)")
     b.add_argument("--out", required=True, metavar="INDEX", help="new index directory (never overwritten)")
-    b.add_argument("--shard-rows", type=int, metavar="N", help="rows per shard file (default: ~256 MiB of codes)")
-    b.add_argument("--block-rows", type=int, metavar="N", help="rows encoded at a time (default: ~64 MiB of codes)")
+    b.add_argument("--shard-rows", type=int, metavar="N", help="rows per shard file (default: ~64 MiB of codes)")
+    b.add_argument("--block-rows", type=int, metavar="N", help="rows encoded at a time (default: ~32 MiB of codes)")
     b.add_argument("--device", default="cpu", metavar="DEV", help="device of the networks, e.g. cuda:0 (default: cpu)")
 
     q = sub.add_parser("query", help="search an index with features of a modality; write the top-k ids")
@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", metavar="FILE", help="results file, .json or .csv (never overwritten; default: CSV on stdout)")
     q.add_argument("--format", choices=("json", "csv"), help="output format (default: from the --out extension)")
     q.add_argument("--in-memory", action="store_true", help="read the whole gallery into memory instead of streaming it")
-    q.add_argument("--block-rows", type=int, metavar="N", help="gallery rows searched at a time (default: ~64 MiB of codes)")
+    q.add_argument("--block-rows", type=int, metavar="N", help="gallery rows searched at a time (default: ~32 MiB of codes)")
     q.add_argument("--device", default="cpu", metavar="DEV", help="device of the search, e.g. cuda:0 (default: cpu)")
     q.add_argument("--no-verify", action="store_true", help="skip the checksum pass over the index files")
 

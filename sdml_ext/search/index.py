@@ -8,7 +8,8 @@
 
 index.json: format and version, creation time, library versions, the source (bundle path, P's
 sha256, gallery modality, that modality's network file sha256), rows n, width d, id kind and label
-kind, and per shard its file, rows and sha256.
+kind, and per shard its file, rows and sha256; each shard's own metadata names its first row, so
+shards listed out of order are caught too.
 
 The codes live in shards so that a gallery larger than memory can be built and searched: a build
 encodes the features block by block and appends shards; a search streams the gallery in blocks of
@@ -17,7 +18,10 @@ bundle's device and unmapped again), runs `cosine_topk` on the block and merges 
 into the running top k. Blocks cover global rows whatever the shard layout, so a sharded and an
 unsharded index give bit-identical results; equal scores are ordered by ascending gallery row, as
 `cosine_topk` orders them within a block. Peak memory is one block (plus the queries and the
-[nq, 2k] merge), not the gallery.
+[nq, 2k] merge), not the gallery. Shards are safetensors rather than raw .npy memory maps so that
+every index file has one format, as the bundle's, whose header the library checks (dtype, shape,
+bounds) before a byte is mapped; opening a shard per block keeps nothing mapped between blocks,
+so pages already searched do not accumulate in the process's resident memory.
 
 Writes are atomic and never replace anything (an index is assembled in a temporary sibling
 directory and renamed into place). Loading reads JSON and safetensors only (never pickle) and
@@ -180,7 +184,7 @@ def check_ids(ids, n: int) -> tuple[str, np.ndarray | list[str] | None]:
         raise ValueError(f"ids must be a sequence of {n} ids (one per gallery item), got shape {arr.shape}")
     if np.issubdtype(arr.dtype, np.integer):
         return "int", arr.astype(np.int64, copy=False)
-    if arr.dtype.kind in "US" or (arr.dtype == object and all(isinstance(v, str) for v in arr)):
+    if arr.dtype.kind == "U" or (arr.dtype == object and all(isinstance(v, str) for v in arr)):
         return "str", arr
     raise InputTypeError(f"ids must be all integers or all strings, got dtype {arr.dtype}")
 
@@ -255,7 +259,7 @@ class IndexWriter:
         path: the new index directory; must not exist (or be an empty directory).
         source: provenance from :func:`source_of`.
         dim: code width d.
-        shard_rows: rows per shard file (the last may hold fewer); default ~256 MiB of codes.
+        shard_rows: rows per shard file (the last may hold fewer); default ~64 MiB of codes.
         id_kind: one of ID_KINDS; label_kind: one of LABEL_KINDS or None; num_classes: the
             multi-hot width.
     """
@@ -401,7 +405,7 @@ class SearchIndex:
 
     @property
     def block_rows(self) -> int:
-        """Gallery rows per search block (default ~64 MiB of codes)."""
+        """Gallery rows per search block (default ~32 MiB of codes)."""
         return self._block_rows
 
     @block_rows.setter
@@ -580,8 +584,8 @@ def build_index(bundle: Bundle | str | os.PathLike, modality: str, features, *, 
         labels: optional [n] class ids (-1 = unlabelled) or [n, c] multi-hot rows (for P@k / mAP).
         path: when given, the index is written there (shard by shard, never replacing anything)
             and returned streaming from disk; otherwise it is kept in memory.
-        shard_rows: rows per shard file (default ~256 MiB of codes); block_rows: rows per encode
-            and search block (default ~64 MiB of codes).
+        shard_rows: rows per shard file (default ~64 MiB of codes); block_rows: rows per encode
+            and search block (default ~32 MiB of codes).
     """
     bundle = _open_bundle(bundle, None)
     source = source_of(bundle, modality)
