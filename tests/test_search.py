@@ -487,3 +487,12 @@ def test_cli_module_entry_point(tmp_path):
     bad = subprocess.run([sys.executable, "-P", "-m", "sdml_ext.search", "query", str(tmp_path / "none"), "--modality",
                           "m0", "--features", "x.npy"], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and bad.stderr.strip() == f"error: index not found: {tmp_path / 'none'}"
+
+
+def test_a_moved_bundle_is_named_and_can_be_given(tmp_path, trained, ds):
+    bundle = sdml_ext.load(_save(tmp_path / "b", trained))
+    build_index(bundle, "m0", ds["m0"].test.features, path=tmp_path / "idx")
+    os.rename(tmp_path / "b", tmp_path / "moved")
+    with pytest.raises(SearchIndexError, match=r"not at .*/b \(moved\?\); pass the bundle"):
+        load_index(tmp_path / "idx")
+    assert load_index(tmp_path / "idx", tmp_path / "moved").search(ds["m1"].test.features, 2, modality="m1").ids.shape == (60, 2)

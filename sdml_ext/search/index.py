@@ -101,7 +101,7 @@ def source_of(bundle: Bundle, modality: str) -> dict:
     if entry is None:
         raise ValueError(f"bundle has no modality {modality!r}; it has: {', '.join(bundle.modality_names)}")
     return {
-        "bundle": str(bundle.path),
+        "bundle": os.path.abspath(bundle.path),
         "projection_sha256": bundle.manifest["projection"]["sha256"],
         "modality": modality,
         "network_sha256": entry["sha256"],
@@ -630,7 +630,7 @@ def read_index_manifest(path) -> dict:
         raise SearchIndexError(f"{file}: not an SDML search index (format is not {FORMAT!r})")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise SearchIndexError(f"{file}: index format version {manifest.get('format_version')} is not supported "
-                          f"(this sdml_ext reads version {FORMAT_VERSION})")
+                               f"(this sdml_ext reads version {FORMAT_VERSION})")
     try:
         shards = manifest["shards"]
         ok = (isinstance(manifest["rows"], int) and isinstance(manifest["dim"], int) and manifest["ids"] in ID_KINDS
@@ -698,7 +698,12 @@ def load_index(path, bundle: Bundle | str | os.PathLike | None = None, *, in_mem
     for shard in manifest["shards"]:
         _check_shard(path, shard, first_row, manifest, verify)
         first_row += int(shard["rows"])
-    bundle = _open_bundle(bundle if bundle is not None else manifest["source"]["bundle"], device)
+    if bundle is None:
+        bundle = manifest["source"]["bundle"]
+        if not os.path.isdir(bundle):
+            raise SearchIndexError(f"the bundle the index was built with is not at {bundle} (moved?); pass the "
+                                   "bundle (--bundle on the command line)")
+    bundle = _open_bundle(bundle, device)
     check_bundle(manifest["source"], bundle)
     if int(bundle.P.shape[0]) != manifest["dim"]:
         raise SearchIndexError(f"{path}: codes have width {manifest['dim']} but the bundle's common space has {bundle.P.shape[0]}")
