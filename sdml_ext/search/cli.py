@@ -26,7 +26,7 @@ import numpy as np
 from ..data import DATASET_NAMES, load_dataset, save_npz
 from ..data._io import ArrayFile, check_path
 from .faiss_export import KINDS, export_faiss
-from .index import build_index, hit_quality, load_index, write_new_file
+from .index import CODE_DTYPES, build_index, hit_quality, load_index, write_new_file
 
 SPLITS = ("test", "val", "train")
 
@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True, metavar="INDEX", help="new index directory (never overwritten)")
     b.add_argument("--shard-rows", type=int, metavar="N", help="rows per shard file (default: ~64 MiB of codes)")
     b.add_argument("--block-rows", type=int, metavar="N", help="rows encoded at a time (default: ~32 MiB of codes)")
+    b.add_argument("--dtype", choices=tuple(CODE_DTYPES), default="float32",
+                   help="storage of the codes: float16 halves the files and the bytes a search reads (default: float32)")
     b.add_argument("--device", default="cpu", metavar="DEV", help="device of the networks, e.g. cuda:0 (default: cpu)")
 
     q = sub.add_parser("query", help="search an index with features of a modality; write the top-k ids")
@@ -162,10 +164,10 @@ def cmd_build(args) -> int:
     ids = read_ids(args.ids) if args.ids else source.ids
     labels = None if args.no_labels else source.labels
     index = build_index(bundle, args.modality, source.x, ids=ids, labels=labels, path=args.out,
-                        shard_rows=args.shard_rows, block_rows=args.block_rows)
+                        shard_rows=args.shard_rows, block_rows=args.block_rows, dtype=args.dtype)
     shards = len(index._manifest["shards"])
     print(f"wrote {args.out}: {index.n} {args.modality!r} items, d={index.d}, {shards} shard(s), "
-          f"ids: {index.id_kind}, labels: {index.label_kind or 'none'}")
+          f"{args.dtype}, ids: {index.id_kind}, labels: {index.label_kind or 'none'}")
     return 0
 
 

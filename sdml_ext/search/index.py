@@ -2,7 +2,7 @@
 
     INDEX/
       index.json                 what the index holds (below); written last, the commit point
-      shard-00000.safetensors    rows [0, r0): "codes" [r0, d] float32 L2-normalised,
+      shard-00000.safetensors    rows [0, r0): "codes" [r0, d] L2-normalised (float32, or float16),
       shard-00001.safetensors    optional "ids" [r] int64 (or "id_offsets" [r + 1] int64 and
       ...                        "id_utf8" [bytes] uint8 for string ids), optional "labels"
 
@@ -60,6 +60,9 @@ MANIFEST = "index.json"
 DEFAULT_BLOCK_BYTES = 32 << 20
 DEFAULT_SHARD_BYTES = 64 << 20
 ID_KINDS = ("position", "int", "str")
+#: Storage dtypes of the codes: float16 halves the files and the bytes a search reads, at the
+#: cost of rounding each stored code (searches compute in float32 either way).
+CODE_DTYPES = {"float32": (np.float32, "F32"), "float16": (np.float16, "F16")}
 LABEL_KINDS = ("class_ids", "multi_hot")
 
 
@@ -262,10 +265,14 @@ class IndexWriter:
         shard_rows: rows per shard file (the last may hold fewer); default ~64 MiB of codes.
         id_kind: one of ID_KINDS; label_kind: one of LABEL_KINDS or None; num_classes: the
             multi-hot width.
+        dtype: storage dtype of the codes, a key of CODE_DTYPES.
     """
 
     def __init__(self, path, source: dict, dim: int, *, shard_rows: int | None = None, id_kind: str = "position",
-                 label_kind: str | None = None, num_classes: int | None = None):
+                 label_kind: str | None = None, num_classes: int | None = None, dtype: str = "float32"):
+        if dtype not in CODE_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(CODE_DTYPES)}, got {dtype!r}")
+        self.dtype = dtype
         if shard_rows is not None and (isinstance(shard_rows, bool) or int(shard_rows) < 1):
             raise ValueError(f"shard_rows must be >= 1, got {shard_rows}")
         self.path = check_new_bundle_path(path)
@@ -293,7 +300,7 @@ class IndexWriter:
             take = min(codes.shape[0] - start, self.shard_rows - self._pending_rows)
             cut = slice(start, start + take)
             if self._codes is None:
-                self._codes = np.empty((self.shard_rows, self.dim), dtype=np.float32)
+                self._codes = np.empty((self.shard_rows, self.dim), dtype=CODE_DTYPES[self.dtype][0])
             self._codes[self._pending_rows:self._pending_rows + take] = codes[cut].numpy()
             self._pending.append((None if ids is None else ids[cut], None if labels is None else labels[cut]))
             self._pending_rows += take
@@ -336,7 +343,7 @@ class IndexWriter:
             "source": self.source,
             "rows": self.rows,
             "dim": self.dim,
-            "dtype": "float32",
+            "dtype": self.dtype,
             "ids": self.id_kind,
             "labels": self.label_kind,
             "num_classes": self.num_classes,
@@ -444,7 +451,7 @@ class SearchIndex:
             if self.in_memory:
                 yield start, self._codes[start:stop]
             else:
-                yield start, self._read_rows(start, stop).to(self.device)
+                yield start, self._read_rows(start, stop).to(self.device, torch.float32)
 
     def codes(self) -> Tensor:
         """All codes [n, d] float32 on the index's device (reads a streamed index into memory)."""
@@ -532,11 +539,12 @@ class SearchIndex:
 
     # -- saving ----------------------------------------------------------------------------------
 
-    def save(self, path, *, shard_rows: int | None = None) -> Path:
-        """Write the index to a new directory `path` (never replaces anything); returns it."""
+    def save(self, path, *, shard_rows: int | None = None, dtype: str = "float32") -> Path:
+        """Write the index to a new directory `path` (never replaces anything); returns it.
+        `dtype`: storage dtype of the codes (see CODE_DTYPES)."""
         num_classes = None if self.label_kind != "multi_hot" else self._num_classes()
         with IndexWriter(path, self.source, self.d, shard_rows=shard_rows, id_kind=self.id_kind,
-                         label_kind=self.label_kind, num_classes=num_classes) as writer:
+                         label_kind=self.label_kind, num_classes=num_classes, dtype=dtype) as writer:
             for start, block in self.blocks():
                 rows = torch.arange(start, start + block.shape[0])
                 ids = None if self.id_kind == "position" else self._stored(rows, "ids")
@@ -572,7 +580,7 @@ def _open_bundle(bundle, device) -> Bundle:
 
 
 def build_index(bundle: Bundle | str | os.PathLike, modality: str, features, *, ids=None, labels=None, path=None,
-                shard_rows: int | None = None, block_rows: int | None = None) -> SearchIndex:
+                shard_rows: int | None = None, block_rows: int | None = None, dtype: str = "float32") -> SearchIndex:
     """Encode a gallery and make it searchable.
 
     Args:
@@ -586,6 +594,8 @@ def build_index(bundle: Bundle | str | os.PathLike, modality: str, features, *, 
             and returned streaming from disk; otherwise it is kept in memory.
         shard_rows: rows per shard file (default ~64 MiB of codes); block_rows: rows per encode
             and search block (default ~32 MiB of codes).
+        dtype: storage dtype of the codes on disk (with `path`), "float32" or "float16" (see
+            CODE_DTYPES); an index in memory holds float32.
     """
     bundle = _open_bundle(bundle, None)
     source = source_of(bundle, modality)
@@ -606,7 +616,7 @@ def build_index(bundle: Bundle | str | os.PathLike, modality: str, features, *, 
                            id_kind=id_kind, labels=label_values, label_kind=label_kind, block_rows=block_rows)
     num_classes = int(label_values.shape[1]) if label_kind == "multi_hot" else None
     with IndexWriter(path, source, dim, shard_rows=shard_rows, id_kind=id_kind, label_kind=label_kind,
-                     num_classes=num_classes) as writer:
+                     num_classes=num_classes, dtype=dtype) as writer:
         for start, codes in encoded:
             stop = start + codes.shape[0]
             writer.append(normalize_(codes), None if id_values is None else id_values[start:stop],
@@ -634,6 +644,7 @@ def read_index_manifest(path) -> dict:
     try:
         shards = manifest["shards"]
         ok = (isinstance(manifest["rows"], int) and isinstance(manifest["dim"], int) and manifest["ids"] in ID_KINDS
+              and manifest["dtype"] in CODE_DTYPES
               and manifest["labels"] in (None, *LABEL_KINDS) and isinstance(shards, list) and shards
               and sum(int(s["rows"]) for s in shards) == manifest["rows"]
               and all(isinstance(s["file"], str) and "/" not in s["file"] and not s["file"].startswith(".") for s in shards)
@@ -654,7 +665,7 @@ def _check_shard(path: Path, shard: dict, first_row: int, manifest: dict, verify
     if verify and _file_sha256(file) != shard["sha256"]:
         raise SearchIndexError(f"{file} does not match its checksum in {MANIFEST} (corrupt or tampered with)")
     rows, dim = int(shard["rows"]), int(manifest["dim"])
-    want = {"codes": ([rows, dim], "F32")}
+    want = {"codes": ([rows, dim], CODE_DTYPES[manifest["dtype"]][1])}
     if manifest["ids"] == "int":
         want["ids"] = ([rows], "I64")
     elif manifest["ids"] == "str":
