@@ -129,6 +129,8 @@ def test_duplicate_rows_come_back_in_row_order(tmp_path, bundle):
     top = index.search_codes(g[7:8] * 3.0, 4)
     assert top.indices.tolist() == [[2, 5, 7, 9]]
     assert len(set(top.scores[0].tolist())) == 1
+    none = index.search_codes(torch.zeros(0, D), 3)
+    assert none.indices.shape == none.scores.shape == (0, 3) and index.ids_of(none.indices).shape == (0, 3)
 
 
 @pytest.mark.parametrize("shard_rows", [1, 13, 64, 500])

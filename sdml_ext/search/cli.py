@@ -192,6 +192,8 @@ def cmd_query(args) -> int:
                        block_rows=args.block_rows, verify=not args.no_verify)
     index.bundle.input_dim(args.modality)  # an unknown modality is named before any data is read
     source = read_features(args, args.modality)
+    if len(source.x) == 0:
+        raise ValueError(f"the query features of {args.modality!r} have 0 rows")
     top = index.search_codes(index.encode(source.x, args.modality), args.k)
     ids = index.ids_of(top.indices).tolist()
     scores = top.scores.tolist()

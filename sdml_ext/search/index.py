@@ -495,24 +495,25 @@ class SearchIndex:
 
     # -- ids and labels --------------------------------------------------------------------------
 
-    def _gather(self, rows: Tensor, key: str) -> list:
-        """Values of a stored per-row array at the given gallery rows, shard by shard."""
+    def _gather(self, rows: Tensor, key: str) -> np.ndarray:
+        """Values of a stored per-row array at gallery rows [...], read shard by shard:
+        [rows.numel(), ...] (an object array of str for string ids)."""
         flat = rows.reshape(-1).cpu().numpy()
         shard = np.searchsorted(self._starts, flat, side="right") - 1
-        out: list = [None] * flat.size
+        out = np.empty(0, dtype=object if key == "ids" and self.id_kind == "str" else np.int64)
         for s in np.unique(shard):
             where = np.nonzero(shard == s)[0]
             local = flat[where] - int(self._starts[s])
             with safe_open(str(self.path / self._manifest["shards"][s]["file"]), "np") as f:
                 if key == "ids" and self.id_kind == "str":
-                    offsets = f.get_tensor("id_offsets")
-                    blob = f.get_slice("id_utf8")
-                    for w, r in zip(where, local):
-                        out[w] = bytes(blob[int(offsets[r]):int(offsets[r + 1])]).decode("utf-8")
+                    offsets, blob = f.get_tensor("id_offsets"), f.get_slice("id_utf8")
+                    values = np.array([bytes(blob[int(offsets[r]):int(offsets[r + 1])]).decode("utf-8") for r in local],
+                                      dtype=object)
                 else:
-                    values = f.get_tensor(key)
-                    for w, r in zip(where, local):
-                        out[w] = values[r]
+                    values = f.get_tensor(key)[local]
+            if out.shape[0] != flat.size:
+                out = np.empty((flat.size, *values.shape[1:]), dtype=values.dtype)
+            out[where] = values
         return out
 
     def ids_of(self, rows: Tensor) -> Tensor | np.ndarray:
@@ -522,7 +523,7 @@ class SearchIndex:
         if self.in_memory:
             values = self._ids[rows.reshape(-1).numpy()]
         else:
-            values = np.array(self._gather(rows, "ids"))
+            values = self._gather(rows, "ids")
         if self.id_kind == "int":
             return torch.from_numpy(np.asarray(values, dtype=np.int64)).reshape(rows.shape)
         return np.asarray(values, dtype=str).reshape(tuple(rows.shape))
@@ -534,7 +535,7 @@ class SearchIndex:
         if self.in_memory:
             values = self._labels[rows.reshape(-1).numpy()]
         else:
-            values = np.stack(self._gather(rows, "labels"))
+            values = self._gather(rows, "labels")
         return torch.from_numpy(np.asarray(values)).reshape(*rows.shape, *np.shape(values)[1:])
 
     # -- saving ----------------------------------------------------------------------------------
@@ -557,7 +558,7 @@ class SearchIndex:
         if self.in_memory:
             return (self._ids if key == "ids" else self._labels)[rows.numpy()]
         if key == "ids" and self.id_kind == "str":
-            return np.array(self._gather(rows, "ids"), dtype=object)
+            return self._gather(rows, "ids")
         return self._read_rows(int(rows[0]), int(rows[-1]) + 1, key).numpy()
 
     def _num_classes(self) -> int:
@@ -743,6 +744,8 @@ def hit_quality(index: SearchIndex, top: TopK, query_labels) -> dict:
     Returns: {"k", "queries", "precision_at_k", "map_at_k"}.
     """
     nq, k = top.indices.shape
+    if nq == 0:
+        raise ValueError("no queries to score")
     kind, ql = check_labels(query_labels, nq)
     if kind != index.label_kind:
         raise ValueError(f"query labels are {kind} but the index's gallery labels are {index.label_kind}")
