@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
             "examples:\n"
             "  python -m sdml_ext.search build runs/digits --modality fou --dataset mfeat --out runs/fou.index\n"
             "  python -m sdml_ext.search query runs/fou.index --modality kar --dataset mfeat -k 10 --out hits.json\n"
-            "  python -m sdml_ext.search build runs/xmedia --modality text --features text.npy --ids text-ids.txt --out text.index\n"
+            "  python -m sdml_ext.search build runs/xmedia --modality text --features text.npy \\\n"
+            "      --ids text-ids.txt --out runs/text.index\n"
             "  python -m sdml_ext.search export-data mfeat --out digits.npz     # a features file in the dataset layout\n"
             "errors in the input print one line and exit with status 2 (SDML_DEBUG=1 shows the traceback)."
         ),
@@ -113,8 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="encode a gallery into a new index directory")
     b.add_argument("bundle", metavar="BUNDLE", help="bundle directory written by python -m sdml_ext.train")
     _source_arguments(b)
-    b.add_argument("--ids", metavar="FILE", help="gallery ids: .npy (ints or strings) or text, one per line (default: row numbers)")
-    b.add_argument("--no-labels", action="store_true", help="do not store the gallery labels (they enable P@k / mAP of queries)")
+    b.add_argument("--ids", metavar="FILE",
+                   help="gallery ids: .npy (ints or strings) or text, one per line (default: row numbers)")
+    b.add_argument("--no-labels", action="store_true",
+                   help="do not store the gallery labels (they enable P@k / mAP of queries)")
     b.add_argument("--out", required=True, metavar="INDEX", help="new index directory (never overwritten)")
     b.add_argument("--shard-rows", type=int, metavar="N", help="rows per shard file (default: ~64 MiB of codes)")
     b.add_argument("--block-rows", type=int, metavar="N", help="rows encoded at a time (default: ~32 MiB of codes)")
@@ -227,7 +230,8 @@ def cmd_query(args) -> int:
                 os.fsync(file.fileno())
 
         write_new_file(args.out, to_file)
-        print(f"wrote {args.out}: top {args.k} of {index.n} {index.modality!r} items for {len(ids)} {args.modality!r} queries")
+        print(f"wrote {args.out}: top {args.k} of {index.n} {index.modality!r} items "
+              f"for {len(ids)} {args.modality!r} queries")
     else:
         write(sys.stdout)
         report = sys.stderr

@@ -353,7 +353,9 @@ class IndexWriter:
         try:
             os.rename(self._tmp, self.path)  # fails rather than replace a non-empty directory
         except OSError as exc:
-            raise SearchIndexError(f"cannot move the finished index into place at {self.path}: {exc.strerror or exc}") from None
+            raise SearchIndexError(
+                f"cannot move the finished index into place at {self.path}: {exc.strerror or exc}"
+            ) from None
         return self.path
 
     def abort(self) -> None:
@@ -613,7 +615,8 @@ def build_index(bundle: Bundle | str | os.PathLike, modality: str, features, *, 
     encoded = encode_blocks(bundle, modality, features, block)
     if path is None:
         codes = torch.cat([normalize_(c) for _, c in encoded]).to(bundle.device)
-        return SearchIndex(bundle, source, codes=codes, ids=id_values if id_kind != "str" else np.asarray(id_values, dtype=object),
+        ids_in_memory = id_values if id_kind != "str" else np.asarray(id_values, dtype=object)
+        return SearchIndex(bundle, source, codes=codes, ids=ids_in_memory,
                            id_kind=id_kind, labels=label_values, label_kind=label_kind, block_rows=block_rows)
     num_classes = int(label_values.shape[1]) if label_kind == "multi_hot" else None
     with IndexWriter(path, source, dim, shard_rows=shard_rows, id_kind=id_kind, label_kind=label_kind,
@@ -718,7 +721,9 @@ def load_index(path, bundle: Bundle | str | os.PathLike | None = None, *, in_mem
     bundle = _open_bundle(bundle, device)
     check_bundle(manifest["source"], bundle)
     if int(bundle.P.shape[0]) != manifest["dim"]:
-        raise SearchIndexError(f"{path}: codes have width {manifest['dim']} but the bundle's common space has {bundle.P.shape[0]}")
+        raise SearchIndexError(
+            f"{path}: codes have width {manifest['dim']} but the bundle's common space has {bundle.P.shape[0]}"
+        )
     index = SearchIndex(bundle, manifest["source"], path=path, manifest=manifest, id_kind=manifest["ids"],
                         label_kind=manifest["labels"], block_rows=block_rows)
     if not in_memory:
