@@ -464,6 +464,19 @@ def test_cli_build_query_json_and_csv(tmp_path, bundle_path, ds, data_file, caps
     assert code == 0 and out.splitlines()[0] == "query,rank,id,score" and "mAP@2" in err
 
 
+def test_cli_reads_h5_features_with_x_y_ids_keys(tmp_path, bundle_path, ds, capsys):
+    import h5py
+    g = ds["m0"].test
+    with h5py.File(tmp_path / "g.h5", "w") as f:
+        f["x"], f["y"] = g.features, g.labels
+        f["ids"] = np.array([f"photo-{i}".encode() for i in range(g.n)])  # HDF5 strings come back as bytes
+    code, out, _ = run_main(["build", str(bundle_path), "--modality", "m0", "--features", str(tmp_path / "g.h5"),
+                             "--out", str(tmp_path / "idx")], capsys)
+    assert code == 0 and "ids: str, labels: class_ids" in out
+    scores, ids = load_index(tmp_path / "idx").search(ds["m1"].test.features[:2], 3, modality="m1")
+    assert all(i.startswith("photo-") for i in ids.flatten())
+
+
 def test_cli_export_data_and_faiss(tmp_path, bundle_path, capsys):
     code, out, _ = run_main(["export-data", "mfeat", "--out", str(tmp_path / "digits.npz")], capsys)
     assert code == 0 and "fou_test_x" in np.load(tmp_path / "digits.npz").files

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data import DATASET_NAMES, load_dataset, save_npz
-from ..data._io import ArrayFile, check_path
+from ..data._io import ArrayFile, check_path, strings
 from .faiss_export import KINDS, export_faiss
 from .index import CODE_DTYPES, build_index, hit_quality, load_index, write_new_file
 
@@ -74,6 +74,8 @@ def read_features(args, modality: str) -> Features:
         if labels is not None and labels.ndim == 2 and 1 in labels.shape and labels.size == np.shape(f[x_key])[0]:
             labels = labels.reshape(-1)  # MATLAB id vectors are (1, n) or (n, 1)
         ids = np.asarray(f["ids"]) if "ids" in f else None
+        if ids is not None and not np.issubdtype(ids.dtype, np.integer):
+            ids = np.array(strings(ids), dtype=object)  # bytes from HDF5, char matrices from MATLAB
         return Features(np.asarray(f[x_key]), labels, ids)
 
 
