@@ -39,8 +39,7 @@ def tiny_bundle(path: Path):
     opts = TrainOptions(hidden=(16, 16), code_dim=D, batch_size=50, epochs=1, seed=0)
     ds = make_synthetic(1, n_train=100, n_val=50, n_test=10, n_classes=4, dims=8, seed=0)
     P = make_projection(D, 4, 0)
-    splits = [(m.train.features, m.train.labels, m.val.features, m.val.labels) for m in ds]
-    report = train_tasks(make_tasks(ds.modality_names, splits, P, opts), "serial")
+    report = train_tasks(make_tasks(list(ds), P, opts), "serial")
     save_bundle(path, P=P, projection_seed=0, results=report.modalities, class_names=ds.class_names,
                 dataset={"name": ds.name}, config={}, run=report.summary())
     return sdml_ext.load(path)

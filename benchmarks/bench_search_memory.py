@@ -146,8 +146,7 @@ def prepare(work: Path, rows: int) -> None:
     opts = TrainOptions(hidden=(64, 64), code_dim=CODE_DIM, batch_size=100, epochs=1, seed=0)
     ds = make_synthetic(2, n_train=400, n_val=100, n_test=100, n_classes=10, dims=FEATURE_DIM, seed=0)
     P = make_projection(CODE_DIM, 10, 0)
-    splits = [(m.train.features, m.train.labels, m.val.features, m.val.labels) for m in ds]
-    report = train_tasks(make_tasks(ds.modality_names, splits, P, opts), "serial")
+    report = train_tasks(make_tasks(list(ds), P, opts), "serial")
     save_bundle(work / "bundle", P=P, projection_seed=0, results=report.modalities, class_names=ds.class_names,
                 dataset={"name": ds.name}, config={}, run=report.summary())
     out = np.lib.format.open_memmap(work / "features.npy", mode="w+", dtype=np.float32, shape=(rows, FEATURE_DIM))

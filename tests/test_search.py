@@ -47,8 +47,7 @@ D = OPTS.code_dim
 def trained():
     ds = make_synthetic(3, n_train=100, n_val=20, n_test=60, n_classes=4, seed=3)
     P = make_projection(D, 4, OPTS.seed)
-    splits = [(m.train.features, m.train.labels, m.val.features, m.val.labels) for m in ds]
-    report = train_tasks(make_tasks(ds.modality_names, splits, P, OPTS), "serial")
+    report = train_tasks(make_tasks(list(ds), P, OPTS), "serial")
     return ds, P, report
 
 
