@@ -30,11 +30,16 @@ def _advice() -> str:
     python = sys.executable or "python"
     root = _source_root()
     if root is not None:
+        # Imported only because the checkout is the current directory (not an editable install):
+        # an installed copy would be found from elsewhere.
+        paths = [os.path.abspath(p or os.curdir) for p in sys.path]
+        from_cwd = paths[:1] == [root] and root not in paths[1:]
         return (
             f"sdml_ext is imported from the source tree {root}, which holds no extension built for "
             f"the installed torch {torch.__version__}. Build it in place: `bash scripts/setup.sh`, or "
-            f"`{python} -m pip install --no-build-isolation -e {root}` with the torch you use "
-            f"(to import an installed sdml_ext instead, run from another directory or with `{python} -P`)"
+            f"`{python} -m pip install --no-build-isolation -e {root}` with the torch you use"
+            + (f" (or, to import an installed sdml_ext instead, run from another directory or with `{python} -P`)"
+               if from_cwd else "")
         )
     return (
         f"Reinstall sdml_ext against the installed torch {torch.__version__}, from its source "

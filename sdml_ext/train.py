@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import os
 import sys
 from pathlib import Path
 
 from . import cli
 from .bundle import Bundle, add_to_bundle, check_new_bundle_path, load, save_bundle, set_metrics
 from .config import DEMO_EPOCHS, RunConfig, load_config_file, resolve_config
-from .data import DATASET_NAMES, Dataset, load_dataset
+from .data import DATASET_NAMES, Dataset, detect_layout, load_dataset
 from .evaluation import encode_split, evaluate
 from .model import make_projection
 from .preprocess import PREPROCESS_MODES
@@ -48,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "examples:\n"
             "  python -m sdml_ext.train                                  # demo: embedded digits\n"
-            "  python -m sdml_ext.train --dataset xmedia --data XMediaFeatures.mat --epochs 200\n"
+            "  python -m sdml_ext.train --data XMediaFeatures.mat --epochs 200     # layout detected: xmedia\n"
             "  python -m sdml_ext.train --dataset mfeat --modalities fou,fac,kar --out runs/three\n"
             "  python -m sdml_ext.train --add-modality pix --into runs/three\n"
             "errors in the input print one line and exit with status 2 (SDML_DEBUG=1 shows the traceback)."
@@ -58,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     data = p.add_argument_group("data")
     data.add_argument("--dataset", choices=DATASET_NAMES, metavar="NAME",
                       help=f"dataset kind: {', '.join(DATASET_NAMES)} (default: mfeat, the embedded UCI digits)")
-    data.add_argument("--data", metavar="PATH", help="data file or directory (every dataset but mfeat and synthetic)")
+    data.add_argument("--data", metavar="PATH",
+                      help="data file or directory (every dataset but mfeat and synthetic); without --dataset its "
+                           "layout is detected from its keys. Stored in the bundle as an absolute path")
     data.add_argument("--modalities", type=_csv(str), metavar="A,B,...",
                       help="train only these modalities, in this order (default: all)")
     train = p.add_argument_group("training")
@@ -95,8 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError("--add-modality and --into go together: --add-modality NAME --into BUNDLE")
     flags = {k: getattr(args, k) for k in _FLAG_SETTINGS}
     file_settings = load_config_file(args.config) if args.config else {}
+    _absolute_data_paths(file_settings, flags)
     if args.into is not None:
         return _add_modalities(args, file_settings, flags)
+    _detect_dataset(file_settings, flags)
     config = resolve_config(file_settings, flags)
     # Refuse an existing output before any work is done.
     out = check_new_bundle_path(config.out or _default_out(config.dataset))
@@ -144,6 +149,22 @@ def _add_modalities(args, file_settings: dict, flags: dict) -> int:
     print(f"\nadded {', '.join(args.add_modality)} to {args.into}")
     _evaluate_and_record(load(args.into), dataset, Path(args.into))
     return 0
+
+
+def _absolute_data_paths(*layers: dict) -> None:
+    """A relative data path is taken relative to the current directory and stored absolute, so
+    the bundle's `evaluate BUNDLE` and `--add-modality --into BUNDLE` work from anywhere."""
+    for layer in layers:
+        if isinstance(layer.get("data"), str):
+            layer["data"] = os.path.abspath(layer["data"])
+
+
+def _detect_dataset(file_settings: dict, flags: dict) -> None:
+    """A data path without a dataset name: name the layout the file is in."""
+    data = flags["data"] or file_settings.get("data")
+    if data is not None and flags["dataset"] is None and "dataset" not in file_settings:
+        options = file_settings.get("dataset_options") or {}
+        flags["dataset"] = detect_layout(data, options.get("n_val") if isinstance(options, dict) else None)
 
 
 def _load(config: RunConfig) -> Dataset:

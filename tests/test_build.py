@@ -106,6 +106,7 @@ def test_missing_or_foreign_extension_advice(case, tmp_path):
     if checkout:
         assert f"is imported from the source tree {root}" in last
         assert "scripts/setup.sh" in last and f"--no-build-isolation -e {root}" in last
+        assert "run from another directory" in last  # the checkout is imported as the current directory
     else:
         assert "Reinstall sdml_ext against the installed torch" in last and "--force-reinstall" in last
     expected = {

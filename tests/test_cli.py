@@ -150,3 +150,37 @@ def test_precision_scope():
     assert precision_scope(23661) == list(range(100, 1001, 100))
     assert precision_scope(400) == list(range(40, 401, 40))
     assert precision_scope(5) == [1, 2, 3, 4, 5]
+
+
+def test_data_path_alone_detects_the_layout_and_is_stored_absolute(tmp_path, monkeypatch, capsys):
+    """`--data FILE` without --dataset; the relative path typed then still works from elsewhere."""
+    from sdml_ext.data import make_synthetic, save_npz
+
+    data_dir, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    data_dir.mkdir(), elsewhere.mkdir()
+    save_npz(make_synthetic(n_classes=5, n_train=150, n_val=50, n_test=60), data_dir / "set.npz")
+    settings = tmp_path / "small.toml"
+    settings.write_text(CONFIG.split("[dataset_options]")[0])
+    monkeypatch.chdir(data_dir)
+    code, stdout, err = run_main(train.main, ["--data", "set.npz", "--modalities", "m0,m1", "--config", str(settings),
+                                              "--epochs", "1", "--out", "../bundle"], capsys)
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    assert manifest["config"]["dataset"] == "npz"
+    assert manifest["config"]["data"] == str(data_dir / "set.npz")
+
+    monkeypatch.chdir(elsewhere)
+    code, stdout, err = run_main(evaluate.main, ["../bundle"], capsys)
+    assert code == 0 and "mAP@all" in stdout, err
+    code, stdout, err = run_main(train.main, ["--add-modality", "m2", "--into", "../bundle"], capsys)
+    assert code == 0 and "average over 6 pairs" in stdout, err
+
+
+def test_data_path_of_unknown_layout_is_one_clear_line(tmp_path, capsys):
+    import scipy.io
+
+    path = tmp_path / "mystery.mat"
+    scipy.io.savemat(path, {"features": [[1.0, 2.0]], "labels": [0]})
+    code, _, err = run_main(train.main, ["--data", str(path), "--out", str(tmp_path / "never")], capsys)
+    assert code == 2 and "cannot tell the dataset layout" in err and "XMedia" in err and "Traceback" not in err
+    assert not (tmp_path / "never").exists()
