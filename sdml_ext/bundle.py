@@ -160,7 +160,8 @@ def save_bundle(
     path: str | os.PathLike,
     *,
     P: Tensor,
-    projection_seed: int,
+    projection_seed: int | None,
+    projection_source: dict | None = None,
     results: Sequence[ModalityResult],
     class_names: Sequence[str],
     dataset: dict,
@@ -172,7 +173,9 @@ def save_bundle(
     anything that exists. Returns the path.
 
     Args:
-        P: [d, c] float32 projection. projection_seed: the seed it was drawn from.
+        P: [d, c] float32 projection. projection_seed: the seed it was drawn from, or None
+            for a P read from a file, described by projection_source (see
+            sdml_ext.projection.load_projection: file, key, the file's sha256, columns).
         results: trained modalities, in bundle order (their .index must be 0..m-1).
         class_names: c names. dataset: {"name", "source", "multilabel", ...} provenance.
         config: the resolved training config. run: the run report's summary.
@@ -198,7 +201,8 @@ def save_bundle(
             "class_names": list(class_names),
             "projection": {
                 "file": PROJECTION_FILE,
-                "seed": int(projection_seed),
+                "seed": None if projection_seed is None else int(projection_seed),
+                **({"source": json_safe(projection_source)} if projection_source is not None else {}),
                 "shape": list(P.shape),
                 "sha256": tensor_checksum(P),
             },
@@ -295,7 +299,8 @@ class Bundle:
             self.P = self._load_tensors(proj["file"], None)["P"]
             if tensor_checksum(self.P) != proj["sha256"]:
                 raise BundleError(f"{self.path / proj['file']}: P does not match the checksum in the manifest")
-            self.projection_seed = int(proj["seed"])
+            self.projection_seed = None if proj["seed"] is None else int(proj["seed"])
+            self.projection_source: dict | None = proj.get("source")
             self.class_names: list[str] = list(self.manifest["class_names"])
             self._entries = {m["name"]: m for m in self.manifest["modalities"]}
         except (KeyError, TypeError) as exc:

@@ -47,6 +47,8 @@ class RunConfig:
     betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
     seed: int = 0
     code_dim: int = DEFAULT_CODE_DIM
+    projection: str | None = None
+    projection_key: str | None = None
     hidden: list[int] = field(default_factory=lambda: list(DEFAULT_HIDDEN))
     normalize_code: bool = True
     normalize_output: bool = True

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = metrics_path.with_name(".metrics.json.tmp")
     tmp.write_text(json.dumps(json_safe(metrics), indent=1, allow_nan=False) + "\n")
     tmp.replace(metrics_path)
-    pngs = plot_curves(pr, pk, out)
+    pngs = plot_curves(pr, pk, out, dataset=dataset.name, split=args.split)
     print(f"\nwrote {metrics_path}, {', '.join(str(p) for p in pngs)}")
     return 0
 

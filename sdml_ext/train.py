@@ -18,6 +18,7 @@ from .config import DEMO_EPOCHS, RunConfig, load_config_file, resolve_config
 from .data import DATASET_NAMES, Dataset, detect_layout, load_dataset
 from .evaluation import encode_split, evaluate
 from .model import make_projection
+from .projection import load_projection
 from .preprocess import PREPROCESS_MODES
 from .progress import EpochBars
 from .strategies import STRATEGIES, RunReport, train_tasks
@@ -74,9 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Adam learning rate per modality; the last value repeats (default: 1e-4,2e-4)")
     train.add_argument("--seed", type=int, metavar="N",
                        help="seed of P and of every modality's initial weights and shuffles (default: 0)")
+    train.add_argument("--projection", metavar="FILE",
+                       help="read P from FILE (.mat, .npy, .npz, .safetensors; a d x k matrix, its first c columns, "
+                            "checked to be orthonormal) instead of drawing it from --seed, e.g. the authors' "
+                            "OrthP_512X512.mat; stored in the bundle with the file's path and sha256")
+    train.add_argument("--projection-key", metavar="KEY",
+                       help="name of P in the --projection file (default: its only matrix, or one named P/OrthP/projection)")
     train.add_argument("--code-dim", type=int, metavar="D", help="width d of the common space (default: 512; needs d >= classes)")
     train.add_argument("--preprocess", choices=PREPROCESS_MODES,
-                       help="input scaling fitted on the train split and stored in the bundle (default: standardize)")
+                       help="input scaling fitted on the train split and stored in the bundle (default: standardize; "
+                            "the authors feed raw features: none reproduces them)")
     train.add_argument("--devices", type=_csv(str), metavar="DEV[,DEV...]",
                        help="cpu, or CUDA devices such as cuda:0,cuda:1 (parallel puts modalities on all; default: cuda:0 if present, else cpu)")
     out = p.add_argument_group("input/output")
@@ -89,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _FLAG_SETTINGS = ("dataset", "data", "modalities", "strategy", "epochs", "batch_size", "lam", "lr", "seed",
-                  "code_dim", "preprocess", "devices", "out")
+                  "code_dim", "projection", "projection_key", "preprocess", "devices", "out")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,13 +115,17 @@ def main(argv: list[str] | None = None) -> int:
     out = check_new_bundle_path(config.out or _default_out(config.dataset))
     dataset = _load(config)
     names = config.modalities or dataset.modality_names
-    P = make_projection(config.code_dim, dataset.num_classes, config.seed)
+    if config.projection is None:
+        P, projection_source = make_projection(config.code_dim, dataset.num_classes, config.seed), None
+    else:
+        P, projection_source = load_projection(config.projection, config.code_dim, dataset.num_classes, config.projection_key)
     config.out = str(out)
     report = _train(config, dataset, names, P, first_index=0)
     save_bundle(
         out,
         P=P,
-        projection_seed=config.seed,
+        projection_seed=config.seed if projection_source is None else None,
+        projection_source=projection_source,
         results=report.modalities,
         class_names=dataset.class_names,
         dataset={"name": dataset.name, "source": dataset.source, "multilabel": dataset.multilabel},
@@ -152,11 +164,12 @@ def _add_modalities(args, file_settings: dict, flags: dict) -> int:
 
 
 def _absolute_data_paths(*layers: dict) -> None:
-    """A relative data path is taken relative to the current directory and stored absolute, so
-    the bundle's `evaluate BUNDLE` and `--add-modality --into BUNDLE` work from anywhere."""
+    """A relative data (or projection) path is taken relative to the current directory and stored
+    absolute, so the bundle's `evaluate BUNDLE` and `--add-modality --into BUNDLE` work from anywhere."""
     for layer in layers:
-        if isinstance(layer.get("data"), str):
-            layer["data"] = os.path.abspath(layer["data"])
+        for name in ("data", "projection"):
+            if isinstance(layer.get(name), str):
+                layer[name] = os.path.abspath(layer[name])
 
 
 def _detect_dataset(file_settings: dict, flags: dict) -> None:
