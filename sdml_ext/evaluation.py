@@ -166,7 +166,8 @@ def draw_curves(pair_curves: PairCurves, kind: str, dataset: str, split: str):
     if kind not in ("pr", "pk"):
         raise ValueError(f"kind must be 'pr' or 'pk', got {kind!r}")
     queries = list(dict.fromkeys(q for q, _ in pair_curves.curves))
-    galleries = list(dict.fromkeys(g for _, g in pair_curves.curves))
+    names = list(dict.fromkeys(n for pair in pair_curves.curves for n in pair))  # the modalities' order
+    galleries = [n for n in names if any(g == n for _, g in pair_curves.curves)]
     if not queries:
         raise ValueError("no curves to draw")
     cols = min(3, len(queries))
