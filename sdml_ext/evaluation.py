@@ -162,6 +162,7 @@ def draw_curves(pair_curves: PairCurves, kind: str, dataset: str, split: str):
         dataset, split: named in the figure's title.
     """
     from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
+    from matplotlib.ticker import FuncFormatter
 
     if kind not in ("pr", "pk"):
         raise ValueError(f"kind must be 'pr' or 'pk', got {kind!r}")
@@ -172,7 +173,7 @@ def draw_curves(pair_curves: PairCurves, kind: str, dataset: str, split: str):
         raise ValueError("no curves to draw")
     cols = min(3, len(queries))
     rows = math.ceil(len(queries) / cols)
-    fig = Figure(figsize=(4.2 * cols, 3.4 * rows + 0.9), dpi=150)
+    fig = Figure(figsize=(4.2 * cols, 3.2 * rows + 1.0), dpi=150, layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False, sharex=True, sharey=True).reshape(-1)
     x = pair_curves.x.numpy()
     for ax, query in zip(axes, queries):
@@ -186,20 +187,21 @@ def draw_curves(pair_curves: PairCurves, kind: str, dataset: str, split: str):
         if kind == "pk":
             ax.set_xscale("log")
             ax.set_xlim(1, max(x.max(), 1.5))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 1, 10, 100, not 10^0 ...
         else:
             ax.set_xlim(0, 1)
     for ax in axes[len(queries):]:
         ax.set_visible(False)
-    for ax in axes[: len(queries)]:
+    for i, ax in enumerate(axes[: len(queries)]):
         ax.tick_params(labelsize=9, labelbottom=True)
-    fig.supxlabel("K (top retrieved, log scale)" if kind == "pk" else "recall", fontsize=11)
-    fig.supylabel("precision", fontsize=11)
+        ax.set_xlabel("K (top retrieved)" if kind == "pk" else "recall", fontsize=10)
+        if i % cols == 0:
+            ax.set_ylabel("precision", fontsize=10)
     what = "Precision@K" if kind == "pk" else "Precision-recall"
     fig.suptitle(f"{what} on {dataset}, {split} split (cosine similarity)", fontsize=13)
     handles = [axes[0].plot([], [], linewidth=1.4, markersize=5, **_style(i))[0] for i in range(len(galleries))]
-    fig.legend(handles, galleries, title="gallery modality", loc="lower center", ncol=min(len(galleries), 8),
+    fig.legend(handles, galleries, title="gallery modality", loc="outside lower center", ncol=min(len(galleries), 8),
                fontsize=10, title_fontsize=10, frameon=False)
-    fig.tight_layout(rect=(0, 0.9 / (3.4 * rows + 0.9) + 0.04, 1, 1))
     return fig
 
 
