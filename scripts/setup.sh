@@ -28,19 +28,19 @@ then
   echo "   already installed" >&2
 else
   echo "   the CUDA build of torch is a large download (several GB): pip shows its progress" >&2
-  "${pip[@]}" install --progress-bar on "torch==$torch_version" "scikit-build-core>=0.10" "pybind11>=2.12" ninja \
-    | grep --line-buffered -v '^Requirement already satisfied'
+  # Not piped through a filter: pip draws its progress bars only on a terminal.
+  "${pip[@]}" install "torch==$torch_version" "scikit-build-core>=0.10" "pybind11>=2.12" ninja
 fi
 
 step 3 "build sdml_ext in place (C++ kernels, plus CUDA kernels when nvcc is found) and its dependencies"
 # --no-build-isolation: build against the torch just installed instead of a second copy.
-# -v shows the build; its progress (scikit-build-core's *** stages, CMake's sdml_ext lines,
+# -v shows the build; its progress (the dependencies pip fetches, scikit-build-core's *** stages, CMake's sdml_ext lines,
 # ninja's [n/N] steps, compiler errors) is printed as it happens, all of it goes to the log.
 mkdir -p build
 log=build/setup-build.log
 set +e
 "${pip[@]}" install -v --no-build-isolation -e ".[${SDML_EXTRAS:-test}]" </dev/null 2>&1 | tee "$log" \
-  | { grep --line-buffered -E '^\s*(\*\*\* |-- sdml_ext|\[[0-9]+/[0-9]+\] |CMake Error|ERROR|Successfully installed)|(error|warning):' \
+  | { grep --line-buffered -E '^\s*(Collecting |\*\*\* |-- sdml_ext|\[[0-9]+/[0-9]+\] |CMake Error|ERROR|Successfully installed)|(error|warning):' \
       | sed -u 's/^ */   /' >&2; true; }
 status=${PIPESTATUS[0]}
 set -e
