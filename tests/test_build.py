@@ -1,6 +1,7 @@
 """The installed extension: what it was built with, and a clear error for a foreign torch."""
 
 import importlib.metadata
+import re
 import shutil
 import subprocess
 import sys
@@ -56,15 +57,24 @@ def test_foreign_torch_is_refused_with_rebuild_advice(tmp_path):
     assert ("Build it in place" in last and " -e " in last) if IN_PLACE else ("--force-reinstall" in last)
 
 
+def _checkout_built() -> bool:
+    """Whether the checkout's sdml_ext/ holds an extension built in place for this torch."""
+    config = REPO / "sdml_ext" / "_build_config.py"
+    built_for = re.search(r'^TORCH_VERSION = "(.*)"$', config.read_text(), re.M) if config.is_file() else None
+    return bool(built_for and built_for.group(1) == torch.__version__ and list((REPO / "sdml_ext").glob("_C*.so")))
+
+
 @pytest.mark.parametrize("module", ["sdml_ext.train", "sdml_ext.evaluate"])
 @pytest.mark.parametrize("where", ["repository root", "another directory"])
 def test_readme_commands_run_from_anywhere(module, where, tmp_path):
-    """`python -m sdml_ext.train` as the README writes it: from the root the source tree is
-    imported, so it must be built in place (scripts/setup.sh); elsewhere the installed package."""
-    cwd = REPO if where == "repository root" else tmp_path
+    """`python -m sdml_ext.train` as the README writes it. From the root the checkout itself is
+    imported: it works once built in place (scripts/setup.sh), and otherwise says how to build
+    it. From elsewhere the session's own sdml_ext is found (the checkout when installed
+    editable, else the installed copy)."""
+    at_root = where == "repository root"
+    cwd = REPO if at_root else tmp_path
     proc = _python(["-m", module, "--help"], cwd)
-    if where == "repository root" and not IN_PLACE:
-        # An installed copy with an unbuilt checkout: the import fails, saying how to build in place.
+    if at_root and not _checkout_built():
         assert proc.returncode != 0
         assert "is imported from the source tree" in _last_line(proc) and " -e " in _last_line(proc)
         return
@@ -72,7 +82,10 @@ def test_readme_commands_run_from_anywhere(module, where, tmp_path):
     assert proc.stdout.startswith(f"usage: python -m {module}")
     where_from = _python(["-c", "import sdml_ext; print(sdml_ext.__file__)"], cwd)
     assert where_from.returncode == 0, where_from.stderr
-    assert Path(where_from.stdout.strip()).resolve() == Path(sdml_ext.__file__).resolve()
+    expected = REPO / "sdml_ext" / "__init__.py" if at_root else Path(sdml_ext.__file__)
+    assert Path(where_from.stdout.strip()).resolve() == expected.resolve()
+    if at_root or IN_PLACE:  # scripts/setup.sh's editable install: the checkout, from anywhere
+        assert _checkout_built()
 
 
 def _copy_package(dest: Path, *, checkout: bool, build_config: str | None = None) -> Path:
