@@ -162,6 +162,7 @@ def draw_curves(pair_curves: PairCurves, kind: str, dataset: str, split: str):
         dataset, split: named in the figure's title.
     """
     from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
+    from matplotlib.lines import Line2D
     from matplotlib.ticker import FuncFormatter
 
     if kind not in ("pr", "pk"):
@@ -176,7 +177,7 @@ def draw_curves(pair_curves: PairCurves, kind: str, dataset: str, split: str):
     fig = Figure(figsize=(4.2 * cols, 3.2 * rows + 1.0), dpi=150, layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False, sharex=True, sharey=True).reshape(-1)
     x = pair_curves.x.numpy()
-    for ax, query in zip(axes, queries):
+    for i, (ax, query) in enumerate(zip(axes, queries)):
         for index, gallery in enumerate(galleries):
             y = pair_curves.curves.get((query, gallery))
             if y is not None:
@@ -190,16 +191,15 @@ def draw_curves(pair_curves: PairCurves, kind: str, dataset: str, split: str):
             ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 1, 10, 100, not 10^0 ...
         else:
             ax.set_xlim(0, 1)
-    for ax in axes[len(queries):]:
-        ax.set_visible(False)
-    for i, ax in enumerate(axes[: len(queries)]):
-        ax.tick_params(labelsize=9, labelbottom=True)
+        ax.tick_params(labelsize=9, labelbottom=True)  # every panel keeps its K / recall ticks
         ax.set_xlabel("K (top retrieved)" if kind == "pk" else "recall", fontsize=10)
         if i % cols == 0:
             ax.set_ylabel("precision", fontsize=10)
+    for ax in axes[len(queries):]:
+        ax.set_visible(False)
     what = "Precision@K" if kind == "pk" else "Precision-recall"
     fig.suptitle(f"{what} on {dataset}, {split} split (cosine similarity)", fontsize=13)
-    handles = [axes[0].plot([], [], linewidth=1.4, markersize=5, **_style(i))[0] for i in range(len(galleries))]
+    handles = [Line2D([], [], linewidth=1.4, markersize=5, **_style(i)) for i in range(len(galleries))]
     fig.legend(handles, galleries, title="gallery modality", loc="outside lower center", ncol=min(len(galleries), 8),
                fontsize=10, title_fontsize=10, frameon=False)
     return fig

@@ -170,14 +170,13 @@ def test_curve_figures_one_panel_per_query_titled_and_distinguishable():
     assert [ax.get_title() for ax in panels] == [f"query: {q}" for q in names]
     assert "mfeat" in fig._suptitle.get_text() and "test split" in fig._suptitle.get_text()
     for ax, query in zip(panels, names):
-        lines = [ln for ln in ax.get_lines() if len(ln.get_xdata())]
+        lines = ax.get_lines()
         assert sorted(ln.get_label() for ln in lines) == sorted(n for n in names if n != query)
         assert ax.get_xscale() == "log" and ax.get_xlim()[0] == 1
     styles = {}
     for ax in panels:
         for ln in ax.get_lines():
-            if len(ln.get_xdata()):
-                styles.setdefault(ln.get_label(), set()).add((ln.get_color(), ln.get_marker(), ln.get_linestyle()))
+            styles.setdefault(ln.get_label(), set()).add((ln.get_color(), ln.get_marker(), ln.get_linestyle()))
     assert all(len(s) == 1 for s in styles.values())  # a gallery modality looks the same in every panel
     every = [next(iter(s)) for s in styles.values()]
     for part in range(3):  # colour, marker and line style each tell the six galleries apart... or nearly
