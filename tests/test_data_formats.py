@@ -416,10 +416,12 @@ def test_detect_layout_of_every_readable_kind(tmp_path, small):
     scipy.io.savemat(xmedia, _xmedia_arrays())
     assert detect_layout(xmedia) == "xmedia"
 
-    wiki = tmp_path / "wiki.h5"  # told apart by its 693 test images (NUS-WIDE, MS-COCO alike)
-    _authors_h5(wiki, n_test=AUTHORS_H5_TEST_ROWS["wikipedia"])
-    assert detect_layout(wiki) == "wikipedia"
-    assert load_dataset(None, wiki)["image"].val.n == 231  # the published split
+    for name, rows in AUTHORS_H5_TEST_ROWS.items():  # told apart by the size of the test set
+        path = tmp_path / f"{name}.h5"
+        _authors_h5(path, n_test=rows)
+        assert detect_layout(path) == name
+    wiki = load_dataset(None, tmp_path / "wikipedia.h5")
+    assert wiki.name == "wikipedia" and wiki["image"].val.n == 231  # the published split
     odd = tmp_path / "odd.h5"
     _authors_h5(odd, n_test=50)
     assert detect_layout(odd, n_val=5) == "authors-h5"
