@@ -15,7 +15,7 @@ from pathlib import Path
 from . import cli
 from .bundle import Bundle, add_to_bundle, check_new_bundle_path, load, save_bundle, set_metrics
 from .config import DEMO_EPOCHS, RunConfig, load_config_file, resolve_config
-from .data import DATASET_NAMES, Dataset, detect_layout, load_dataset
+from .data import BUILT_IN_DATASETS, DATASET_NAMES, Dataset, detect_layout, load_dataset
 from .evaluation import encode_split, evaluate
 from .model import make_projection
 from .projection import load_projection
@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _add_modalities(args, file_settings: dict, flags: dict) -> int:
     bundle = load(args.into)
+    _detect_dataset(file_settings, flags, bundle.config.get("dataset", "mfeat"))
     base = {k: v for k, v in bundle.config.items() if k not in ("out", "modalities")}
     if "dataset" in file_settings or flags["dataset"] is not None:
         base.pop("data", None)  # a different dataset kind does not inherit the bundle's path
@@ -172,10 +173,12 @@ def _absolute_data_paths(*layers: dict) -> None:
                 layer[name] = os.path.abspath(layer[name])
 
 
-def _detect_dataset(file_settings: dict, flags: dict) -> None:
-    """A data path without a dataset name: name the layout the file is in."""
+def _detect_dataset(file_settings: dict, flags: dict, inherited: str | None = None) -> None:
+    """A data path without a dataset name: name the layout the file is in (unless the kind
+    inherited from a bundle reads files itself)."""
     data = flags["data"] or file_settings.get("data")
-    if data is not None and flags["dataset"] is None and "dataset" not in file_settings:
+    named = flags["dataset"] is not None or "dataset" in file_settings
+    if data is not None and not named and (inherited is None or inherited in BUILT_IN_DATASETS):
         options = file_settings.get("dataset_options") or {}
         flags["dataset"] = detect_layout(data, options.get("n_val") if isinstance(options, dict) else None)
 

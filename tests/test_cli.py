@@ -225,3 +225,22 @@ def test_data_path_of_unknown_layout_is_one_clear_line(tmp_path, capsys):
     code, _, err = run_main(train.main, ["--data", str(path), "--out", str(tmp_path / "never")], capsys)
     assert code == 2 and "cannot tell the dataset layout" in err and "XMedia" in err and "Traceback" not in err
     assert not (tmp_path / "never").exists()
+
+
+def test_data_for_a_bundle_of_built_in_data_is_detected(tmp_path, capsys):
+    """A bundle trained on the embedded digits, evaluated and extended with the same data read
+    from a file: --data alone, no --dataset."""
+    from sdml_ext.data import load_dataset, save_npz
+
+    save_npz(load_dataset("mfeat"), tmp_path / "digits.npz")
+    settings = tmp_path / "small.toml"
+    settings.write_text(CONFIG.split("[dataset_options]")[0])
+    out = tmp_path / "bundle"
+    assert run_main(train.main, ["--modalities", "fou,kar", "--config", str(settings), "--epochs", "1",
+                                 "--out", str(out)], capsys)[0] == 0
+    code, stdout, err = run_main(evaluate.main, [str(out), "--data", str(tmp_path / "digits.npz")], capsys)
+    assert code == 0 and "average over 2 pairs" in stdout, err
+    code, stdout, err = run_main(train.main, ["--add-modality", "zer", "--into", str(out), "--data",
+                                              str(tmp_path / "digits.npz")], capsys)
+    assert code == 0 and "average over 6 pairs" in stdout, err
+    assert json.loads((out / "manifest.json").read_text())["runs"][-1]["config"]["dataset"] == "npz"

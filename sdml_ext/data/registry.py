@@ -35,6 +35,9 @@ DATASET_NAMES = (
 )
 """Names accepted by load_dataset ("auto" = detect from the file; also what None means)."""
 
+BUILT_IN_DATASETS = ("mfeat", "synthetic")
+"""Names whose data ship with (or are drawn by) the package: they take no path."""
+
 
 def load_dataset(name: str | None = "mfeat", path: str | os.PathLike | None = None, **opts) -> Dataset:
     """Load a dataset by name.
@@ -63,7 +66,7 @@ def load_dataset(name: str | None = "mfeat", path: str | os.PathLike | None = No
     key = "auto" if name is None else str(name).lower()
     if key not in DATASET_NAMES:
         raise ValueError(f"unknown dataset name {name!r}; valid names: {', '.join(DATASET_NAMES)}")
-    if key in ("mfeat", "synthetic"):
+    if key in BUILT_IN_DATASETS:
         if path is not None:
             raise ValueError(f"dataset {key!r} is built in and takes no path (got {path!r})")
         return load_mfeat(**opts) if key == "mfeat" else make_synthetic(**opts)
