@@ -5,5 +5,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # Passive OpenMP waits: spinning threads make 2-thread steps several times slower on a busy machine.
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
-# -P: do not put the repo root on sys.path, so the installed package (with _C) is imported.
-exec .venv/bin/python -P -m pytest tests "$@"
+exec .venv/bin/python -m pytest tests "$@"

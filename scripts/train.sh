@@ -9,5 +9,4 @@ bash scripts/setup.sh
 # thread steals the core its partner needs, and a 2-thread training step was measured 4-10x
 # slower on a loaded 2-core machine. Set OMP_WAIT_POLICY yourself to override.
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
-# -P: do not put the repo root on sys.path, so the installed package (with _C) is imported.
-exec .venv/bin/python -P -m sdml_ext.train "$@"
+exec .venv/bin/python -m sdml_ext.train "$@"

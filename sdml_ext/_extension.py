@@ -2,34 +2,67 @@
 
 An extension built against one torch release does not load into another (C++ symbols change);
 without this check the user would see an undefined-symbol traceback instead of what to do.
+The advice depends on where sdml_ext is imported from: a source checkout (the repository root
+is on sys.path, or it was installed editable) is built in place, an installed copy is reinstalled.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 
 import torch
 
-_REBUILD = (
-    "Rebuild sdml_ext against the installed torch: "
-    "pip install --no-build-isolation --no-deps --force-reinstall ."
-)
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _source_root() -> str | None:
+    """The checkout this package is imported from, or None for an installed copy."""
+    root = os.path.dirname(_PACKAGE_DIR)
+    if os.path.isfile(os.path.join(root, "CMakeLists.txt")) and os.path.isfile(os.path.join(root, "pyproject.toml")):
+        return root
+    return None
+
+
+def _advice() -> str:
+    """What to run so that this copy of sdml_ext gets a compiled extension for this torch."""
+    python = sys.executable or "python"
+    root = _source_root()
+    if root is not None:
+        # Imported only because the checkout is the current directory (not an editable install):
+        # an installed copy would be found from elsewhere.
+        paths = [os.path.abspath(p or os.curdir) for p in sys.path]
+        from_cwd = paths[:1] == [root] and root not in paths[1:]
+        return (
+            f"sdml_ext is imported from the source tree {root}, which holds no extension built for "
+            f"the installed torch {torch.__version__}. Build it in place: `bash scripts/setup.sh`, or "
+            f"`{python} -m pip install --no-build-isolation -e {root}` with the torch you use"
+            + (f" (or, to import an installed sdml_ext instead, run from another directory or with `{python} -P`)"
+               if from_cwd else "")
+        )
+    return (
+        f"Reinstall sdml_ext against the installed torch {torch.__version__}, from its source "
+        f"directory: `{python} -m pip install --no-build-isolation --no-deps --force-reinstall .`"
+    )
 
 
 def _load():
     try:
         config = importlib.import_module("sdml_ext._build_config")
-    except ImportError as exc:
+    except ImportError:
         raise ImportError(
-            "sdml_ext's compiled extension is missing (sdml_ext/_build_config.py not found): "
-            "sdml_ext must be installed with pip, not imported from a source tree. " + _REBUILD
-        ) from exc
+            f"sdml_ext's compiled extension is missing ({_PACKAGE_DIR} has no _build_config.py). {_advice()}"
+        ) from None
     if config.TORCH_VERSION != torch.__version__:
         raise ImportError(
-            f"sdml_ext was built against torch {config.TORCH_VERSION} but torch {torch.__version__} "
-            f"is installed. {_REBUILD}"
+            f"sdml_ext in {_PACKAGE_DIR} was built against torch {config.TORCH_VERSION} but torch "
+            f"{torch.__version__} is installed. {_advice()}"
         )
-    module = importlib.import_module("sdml_ext._C")
+    try:
+        module = importlib.import_module("sdml_ext._C")
+    except ImportError as exc:  # missing .so, or one from another build of the same torch version
+        raise ImportError(f"sdml_ext's compiled extension in {_PACKAGE_DIR} does not load ({exc}). {_advice()}") from exc
     return config, module
 
 

@@ -148,7 +148,8 @@ def save_bundle(
     path: str | os.PathLike,
     *,
     P: Tensor,
-    projection_seed: int,
+    projection_seed: int | None,
+    projection_source: dict | None = None,
     results: Sequence[ModalityResult],
     class_names: Sequence[str],
     dataset: dict,
@@ -160,7 +161,9 @@ def save_bundle(
     anything that exists. Returns the path.
 
     Args:
-        P: [d, c] float32 projection. projection_seed: the seed it was drawn from.
+        P: [d, c] float32 projection. projection_seed: the seed it was drawn from, or None
+            for a P read from a file, described by projection_source (see
+            sdml_ext.projection.load_projection: file, key, the file's sha256, columns).
         results: trained modalities, in bundle order (their .index must be 0..m-1).
         class_names: c names. dataset: {"name", "source", "multilabel", ...} provenance.
         config: the resolved training config. run: the run report's summary.
@@ -186,7 +189,8 @@ def save_bundle(
             "class_names": list(class_names),
             "projection": {
                 "file": PROJECTION_FILE,
-                "seed": int(projection_seed),
+                "seed": None if projection_seed is None else int(projection_seed),
+                **({"source": json_safe(projection_source)} if projection_source is not None else {}),
                 "shape": list(P.shape),
                 "sha256": tensor_checksum(P),
             },
@@ -298,7 +302,13 @@ def check_manifest(manifest, where: str = MANIFEST) -> None:
         s.fail("class_names", f"must be a non-empty list of strings, got {class_names!r}")
     proj = s.get(manifest, "projection", "projection", "object")
     s.get(proj, "file", "projection.file", "file")
-    s.get(proj, "seed", "projection.seed", "int")
+    # A drawn P records its seed; one read from a file (--projection) has seed null and a source.
+    if proj.get("seed", 0) is not None:
+        s.get(proj, "seed", "projection.seed", "int")
+    elif "source" not in proj:
+        s.fail("projection.seed", "is null but projection.source (the file P was read from) is missing")
+    if "source" in proj:
+        s.get(proj, "source", "projection.source", "object")
     s.get(proj, "sha256", "projection.sha256", "sha256")
     shape = s.get(proj, "shape", "projection.shape", "ints")
     if len(shape) != 2 or shape[1] != len(class_names):
@@ -387,7 +397,8 @@ class Bundle:
         self.P = P["P"]
         if tensor_checksum(self.P) != proj["sha256"]:
             raise BundleError(f"{self.path / proj['file']}: P does not match the checksum in the manifest")
-        self.projection_seed = int(proj["seed"])
+        self.projection_seed = None if proj["seed"] is None else int(proj["seed"])
+        self.projection_source: dict | None = proj.get("source")
         self.class_names: list[str] = list(self.manifest["class_names"])
         self._entries = {m["name"]: m for m in self.manifest["modalities"]}
         self._models: dict[str, tuple[DSAE, Preprocessor]] = {}
@@ -404,6 +415,7 @@ class Bundle:
         self.device = torch.device("cpu")
         self.manifest = base.manifest if base is not None else {"config": {}}
         self.P, self.projection_seed = P, None if base is None else base.projection_seed
+        self.projection_source = None if base is None else base.projection_source
         self.class_names = list(class_names)
         self._entries = dict(base._entries) if base is not None else {}
         self._models = dict(base._models) if base is not None else {}

@@ -41,6 +41,8 @@ class RunConfig(TrainOptions):
     dataset_options: dict = field(default_factory=dict)
     modalities: tuple[str, ...] | None = None
     strategy: str = "parallel"
+    projection: str | None = None
+    projection_key: str | None = None
     devices: tuple[str, ...] = ("auto",)
     out: str | None = None
 

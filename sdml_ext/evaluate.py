@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import cli
 from .bundle import json_safe, load
-from .data import DATASET_NAMES, load_dataset
+from .data import BUILT_IN_DATASETS, DATASET_NAMES, detect_layout, load_dataset
 from .evaluation import curves, encode_split, evaluate, plot_curves
 
 
@@ -28,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("bundle", metavar="BUNDLE", help="bundle directory written by python -m sdml_ext.train")
     p.add_argument("--dataset", choices=DATASET_NAMES, metavar="NAME", help=f"dataset kind: {', '.join(DATASET_NAMES)}")
-    p.add_argument("--data", metavar="PATH", help="data file or directory (e.g. when the file has moved)")
+    p.add_argument("--data", metavar="PATH",
+                   help="data file or directory (e.g. when the file has moved); read as the bundle's dataset kind, "
+                        "or, for a bundle of built-in data, in the layout detected from the file")
     p.add_argument("--split", choices=("test", "val", "train"), default="test", help="split to evaluate (default: test)")
     p.add_argument("--k", type=int, default=50, metavar="K", help="cut-off of the second table, mAP@K (default: 50)")
     p.add_argument("--empty", choices=("zero", "skip"),
@@ -47,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     name = args.dataset or config.get("dataset", "mfeat")
     path = args.data if (args.data or args.dataset) else config.get("data")
     options = config.get("dataset_options", {}) if args.dataset is None else {}
+    if args.data and args.dataset is None and name in BUILT_IN_DATASETS:
+        name, options = detect_layout(args.data), {}  # the bundle's kind takes no file: detect its layout
     dataset = load_dataset(name, path, **options)
     out = Path(args.out) if args.out else Path(args.bundle) / "evaluation"
     try:
@@ -65,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = metrics_path.with_name(".metrics.json.tmp")
     tmp.write_text(json.dumps(json_safe(metrics), indent=1, allow_nan=False) + "\n")
     tmp.replace(metrics_path)
-    pngs = plot_curves(pr, pk, out)
+    pngs = plot_curves(pr, pk, out, dataset=dataset.name, split=args.split)
     print(f"\nwrote {metrics_path}, {', '.join(str(p) for p in pngs)}")
     return 0
 

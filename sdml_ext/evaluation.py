@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -106,13 +107,22 @@ def evaluate(encoded: EncodedSplit, k: int = 50, empty: str | None = None) -> Ev
     )
 
 
-def precision_scope(gallery_size: int) -> list[int]:
-    """Cut-offs K of the precision@K curve: the paper's 100, 200, ..., 1000, or for a gallery
-    smaller than 1000 ten even steps up to its size (K = 100 alone would leave a 400-item
-    gallery with 4 points, all past the 40 relevant items of a class)."""
-    if gallery_size >= 1000:
-        return list(range(100, 1001, 100))
-    return sorted({max(1, round(gallery_size * i / 10)) for i in range(1, 11)})
+PAPER_KS = tuple(range(100, 1001, 100))
+"""The paper's precision-scope cut-offs K = 100, 200, ..., 1000."""
+
+
+def precision_scope(gallery_size: int, points: int = 24) -> list[int]:
+    """Cut-offs K of the precision@K curve: about `points` K spread evenly on a log scale from 1
+    to the gallery size, plus the paper's 100, 200, ..., 1000 where the gallery has them.
+
+    K from 1 shows the head of the ranking, where the methods differ; a class with r relevant
+    items caps precision@K at r/K for K > r, so a scope that starts at K = r or later shows
+    little but that bound.
+    """
+    if gallery_size < 1:
+        raise ValueError(f"gallery_size must be >= 1, got {gallery_size}")
+    spread = np.geomspace(1, gallery_size, num=max(2, points))
+    return sorted({int(round(k)) for k in spread} | {k for k in PAPER_KS if k <= gallery_size})
 
 
 def curves(encoded: EncodedSplit, empty: str | None = None) -> tuple[PairCurves, PairCurves]:
@@ -125,32 +135,81 @@ def curves(encoded: EncodedSplit, empty: str | None = None) -> tuple[PairCurves,
     return pr, pk
 
 
-def plot_curves(pr: PairCurves, pk: PairCurves, out_dir: str | os.PathLike) -> list[Path]:
-    """Draw the curves to ``precision_recall.png`` and ``precision_at_k.png`` in out_dir (one
-    line per ordered pair); returns the two paths."""
-    import matplotlib
+# One style per gallery modality, the same in every panel: colour and marker and line style all
+# differ, so curves stay apart in greyscale print and for colour-blind readers.
+_COLOURS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442")
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+_LINESTYLES = ("-", "--", "-.", ":")
 
-    matplotlib.use("Agg")  # files only; never needs a display
-    from matplotlib import pyplot as plt
 
+def _style(index: int) -> dict:
+    return {
+        "color": _COLOURS[index % len(_COLOURS)],
+        "marker": _MARKERS[index % len(_MARKERS)],
+        "linestyle": _LINESTYLES[index % len(_LINESTYLES)],
+    }
+
+
+def draw_curves(pair_curves: PairCurves, kind: str, dataset: str, split: str):
+    """A matplotlib Figure with one panel per query modality and, in each, one curve per
+    gallery modality (styled the same in every panel, one legend for the figure).
+
+    Args:
+        pair_curves: curves of every ordered pair (query, gallery).
+        kind: "pr" (precision against recall) or "pk" (precision@K, K on a log scale).
+        dataset, split: named in the figure's title.
+    """
+    from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter
+
+    if kind not in ("pr", "pk"):
+        raise ValueError(f"kind must be 'pr' or 'pk', got {kind!r}")
+    queries = list(dict.fromkeys(q for q, _ in pair_curves.curves))
+    names = list(dict.fromkeys(n for pair in pair_curves.curves for n in pair))  # the modalities' order
+    galleries = [n for n in names if any(g == n for _, g in pair_curves.curves)]
+    if not queries:
+        raise ValueError("no curves to draw")
+    cols = min(3, len(queries))
+    rows = math.ceil(len(queries) / cols)
+    fig = Figure(figsize=(4.2 * cols, 3.2 * rows + 1.0), dpi=150, layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False, sharex=True, sharey=True).reshape(-1)
+    x = pair_curves.x.numpy()
+    for i, (ax, query) in enumerate(zip(axes, queries)):
+        for index, gallery in enumerate(galleries):
+            y = pair_curves.curves.get((query, gallery))
+            if y is not None:
+                ax.plot(x, y.numpy(), linewidth=1.4, markersize=4, label=gallery, **_style(index))
+        ax.set_title(f"query: {query}", fontsize=11)
+        ax.grid(alpha=0.3, which="both" if kind == "pk" else "major")
+        ax.set_ylim(0, 1.02)
+        if kind == "pk":
+            ax.set_xscale("log")
+            ax.set_xlim(1, max(x.max(), 1.5))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 1, 10, 100, not 10^0 ...
+        else:
+            ax.set_xlim(0, 1)
+        ax.tick_params(labelsize=9, labelbottom=True)  # every panel keeps its K / recall ticks
+        ax.set_xlabel("K (top retrieved)" if kind == "pk" else "recall", fontsize=10)
+        if i % cols == 0:
+            ax.set_ylabel("precision", fontsize=10)
+    for ax in axes[len(queries):]:
+        ax.set_visible(False)
+    what = "Precision@K" if kind == "pk" else "Precision-recall"
+    fig.suptitle(f"{what} on {dataset}, {split} split (cosine similarity)", fontsize=13)
+    handles = [Line2D([], [], linewidth=1.4, markersize=5, **_style(i)) for i in range(len(galleries))]
+    fig.legend(handles, galleries, title="gallery modality", loc="outside lower center", ncol=min(len(galleries), 8),
+               fontsize=10, title_fontsize=10, frameon=False)
+    return fig
+
+
+def plot_curves(pr: PairCurves, pk: PairCurves, out_dir: str | os.PathLike, *, dataset: str, split: str) -> list[Path]:
+    """Draw the curves (see :func:`draw_curves`) to ``precision_recall.png`` and
+    ``precision_at_k.png`` in out_dir; returns the two paths."""
     out_dir = Path(out_dir)
     paths = []
-    for curves_, name, xlabel, title in (
-        (pr, "precision_recall.png", "recall", "Precision-recall"),
-        (pk, "precision_at_k.png", "K (top retrieved)", "Precision@K"),
-    ):
-        fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
-        for (query, gallery), y in curves_.curves.items():
-            ax.plot(curves_.x.numpy(), y.numpy(), marker=".", linewidth=1, label=f"{query}→{gallery}")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("precision")
-        ax.set_ylim(0, 1.02)
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, ncol=2 if len(curves_.curves) > 10 else 1)
-        fig.tight_layout()
+    for pair_curves, kind, name in ((pr, "pr", "precision_recall.png"), (pk, "pk", "precision_at_k.png")):
         path = out_dir / name
-        fig.savefig(path)
-        plt.close(fig)
+        draw_curves(pair_curves, kind, dataset, split).savefig(path)
         paths.append(path)
     return paths

@@ -9,15 +9,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as _dt
+import os
 import sys
 from pathlib import Path
 
 from . import cli
 from .bundle import Bundle, add_to_bundle, check_new_bundle_path, load, save_bundle
 from .config import RunConfig, load_config_file, resolve_config
-from .data import DATASET_NAMES, Dataset, load_dataset
+from .data import BUILT_IN_DATASETS, DATASET_NAMES, Dataset, detect_layout, load_dataset
 from .evaluation import encode_split, evaluate
 from .model import make_projection
+from .projection import load_projection
 from .preprocess import PREPROCESS_MODES
 from .progress import EpochBars
 from .strategies import STRATEGIES, RunReport, train_tasks
@@ -49,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "examples:\n"
             "  python -m sdml_ext.train                                  # demo: embedded digits\n"
-            "  python -m sdml_ext.train --dataset xmedia --data XMediaFeatures.mat --epochs 200\n"
+            "  python -m sdml_ext.train --data XMediaFeatures.mat --epochs 200     # layout detected: xmedia\n"
             "  python -m sdml_ext.train --dataset mfeat --modalities fou,fac,kar --out runs/three\n"
             "  python -m sdml_ext.train --add-modality pix --into runs/three\n"
             "errors in the input print one line and exit with status 2 (SDML_DEBUG=1 shows the traceback)."
@@ -59,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     data = p.add_argument_group("data")
     data.add_argument("--dataset", choices=DATASET_NAMES, metavar="NAME",
                       help=f"dataset kind: {', '.join(DATASET_NAMES)} (default: mfeat, the embedded UCI digits)")
-    data.add_argument("--data", metavar="PATH", help="data file or directory (every dataset but mfeat and synthetic)")
+    data.add_argument("--data", metavar="PATH",
+                      help="data file or directory (every dataset but mfeat and synthetic); without --dataset its "
+                           "layout is detected from its keys. Stored in the bundle as an absolute path")
     data.add_argument("--modalities", type=_csv(str), metavar="A,B,...",
                       help="train only these modalities, in this order (default: all)")
     train = p.add_argument_group("training")
@@ -72,9 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Adam learning rate per modality; the last value repeats (default: 1e-4,2e-4)")
     train.add_argument("--seed", type=int, metavar="N",
                        help="seed of P and of every modality's initial weights and shuffles (default: 0)")
+    train.add_argument("--projection", metavar="FILE",
+                       help="read P from FILE (.mat, .npy, .npz, .safetensors; a d x k matrix, its first c columns, "
+                            "checked to be orthonormal) instead of drawing it from --seed, e.g. the authors' "
+                            "OrthP_512X512.mat; stored in the bundle with the file's path and sha256")
+    train.add_argument("--projection-key", metavar="KEY",
+                       help="name of P in the --projection file (default: its only matrix, or one named P/OrthP/projection)")
     train.add_argument("--code-dim", type=int, metavar="D", help="width d of the common space (default: 512; needs d >= classes)")
     train.add_argument("--preprocess", choices=PREPROCESS_MODES,
-                       help="input scaling fitted on the train split and stored in the bundle (default: standardize)")
+                       help="input scaling fitted on the train split and stored in the bundle (default: standardize; "
+                            "the authors feed raw features: none reproduces them)")
     train.add_argument("--devices", type=_csv(str), metavar="DEV[,DEV...]",
                        help="cpu, or CUDA devices such as cuda:0,cuda:1 (parallel puts modalities on all; default: cuda:0 if present, else cpu)")
     out = p.add_argument_group("input/output")
@@ -87,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _FLAG_SETTINGS = ("dataset", "data", "modalities", "strategy", "epochs", "batch_size", "lam", "lr", "seed",
-                  "code_dim", "preprocess", "devices", "out")
+                  "code_dim", "projection", "projection_key", "preprocess", "devices", "out")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,8 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError("--out does not go with --add-modality: the modalities are added into the --into bundle")
     flags = {k: getattr(args, k) for k in _FLAG_SETTINGS}
     file_settings = load_config_file(args.config) if args.config else {}
+    _absolute_data_paths(file_settings, flags)
     if args.into is not None:
         return _add_modalities(args, file_settings, flags)
+    _detect_dataset(file_settings, flags)
     config = resolve_config(file_settings, flags)
     out = Path(config.out or _default_out(config.dataset))
     made = _missing_parents(out)
@@ -129,7 +142,10 @@ def _train_new(config: RunConfig, out: Path) -> int:
     out = check_new_bundle_path(out)
     dataset = _load(config)
     names = config.modalities or dataset.modality_names
-    P = make_projection(config.code_dim, dataset.num_classes, config.seed)
+    if config.projection is None:
+        P, projection_source = make_projection(config.code_dim, dataset.num_classes, config.seed), None
+    else:
+        P, projection_source = load_projection(config.projection, config.code_dim, dataset.num_classes, config.projection_key)
     config = dataclasses.replace(config, out=str(out))
     report = _train(config, dataset, names, P, first_index=0)
     # Evaluate the trained networks in memory first, so the bundle is written once, with its metrics.
@@ -137,7 +153,8 @@ def _train_new(config: RunConfig, out: Path) -> int:
     save_bundle(
         out,
         P=P,
-        projection_seed=config.seed,
+        projection_seed=config.seed if projection_source is None else None,
+        projection_source=projection_source,
         results=report.modalities,
         class_names=dataset.class_names,
         dataset={"name": dataset.name, "source": dataset.source, "multilabel": dataset.multilabel},
@@ -151,6 +168,7 @@ def _train_new(config: RunConfig, out: Path) -> int:
 
 def _add_modalities(args, file_settings: dict, flags: dict) -> int:
     bundle = load(args.into)
+    _detect_dataset(file_settings, flags, bundle.config.get("dataset", "mfeat"))
     base = {k: v for k, v in bundle.config.items() if k not in ("out", "modalities")}
     if "dataset" in file_settings or flags["dataset"] is not None:
         base.pop("data", None)  # a different dataset kind does not inherit the bundle's path
@@ -174,6 +192,25 @@ def _add_modalities(args, file_settings: dict, flags: dict) -> int:
                   run={"kind": "add-modality", "config": config.to_dict(), **report.summary()})
     print(f"\nadded {', '.join(args.add_modality)} to {args.into}")
     return 0
+
+
+def _absolute_data_paths(*layers: dict) -> None:
+    """A relative data (or projection) path is taken relative to the current directory and stored
+    absolute, so the bundle's `evaluate BUNDLE` and `--add-modality --into BUNDLE` work from anywhere."""
+    for layer in layers:
+        for name in ("data", "projection"):
+            if isinstance(layer.get(name), str):
+                layer[name] = os.path.abspath(layer[name])
+
+
+def _detect_dataset(file_settings: dict, flags: dict, inherited: str | None = None) -> None:
+    """A data path without a dataset name: name the layout the file is in (unless the kind
+    inherited from a bundle reads files itself)."""
+    data = flags["data"] or file_settings.get("data")
+    named = flags["dataset"] is not None or "dataset" in file_settings
+    if data is not None and not named and (inherited is None or inherited in BUILT_IN_DATASETS):
+        options = file_settings.get("dataset_options") or {}
+        flags["dataset"] = detect_layout(data, options.get("n_val") if isinstance(options, dict) else None)
 
 
 def _load(config: RunConfig) -> Dataset:

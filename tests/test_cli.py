@@ -78,8 +78,8 @@ def test_train_add_modality_and_evaluate(tmp_path, config_file, capsys):
     code, stdout, _ = run_main(evaluate.main, [str(out), "--out", str(tmp_path / "eval")], capsys)
     assert code == 0 and "mAP@50" in stdout
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert metrics["modalities"] == ["m0", "m1", "m2"] and metrics["precision_at_k"]["k"] == [6, 12, 18, 24, 30, 36, 42, 48, 54, 60]
-    assert len(metrics["precision_at_k"]["m2->m0"]) == 10 and len(metrics["precision_recall"]["recall"]) == 11
+    assert metrics["modalities"] == ["m0", "m1", "m2"] and metrics["precision_at_k"]["k"][::len(metrics["precision_at_k"]["k"]) - 1] == [1, 60]
+    assert len(metrics["precision_at_k"]["m2->m0"]) == len(metrics["precision_at_k"]["k"]) and len(metrics["precision_recall"]["recall"]) == 11
     for png in ("precision_recall.png", "precision_at_k.png"):
         assert (tmp_path / "eval" / png).read_bytes()[:4] == b"\x89PNG"
 
@@ -229,6 +229,100 @@ def test_a_single_modality_trains_and_skips_the_table(tmp_path, config_file, cap
 def test_precision_scope():
     from sdml_ext.evaluation import precision_scope
 
-    assert precision_scope(23661) == list(range(100, 1001, 100))
-    assert precision_scope(400) == list(range(40, 401, 40))
+    for n in (1, 5, 400, 23661):
+        ks = precision_scope(n)
+        assert ks[0] == 1 and ks[-1] == n and ks == sorted(set(ks))  # K from 1 up to the whole gallery
+        assert [k for k in range(100, 1001, 100) if k <= n] == [k for k in ks if k >= 100 and k % 100 == 0 and k <= 1000]
     assert precision_scope(5) == [1, 2, 3, 4, 5]
+    assert 20 <= len(precision_scope(400)) <= 30
+    with pytest.raises(ValueError, match="gallery_size"):
+        precision_scope(0)
+
+
+def test_curve_figures_one_panel_per_query_titled_and_distinguishable():
+    import torch
+    from sdml_ext.evaluation import draw_curves
+    from sdml_ext.metrics import PairCurves
+
+    names = ["fac", "fou", "kar", "mor", "pix", "zer"]
+    x = torch.tensor([1.0, 10.0, 100.0, 400.0], dtype=torch.float64)
+    pk = PairCurves(x, {(q, g): torch.linspace(1, 0.1, 4, dtype=torch.float64) for q in names for g in names if q != g})
+    fig = draw_curves(pk, "pk", "mfeat", "test")
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == [f"query: {q}" for q in names]
+    assert "mfeat" in fig._suptitle.get_text() and "test split" in fig._suptitle.get_text()
+    for ax, query in zip(panels, names):
+        lines = ax.get_lines()
+        assert sorted(ln.get_label() for ln in lines) == sorted(n for n in names if n != query)
+        assert ax.get_xscale() == "log" and ax.get_xlim()[0] == 1
+    styles = {}
+    for ax in panels:
+        for ln in ax.get_lines():
+            styles.setdefault(ln.get_label(), set()).add((ln.get_color(), ln.get_marker(), ln.get_linestyle()))
+    assert all(len(s) == 1 for s in styles.values())  # a gallery modality looks the same in every panel
+    every = [next(iter(s)) for s in styles.values()]
+    for part in range(3):  # colour, marker and line style each tell the six galleries apart... or nearly
+        assert len({style[part] for style in every}) >= min(len(every), 4)
+    assert len(set(every)) == len(every)
+    legend = fig.legends[0]
+    assert [t.get_text() for t in legend.get_texts()] == names and legend.get_texts()[0].get_fontsize() >= 9
+
+    pr = PairCurves(torch.linspace(0, 1, 11, dtype=torch.float64),
+                    {("img", "txt"): torch.ones(11, dtype=torch.float64), ("txt", "img"): torch.ones(11, dtype=torch.float64)})
+    fig = draw_curves(pr, "pr", "wikipedia", "val")
+    assert len([ax for ax in fig.axes if ax.get_visible()]) == 2 and "wikipedia, val split" in fig._suptitle.get_text()
+    with pytest.raises(ValueError, match="kind"):
+        draw_curves(pr, "roc", "x", "test")
+
+
+def test_data_path_alone_detects_the_layout_and_is_stored_absolute(tmp_path, monkeypatch, capsys):
+    """`--data FILE` without --dataset; the relative path typed then still works from elsewhere."""
+    from sdml_ext.data import make_synthetic, save_npz
+
+    data_dir, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    data_dir.mkdir(), elsewhere.mkdir()
+    save_npz(make_synthetic(n_classes=5, n_train=150, n_val=50, n_test=60), data_dir / "set.npz")
+    settings = tmp_path / "small.toml"
+    settings.write_text(CONFIG.split("[dataset_options]")[0])
+    monkeypatch.chdir(data_dir)
+    code, stdout, err = run_main(train.main, ["--data", "set.npz", "--modalities", "m0,m1", "--config", str(settings),
+                                              "--epochs", "1", "--out", "../bundle"], capsys)
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    assert manifest["config"]["dataset"] == "npz"
+    assert manifest["config"]["data"] == str(data_dir / "set.npz")
+
+    monkeypatch.chdir(elsewhere)
+    code, stdout, err = run_main(evaluate.main, ["../bundle"], capsys)
+    assert code == 0 and "mAP@all" in stdout, err
+    code, stdout, err = run_main(train.main, ["--add-modality", "m2", "--into", "../bundle"], capsys)
+    assert code == 0 and "average over 6 pairs" in stdout, err
+
+
+def test_data_path_of_unknown_layout_is_one_clear_line(tmp_path, capsys):
+    import scipy.io
+
+    path = tmp_path / "mystery.mat"
+    scipy.io.savemat(path, {"features": [[1.0, 2.0]], "labels": [0]})
+    code, _, err = run_main(train.main, ["--data", str(path), "--out", str(tmp_path / "never")], capsys)
+    assert code == 2 and "cannot tell the dataset layout" in err and "XMedia" in err and "Traceback" not in err
+    assert not (tmp_path / "never").exists()
+
+
+def test_data_for_a_bundle_of_built_in_data_is_detected(tmp_path, capsys):
+    """A bundle trained on the embedded digits, evaluated and extended with the same data read
+    from a file: --data alone, no --dataset."""
+    from sdml_ext.data import load_dataset, save_npz
+
+    save_npz(load_dataset("mfeat"), tmp_path / "digits.npz")
+    settings = tmp_path / "small.toml"
+    settings.write_text(CONFIG.split("[dataset_options]")[0])
+    out = tmp_path / "bundle"
+    assert run_main(train.main, ["--modalities", "fou,kar", "--config", str(settings), "--epochs", "1",
+                                 "--out", str(out)], capsys)[0] == 0
+    code, stdout, err = run_main(evaluate.main, [str(out), "--data", str(tmp_path / "digits.npz")], capsys)
+    assert code == 0 and "average over 2 pairs" in stdout, err
+    code, stdout, err = run_main(train.main, ["--add-modality", "zer", "--into", str(out), "--data",
+                                              str(tmp_path / "digits.npz")], capsys)
+    assert code == 0 and "average over 6 pairs" in stdout, err
+    assert json.loads((out / "manifest.json").read_text())["runs"][-1]["config"]["dataset"] == "npz"

@@ -10,8 +10,10 @@ import scipy.io
 import scipy.sparse
 
 from sdml_ext.data import (
+    AUTHORS_H5_TEST_ROWS,
     Dataset,
     MissingKeyError,
+    detect_layout,
     load_dataset,
     load_generic,
     load_multiview_mat,
@@ -161,7 +163,7 @@ def test_authors_h5_wikipedia_split(tmp_path):
     assert (small["text"].val.n, small["text"].test.n) == (40, 200)
     with pytest.raises(ValueError, match="n_val=300 exceeds the 240 rows of test key 'test_imgs_deep'"):
         load_dataset("nus-wide", path, n_val=300)
-    with pytest.raises(ValueError, match="pass name='wikipedia'"):
+    with pytest.raises(ValueError, match="its 240 test images match none of wikipedia \\(693\\), nus-wide"):
         load_dataset("auto", path)
     assert load_dataset("auto", path, n_val=10)["image"].val.n == 10
 
@@ -397,3 +399,56 @@ def test_pascal_sentence_partial(shared):
     assert [(m.train.n, m.val.n, m.test.n) for m in ds] == [(60, 20, 20)] * 2
     assert np.bincount(ds["text"].test.labels, minlength=20).tolist() == [1] * 20
     assert ds["image"].val.labels.shape == (20,) and ds["image"].val.labelled.all()
+
+
+# --- telling the layout from a file ------------------------------------------------------------
+
+
+def test_detect_layout_of_every_readable_kind(tmp_path, small):
+    """--data without --dataset: every layout the loaders read is recognised from its keys."""
+    generic = tmp_path / "generic"
+    generic.mkdir()
+    save_npz(small, generic / "g.npz")
+    arrays = to_arrays(small)
+    with h5py.File(generic / "g.h5", "w") as f:
+        for k, v in arrays.items():
+            f[k] = v.astype("S") if v.dtype.kind == "U" else v
+    scipy.io.savemat(generic / "g.mat", arrays)
+    folder = generic / "npy"
+    folder.mkdir()
+    for k, v in arrays.items():
+        np.save(folder / f"{k}.npy", v)
+    assert [detect_layout(generic / n) for n in ("g.npz", "g.h5", "g.mat", "npy")] == ["npz", "h5", "mat", "dir"]
+    for file in ("g.npz", "g.h5", "g.mat", "npy"):
+        _assert_same(load_dataset(None, generic / file), load_dataset(detect_layout(generic / file), generic / file))
+
+    xmedia = tmp_path / "XMediaFeatures.mat"
+    scipy.io.savemat(xmedia, _xmedia_arrays())
+    assert detect_layout(xmedia) == "xmedia"
+
+    for name, rows in AUTHORS_H5_TEST_ROWS.items():  # told apart by the size of the test set
+        path = tmp_path / f"{name}.h5"
+        _authors_h5(path, n_test=rows)
+        assert detect_layout(path) == name
+    wiki = load_dataset(None, tmp_path / "wikipedia.h5")
+    assert wiki.name == "wikipedia" and wiki["image"].val.n == 231  # the published split
+    odd = tmp_path / "odd.h5"
+    _authors_h5(odd, n_test=50)
+    assert detect_layout(odd, n_val=5) == "authors-h5"
+
+    views = tmp_path / "views.mat"
+    scipy.io.savemat(views, {"fea": _views_cell(np.ones((6, 2)), np.ones((6, 3))), "gt": np.arange(6) % 2})
+    assert detect_layout(views) == "multiview-mat"
+
+
+def test_detect_layout_unknown_names_the_candidates(tmp_path):
+    path = tmp_path / "mystery.mat"
+    scipy.io.savemat(path, {"features": np.ones((3, 2)), "labels": np.arange(3)})
+    with pytest.raises(ValueError) as info:
+        detect_layout(path)
+    message = str(info.value)
+    assert "mystery.mat: cannot tell the dataset layout from its keys (features, labels)" in message
+    for candidate in ("generic layout", "XMedia", "Wikipedia / NUS-WIDE / MS-COCO HDF5", "fea + gt", "--dataset"):
+        assert candidate in message
+    with pytest.raises(FileNotFoundError, match="absent.npz"):
+        detect_layout(tmp_path / "absent.npz")

@@ -12,12 +12,14 @@ from .dataset import Dataset, Modality, Split, default_class_names
 from .embedded import MFEAT_VIEWS, load_mfeat
 from .formats import AUTHORS_H5_N_VAL, load_authors_h5, load_multiview_mat, load_xmedia
 from .generic import load_generic, save_npz, to_arrays
-from .registry import DATASET_NAMES, load_dataset
+from .registry import AUTHORS_H5_TEST_ROWS, BUILT_IN_DATASETS, DATASET_NAMES, detect_layout, load_dataset
 from .splits import DEFAULT_FRACTIONS, split_paired_views, stratified_split
 from .synthetic import make_synthetic
 
 __all__ = [
     "AUTHORS_H5_N_VAL",
+    "AUTHORS_H5_TEST_ROWS",
+    "BUILT_IN_DATASETS",
     "DATASET_NAMES",
     "DEFAULT_FRACTIONS",
     "MFEAT_VIEWS",
@@ -26,6 +28,7 @@ __all__ = [
     "Modality",
     "Split",
     "default_class_names",
+    "detect_layout",
     "load_authors_h5",
     "load_dataset",
     "load_generic",

@@ -110,6 +110,13 @@ class ArrayFile:
                 self._mat = scipy.io.loadmat(self.path)
             return self._mat[key]
 
+    def shape(self, key: str) -> tuple[int, ...]:
+        """Shape of the array under `key`; HDF5 files answer without reading the data."""
+        if self.fmt == "h5" and key in self._keys:
+            with self.reading(key):
+                return tuple(self._handle[key].shape)
+        return tuple(np.shape(self[key]))
+
     def first_present(self, candidates: tuple[str, ...], what: str) -> str:
         """The first of `candidates` present in the file, else MissingKeyError naming them."""
         for key in candidates:

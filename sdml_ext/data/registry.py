@@ -36,6 +36,9 @@ DATASET_NAMES = (
 )
 """Names accepted by load_dataset ("auto" = detect from the file; also what None means)."""
 
+BUILT_IN_DATASETS = ("mfeat", "synthetic")
+"""Names whose data ship with (or are drawn by) the package: they take no path."""
+
 
 def load_dataset(name: str | None = "mfeat", path: str | os.PathLike | None = None, **opts) -> Dataset:
     """Load a dataset by name.
@@ -51,8 +54,8 @@ def load_dataset(name: str | None = "mfeat", path: str | os.PathLike | None = No
             "multiview-mat"  multi-view-clustering .mat; opts go to load_multiview_mat
             "npz", "h5", "mat", "dir"
                              the generic layout (sdml_ext.data.generic) in that format
-            "auto" or None   detect from the file: generic-layout keys first, then the XMedia,
-                             authors' HDF5 (needs n_val=) and multi-view keys
+            "auto" or None   detect from the file (detect_layout): generic-layout keys first,
+                             then the XMedia, authors' HDF5 and multi-view keys
         path: the data file or directory (required for every name but mfeat and synthetic).
         **opts: keyword options of the chosen loader.
 
@@ -64,7 +67,7 @@ def load_dataset(name: str | None = "mfeat", path: str | os.PathLike | None = No
     key = "auto" if name is None else str(name).lower()
     if key not in DATASET_NAMES:
         raise ValueError(f"unknown dataset name {name!r}; valid names: {', '.join(DATASET_NAMES)}")
-    if key in ("mfeat", "synthetic"):
+    if key in BUILT_IN_DATASETS:
         if path is not None:
             raise ValueError(f"dataset {key!r} is built in and takes no path (got {path!r})")
         _check_options(key, opts)
@@ -73,7 +76,7 @@ def load_dataset(name: str | None = "mfeat", path: str | os.PathLike | None = No
         raise ValueError(f"dataset {key!r} needs a path to its file")
     path = check_path(path)
     if key == "auto":
-        key = _detect(path, opts)
+        key = detect_layout(path, opts.get("n_val"))
     _check_options(key, opts)
     if key == "xmedia":
         return load_xmedia(path, **opts)
@@ -115,27 +118,56 @@ def _check_options(key: str, opts: dict) -> None:
         )
 
 
-def _detect(path: str, opts: dict) -> str:
-    """Loader name for a file, from its format and the keys it holds."""
+AUTHORS_H5_TEST_ROWS = {name: n_val + n_test for name, (n_val, n_test) in
+                       {"wikipedia": (231, 462), "nus-wide": (5000, 23661), "mscoco": (10000, 30137)}.items()}
+"""Rows of each authors' HDF5 file's official image test set (validation + test split)."""
+
+_LAYOUTS = (
+    "the generic layout ({m}_train_x keys, in .npz/.h5/.mat or a folder of .npy files), "
+    "the authors' XMedia .mat (I_tr_CNN, ...), the authors' Wikipedia / NUS-WIDE / MS-COCO HDF5 "
+    "(train_imgs_deep, ...) and multi-view-clustering .mat files (fea + gt)"
+)
+
+
+def detect_layout(path: str | os.PathLike, n_val: int | None = None) -> str:
+    """The dataset name (one of DATASET_NAMES) whose loader reads the file at `path`.
+
+    Decided from the format and the keys the file holds: generic-layout keys first, then the
+    authors' XMedia .mat, the authors' HDF5 files, multi-view .mat files. An authors' HDF5 file is
+    told apart by the size of its image test set (AUTHORS_H5_TEST_ROWS); any other size needs
+    `n_val` (then the result is "authors-h5") or an explicit name.
+
+    Raises:
+        FileNotFoundError: `path` does not exist.
+        ValueError: the layout cannot be told; the message lists the candidates.
+    """
+    path = check_path(path)
     fmt = format_of(path)
     if fmt in ("npz", "dir"):
         return fmt
     with ArrayFile(path, fmt) as f:
         keys = f.keys()
-    if any(k.endswith("_train_x") for k in keys):
-        return fmt
-    if fmt == "mat" and any(v[0] in keys for v in XMEDIA_KEYS.values()):
-        return "xmedia"
-    if fmt == "mat" and any(k in keys for k in MULTIVIEW_VIEW_KEYS):
-        return "multiview-mat"
-    if fmt == "h5" and AUTHORS_H5_KEYS["image"][0] in keys:
-        if "n_val" not in opts:
+        if any(k.endswith("_train_x") for k in keys):
+            return fmt
+        if fmt == "mat" and any(v[0] in keys for v in XMEDIA_KEYS.values()):
+            return "xmedia"
+        if fmt == "mat" and any(k in keys for k in MULTIVIEW_VIEW_KEYS):
+            return "multiview-mat"
+        if fmt == "h5" and AUTHORS_H5_KEYS["image"][0] in keys:
+            test_key = AUTHORS_H5_KEYS["image"][2]
+            rows = f.shape(test_key)[0] if test_key in keys else 0
+            if n_val is not None:
+                return "authors-h5"
+            for name, expected in AUTHORS_H5_TEST_ROWS.items():
+                if rows == expected:
+                    return name
             raise ValueError(
-                f"{path} is in the SDML authors' HDF5 layout: pass name='wikipedia', "
-                f"'nus-wide' or 'mscoco', or n_val=<validation rows>"
+                f"{path} is in the SDML authors' HDF5 layout but its {rows} test images match none of "
+                + ", ".join(f"{n} ({r})" for n, r in AUTHORS_H5_TEST_ROWS.items())
+                + ": pass --dataset wikipedia, nus-wide or mscoco, or the option n_val=<validation rows>"
             )
-        return "authors-h5"
     raise ValueError(
-        f"{path}: cannot tell the dataset layout from its keys ({', '.join(keys) or 'none'}); "
-        f"pass one of these names: {', '.join(DATASET_NAMES)}"
+        f"{path}: cannot tell the dataset layout from its keys ({', '.join(keys[:12]) or 'none'}"
+        f"{', ...' if len(keys) > 12 else ''}); readable layouts: {_LAYOUTS}; "
+        f"or name one with --dataset: {', '.join(DATASET_NAMES)}"
     )
