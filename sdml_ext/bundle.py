@@ -127,7 +127,9 @@ def _write_modality(directory: Path, result: ModalityResult, final_name: str) ->
     """Write one modality's tensors (temporary name, then rename); return its manifest entry."""
     tmp = directory / f".{final_name}.tmp"
     arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in result.state.items()}
-    save_file(arrays, str(tmp), metadata={"format": FORMAT, "modality": result.name})
+    # One metadata key: safetensors writes its metadata map in a random order, so two keys would
+    # make the same weights a different file (and sha256) from one save to the next.
+    save_file(arrays, str(tmp), metadata={"format": FORMAT})
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     _publish(tmp, 0o666)

@@ -132,6 +132,18 @@ def test_corrupt_or_missing_bundles_are_clear_errors(tmp_path, trained):
         sdml_ext.load(path)
 
 
+def test_the_same_weights_make_the_same_files(tmp_path, trained):
+    """A bundle's files are a function of its tensors: saved again (as a resumed run saves what an
+    uninterrupted one would), every weights file and its sha256 come out byte for byte the same.
+    Several saves, because a map written in random order (safetensors' metadata) differs only by chance."""
+    saves = [write(tmp_path / f"b{i}", trained) for i in range(6)]
+    files = [f for f in os.listdir(saves[0]) if f.endswith(".safetensors")]
+    for path in saves[1:]:
+        assert all((path / f).read_bytes() == (saves[0] / f).read_bytes() for f in files)
+        shas = lambda p: [m["sha256"] for m in json.loads((p / "manifest.json").read_text())["modalities"]]
+        assert shas(path) == shas(saves[0])
+
+
 def test_add_leaves_existing_files_bit_identical(tmp_path, trained):
     _, _, report = trained
     path = write(tmp_path / "b", trained, n=2)

@@ -322,7 +322,9 @@ class IndexWriter:
             arrays["labels"] = np.concatenate([y for _, y in self._pending])
         name = _shard_name(len(self._shards))
         file = self._tmp / name
-        save_file(arrays, str(file), metadata={"format": FORMAT, "first_row": str(self.rows)})
+        # One metadata key (the format is in index.json): safetensors writes its metadata map in a
+        # random order, so a second key would make the same shard a different file from build to build.
+        save_file(arrays, str(file), metadata={"first_row": str(self.rows)})
         with open(file, "rb+") as f:
             os.fsync(f.fileno())
         _publish(file, 0o666)
