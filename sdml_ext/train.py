@@ -105,10 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if (args.add_modality is None) != (args.into is None):
         raise ValueError("--add-modality and --into go together: --add-modality NAME --into BUNDLE")
-    if args.into is not None and args.out is not None:
-        raise ValueError("--out does not go with --add-modality: the modalities are added into the --into bundle")
     flags = {k: getattr(args, k) for k in _FLAG_SETTINGS}
     file_settings = load_config_file(args.config) if args.config else {}
+    if args.into is not None and (args.out is not None or file_settings.get("out") is not None):
+        where = "--out" if args.out is not None else f"out (in {args.config})"
+        raise ValueError(f"{where} does not go with --add-modality: the modalities are added into the --into bundle")
     _absolute_data_paths(file_settings, flags)
     if args.into is not None:
         return _add_modalities(args, file_settings, flags)

@@ -149,6 +149,14 @@ def test_a_binary_config_file_is_named(tmp_path, capsys):
     assert code == 2 and f"config file {config} is not valid TOML" in err and "Traceback" not in err
 
 
+def test_an_out_setting_in_the_config_file_is_refused_with_add_modality(tmp_path, capsys):
+    config = tmp_path / "add.toml"
+    config.write_text('out = "elsewhere"\n')
+    argv = ["--add-modality", "m9", "--into", str(tmp_path / "bundle"), "--config", str(config)]
+    code, _, err = run_main(train.main, argv, capsys)
+    assert code == 2 and f"out (in {config}) does not go with --add-modality" in err and "Traceback" not in err
+
+
 def test_a_failed_run_removes_the_directories_it_created_only(tmp_path, config_file, capsys):
     (tmp_path / "kept").mkdir()
     (tmp_path / "kept" / "mine.txt").write_text("not the run's")
