@@ -47,10 +47,22 @@ DEVICE = "cuda:0" if CUDA else "cpu"
 H200_BANDWIDTH = 4.8e12  # bytes/s of HBM3e (read + write), the issue's floor
 MAX_OUT_FILES = 8
 MAX_OUT_BYTES = 16 << 20
+if DRY and not CUDA:
+    torch.set_num_threads(1)  # tiny sizes: more threads only contend, the more so on a shared machine
 
 
 class Skipped(Exception):
     pass
+
+
+_partial_path: Path | None = None  # where the running part saves what it has so far
+
+
+def save_partial(result: dict) -> None:
+    """Saves a part's numbers so far: if its time limit kills it, the report still has them."""
+    if _partial_path is not None:
+        text = json.dumps({**result, "status": "incomplete", "dry_run": DRY}, indent=1, default=float)
+        _partial_path.write_text(text)
 
 
 def need_cuda() -> None:
@@ -284,6 +296,7 @@ def part_streams() -> dict:
         for s in order[r % len(order):] + order[: r % len(order)]:
             runs[s] = train_tasks(tasks, s, devices=[DEVICE], cores=2)
             walls[s].append(runs[s].wall_s)
+            save_partial({"summary": f"streams: finished runs {walls}", "times_s": walls})
     med = {s: statistics.median(v) for s, v in walls.items()}
     same = compare_models(runs["serial"].modalities, runs["parallel"].modalities)
     speedup = med["serial"] / med["parallel"]
@@ -314,6 +327,7 @@ def part_wiki200() -> dict:
     for s, rounds in plan:
         for _ in range(rounds):
             walls[s].append(train_tasks(tasks, s, devices=[DEVICE], cores=2).wall_s)
+            save_partial({"summary": f"{epochs} epochs: finished runs {walls}", "times_s": walls})
     med = {s: statistics.median(v) for s, v in walls.items()}
     best = min(med, key=med.get)
     return {
@@ -382,6 +396,7 @@ def part_topk() -> dict:
         cases.append({"k": k, "check_vs_cpu": check, "same_indices_as_cpu": same_ids, "sdml": t, "torch_mm_topk": alt,
                       "torch_over_sdml": ratio, "sdml_GFLOPps": 2 * nq * ng * d / t["median_s"] / 1e9,
                       "peak_MiB": peak})
+        save_partial({"summary": f"top-k: only k in {[c['k'] for c in cases]} finished", "cases": cases})
     ok = all(c["check_vs_cpu"] for c in cases)
     return {
         "status": "ok" if ok else "failed", "device": DEVICE, "nq": nq, "ng": ng, "d": d, "cases": cases,
@@ -398,6 +413,8 @@ PARTS = {"strategies": part_strategies, "loss": part_loss, "epoch": part_epoch, 
 
 def run_part(name: str, path: Path) -> int:
     """Runs one part, writes its result to `path` and prints its summary; 1 if it failed."""
+    global _partial_path
+    _partial_path = path
     start = time.perf_counter()
     try:
         result = PARTS[name]()
@@ -447,6 +464,9 @@ def report(work: Path, out: Path) -> int:
         step = steps.get(name, steps.get("parts"))  # the dry run has one step for all parts
         if file.exists():
             part = json.loads(file.read_text())
+            if part["status"] == "incomplete":  # killed by its time limit after saving some numbers
+                part["status"] = "failed"
+                part["summary"] = f"incomplete (rc {step['rc'] if step else '?'}): {part['summary']}"
         elif step is None or step["rc"] == "skipped":
             part = {"status": "skipped", "summary": f"skipped: {step['note'] if step else 'not run'}"}
         else:
