@@ -32,6 +32,10 @@
 #   tests_cpu      ~120 s   what is left
 # Expected total ~6.5 minutes.
 #
+# A rerun after a fix need not repeat everything: SDML_GPU_CHECK_STEPS="build tests_cuda topk" (any
+# of build tests_cuda strategies loss epoch wiki200 streams topk retrieval tests_cpu) runs only those
+# (the build dir build/gpu-check is kept, so a rebuild recompiles only what changed).
+#
 # SDML_GPU_CHECK_DRY=1: a dry run for a machine without a GPU (tests/test_gpu_check.py runs it):
 # no build (the installed sdml_ext is used), no test suite, every part at tiny sizes; CUDA-only
 # steps say "skipped: no CUDA".
@@ -42,6 +46,7 @@ py=${PYTHON:-python3}
 dry=${SDML_GPU_CHECK_DRY:-0}
 budget=${SDML_GPU_CHECK_BUDGET_S:-450}
 reserve=15  # seconds kept for the report
+steps=${SDML_GPU_CHECK_STEPS:-build tests_cuda strategies loss epoch wiki200 streams topk retrieval tests_cpu}
 export SDML_GPU_CHECK_DRY=$dry PYTHONUNBUFFERED=1 SDML_SHARED_DATA=${SDML_SHARED_DATA:-}
 mkdir -p "$out"
 work=$(mktemp -d)
@@ -83,6 +88,12 @@ skip() {  # NAME REASON
   record "$1" skipped 0 0 "$2"
 }
 
+wanted() {  # NAME: is the step in SDML_GPU_CHECK_STEPS? (says so when not)
+  [[ " $steps " == *" $1 "* ]] && return 0
+  skip "$1" "not in SDML_GPU_CHECK_STEPS"
+  return 1
+}
+
 has_cuda=$("$py" -P -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
 
 echo "== device"
@@ -95,7 +106,7 @@ fi
 built=1
 if [ "$dry" = 1 ]; then
   skip build "dry run: the installed sdml_ext is used"
-else
+elif wanted build; then
   if ! SDML_CUDA=ON SDML_CUDA_ARCHS=${SDML_CUDA_ARCHS:-90} step build 180 "$out/build.log" \
       "$py" -m pip install --no-build-isolation --no-deps --force-reinstall \
       --config-settings=build-dir=build/gpu-check .; then
@@ -112,7 +123,7 @@ if [ "$built" = 1 ]; then
     skip tests_cuda "dry run (the test suite runs this script)"
   elif [ "$has_cuda" != 1 ]; then
     skip tests_cuda "no CUDA"
-  else
+  elif wanted tests_cuda; then
     step tests_cuda 120 "$work/tests_cuda.log" "$py" -P -m pytest tests -q -p no:cacheprovider -m cuda
     grep -E "^(FAILED|ERROR)|passed|failed" "$work/tests_cuda.log" | tail -n 15
   fi
@@ -123,6 +134,7 @@ if [ "$built" = 1 ]; then
       $(for p in $parts; do echo "${p%%:*}"; done) --work "$work"
   else
     for part in $parts; do
+      wanted "${part%%:*}" || continue
       SHOW=1 step "${part%%:*}" "${part##*:}" "$out/checks.log" \
         "$py" -P benchmarks/gpu_check_parts.py "${part%%:*}" --work "$work"
     done
@@ -132,13 +144,13 @@ if [ "$built" = 1 ]; then
     skip retrieval "no CUDA"
   elif [ "$dry" = 1 ]; then
     skip retrieval "dry run (gpu_check_retrieval.py has full sizes only)"
-  else
+  elif wanted retrieval; then
     SHOW=1 step retrieval 120 "$out/checks.log" "$py" -P benchmarks/gpu_check_retrieval.py --out "$work/retrieval"
   fi
 
   if [ "$dry" = 1 ]; then
     skip tests_cpu "dry run (the test suite runs this script)"
-  else
+  elif wanted tests_cpu; then
     step tests_cpu 600 "$work/tests_cpu.log" "$py" -P -m pytest tests -q -p no:cacheprovider -m "not cuda"
     grep -E "^(FAILED|ERROR)|passed|failed" "$work/tests_cpu.log" | tail -n 15
   fi

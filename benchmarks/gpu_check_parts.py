@@ -456,7 +456,7 @@ def report(work: Path, out: Path) -> int:
             data[name] = json.loads(text) if file.endswith(".json") and text else text
     lines = [f"GPU check {data['date']}: {data['device']}, torch {data['torch']}" + (" (DRY RUN, tiny sizes)" if DRY else "")]
     if "build_info" in data:
-        lines.append(f"build: {data['build_info']}")
+        lines.append(f"installed sdml_ext: {data['build_info']}")
     failed = []
     part_lines = []
     for name in PARTS:
