@@ -20,7 +20,7 @@
 # conservative guesses for an H200 host with 16 cores (nothing has run on a GPU yet); the steps run
 # in order of importance, so a slow step costs the least important ones (the CPU test cases) first.
 #   step         estimate  limit
-#   build           ~60 s   180 s  (45 s clean on 2 cores for sm_90)
+#   build           ~60 s   240 s  (45 s clean on 2 cores for sm_90; a slow build may eat the budget)
 #   tests_cuda      ~60 s   120 s
 #   strategies      ~15 s    60 s
 #   loss             ~5 s    30 s
@@ -107,7 +107,7 @@ built=1
 if [ "$dry" = 1 ]; then
   skip build "dry run: the installed sdml_ext is used"
 elif wanted build; then
-  if ! SDML_CUDA=ON SDML_CUDA_ARCHS=${SDML_CUDA_ARCHS:-90} step build 180 "$out/build.log" \
+  if ! SDML_CUDA=ON SDML_CUDA_ARCHS=${SDML_CUDA_ARCHS:-90} step build 240 "$out/build.log" \
       "$py" -m pip install --no-build-isolation --no-deps --force-reinstall \
       --config-settings=build-dir=build/gpu-check .; then
     tail -n 40 "$out/build.log"
