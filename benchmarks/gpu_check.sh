@@ -124,7 +124,7 @@ if [ "$built" = 1 ]; then
   elif [ "$has_cuda" != 1 ]; then
     skip tests_cuda "no CUDA"
   elif wanted tests_cuda; then
-    step tests_cuda 120 "$work/tests_cuda.log" "$py" -P -m pytest tests -q -p no:cacheprovider -m cuda
+    step tests_cuda 120 "$work/tests_cuda.log" "$py" -P -m pytest tests -v -p no:cacheprovider -m cuda
     grep -E "^(FAILED|ERROR)|passed|failed" "$work/tests_cuda.log" | tail -n 15
   fi
 
