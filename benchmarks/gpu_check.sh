@@ -108,7 +108,7 @@ if [ "$dry" = 1 ]; then
   skip build "dry run: the installed sdml_ext is used"
 elif wanted build; then
   if ! SDML_CUDA=ON SDML_CUDA_ARCHS=${SDML_CUDA_ARCHS:-90} step build 240 "$out/build.log" \
-      "$py" -m pip install --no-build-isolation --no-deps --force-reinstall \
+      "$py" -m pip install -v --no-build-isolation --no-deps --force-reinstall \
       --config-settings=build-dir=build/gpu-check .; then
     tail -n 40 "$out/build.log"
     built=0
@@ -163,7 +163,8 @@ fi
 cat "$work"/tests_*.log >"$out/tests.log" 2>/dev/null || true
 [ -s "$out/tests.log" ] || rm -f "$out/tests.log"
 for f in "$out"/*.log; do
-  [ -f "$f" ] && [ "$(stat -c %s "$f")" -gt 15000000 ] && { tail -c 15000000 "$f" >"$f.tail"; mv "$f.tail" "$f"; }
+  [ -s "$f" ] || { rm -f "$f"; continue; }
+  [ "$(stat -c %s "$f")" -gt 15000000 ] && { tail -c 15000000 "$f" >"$f.tail"; mv "$f.tail" "$f"; }
 done
 echo "== report (${SECONDS} s so far)"
 "$py" -P benchmarks/gpu_check_parts.py report --work "$work" --out "$out"
