@@ -18,8 +18,9 @@ clock on the CPU) around a synchronized call, warm-up first, median of the round
 Expected H200 times (conservative guesses: no CUDA run has happened yet; each includes ~5 s of
 Python/torch import and CUDA context start), against the per-part limits in gpu_check.sh:
   strategies ~15 s (4 CUDA runs of 3 epochs, one CPU run) · loss ~5 s · epoch ~10 s ·
-  wiki200 ~25 s (5 runs of 200 epochs at ~3 s) · streams ~15 s · topk ~30 s (8 calls of a
-  10 TFLOP GEMM plus ranking, and a CPU check on 64 queries).
+  wiki200 ~50 s (5 runs of 200 epochs: 8,400 steps at ~1 ms of Python and kernel launches each, if
+  launch-bound) · streams ~15 s · topk ~30 s (8 calls of a 10 TFLOP GEMM plus ranking, and a CPU
+  check on 64 queries).
 """
 
 from __future__ import annotations
@@ -411,7 +412,7 @@ def part_topk() -> dict:
         ratio = alt["median_s"] / t["median_s"]
         cases.append({"k": k, "check_vs_cpu": check, "same_indices_as_cpu": same_ids, "sdml": t, "torch_mm_topk": alt,
                       "torch_over_sdml": ratio, "sdml_GFLOPps": 2 * nq * ng * d / t["median_s"] / 1e9,
-                      "peak_MiB": peak})
+                      "peak_MiB_with_inputs": peak})
         save_partial({"summary": f"top-k: only k in {[c['k'] for c in cases]} finished", "cases": cases})
     ok = all(c["check_vs_cpu"] for c in cases)
     return {
