@@ -43,7 +43,8 @@ def test_dry_run_checks_what_it_claims(dry_run):
     # workers may get another count, and another BLAS blocking, than the serial loop).
     assert parts["strategies"]["vs_serial"].keys() >= {"joint", "parallel"}
     assert all(v["close_rtol1e-4_atol1e-6"] for v in parts["strategies"]["vs_serial"].values())
-    assert parts["strategies"]["vs_serial"]["joint"]["bitwise_equal"]  # same process, same threads
+    if not torch.cuda.is_available():  # on a GPU, bitwise or not is what the check reports
+        assert parts["strategies"]["vs_serial"]["joint"]["bitwise_equal"]  # one process, one thread count
     # The plain PyTorch loop is the same recipe: same start, same first-epoch loss.
     assert parts["epoch"]["first_epoch_loss"]["rel_diff"] < 1e-3
     assert parts["loss"]["matches_eager"] and parts["loss"]["fused_over_floor"] > 0
