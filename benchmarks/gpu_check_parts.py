@@ -1,0 +1,544 @@
+"""The training and kernel parts of the GPU check, run by benchmarks/gpu_check.sh one part per
+process, so that a per-part time limit stops a hang without losing the other parts' results.
+
+  python -P benchmarks/gpu_check_parts.py PART [PART ...] --work DIR     (PART: one of PARTS)
+  python -P benchmarks/gpu_check_parts.py report --work DIR --out OUT
+
+Every part writes {"status": "ok" | "failed" | "skipped", "summary": one line, ...numbers} to
+DIR/part_PART.json and prints its summary (the dry run runs all parts in one process: it saves a
+torch import and a CPU worker start-up per part); ``report`` merges the parts, the shell steps'
+status (DIR/status.tsv) and the retrieval results into OUT/gpu_check.json and OUT/report.txt,
+prints the report and checks OUT holds at most 8 files of at most 16 MiB.
+
+Sizes are the issue's. With SDML_GPU_CHECK_DRY=1 every part runs at tiny sizes (on the CPU where
+there is no GPU), which exercises all of the logic but the CUDA timings; without it, a part that
+needs CUDA says "skipped: no CUDA" on a machine without one. Timing: CUDA events (the host
+clock on the CPU) around a synchronized call, warm-up first, median of the rounds (>= 3).
+
+Expected H200 times (conservative guesses: no CUDA run has happened yet; each includes ~5 s of
+Python/torch import and CUDA context start), against the per-part limits in gpu_check.sh:
+  strategies ~15 s (4 CUDA runs of 3 epochs, one CPU run) · loss ~5 s · epoch ~10 s ·
+  wiki200 ~50 s (5 runs of 200 epochs: 8,400 steps at ~1 ms of Python and kernel launches each, if
+  launch-bound) · streams ~15 s · topk ~30 s (8 calls of a 10 TFLOP GEMM plus ranking, and a CPU
+  check on 64 queries).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+DRY = os.environ.get("SDML_GPU_CHECK_DRY") == "1"
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda:0" if CUDA else "cpu"
+H200_BANDWIDTH = 4.8e12  # bytes/s of HBM3e (read + write), the issue's floor
+MAX_OUT_FILES = 8
+MAX_OUT_BYTES = 16 << 20
+if DRY and not CUDA:
+    torch.set_num_threads(1)  # tiny sizes: more threads only contend, the more so on a shared machine
+
+
+class Skipped(Exception):
+    pass
+
+
+_partial_path: Path | None = None  # where the running part saves what it has so far
+
+
+def save_partial(result: dict) -> None:
+    """Saves a part's numbers so far: if its time limit kills it, the report still has them."""
+    if _partial_path is not None:
+        text = json.dumps({**result, "status": "incomplete", "dry_run": DRY}, indent=1, default=float)
+        _partial_path.write_text(text)
+
+
+def need_cuda() -> None:
+    """Parts that only mean something on a GPU run tiny on the CPU in a dry run, else skip."""
+    if not CUDA and not DRY:
+        raise Skipped("no CUDA")
+
+
+def sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def time_once(fn: Callable[[], object]) -> float:
+    """Seconds of one synchronized call: CUDA events on the GPU, the host clock on the CPU."""
+    sync()
+    if CUDA:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def timed(fn: Callable[[], object], rounds: int = 3, warmup: int = 1) -> dict:
+    """Median and all round times (s) of fn after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = [time_once(fn) for _ in range(rounds)]
+    return {"median_s": statistics.median(times), "times_s": times}
+
+
+def verdict(value: float, target: float, better: str) -> str:
+    """'met' or how far a measured value misses its target (better: 'lower' or 'higher')."""
+    met = value <= target if better == "lower" else value >= target
+    if met:
+        return "met"
+    return f"misses by {value / target:.2f}x" if better == "lower" else f"misses by {target / value:.2f}x"
+
+
+# ---- data and the plain PyTorch reference --------------------------------------------------------
+
+
+def synthetic(dims, n_train, n_val=0, n_classes=10, seed=0):
+    from sdml_ext.data import make_synthetic
+
+    return make_synthetic(len(dims), dims=list(dims), n_train=n_train, n_val=n_val, n_test=0, n_classes=n_classes,
+                          seed=seed)
+
+
+def tasks_for(ds, **options):
+    from sdml_ext.model import make_projection
+    from sdml_ext.training import TrainOptions, make_tasks
+
+    opts = TrainOptions(**options)
+    return make_tasks(list(ds), make_projection(opts.code_dim, ds.num_classes, opts.seed), opts)
+
+
+def small_net() -> dict:
+    """Network options of the dry run (the real run uses the paper's 1024-1024-512)."""
+    return {"hidden": (32, 32), "code_dim": 16} if DRY else {}
+
+
+class PlainDSAE(nn.Module):
+    """The DSAE written as one would in plain PyTorch: D -> hidden -> code -> hidden reversed -> D,
+    ReLU between layers, L2-normalized code and output (the authors' recipe). Its layout (and so
+    its state_dict keys) matches sdml_ext.model.DSAE, so it can start from the same weights."""
+
+    def __init__(self, D: int, hidden=(1024, 1024), code: int = 512):
+        super().__init__()
+
+        def mlp(widths):
+            layers = []
+            for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+                layers += [nn.Linear(a, b)] + ([nn.ReLU()] if i < len(widths) - 2 else [])
+            return nn.Sequential(*layers)
+
+        self.encoder = mlp([D, *hidden, code])
+        self.decoder = mlp([code, *reversed(hidden), D])
+
+    def forward(self, x):
+        h = F.normalize(self.encoder(x), dim=1)
+        return h, F.normalize(self.decoder(h), dim=1)
+
+
+def plain_epoch(model, optimizer, x, y, P, perm, batch: int, lam: float) -> torch.Tensor:
+    """One epoch of the recipe in eager ops over the permutation `perm`; the mean batch loss."""
+    from bench_dsae_loss import eager  # the loss in plain PyTorch ops, checked against the fused op there
+
+    steps = x.shape[0] // batch
+    total = torch.zeros((), device=x.device)
+    for j in range(steps):
+        idx = perm[j * batch : (j + 1) * batch]
+        xb = x.index_select(0, idx)
+        h, x_hat = model(xb)
+        loss = eager(x_hat, xb, h, P, y.index_select(0, idx), lam)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.detach()
+    return total / steps
+
+
+def compare_models(reference, other) -> dict:
+    """Tensor-for-tensor comparison of two runs' kept states (ModalityResult lists)."""
+    bitwise, max_diff, close = True, 0.0, True
+    for a, b in zip(reference, other):
+        for key, value in a.state.items():
+            w = b.state[key]
+            bitwise &= bool(np.array_equal(value, w))
+            if value.size:
+                max_diff = max(max_diff, float(np.abs(value.astype(np.float64) - w).max()))
+            close &= bool(np.allclose(w, value, rtol=1e-4, atol=1e-6))
+        bitwise &= a.best_epoch == b.best_epoch
+    return {"bitwise_equal": bitwise, "max_abs_diff": max_diff, "close_rtol1e-4_atol1e-6": close}
+
+
+def sameness(comparison: dict) -> str:
+    """A compare_models result in words."""
+    if comparison["bitwise_equal"]:
+        return "bitwise equal"
+    word = "close" if comparison["close_rtol1e-4_atol1e-6"] else "DIFFERENT"
+    return f"{word}, max |diff| {comparison['max_abs_diff']:.1e}"
+
+
+# ---- parts ----------------------------------------------------------------------------------------
+
+
+def part_strategies() -> dict:
+    """joint, serial, parallel (streams) and parallel over ["cuda:0", "cuda:0"] give the same models."""
+    need_cuda()
+    from sdml_ext.strategies import train_tasks
+
+    if DRY:
+        ds = synthetic([40, 24, 8], [250, 150, 200], n_val=40, n_classes=5, seed=2)
+        tasks = tasks_for(ds, hidden=(48, 48), code_dim=16, batch_size=50, epochs=2)
+    else:  # different sizes, so the joint loop has modalities dropping out mid-epoch
+        ds = synthetic([4096, 300, 29], [2173, 1500, 800], n_val=231, seed=2)
+        tasks = tasks_for(ds, epochs=3)
+    runs = {name: train_tasks(tasks, s, devices=[DEVICE], cores=2) for name, s in
+            (("serial", "serial"), ("joint", "joint"), ("parallel", "parallel"))}
+    notes = []
+    if CUDA:
+        # Two "devices" on a one-GPU host: the config refuses a device listed twice; train_tasks
+        # takes it and puts every modality on cuda:0, one stream each, which is the layout of
+        # parallel on ["cuda:0"]. Should train_tasks refuse it too, that is said, not failed.
+        try:
+            runs["parallel_cuda0_twice"] = train_tasks(tasks, "parallel", devices=["cuda:0", "cuda:0"])
+            notes.append(f"cuda:0 twice -> assignment {runs['parallel_cuda0_twice'].plan.get('assignment')}")
+        except ValueError as exc:
+            notes.append(f"train_tasks refuses cuda:0 twice ({exc}); parallel on cuda:0 is one stream per modality")
+    else:
+        notes.append("parallel over cuda:0 twice: skipped: no CUDA")
+    result = {"device": DEVICE, "wall_s": {k: r.wall_s for k, r in runs.items()}, "vs_serial": {}}
+    for name, run in runs.items():
+        if name != "serial":
+            result["vs_serial"][name] = compare_models(runs["serial"].modalities, run.modalities)
+    if CUDA:
+        cpu = train_tasks(tasks, "serial", devices=["cpu"])
+        # Different kernels and summation orders: the same trajectory, not the same bits.
+        rel = max(abs(a.train_loss - b.train_loss) / max(abs(a.train_loss), 1e-12)
+                  for ra, rb in zip(cpu.modalities, runs["serial"].modalities) for a, b in zip(ra.history, rb.history))
+        result["cuda_vs_cpu_train_loss_max_rel_diff"] = rel
+        notes.append(f"CUDA vs CPU training loss within {rel:.1e} (relative)")
+    # Expected on CUDA: bitwise equal. Each modality runs the same kernels on the same shapes in
+    # the same order whatever stream it is on; cuBLAS and the fused loss reduce in a fixed order
+    # (the loss's only atomic adds an integer count). On the CPU, joint and serial are bitwise
+    # equal (one process, one thread count); parallel's workers may get another thread count than
+    # the serial loop, and so another BLAS blocking: ~1e-8 differences were seen in the dry run.
+    # Should cuBLAS pick another algorithm per stream, rounding differences could likewise grow
+    # over the steps: "close" (rtol 1e-4, atol 1e-6, as tests/test_train_strategies.py) is the
+    # pass mark, "bitwise" is reported beside it.
+    ok = all(v["close_rtol1e-4_atol1e-6"] for v in result["vs_serial"].values())
+    kinds = ", ".join(f"{k}: {sameness(v)}" for k, v in result["vs_serial"].items())
+    result["status"] = "ok" if ok else "failed"
+    result["summary"] = f"models against serial's on {DEVICE}: {kinds}; " + "; ".join(notes)
+    return result
+
+
+def part_epoch() -> dict:
+    """One epoch of a 4,096-d modality (2,173 rows, batch 100): sdml_ext's trainer against the
+    plain PyTorch loop of the same recipe, started from the same weights and permutations."""
+    need_cuda()
+    from sdml_ext.training import ModalityTrainer
+
+    D, n, batch, rounds = (64, 230, 10, 3) if DRY else (4096, 2173, 100, 7)
+    task = tasks_for(synthetic([D], n, seed=5), epochs=1000, batch_size=batch, **small_net())[0]
+    trainer = ModalityTrainer(task, DEVICE)
+    opts = task.options
+    plain = PlainDSAE(D, opts.hidden, opts.code_dim).to(DEVICE)
+    plain.load_state_dict(trainer.model.state_dict())
+    optimizer = torch.optim.Adam(plain.parameters(), lr=trainer.lr, betas=opts.betas)
+    shuffle = torch.Generator().manual_seed(trainer.seed)  # the trainer's permutations, drawn the same way
+    x, y, P = trainer.train_x, trainer.train_y, trainer.loss.P
+
+    def sdml():
+        trainer.begin_epoch()
+        for j in range(trainer.steps_per_epoch):
+            trainer.step(j)
+        return trainer.end_epoch().train_loss
+
+    def reference():
+        perm = torch.randperm(n, generator=shuffle).to(DEVICE)
+        return float(plain_epoch(plain, optimizer, x, y, P, perm, batch, opts.lam))
+
+    # Same recipe: from the same start, the first epoch's mean loss agrees (fused vs eager loss,
+    # fused vs foreach Adam: rounding only).
+    first = sdml(), reference()
+    rel = abs(first[0] - first[1]) / abs(first[1])
+    times = {"sdml": [], "plain": []}
+    for _ in range(rounds):  # interleaved, so both see the same clocks and load
+        times["sdml"].append(time_once(sdml))
+        times["plain"].append(time_once(reference))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ratio = med["sdml"] / med["plain"]
+    ok = rel < 1e-3
+    return {
+        "status": "ok" if ok else "failed", "device": DEVICE, "D": D, "rows": n, "batch": batch,
+        "first_epoch_loss": {"sdml": first[0], "plain": first[1], "rel_diff": rel},
+        "epoch_s": med, "times_s": times, "sdml_over_plain": ratio,
+        "summary": f"{D}-d epoch on {DEVICE}: sdml {1e3 * med['sdml']:.2f} ms, plain PyTorch {1e3 * med['plain']:.2f} ms"
+                   f" -> {ratio:.2f}x (target <= 0.5x: {verdict(ratio, 0.5, 'lower')}); first-epoch loss"
+                   f" {'agrees' if ok else 'DIFFERS'} ({rel:.1e} relative)",
+    }
+
+
+def part_streams() -> dict:
+    """Five modalities of XMedia-like widths: parallel on streams against serial (and joint)."""
+    need_cuda()
+    from sdml_ext.strategies import train_tasks
+
+    widths, n, rounds = ((64, 30, 29, 70, 64), 120, 1) if DRY else ((4096, 300, 29, 4700, 4096), 2173, 3)
+    batch = 10 if DRY else 100
+    tasks = tasks_for(synthetic(widths, n, seed=6), epochs=2 if DRY else 5, batch_size=batch, **small_net())
+    order = ["serial", "parallel"] + ([] if DRY else ["joint"])  # dry: CPU worker start-up is slow enough
+    if not DRY:
+        train_tasks(tasks[:1], "serial", devices=[DEVICE])  # warm-up: cuBLAS handles, allocator
+    walls = {s: [] for s in order}
+    runs = {}
+    for r in range(rounds):
+        for s in order[r % len(order):] + order[: r % len(order)]:
+            runs[s] = train_tasks(tasks, s, devices=[DEVICE], cores=2)
+            walls[s].append(runs[s].wall_s)
+            save_partial({"summary": f"streams: finished runs {walls}", "times_s": walls})
+    med = {s: statistics.median(v) for s, v in walls.items()}
+    same = compare_models(runs["serial"].modalities, runs["parallel"].modalities)
+    speedup = med["serial"] / med["parallel"]
+    return {
+        "status": "ok" if same["close_rtol1e-4_atol1e-6"] else "failed", "device": DEVICE, "widths": list(widths),
+        "rows": n, "epochs": tasks[0].options.epochs, "wall_s": med, "times_s": walls,
+        "serial_over_parallel": speedup, "parallel_vs_serial_models": same,
+        "summary": f"{len(widths)} modalities x {tasks[0].options.epochs} epochs on {DEVICE}: serial"
+                   f" {med['serial']:.2f} s, parallel {med['parallel']:.2f} s ({speedup:.2f}x)"
+                   + (f", joint {med['joint']:.2f} s" if "joint" in med else "")
+                   + f"; parallel's models against serial's: {sameness(same)}",
+    }
+
+
+def part_wiki200() -> dict:
+    """200 epochs of a Wikipedia-size run (4,096-d + 300-d, 2,173 rows, 231 validation rows)."""
+    need_cuda()
+    from sdml_ext.strategies import train_tasks
+
+    if DRY:
+        ds, epochs = synthetic([64, 30], 230, n_val=23, seed=7), 3
+    else:
+        ds, epochs = synthetic([4096, 300], 2173, n_val=231, seed=7), 200
+    tasks = tasks_for(ds, epochs=epochs, **small_net())
+    if not DRY:  # warm-up: cuBLAS handles, the allocator's pool
+        train_tasks(tasks_for(ds, epochs=1, **small_net()), "parallel", devices=[DEVICE])
+    # dry: serial and joint only (parallel's CPU workers are exercised by the strategies part)
+    plan = (("serial", 1), ("joint", 1)) if DRY else (("parallel", 3), ("serial", 1), ("joint", 1))
+    walls = {s: [] for s, _ in plan}
+    for s, rounds in plan:
+        for _ in range(rounds):
+            walls[s].append(train_tasks(tasks, s, devices=[DEVICE], cores=2).wall_s)
+            save_partial({"summary": f"{epochs} epochs: finished runs {walls}", "times_s": walls})
+    med = {s: statistics.median(v) for s, v in walls.items()}
+    best = min(med, key=med.get)
+    return {
+        "status": "ok", "device": DEVICE, "epochs": epochs, "wall_s": med, "times_s": walls,
+        "summary": f"{epochs} epochs of {' + '.join(f'{m.dim}-d' for m in ds)}, {ds[ds.modality_names[0]].train.n} rows,"
+                   f" on {DEVICE}: " + ", ".join(f"{s} {v:.2f} s" for s, v in med.items())
+                   + (f" (target <= 3 s: {verdict(med[best], 3.0, 'lower')} by {best}; the paper's 1080 Ti: 31.9 s)"
+                      if not DRY else " (dry run: tiny sizes)"),
+    }
+
+
+def part_loss() -> dict:
+    """Fused loss forward + backward at B = D = 4,096 against its bandwidth floor."""
+    need_cuda()
+    from bench_dsae_loss import eager, floor_seconds, fused, fwd_bwd, make_case
+
+    B, D, d, c = (64, 256, 16, 10) if DRY else (4096, 4096, 512, 10)
+    inputs = make_case(B, D, d, c, DEVICE)
+    want, got = fwd_bwd(eager, *inputs), fwd_bwd(fused, *inputs)
+    ok = all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(got, want))
+    rounds = 3 if DRY else 25
+    t = {name: timed(lambda fn=fn: fwd_bwd(fn, *inputs), rounds=rounds, warmup=3) for name, fn in
+         (("fused", fused), ("eager", eager))}
+    # Device copy bandwidth, measured: bytes read + written per second of a 1 GiB copy.
+    src = torch.ones((1 << 28) if not DRY else (1 << 20), device=DEVICE)
+    dst = torch.empty_like(src)
+    copy = timed(lambda: dst.copy_(src), rounds=5, warmup=2)["median_s"]
+    bandwidth = 2 * src.numel() * 4 / copy
+    del src, dst
+    floor = floor_seconds(inputs, H200_BANDWIDTH)
+    ratio = t["fused"]["median_s"] / floor
+    return {
+        "status": "ok" if ok else "failed", "device": DEVICE, "shape": [B, D, d, c], "matches_eager": ok,
+        "fused": t["fused"], "eager": t["eager"], "floor_s_at_4.8TBps": floor,
+        "measured_copy_Bps": bandwidth, "floor_s_at_measured": floor_seconds(inputs, bandwidth), "fused_over_floor": ratio,
+        "summary": f"loss fwd+bwd B{B} D{D} on {DEVICE}: fused {1e3 * t['fused']['median_s']:.3f} ms, eager "
+                   f"{1e3 * t['eager']['median_s']:.3f} ms, floor {1e3 * floor:.3f} ms at 4.8 TB/s -> {ratio:.2f}x "
+                   f"(target <= 2x: {verdict(ratio, 2.0, 'lower')}); copy {bandwidth / 1e12:.2f} TB/s measured"
+                   f"{'' if ok else '; MISMATCH against eager'}",
+    }
+
+
+def part_topk() -> dict:
+    """cosine_topk against torch mm + topk at 10,000 x 1,000,000 (d = 512), k = 50 and 1000."""
+    need_cuda()
+    from bench_retrieval import torch_topk
+    from sdml_ext.ops import cosine_topk
+
+    nq, ng, d, ks = (200, 5000, 64, (5, 50)) if DRY else (10_000, 1_000_000, 512, (50, 1000))
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    q = torch.randn(nq, d, device=DEVICE, generator=gen)
+    g = torch.randn(ng, d, device=DEVICE, generator=gen)
+    g_cpu, q_cpu = g.cpu(), q[:64].cpu()
+    cases = []
+    for k in ks:
+        ours = cosine_topk(q[:64], g, k)
+        cpu = cosine_topk(q_cpu, g_cpu, k)
+        check = bool(torch.allclose(ours.scores.cpu(), cpu.scores, rtol=0, atol=1e-5))
+        same_ids = float((ours.indices.cpu() == cpu.indices).float().mean())
+        if CUDA:
+            torch.cuda.reset_peak_memory_stats()
+        t = timed(lambda: cosine_topk(q, g, k))
+        peak = torch.cuda.max_memory_allocated() / 2**20 if CUDA else None
+        alt = timed(lambda: torch_topk(q, g, k))
+        ratio = alt["median_s"] / t["median_s"]
+        cases.append({"k": k, "check_vs_cpu": check, "same_indices_as_cpu": same_ids, "sdml": t, "torch_mm_topk": alt,
+                      "torch_over_sdml": ratio, "sdml_GFLOPps": 2 * nq * ng * d / t["median_s"] / 1e9,
+                      "peak_MiB_with_inputs": peak})
+        save_partial({"summary": f"top-k: only k in {[c['k'] for c in cases]} finished", "cases": cases})
+    ok = all(c["check_vs_cpu"] for c in cases)
+    return {
+        "status": "ok" if ok else "failed", "device": DEVICE, "nq": nq, "ng": ng, "d": d, "cases": cases,
+        "summary": f"top-k {nq}x{ng} d{d} on {DEVICE}: " + "; ".join(
+            f"k={c['k']} sdml {c['sdml']['median_s']:.3f} s, torch {c['torch_mm_topk']['median_s']:.3f} s -> "
+            f"{c['torch_over_sdml']:.2f}x (target >= 1.0x: {verdict(c['torch_over_sdml'], 1.0, 'higher')})"
+            for c in cases) + ("" if ok else "; MISMATCH against the CPU op"),
+    }
+
+
+PARTS = {"strategies": part_strategies, "loss": part_loss, "epoch": part_epoch, "wiki200": part_wiki200,
+         "streams": part_streams, "topk": part_topk}
+
+
+def run_part(name: str, path: Path) -> int:
+    """Runs one part, writes its result to `path` and prints its summary; 1 if it failed."""
+    global _partial_path
+    _partial_path = path
+    start = time.perf_counter()
+    try:
+        result = PARTS[name]()
+    except Skipped as why:
+        result = {"status": "skipped", "summary": f"skipped: {why}"}
+    except Exception as exc:  # reported, and the next part still runs
+        result = {"status": "failed", "summary": f"failed: {type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+        print(result["traceback"], file=sys.stderr)
+    result["elapsed_s"] = time.perf_counter() - start
+    result["dry_run"] = DRY
+    path.write_text(json.dumps(result, indent=1, default=float))
+    print(f"{name}: {result['summary']}")
+    return 1 if result["status"] == "failed" else 0
+
+
+# ---- the report --------------------------------------------------------------------------------------
+
+
+def pytest_summary(log: Path) -> str | None:
+    """The last "N passed, M skipped in Xs" line of a pytest log."""
+    if not log.exists():
+        return None
+    lines = [ln.strip(" =") for ln in log.read_text(errors="replace").splitlines() if " in " in ln and
+             any(w in ln for w in ("passed", "failed", "error", "skipped", "deselected"))]
+    return lines[-1] if lines else None
+
+
+def report(work: Path, out: Path) -> int:
+    """Merges everything into OUT/gpu_check.json and OUT/report.txt; 1 if anything failed."""
+    steps = {}
+    for line in (work / "status.tsv").read_text().splitlines():
+        name, rc, seconds, limit, note = (line.split("\t") + [""] * 5)[:5]
+        steps[name] = {"rc": rc, "seconds": float(seconds or 0), "limit_s": limit, "note": note}
+    data = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "torch": torch.__version__,
+            "device": torch.cuda.get_device_name() if CUDA else "no CUDA", "dry_run": DRY, "steps": steps, "parts": {}}
+    for name, file in (("nvidia_smi", "device.txt"), ("build_info", "build_info.json")):
+        if (work / file).exists():
+            text = (work / file).read_text().strip()
+            data[name] = json.loads(text) if file.endswith(".json") and text else text
+    lines = [f"GPU check {data['date']}: {data['device']}, torch {data['torch']}" + (" (DRY RUN, tiny sizes)" if DRY else "")]
+    if "build_info" in data:
+        lines.append(f"installed sdml_ext: {data['build_info']}")
+    failed = []
+    part_lines = []
+    for name in PARTS:
+        file = work / f"part_{name}.json"
+        step = steps.get(name, steps.get("parts"))  # the dry run has one step for all parts
+        if file.exists():
+            part = json.loads(file.read_text())
+            if part["status"] == "incomplete":  # killed by its time limit after saving some numbers
+                part["status"] = "failed"
+                part["summary"] = f"incomplete (rc {step['rc'] if step else '?'}): {part['summary']}"
+        elif step is None or step["rc"] == "skipped":
+            part = {"status": "skipped", "summary": f"skipped: {step['note'] if step else 'not run'}"}
+        else:
+            rc = step["rc"]
+            part = {"status": "failed", "summary": f"no result (rc {rc}: {'timed out' if rc in ('124', '137') else 'crashed'})"}
+        data["parts"][name] = part
+        part_lines.append(f"{name}: {part['summary']} [{part.get('elapsed_s', 0):.0f} s]")
+        if part["status"] == "failed":
+            failed.append(name)
+    for name, step in steps.items():
+        rc, note = step["rc"], step["note"]
+        if name in PARTS or name == "parts":
+            lines += part_lines  # in the place the parts ran
+            part_lines = []
+            continue
+        if name.startswith("tests"):
+            note = pytest_summary(work / f"{name}.log") or note
+        elif name == "retrieval" and (work / "retrieval" / "retrieval_gpu.json").exists():
+            data["retrieval"] = json.loads((work / "retrieval" / "retrieval_gpu.json").read_text())
+            try:
+                note = "; ".join(f"{r['case']}: sdml {r['sdml_s']:.3f} s, {r['ratio']:.2f}x the torch alternative"
+                                 f"{'' if r['check_vs_cpu'] else ' MISMATCH'}" for r in data["retrieval"]["results"])
+            except (KeyError, TypeError, ValueError):  # gpu_check_retrieval.py changed its fields
+                note = "results in gpu_check.json"
+        state = "skipped" if rc == "skipped" else ("ok" if rc == "0" else f"FAILED (rc {rc}"
+                                                   f"{', timed out' if rc in ('124', '137') else ''})")
+        if state.startswith("FAILED"):
+            failed.append(name)
+        lines.append(f"{name}: {state}{': ' + note if note else ''} [{step['seconds']:.0f} s]")
+    lines += part_lines  # none ran (the build failed)
+    data["failed"] = failed
+    lines.append(f"GPU CHECK: {'OK' if not failed else 'FAILED: ' + ', '.join(failed)}")
+    (out / "gpu_check.json").write_text(json.dumps(data, indent=1, default=float))
+    (out / "report.txt").write_text("\n".join(lines) + "\n")
+    files = [p for p in out.rglob("*") if p.is_file()]
+    big = [p.name for p in files if p.stat().st_size > MAX_OUT_BYTES]
+    if len(files) > MAX_OUT_FILES or big:
+        lines.append(f"OUT LIMITS BROKEN: {len(files)} files (at most {MAX_OUT_FILES}), over 16 MiB: {big}")
+        failed.append("out-limits")
+    print("\n".join(lines))
+    return 1 if failed else 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("part", nargs="+", choices=[*PARTS, "report"])
+    parser.add_argument("--work", type=Path, required=True, help="the run's scratch folder (status.tsv, part_*.json)")
+    parser.add_argument("--out", type=Path, help="report: the folder that comes back ($OUT)")
+    args = parser.parse_args()
+    if "report" in args.part:
+        if args.part != ["report"] or not args.out:
+            parser.error("report goes alone and needs --out")
+        return report(args.work, args.out)
+    return max([run_part(name, args.work / f"part_{name}.json") for name in args.part])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
