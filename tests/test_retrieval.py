@@ -113,6 +113,51 @@ def test_topk_ties_by_ascending_index(exclude_self, dtype, device):
         assert_close(ours.scores.double(), want_scores, atol=0)
 
 
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_topk_large_k(dtype):
+    """k in the thousands: candidate buffers of 2k per row (fewer rows per tile past 16 MB)."""
+    q, g, _, _ = class_structured(300, 6000, 8, "class_ids", seed=20, dtype=dtype)
+    scores = ref.cosine_scores(q, g)
+    ours = cosine_topk(q, g, 2500)
+    want_scores, want_idx = ref.topk(scores, 2500)
+    assert_close(ours.scores.double(), want_scores, atol=1e-5 if dtype == torch.float32 else 1e-12)
+    if dtype == torch.float64:
+        assert np.array_equal(ours.indices.numpy(), want_idx)
+    else:  # float32 rounding may swap near-ties: the same items, each with its own score
+        assert all(len(set(row)) == 2500 for row in ours.indices.numpy())
+        assert_close(ours.scores.double(), np.take_along_axis(scores, ours.indices.numpy(), axis=1), atol=1e-5)
+
+
+BLAS_PATH = """
+import torch
+from sdml_ext.ops import average_precision, cosine_topk
+torch.manual_seed(0)
+q, g = torch.randn(70, 20), torch.randn(3000, 20)
+ql, gl = torch.randint(0, 4, (70,)), torch.randint(0, 4, (3000,))
+top = cosine_topk(q, g, 40)
+torch.save((top.scores, top.indices, average_precision(q, g, ql, gl)), {out!r})
+"""
+
+
+def test_float32_gemm_paths_agree(tmp_path):
+    """float32 blocks go through oneDNN by default and through BLAS (at::mm_out) with
+    SDML_CPU_GEMM=blas: both give the same rankings up to float32 rounding."""
+    import os
+    import subprocess
+    import sys
+
+    results = []
+    for choice in ("", "blas"):
+        out = tmp_path / f"gemm_{choice or 'default'}.pt"
+        env = dict(os.environ, SDML_CPU_GEMM=choice)
+        subprocess.run([sys.executable, "-P", "-c", BLAS_PATH.format(out=str(out))], env=env, check=True)
+        results.append(torch.load(out))
+    (s1, i1, ap1), (s2, i2, ap2) = results
+    torch.testing.assert_close(s1, s2, rtol=0, atol=1e-6)
+    assert (i1 == i2).float().mean() > 0.99
+    torch.testing.assert_close(ap1, ap2, rtol=0, atol=1e-3)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_topk_inputs_need_not_be_normalized_or_contiguous(device):
     q, g, _, _ = class_structured(20, 70, 12, "class_ids", seed=2, device=device)
