@@ -355,7 +355,8 @@ def test_average_precision_pair_matches_both_directions(size, kind, dtype):
             if dtype == torch.float64:
                 assert_close(a_to_b, ref.average_precision(scores, rel, k, divisor, empty))
                 assert_close(b_to_a, ref.average_precision(scores.T, rel.T, k, divisor, empty))
-            # The pair is the two one-direction ops (bitwise, in either dtype).
+            # The pair is the two one-direction ops: a->b runs the same GEMM tiles (bitwise equal);
+            # b->a ranks the transpose of a's tiles, equal here (no near-tie within rounding).
             assert torch.equal(a_to_b.nan_to_num(-1), average_precision(a, b, al, bl, k, divisor=divisor,
                                                                         empty=empty).nan_to_num(-1))
             assert torch.equal(b_to_a.nan_to_num(-1), average_precision(b, a, bl, al, k, divisor=divisor,
