@@ -81,8 +81,11 @@ def _pairs(m: int):
 
 
 #: Largest [n_g, n_q] score matrix cross_modal_map holds to get both directions of a pair from one
-#: GEMM; larger pairs take one GEMM per direction (memory: one tile of rows per thread).
-PAIR_MEMORY_BYTES = 4 << 30
+#: GEMM; larger pairs take one GEMM per direction (memory: one tile of rows per thread). Measured on
+#: 2 cores (benchmarks/RESULTS.md): at 8,000² (256 MB) the pair took 0.80 CPU-s against 1.07 for
+#: two calls; at 23,661² (2.2 GB, past the kernels' 1 GiB buffer cache, so every call faults in
+#: fresh pages and transposes into them) it took longer than two calls.
+PAIR_MEMORY_BYTES = 1 << 30
 
 
 @dataclass

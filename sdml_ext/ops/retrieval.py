@@ -110,7 +110,8 @@ def average_precision_pair(
     Returns ``(a_to_b [Na], b_to_a [Nb])`` float64: equal to ``average_precision(a, b, ...)`` and
     ``average_precision(b, a, ...)`` (b's scores against a are the transpose of a's against b),
     for half the GEMM work. Holds the [Nb, Na] scores in memory (input dtype): 2.2 GB at
-    23,661² float32; use two :func:`average_precision` calls where that does not fit.
+    23,661² float32; use two :func:`average_precision` calls where that does not fit (and past
+    ~1 GB, where writing the transposed scores costs more than the GEMM it saves on CPU).
 
     Args:
         a, b: [Na, d] and [Nb, d] embeddings of two modalities (see :func:`cosine_topk`).
