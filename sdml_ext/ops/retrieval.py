@@ -117,6 +117,9 @@ def average_precision_pair(
         a, b: [Na, d] and [Nb, d] embeddings of two modalities (see :func:`cosine_topk`).
         a_labels, b_labels: [Na] / [Nb] class ids or [Na, c] / [Nb, c] multi-hot rows.
         k, divisor, empty: as in :func:`average_precision`.
+
+    Error messages call a the query and b the gallery (a_labels / b_labels: query_labels /
+    gallery_labels), as the first direction does.
     """
     a_to_b, b_to_a = torch.ops.sdml.average_precision_pair.default(
         a, b, a_labels, b_labels, None if k is None else int(k), divisor, empty
