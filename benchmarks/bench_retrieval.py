@@ -1,25 +1,37 @@
-"""Retrieval ops against the alternatives, side by side in one run: cosine top-k (sdml vs
-torch mm+topk vs faiss IndexFlatIP) and mAP@all (sdml vs a vectorized torch implementation).
+"""Retrieval ops against the alternatives, interleaved in one process: cosine top-k (sdml vs torch
+mm+topk vs faiss IndexFlatIP), mAP@all (sdml vs the GEMM alone: torch.mm of the same normalized
+matrices in 1,024-row blocks into a preallocated output), and both directions of a modality pair
+(sdml's one-GEMM pair op vs two one-direction calls).
 
-Run: .venv/bin/python -m pytest benchmarks/bench_retrieval.py --benchmark-group-by=group
-The issue's full sizes (top-k 10,000 x 100,000; mAP 23,661^2 and 30,137^2) are marked ``large``
-and run once each only with SDML_BENCH_LARGE=1 (minutes on 2 cores). Every case first checks
-that the alternatives agree, then times them. ``extra_info``: GFLOP/s of the similarity GEMM and
-its ratio to this machine's measured GEMM rate (CPU), peak memory of one call (MB above the
-inputs: RSS sampled on CPU, the CUDA allocator's peak on GPU), and the machine load.
+  .venv/bin/python -P benchmarks/bench_retrieval.py [--rounds 3] [--json OUT]   # a table
+  .venv/bin/python -m pytest benchmarks/bench_retrieval.py                       # same, small sizes
+
+Each round runs every alternative of a case once, in a rotated order, after recording the
+one-minute load; the median over rounds (>= 3) is reported with the ratios, and the fp32 GEMM
+rate is measured in the same run. Wall time is the measure; process CPU time is recorded too (on
+a loaded machine, CPU time / wall time < threads says other processes took cores). Every case
+first checks that the alternatives agree. SDML_BENCH_LARGE=1 runs the full sizes (top-k 10,000 x
+100,000 at k = 10, 50, 1000 and 1,000 x 1,000,000 at k = 50; mAP 23,661² single-label and
+30,137² multi-label): tens of minutes on 2 cores.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
-import threading
+import statistics
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from common import load_note, measured_gemm_rate
-from sdml_ext.ops import average_precision, cosine_topk
+sys.path.insert(0, str(Path(__file__).parent))
+
+from common import measured_gemm_rate  # noqa: E402
+from sdml_ext.ops import average_precision, average_precision_pair, cosine_topk  # noqa: E402
 
 try:
     import faiss
@@ -27,15 +39,10 @@ except ImportError:  # benchmark-only dependency (pip install faiss-cpu, or the 
     faiss = None
 
 LARGE = os.environ.get("SDML_BENCH_LARGE") == "1"
-large = pytest.mark.skipif(not LARGE, reason="full issue size: set SDML_BENCH_LARGE=1 (minutes on 2 cores)")
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # Query rows per chunk of the torch alternatives (bounds their [chunk, Ng] temporaries).
 TORCH_CHUNK = 1024
-
-
-@pytest.fixture(scope="session")
-def gemm_rate() -> float:
-    return measured_gemm_rate()
+D = 512
 
 
 def embeddings(n, d, seed, device, classes=10, multi=False, noise=3.0):
@@ -63,16 +70,25 @@ def torch_topk(query, gallery, k):
     return torch.cat([p.values for p in parts]), torch.cat([p.indices for p in parts])
 
 
-def faiss_topk(index, query, k):
-    q = torch.nn.functional.normalize(query, dim=1).numpy()
-    scores, idx = index.search(q, k)
-    return torch.from_numpy(scores), torch.from_numpy(idx)
-
-
 def faiss_index(gallery):
     index = faiss.IndexFlatIP(gallery.shape[1])
     index.add(torch.nn.functional.normalize(gallery, dim=1).numpy())
     return index
+
+
+def faiss_topk(index, query, k):
+    scores, idx = index.search(torch.nn.functional.normalize(query, dim=1).numpy(), k)
+    return torch.from_numpy(scores), torch.from_numpy(idx)
+
+
+def gemm_blocks(query, gallery, out):
+    """The similarity GEMM alone: normalized query rows in 1,024-row blocks times the normalized
+    gallery into a preallocated [1024, Ng] output (the floor any exact mAP@all pays)."""
+    q = torch.nn.functional.normalize(query, dim=1)
+    g = torch.nn.functional.normalize(gallery, dim=1)
+    for i in range(0, q.shape[0], TORCH_CHUNK):
+        n = min(TORCH_CHUNK, q.shape[0] - i)
+        torch.mm(q[i : i + n], g.T, out=out[:n])
 
 
 def torch_map(query, gallery, query_labels, gallery_labels):
@@ -97,124 +113,146 @@ def torch_map(query, gallery, query_labels, gallery_labels):
     return total / q.shape[0]
 
 
-# ---- measuring ----------------------------------------------------------------------------------------
+# ---- the interleaved harness ------------------------------------------------------------------------
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def interleaved(alternatives: dict, rounds: int, device: str) -> dict:
+    """Runs every alternative once per round, in an order rotated each round; returns per
+    alternative the wall and process-CPU seconds of each round, and the load before each round."""
+    wait = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    names = list(alternatives)
+    out = {"load1": [], **{n: {"wall": [], "cpu": []} for n in names}}
+    for r in range(rounds):
+        out["load1"].append(round(os.getloadavg()[0], 2))
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            wait()
+            c0, t0 = time.process_time(), time.perf_counter()
+            alternatives[name]()
+            wait()
+            out[name]["wall"].append(time.perf_counter() - t0)
+            out[name]["cpu"].append(time.process_time() - c0)
+    for name in names:
+        out[name]["median_wall"] = statistics.median(out[name]["wall"])
+        out[name]["median_cpu"] = statistics.median(out[name]["cpu"])
+    return out
 
 
-def peak_extra_mb(fn, device) -> float:
-    """Peak memory of one call of fn above what was in use before it, in MB."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    base, peak, done = _rss_bytes(), [0], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss_bytes())
-            time.sleep(0.002)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
-        fn()
-    finally:
-        done.set()
-        sampler.join()
-    return max(peak[0] - base, 0) / 2**20
+def topk_case(nq, ng, ks, device, rounds):
+    query, _ = embeddings(nq, D, 0, device)
+    gallery, _ = embeddings(ng, D, 1, device)
+    index = faiss_index(gallery) if faiss is not None and device == "cpu" else None
+    results = {}
+    for k in ks:
+        alts = {"sdml": lambda: cosine_topk(query, gallery, k), "torch_mm_topk": lambda: torch_topk(query, gallery, k)}
+        if index is not None:
+            alts["faiss_flat_ip"] = lambda: faiss_topk(index, query, k)
+        # Correctness first: the k best scores agree with torch's (float32 rounding aside).
+        check = slice(0, 100)
+        want, _ = torch_topk(query[check], gallery, k)
+        for name, fn in alts.items():
+            got_scores, got_idx = fn()
+            assert got_idx.shape == (nq, k), name
+            torch.testing.assert_close(got_scores[check].float().cpu(), want.cpu(), rtol=0, atol=2e-5)
+        results[f"topk {device} {nq}x{ng} d{D} k{k}"] = dict(
+            interleaved(alts, rounds, device), gemm_GFLOP=2.0 * nq * ng * D / 1e9
+        )
+    return results
 
 
-def record(benchmark, group, device, flop, gemm_rate, peak_mb):
-    benchmark.group = group
-    benchmark.extra_info["peak_extra_MB"] = peak_mb
-    benchmark.extra_info["load"] = load_note()
-    benchmark.extra_info["gemm_GFLOP"] = flop / 1e9
-    if device == "cpu":
-        benchmark.extra_info["machine_gemm_GFLOPps"] = gemm_rate / 1e9
-
-
-def finish(benchmark, flop, gemm_rate, device):
-    median = benchmark.stats.stats.median
-    benchmark.extra_info["GFLOPps"] = flop / median / 1e9
-    if device == "cpu":
-        benchmark.extra_info["of_gemm_rate"] = flop / median / gemm_rate
-
-
-def sync(device):
-    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-
-# ---- top-k -----------------------------------------------------------------------------------------------
-
-TOPK_CASES = [
-    pytest.param(2000, 20000, 50, id="2000x20000_k50"),
-    pytest.param(2000, 20000, 1000, id="2000x20000_k1000"),
-    pytest.param(10000, 100000, 50, id="10000x100000_k50", marks=large),
-    pytest.param(10000, 100000, 1000, id="10000x100000_k1000", marks=large),
-]
-
-
-@pytest.mark.parametrize("impl", ["sdml", "torch_mm_topk", "faiss_flat_ip"])
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("nq, ng, k", TOPK_CASES)
-def test_topk(benchmark, nq, ng, k, device, impl, gemm_rate):
-    if impl == "faiss_flat_ip" and (faiss is None or device != "cpu"):
-        pytest.skip("faiss-cpu is not installed" if faiss is None else "faiss-cpu runs on CPU only")
-    query, _ = embeddings(nq, 512, 0, device)
-    gallery, _ = embeddings(ng, 512, 1, device)
-    index = faiss_index(gallery) if impl == "faiss_flat_ip" else None
-    fn = {
-        "sdml": lambda: cosine_topk(query, gallery, k),
-        "torch_mm_topk": lambda: torch_topk(query, gallery, k),
-        "faiss_flat_ip": lambda: faiss_topk(index, query, k),
-    }[impl]
-    # Correctness first: the k best scores agree with torch's (float32 rounding aside).
-    check = slice(0, 200)
-    got_scores, got_idx = fn()
-    want_scores, _ = torch_topk(query[check], gallery, k)
-    torch.testing.assert_close(got_scores[check].float().cpu(), want_scores.cpu(), rtol=0, atol=2e-5)
-    assert got_idx.shape == (nq, k)
-    flop = 2.0 * nq * ng * 512
-    record(benchmark, f"topk {device} {nq}x{ng} d512 k{k}", device, flop, gemm_rate, peak_extra_mb(fn, device))
-    wait = sync(device)
-    benchmark.pedantic(lambda: (fn(), wait()), rounds=1 if nq >= 10000 else 3, warmup_rounds=0)
-    finish(benchmark, flop, gemm_rate, device)
-
-
-# ---- mAP@all ---------------------------------------------------------------------------------------------
-
-MAP_CASES = [
-    pytest.param(4000, 10, False, id="single_4000_c10"),
-    pytest.param(4000, 80, True, id="multi_4000_c80"),
-    pytest.param(23661, 10, False, id="single_23661_c10", marks=large),
-    pytest.param(30137, 80, True, id="multi_30137_c80", marks=large),
-]
-
-
-@pytest.mark.parametrize("impl", ["sdml", "torch_vectorized"])
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("n, classes, multi", MAP_CASES)
-def test_map_at_all(benchmark, n, classes, multi, device, impl, gemm_rate):
-    query, ql = embeddings(n, 512, 0, device, classes, multi)
-    gallery, gl = embeddings(n, 512, 1, device, classes, multi)
-
-    def ours():
-        return float(average_precision(query, gallery, ql, gl).mean())
-
-    fn = {"sdml": ours, "torch_vectorized": lambda: torch_map(query, gallery, ql, gl)}[impl]
-    if n <= 4000:  # the large cases were checked at this size; a second full run costs minutes
-        assert abs(ours() - torch_map(query, gallery, ql, gl)) < 1e-4
-    flop = 2.0 * n * n * 512
+def map_case(n, classes, multi, device, rounds, vectorized=False):
+    query, ql = embeddings(n, D, 0, device, classes, multi)
+    gallery, gl = embeddings(n, D, 1, device, classes, multi)
+    out = torch.empty(TORCH_CHUNK, n, device=device)
+    mean_ap = float(average_precision(query, gallery, ql, gl).mean())
+    if n <= 4000:
+        assert abs(mean_ap - torch_map(query, gallery, ql, gl)) < 1e-4
+    alts = {
+        "sdml": lambda: average_precision(query, gallery, ql, gl),
+        "gemm_1024_blocks": lambda: gemm_blocks(query, gallery, out),
+        "sdml_pair_both_directions": lambda: average_precision_pair(query, gallery, ql, gl),
+        "sdml_two_calls_both_directions": lambda: (average_precision(query, gallery, ql, gl),
+                                                   average_precision(gallery, query, gl, ql)),
+    }
+    if vectorized:
+        alts["torch_vectorized"] = lambda: torch_map(query, gallery, ql, gl)
     label = "multi-label" if multi else "single-label"
-    record(benchmark, f"mAP@all {device} {label} {n}x{n} d512 c{classes}", device, flop, gemm_rate,
-           peak_extra_mb(fn, device))
-    wait = sync(device)
-    benchmark.pedantic(lambda: (fn(), wait()), rounds=1 if n > 4000 else 3, warmup_rounds=0)
-    finish(benchmark, flop, gemm_rate, device)
+    return {f"mAP@all {device} {label} {n}x{n} d{D} c{classes} (mAP {mean_ap:.2f})": dict(
+        interleaved(alts, rounds, device), gemm_GFLOP=2.0 * n * n * D / 1e9)}
+
+
+def cases(device, rounds, large=LARGE):
+    results = {}
+    if large:
+        results.update(topk_case(10000, 100000, [10, 50, 1000], device, rounds))
+        results.update(topk_case(1000, 1000000, [50], device, rounds))
+        results.update(map_case(23661, 10, False, device, rounds))
+        results.update(map_case(30137, 80, True, device, rounds))
+    else:
+        results.update(topk_case(2000, 20000, [10, 50, 1000], device, rounds))
+        results.update(map_case(4000, 10, False, device, rounds, vectorized=True))
+        results.update(map_case(4000, 80, True, device, rounds, vectorized=True))
+    return results
+
+
+def table(results, gemm_rate) -> str:
+    lines = [f"GEMM rate measured in this run: {gemm_rate / 1e9:.0f} GFLOP/s (fp32, {torch.get_num_threads()} threads)",
+             "| case | load1 per round | alternative | median wall s | ratio to first | median CPU s | GFLOP/s |",
+             "|---|---|---|---|---|---|---|"]
+    for case, r in results.items():
+        names = [n for n in r if isinstance(r[n], dict)]
+        first = r[names[0]]["median_wall"]
+        for n in names:
+            w = r[n]["median_wall"]
+            lines.append(f"| {case} | {r['load1']} | {n} | {w:.3f} | {w / first:.2f} | {r[n]['median_cpu']:.3f} "
+                         f"| {r['gemm_GFLOP'] / w:.0f} |")
+    return "\n".join(lines)
+
+
+# ---- pytest: the small cases (the harness, its checks and the ratios into extra_info) --------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["topk", "map_single", "map_multi"])
+def test_retrieval_interleaved(benchmark, kind, device):
+    run = {
+        "topk": lambda: topk_case(2000, 20000, [10, 50, 1000], device, 3),
+        "map_single": lambda: map_case(4000, 10, False, device, 3),
+        "map_multi": lambda: map_case(4000, 80, True, device, 3),
+    }[kind]
+    results = benchmark.pedantic(run, rounds=1, iterations=1)
+    benchmark.extra_info["gemm_rate_GFLOPps"] = measured_gemm_rate() / 1e9
+    benchmark.extra_info["results"] = results
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--large", action="store_true", default=LARGE, help="the full sizes (SDML_BENCH_LARGE=1)")
+    parser.add_argument("--only", default="", help="run only cases whose key contains this text (topk, mAP)")
+    parser.add_argument("--json", type=Path, help="write the raw results here")
+    args = parser.parse_args(argv)
+    if args.rounds < 3:
+        parser.error("--rounds must be at least 3 (the median of fewer says little on a shared machine)")
+    gemm_rate = measured_gemm_rate()
+    results = {}
+    for device in DEVICES:
+        if args.only in ("", "topk"):
+            sizes = [(10000, 100000, [10, 50, 1000]), (1000, 1000000, [50])] if args.large else [(2000, 20000, [10, 50, 1000])]
+            for nq, ng, ks in sizes:
+                results.update(topk_case(nq, ng, ks, device, args.rounds))
+                print(table(results, gemm_rate), flush=True)
+        if args.only in ("", "mAP"):
+            for n, classes, multi in ([(23661, 10, False), (30137, 80, True)] if args.large else [(4000, 10, False), (4000, 80, True)]):
+                results.update(map_case(n, classes, multi, device, args.rounds, vectorized=not args.large))
+                print(table(results, gemm_rate), flush=True)
+    gemm_after = measured_gemm_rate()
+    print(f"GEMM rate after the run: {gemm_after / 1e9:.0f} GFLOP/s")
+    if args.json:
+        args.json.write_text(json.dumps({"gemm_rate": gemm_rate, "gemm_rate_after": gemm_after,
+                                         "threads": torch.get_num_threads(), "torch": torch.__version__,
+                                         "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from bench_retrieval import embeddings, torch_map, torch_topk  # noqa: E402
-from sdml_ext.ops import average_precision, cosine_topk  # noqa: E402
+from sdml_ext.ops import average_precision, average_precision_pair, cosine_topk  # noqa: E402
 
 CHECK_ROWS = 64
 
@@ -64,9 +64,16 @@ def check_map(n, classes, multi):
     cpu = average_precision(q[:CHECK_ROWS].cpu(), g.cpu(), ql[:CHECK_ROWS].cpu(), gl.cpu())
     # float32 GEMMs round differently on the two devices: near-ties may swap, AP moves slightly.
     ok = float((ours.cpu() - cpu).abs().max()) < 1e-3
+    # The one-GEMM pair against the two one-direction calls: a->b runs the same GEMM tiles
+    # (equal); b->a reads the transpose of a's tiles, so only rounding-level near-ties may swap.
+    pair = average_precision_pair(q, g, ql, gl)
+    ok = ok and torch.equal(pair[0], average_precision(q, g, ql, gl)) and float(
+        (pair[1] - average_precision(g, q, gl, ql)).abs().max()) < 1e-3
     sec, peak = timed(lambda: average_precision(q, g, ql, gl))
+    pair_sec, _ = timed(lambda: average_precision_pair(q, g, ql, gl))
     alt, alt_peak = timed(lambda: torch_map(q, g, ql, gl))
     return dict(case=f"mAP@all {'multi' if multi else 'single'}-label {n}^2 c{classes}", check_vs_cpu=ok,
+                pair_both_directions_s=pair_sec,
                 mAP=float(average_precision(q, g, ql, gl).mean()), sdml_s=sec, torch_vectorized_s=alt,
                 ratio=alt / sec, sdml_GFLOPps=2 * n * n * 512 / sec / 1e9, sdml_peak_MB=peak, torch_peak_MB=alt_peak)
 

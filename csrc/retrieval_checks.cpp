@@ -3,9 +3,14 @@
 #include "sdml/retrieval.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <utility>
 #include <vector>
 
 #include "sdml/checks.h"
@@ -28,7 +33,8 @@ void check_row_norms(const char* op, const char* name, const at::Tensor& norms) 
   }
 }
 
-at::Tensor normalize_rows(const char* op, const char* name, const at::Tensor& t) {
+at::Tensor normalize_rows(const char* op, const char* name, const at::Tensor& input) {
+  const at::Tensor t = input.detach();
   const at::Tensor norms = at::linalg_vector_norm(t, 2, {1}, /*keepdim=*/true);
   check_row_norms(op, name, norms);
   return at::div(t, norms).contiguous();
@@ -65,7 +71,76 @@ void check_label_values(const char* op, const char* name, const at::Tensor& labe
   }
 }
 
+// A hash of a row's values (-0 counted as +0): equal rows hash equal.
+template <typename T>
+uint64_t row_hash(const T* row, int64_t d) {
+  uint64_t h = 0;
+  for (int64_t j = 0; j < d; ++j) {
+    const T v = row[j] + T(0);
+    uint64_t bits = 0;
+    std::memcpy(&bits, &v, sizeof v);
+    h += bits * ((uint64_t(j) + 1) * 0x9E3779B97F4A7C15ull | 1);
+  }
+  return h ^ (h >> 29);
+}
+
+// CPU: rows grouped by hash, equal hashes compared exactly (O(Ng d), no large temporaries).
+DuplicateRows duplicate_rows_cpu(const at::Tensor& gallery_in) {
+  const at::Tensor gallery = gallery_in.contiguous();
+  const int64_t n = gallery.size(0), d = gallery.size(1);
+  std::vector<std::pair<uint64_t, int64_t>> keyed(n);
+  std::vector<int64_t> dup, rep;
+  AT_DISPATCH_FLOATING_TYPES(gallery.scalar_type(), "duplicate_rows", [&] {
+    const scalar_t* g = gallery.const_data_ptr<scalar_t>();
+    at::parallel_for(0, n, 1024, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) keyed[t] = {row_hash(g + t * d, d), t};
+    });
+    std::sort(keyed.begin(), keyed.end());
+    std::vector<int64_t> firsts;  // distinct rows seen in the current run of equal hashes
+    for (int64_t a = 0; a < n;) {
+      int64_t b = a + 1;
+      while (b < n && keyed[b].first == keyed[a].first) ++b;
+      firsts.clear();
+      for (int64_t i = a; i < b; ++i) {  // ascending index within the run
+        const int64_t t = keyed[i].second;
+        const auto same = std::find_if(firsts.begin(), firsts.end(), [&](int64_t f) {
+          return std::equal(g + t * d, g + (t + 1) * d, g + f * d);
+        });
+        if (same == firsts.end()) {
+          firsts.push_back(t);
+        } else {
+          dup.push_back(t);
+          rep.push_back(*same);
+        }
+      }
+      a = b;
+    }
+  });
+  std::vector<int64_t> order(dup.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = int64_t(i);
+  std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return dup[a] < dup[b]; });
+  at::Tensor dups = at::empty({int64_t(dup.size())}, at::kLong), reps = at::empty_like(dups);
+  for (size_t i = 0; i < order.size(); ++i) {
+    dups.data_ptr<int64_t>()[i] = dup[order[i]];
+    reps.data_ptr<int64_t>()[i] = rep[order[i]];
+  }
+  return {dups, reps};
+}
+
 }  // namespace
+
+DuplicateRows duplicate_rows(const at::Tensor& gallery) {
+  if (gallery.device().is_cpu()) return duplicate_rows_cpu(gallery);
+  // Other devices: sort the rows (unique_dim), then the first index of each distinct row.
+  const int64_t n = gallery.size(0);
+  const auto [values, inverse, counts] = at::unique_dim(gallery.detach(), 0, /*sorted=*/true, /*return_inverse=*/true);
+  const at::Tensor index = at::arange(n, inverse.options());
+  const at::Tensor first = at::full({values.size(0)}, n, inverse.options())
+                               .scatter_reduce(0, inverse, index, "amin", /*include_self=*/true);
+  const at::Tensor rep_of = first.index_select(0, inverse);
+  const at::Tensor dup = at::nonzero(rep_of.ne(index)).view({-1});
+  return {dup, rep_of.index_select(0, dup)};
+}
 
 std::pair<at::Tensor, at::Tensor> normalized_embeddings(const char* op, const at::Tensor& query,
                                                         const at::Tensor& gallery, bool exclude_self) {
@@ -138,9 +213,15 @@ int64_t resolve_k(const char* op, std::optional<int64_t> k, int64_t ranked) {
   return *k < ranked ? *k : ranked;
 }
 
-void check_cutoffs(const char* op, at::IntArrayRef ks) {
-  SDML_CHECK_VALUE(!ks.empty(), op, ": ks must list at least one cut-off");
-  for (const int64_t K : ks) SDML_CHECK_VALUE(K > 0, op, ": ks must be positive, got ", K);
+void check_topk_k(const char* op, int64_t k, int64_t ranked, bool exclude_self) {
+  SDML_CHECK_VALUE(k > 0, op, ": k must be positive, got ", k);
+  SDML_CHECK_VALUE(k <= ranked, op, ": k = ", k, " exceeds the ", ranked, " gallery items each query ranks",
+                   exclude_self ? " (exclude_self leaves out the query itself)" : "");
+}
+
+void check_cutoffs(const char* op, at::IntArrayRef k) {
+  SDML_CHECK_VALUE(!k.empty(), op, ": k must list at least one cut-off");
+  for (const int64_t K : k) SDML_CHECK_VALUE(K > 0, op, ": every cut-off in k must be positive, got ", K);
 }
 
 void check_recall_levels(const char* op, at::ArrayRef<double> levels) {

@@ -11,12 +11,25 @@ TORCH_LIBRARY_FRAGMENT(sdml, m) {
   m.def(
       "average_precision(Tensor query, Tensor gallery, Tensor query_labels, Tensor gallery_labels, "
       "int? k=None, str divisor=\"retrieved\", str empty=\"zero\", bool exclude_self=False) -> Tensor");
-  // Per-query precision at each cut-off K [Nq, len(ks)] float64.
+  // Both directions of a cross-modal pair from one similarity computation: per-query AP@k of
+  // a's queries against b [Na] and of b's queries against a [Nb], float64 (memory: Na x Nb scores).
+  m.def(
+      "average_precision_pair(Tensor a, Tensor b, Tensor a_labels, Tensor b_labels, int? k=None, "
+      "str divisor=\"retrieved\", str empty=\"zero\") -> (Tensor a_to_b, Tensor b_to_a)");
+  // Per-query precision at each cut-off K in k [Nq, len(k)] float64.
   m.def(
       "precision_at_k(Tensor query, Tensor gallery, Tensor query_labels, Tensor gallery_labels, "
-      "int[] ks, str empty=\"zero\", bool exclude_self=False) -> Tensor");
+      "int[] k, str empty=\"zero\", bool exclude_self=False) -> Tensor");
   // Per-query interpolated precision at each recall level [Nq, len(recall_levels)] float64.
   m.def(
       "precision_recall_curve(Tensor query, Tensor gallery, Tensor query_labels, Tensor gallery_labels, "
       "float[] recall_levels, str empty=\"zero\", bool exclude_self=False) -> Tensor");
+}
+
+// Not differentiable (rankings are piecewise constant): autograd passes straight through to the
+// kernels, which read inputs that require grad as plain values; no output requires grad.
+TORCH_LIBRARY_IMPL(sdml, Autograd, m) {
+  for (const char* op : {"cosine_topk", "average_precision", "average_precision_pair", "precision_at_k",
+                         "precision_recall_curve"})
+    m.impl(op, torch::CppFunction::makeFallthrough());
 }

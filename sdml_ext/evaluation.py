@@ -131,7 +131,7 @@ def curves(encoded: EncodedSplit, empty: str | None = None) -> tuple[PairCurves,
     empty = empty or default_empty(encoded.multilabel)
     ks = precision_scope(min(c.shape[0] for c in encoded.codes))
     pr = precision_recall_curves(encoded.codes, encoded.labels, names=encoded.names, empty=empty)
-    pk = precision_at_k_curves(encoded.codes, encoded.labels, ks=ks, names=encoded.names, empty=empty)
+    pk = precision_at_k_curves(encoded.codes, encoded.labels, k=ks, names=encoded.names, empty=empty)
     return pr, pk
 
 

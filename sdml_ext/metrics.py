@@ -2,7 +2,9 @@
 
 For m modalities, every ordered pair (query modality q, gallery modality g), q != g, ranks the whole
 gallery of g for each query of q by cosine similarity; the paper's table lists the m(m-1) mAPs and
-their average.
+their average. Both directions of a modality pair come from one similarity computation (the scores
+of g's queries against q are the transpose of q's against g) where the pair's score matrix fits
+``pair_memory_bytes``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from torch import Tensor
 from .ops.retrieval import (
     DEFAULT_KS,
     DEFAULT_RECALL_LEVELS,
+    Cutoffs,
     average_precision,
+    average_precision_pair,
     precision_at_k,
     precision_recall_curve,
 )
@@ -76,6 +80,14 @@ def _pairs(m: int):
     return [(q, g) for q in range(m) for g in range(m) if q != g]
 
 
+#: Largest [n_g, n_q] score matrix cross_modal_map holds to get both directions of a pair from one
+#: GEMM; larger pairs take one GEMM per direction (memory: one tile of rows per thread). Measured on
+#: 2 cores (benchmarks/RESULTS.md): at 8,000² (256 MB) the pair took 0.80 CPU-s against 1.07 for
+#: two calls; at 23,661² (2.2 GB, past the kernels' 1 GiB buffer cache, so every call faults in
+#: fresh pages and transposes into them) it took longer than two calls.
+PAIR_MEMORY_BYTES = 1 << 30
+
+
 @dataclass
 class CrossModalMAP:
     """The paper's mAP table.
@@ -128,6 +140,7 @@ def cross_modal_map(
     names: Sequence[str] | None = None,
     divisor: str = "retrieved",
     empty: str = "zero",
+    pair_memory_bytes: int = PAIR_MEMORY_BYTES,
 ) -> CrossModalMAP:
     """mAP@k for every ordered pair of modalities and their average (the paper's table).
 
@@ -139,14 +152,24 @@ def cross_modal_map(
         names: modality names for the printed table (default "modality 0", ...).
         divisor, empty: see :func:`sdml_ext.ops.average_precision`. Skipped queries are left out
             of each pair's mean.
+        pair_memory_bytes: both directions of a pair come from one GEMM
+            (:func:`sdml_ext.ops.average_precision_pair`) when its n_q x n_g scores fit in this many
+            bytes; otherwise each direction is computed on its own.
     """
     names = _check_modalities(embeddings, labels, names)
     m = len(embeddings)
     table = torch.full((m, m), float("nan"), dtype=torch.float64)
-    for q, g in _pairs(m):
-        table[q, g] = mean_average_precision(
-            embeddings[q], embeddings[g], labels[q], labels[g], k, divisor=divisor, empty=empty
-        )
+    for q in range(m):
+        for g in range(q + 1, m):
+            a, b = embeddings[q], embeddings[g]
+            if a.shape[0] * b.shape[0] * a.element_size() <= pair_memory_bytes and a.shape[0] > 0:
+                a_to_b, b_to_a = average_precision_pair(a, b, labels[q], labels[g], k, divisor=divisor, empty=empty)
+                table[q, g], table[g, q] = float(mean_over_queries(a_to_b)), float(mean_over_queries(b_to_a))
+                continue
+            for x, y in ((q, g), (g, q)):
+                table[x, y] = mean_average_precision(
+                    embeddings[x], embeddings[y], labels[x], labels[y], k, divisor=divisor, empty=empty
+                )
     off_diagonal = table[~torch.eye(m, dtype=torch.bool)]
     return CrossModalMAP(table, float(off_diagonal.mean()), names, k, divisor, empty)
 
@@ -166,15 +189,17 @@ class PairCurves:
 def precision_at_k_curves(
     embeddings: Sequence[Tensor],
     labels: Sequence[Tensor],
-    ks: Sequence[int] = DEFAULT_KS,
+    k: Sequence[int] = DEFAULT_KS,
     names: Sequence[str] | None = None,
     empty: str = "zero",
 ) -> PairCurves:
-    """Precision@K (the paper's precision-scope curve, K = 100, ..., 1000) for every ordered pair."""
+    """Precision@K at each cut-off K in k (the paper's precision-scope curve, K = 100, ..., 1000)
+    for every ordered pair."""
     names = _check_modalities(embeddings, labels, names)
-    out = PairCurves(torch.tensor([float(K) for K in ks], dtype=torch.float64))
+    k = [int(K) for K in k]
+    out = PairCurves(torch.tensor([float(K) for K in k], dtype=torch.float64))
     for q, g in _pairs(len(names)):
-        per_query = precision_at_k(embeddings[q], embeddings[g], labels[q], labels[g], ks, empty=empty)
+        per_query = precision_at_k(embeddings[q], embeddings[g], labels[q], labels[g], k, empty=empty)
         out.curves[(names[q], names[g])] = mean_over_queries(per_query).cpu()
     return out
 

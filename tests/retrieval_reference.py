@@ -14,10 +14,15 @@ import torch
 
 
 def cosine_scores(query, gallery) -> np.ndarray:
-    """[Nq, Ng] cosine similarities in float64."""
-    q = torch.nn.functional.normalize(query.double().cpu(), dim=1)
-    g = torch.nn.functional.normalize(gallery.double().cpu(), dim=1)
-    return (q @ g.T).numpy()
+    """[Nq, Ng] cosine similarities in float64. Each one is summed the same way wherever its
+    rows sit (a row-wise numpy sum, not a GEMM, which may round a dot product differently at
+    different output positions), so identical rows score identically."""
+    q = torch.nn.functional.normalize(query.double().cpu(), dim=1).numpy()
+    g = torch.nn.functional.normalize(gallery.double().cpu(), dim=1).numpy()
+    out = np.empty((q.shape[0], g.shape[0]))
+    for i, row in enumerate(q):
+        out[i] = (g * row).sum(axis=1)
+    return out
 
 
 def relevance(query_labels, gallery_labels) -> np.ndarray:

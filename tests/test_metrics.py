@@ -39,6 +39,16 @@ def test_cross_modal_map_matches_reference(k, kind, empty):
     assert result.pair("text", "image") == float(result.table[1, 0])
 
 
+@pytest.mark.parametrize("kind", ["class_ids", "multi_hot_wide"])
+def test_one_gemm_per_pair_equals_one_per_direction(kind):
+    """Both directions from one similarity computation (the default) give the table that one
+    computation per direction gives (pair_memory_bytes=0 forces that)."""
+    emb, labels = three_modalities(kind, seed=4)
+    both = metrics.cross_modal_map(emb, labels, k=20)
+    each = metrics.cross_modal_map(emb, labels, k=20, pair_memory_bytes=0)
+    assert torch.equal(both.table.nan_to_num(-1), each.table.nan_to_num(-1))
+
+
 def test_skip_leaves_empty_queries_out_of_the_mean():
     emb, labels = three_modalities("multi_hot", seed=1)
     labels[0][:10] = 0  # ten queries with no relevant item anywhere
@@ -69,7 +79,7 @@ def test_format_prints_the_paper_table():
 
 def test_curves_per_pair():
     emb, labels = three_modalities("class_ids", seed=2)
-    pk = metrics.precision_at_k_curves(emb, labels, ks=[1, 10, 40], names=["a", "b", "c"])
+    pk = metrics.precision_at_k_curves(emb, labels, k=[1, 10, 40], names=["a", "b", "c"])
     pr = metrics.precision_recall_curves(emb, labels, names=["a", "b", "c"])
     assert set(pk.curves) == set(pr.curves) == {(q, g) for q in "abc" for g in "abc" if q != g}
     assert pk.x.tolist() == [1.0, 10.0, 40.0] and pr.x.shape == (11,)

@@ -5,15 +5,18 @@ import numpy as np
 import pytest
 import torch
 
-from sdml_ext.ops import average_precision, cosine_topk, precision_at_k, precision_recall_curve
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from sdml_ext.ops import average_precision, average_precision_pair, cosine_topk, precision_at_k, precision_recall_curve
 
 import retrieval_reference as ref
 from conftest import CUDA_REASON, DEVICES
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_REASON)
 
-# (Nq, Ng, d): single query, single gallery item, d = 1, Ng < k, several query tiles (256 rows)
-# and gallery blocks (2048 columns) that the sizes do not divide.
+# (Nq, Ng, d): single query, single gallery item, d = 1, Ng < k, and sizes that the CPU kernel's
+# query tiles (16-256 rows, depending on the thread count) and gallery blocks (1024 columns) do
+# not divide.
 SIZES = [(1, 1, 1), (1, 7, 3), (5, 1, 4), (3, 4, 1), (300, 50, 8), (40, 5000, 16)]
 CPU_DTYPES = [torch.float32, torch.float64]
 LABEL_KINDS = ["class_ids", "multi_hot", "multi_hot_wide"]  # wide: 80 classes, two label words
@@ -108,6 +111,51 @@ def test_topk_ties_by_ascending_index(exclude_self, dtype, device):
         want_scores, want_idx = ref.topk(scores, k, exclude_self)
         assert np.array_equal(ours.indices.cpu().numpy(), want_idx)
         assert_close(ours.scores.double(), want_scores, atol=0)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_topk_large_k(dtype):
+    """k in the thousands: candidate buffers of 2k per row (fewer rows per tile past 16 MB)."""
+    q, g, _, _ = class_structured(300, 6000, 8, "class_ids", seed=20, dtype=dtype)
+    scores = ref.cosine_scores(q, g)
+    ours = cosine_topk(q, g, 2500)
+    want_scores, want_idx = ref.topk(scores, 2500)
+    assert_close(ours.scores.double(), want_scores, atol=1e-5 if dtype == torch.float32 else 1e-12)
+    if dtype == torch.float64:
+        assert np.array_equal(ours.indices.numpy(), want_idx)
+    else:  # float32 rounding may swap near-ties: the same items, each with its own score
+        assert all(len(set(row)) == 2500 for row in ours.indices.numpy())
+        assert_close(ours.scores.double(), np.take_along_axis(scores, ours.indices.numpy(), axis=1), atol=1e-5)
+
+
+BLAS_PATH = """
+import torch
+from sdml_ext.ops import average_precision, cosine_topk
+torch.manual_seed(0)
+q, g = torch.randn(70, 20), torch.randn(3000, 20)
+ql, gl = torch.randint(0, 4, (70,)), torch.randint(0, 4, (3000,))
+top = cosine_topk(q, g, 40)
+torch.save((top.scores, top.indices, average_precision(q, g, ql, gl)), {out!r})
+"""
+
+
+def test_float32_gemm_paths_agree(tmp_path):
+    """float32 blocks go through oneDNN by default and through BLAS (at::mm_out) with
+    SDML_CPU_GEMM=blas: both give the same rankings up to float32 rounding."""
+    import os
+    import subprocess
+    import sys
+
+    results = []
+    for choice in ("", "blas"):
+        out = tmp_path / f"gemm_{choice or 'default'}.pt"
+        env = dict(os.environ, SDML_CPU_GEMM=choice)
+        subprocess.run([sys.executable, "-P", "-c", BLAS_PATH.format(out=str(out))], env=env, check=True)
+        results.append(torch.load(out))
+    (s1, i1, ap1), (s2, i2, ap2) = results
+    torch.testing.assert_close(s1, s2, rtol=0, atol=1e-6)
+    assert (i1 == i2).float().mean() > 0.99
+    torch.testing.assert_close(ap1, ap2, rtol=0, atol=1e-3)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -229,7 +277,173 @@ def test_opcheck(dtype, device):
     torch.library.opcheck(torch.ops.sdml.average_precision.default, (q, g, ql, gl, 5, "relevant", "zero", False))
     torch.library.opcheck(torch.ops.sdml.average_precision.default, (q, q, ids, ids, None, "retrieved", "skip", True))
     torch.library.opcheck(torch.ops.sdml.precision_at_k.default, (q, g, ql, gl, [1, 5], "zero", False))
+    torch.library.opcheck(torch.ops.sdml.average_precision_pair.default, (q, g, ql, gl, None, "retrieved", "zero"))
+    torch.library.opcheck(torch.ops.sdml.average_precision_pair.default, (q, g, ids, ids[:1].expand(23).contiguous(),
+                                                                          4, "relevant", "zero"))
     torch.library.opcheck(torch.ops.sdml.precision_recall_curve.default, (q, g, ql, gl, [0.0, 0.5], "zero", False))
+
+
+def test_precision_at_one_cutoff_is_one_column():
+    q, g, ql, gl = class_structured(13, 40, 6, "class_ids", seed=16)
+    several = precision_at_k(q, g, ql, gl, [5, 10])
+    one = precision_at_k(q, g, ql, gl, 10)
+    assert one.shape == (13,) and torch.equal(one, several[:, 1])
+
+
+# ---- identical gallery rows tie wherever they sit ---------------------------------------------
+
+
+def repeated_rows(nq, ng, dtype, seed, distinct=7, d=24):
+    """A gallery of `distinct` random rows, each repeated at random positions (so every group
+    straddles the 1024-column blocks and the query tiles), and random queries."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(distinct, d, generator=gen, dtype=torch.float64)
+    which = torch.randint(0, distinct, (ng,), generator=gen)
+    which[:distinct] = torch.arange(distinct)
+    g = base[which]
+    q = torch.randn(nq, d, generator=gen, dtype=torch.float64)
+    ql = torch.randint(-1, 3, (nq,), generator=gen)
+    gl = torch.randint(-1, 3, (ng,), generator=gen)  # duplicates with different labels
+    return q.to(dtype), g.to(dtype), ql, gl, which
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("nq, ng", [(1, 1025), (17, 2049), (300, 3100)])
+def test_identical_rows_score_alike_across_blocks(nq, ng, dtype):
+    q, g, ql, gl, which = repeated_rows(nq, ng, dtype, seed=nq + ng)
+    top = cosine_topk(q, g, ng)
+    for i in range(nq):
+        idx, sc = top.indices[i], top.scores[i]
+        group = which[idx]
+        # Each group of identical rows: one score, consecutive places, ascending indices.
+        for c in group.unique():
+            at = (group == c).nonzero().view(-1)
+            assert torch.equal(at, torch.arange(int(at[0]), int(at[0]) + at.numel()))
+            assert (sc[at] == sc[at[0]]).all() and (idx[at].diff() > 0).all()
+    # The ranking metrics see the same ties: exact against the float64 reference (the distinct
+    # rows' scores are far apart, so rounding cannot reorder them).
+    scores, rel = ref.cosine_scores(q, g), ref.relevance(ql, gl)
+    assert_close(average_precision(q, g, ql, gl), ref.average_precision(scores, rel))
+    assert_close(precision_at_k(q, g, ql, gl, [1, 500, 1500]), ref.precision_at_k(scores, rel, [1, 500, 1500]))
+    a_to_b, b_to_a = average_precision_pair(q, g, ql, gl)
+    assert_close(a_to_b, ref.average_precision(scores, rel))
+    assert_close(b_to_a, ref.average_precision(scores.T, rel.T))
+
+
+def test_duplicate_rows_with_exclude_self():
+    q, g, ql, gl, which = repeated_rows(1, 1500, torch.float32, seed=3)
+    scores, rel = ref.cosine_scores(g, g), ref.relevance(gl, gl)
+    top = cosine_topk(g, g, 1499, exclude_self=True)
+    assert np.array_equal(top.indices.numpy(), ref.topk(scores, 1499, exclude_self=True)[1])
+    assert_close(average_precision(g, g, gl, gl, exclude_self=True), ref.average_precision(scores, rel, exclude_self=True))
+
+
+# ---- both directions of a pair from one GEMM ---------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("kind", LABEL_KINDS)
+@pytest.mark.parametrize("size", [(1, 1, 3), (1, 7, 3), (5, 1, 4), (300, 50, 8), (40, 2100, 16)])
+def test_average_precision_pair_matches_both_directions(size, kind, dtype):
+    na, nb, d = size
+    a, b, al, bl = class_structured(na, nb, d, kind, seed=na + 5 * nb + d, dtype=dtype)
+    scores, rel = ref.cosine_scores(a, b), ref.relevance(al, bl)
+    for k in (None, 3):
+        for divisor, empty in (("retrieved", "zero"), ("relevant", "skip")):
+            a_to_b, b_to_a = average_precision_pair(a, b, al, bl, k, divisor=divisor, empty=empty)
+            assert a_to_b.dtype == b_to_a.dtype == torch.float64
+            if dtype == torch.float64:
+                assert_close(a_to_b, ref.average_precision(scores, rel, k, divisor, empty))
+                assert_close(b_to_a, ref.average_precision(scores.T, rel.T, k, divisor, empty))
+            # The pair is the two one-direction ops: a->b runs the same GEMM tiles (bitwise equal);
+            # b->a ranks the transpose of a's tiles, equal here (no near-tie within rounding).
+            assert torch.equal(a_to_b.nan_to_num(-1), average_precision(a, b, al, bl, k, divisor=divisor,
+                                                                        empty=empty).nan_to_num(-1))
+            assert torch.equal(b_to_a.nan_to_num(-1), average_precision(b, a, bl, al, k, divisor=divisor,
+                                                                        empty=empty).nan_to_num(-1))
+
+
+def test_average_precision_pair_bad_input():
+    args = _good()
+    with pytest.raises(ValueError, match="average_precision_pair: a has no rows"):
+        average_precision_pair(args["query"][:0], args["gallery"], args["query_labels"][:0], args["gallery_labels"])
+    with pytest.raises(ValueError, match="average_precision_pair: k must be positive"):
+        average_precision_pair(*args.values(), k=0)
+    with pytest.raises(ValueError, match="gallery_labels must have one entry per gallery row"):
+        average_precision_pair(args["query"], args["gallery"], args["query_labels"], args["gallery_labels"][:2])
+
+
+# ---- not differentiable; meta and fake tensors ---------------------------------------------------
+
+
+def test_inputs_requiring_grad_are_read_as_values():
+    q, g, ql, gl = class_structured(9, 30, 5, "class_ids", seed=17)
+    plain = [*cosine_topk(q, g, 4), average_precision(q, g, ql, gl), precision_at_k(q, g, ql, gl, [3]),
+             precision_recall_curve(q, g, ql, gl), *average_precision_pair(q, g, ql, gl)]
+    qg, gg = q.clone().requires_grad_(), g.clone().requires_grad_()
+    graded = [*cosine_topk(qg, gg, 4), average_precision(qg, gg, ql, gl), precision_at_k(qg, gg, ql, gl, [3]),
+              precision_recall_curve(qg, gg, ql, gl), *average_precision_pair(qg, gg, ql, gl)]
+    for a, b in zip(plain, graded):
+        assert not b.requires_grad and torch.equal(a, b)
+
+
+def test_meta_tensor_mixed_with_cpu_is_rejected():
+    args = _good()
+    for name in args:
+        bad = dict(args, **{name: args[name].to("meta")})
+        with pytest.raises(ValueError, match=f"{name} is on meta but query is on cpu|gallery is on cpu but query is on meta"):
+            average_precision(**bad)
+    with pytest.raises(ValueError, match="gallery is on meta but query is on cpu"):
+        cosine_topk(args["query"], args["gallery"].to("meta"), 2)
+
+
+def _fake_call(fn):
+    with FakeTensorMode():
+        return fn()
+
+
+BAD_SHAPES = [
+    (lambda: cosine_topk(torch.empty(4, 3), torch.empty(6, 5), 2), "same embedding size d"),
+    (lambda: cosine_topk(torch.empty(4, 3), torch.empty(6, 3), 7), r"k = 7 must lie in \[1, 6\]"),
+    (lambda: cosine_topk(torch.empty(6, 3), torch.empty(6, 3), 6, exclude_self=True), r"k = 6 must lie in \[1, 5\]"),
+    (lambda: cosine_topk(torch.empty(4), torch.empty(6, 3), 2), "query must be a 2-D tensor"),
+    (lambda: average_precision(torch.empty(4, 3), torch.empty(6, 3), torch.zeros(5, dtype=torch.long),
+                               torch.zeros(6, dtype=torch.long)), "query_labels must have one entry per query row"),
+    (lambda: average_precision(torch.empty(4, 3), torch.empty(5, 3), torch.zeros(4, dtype=torch.long),
+                               torch.zeros(5, dtype=torch.long), exclude_self=True), "exclude_self needs"),
+    (lambda: precision_at_k(torch.empty(4, 3), torch.empty(6, 3), torch.zeros(4, 2), torch.zeros(6, 3), [1]),
+     "same positive number of classes"),
+    (lambda: precision_at_k(torch.empty(4, 3), torch.empty(6, 3), torch.zeros(4, dtype=torch.long),
+                            torch.zeros(6, dtype=torch.long), [0]), "k must list positive cut-offs"),
+    (lambda: precision_recall_curve(torch.empty(4, 3), torch.empty(6, 3), torch.zeros(4, dtype=torch.long),
+                                    torch.zeros(6, dtype=torch.long), [2.0]), r"recall_levels must list levels in \[0, 1\]"),
+    (lambda: average_precision_pair(torch.empty(4, 3), torch.empty(6, 3, dtype=torch.float64),
+                                    torch.zeros(4, dtype=torch.long), torch.zeros(6, dtype=torch.long)), "gallery has dtype"),
+]
+
+
+@pytest.mark.parametrize("call, match", BAD_SHAPES)
+def test_fake_implementations_check_shapes(call, match):
+    """Under FakeTensorMode (what torch.compile traces with) the fake implementations run, not the
+    kernels: bad shapes must fail there too, with the kernels' messages."""
+    with pytest.raises((ValueError, TypeError), match=match):
+        _fake_call(call)
+
+
+def test_fake_implementations_give_the_output_shapes():
+    q, g, ql, gl = class_structured(5, 9, 4, "multi_hot", seed=18)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        top = cosine_topk(q, g, 3)
+        pair = average_precision_pair(q, g, ql, gl)
+        pk = precision_at_k(q, g, ql, gl, [1, 2])
+    assert top.scores.shape == (5, 3) and top.indices.dtype == torch.int64
+    assert pair[0].shape == (5,) and pair[1].shape == (9,) and pk.shape == (5, 2)
+
+
+def test_compiled_call_matches_eager():
+    q, g, ql, gl = class_structured(8, 20, 4, "class_ids", seed=19, dtype=torch.float32)
+    compiled = torch.compile(lambda a, b: average_precision(a, b, ql, gl, 5), fullgraph=True, backend="eager")
+    assert torch.equal(compiled(q, g), average_precision(q, g, ql, gl, 5))
 
 
 # ---- CUDA against the CPU kernel ------------------------------------------------------------------
@@ -239,6 +453,7 @@ def _all_ops(q, g, ql, gl, exclude_self=False):
         *cosine_topk(q, g, 7, exclude_self=exclude_self),
         average_precision(q, g, ql, gl, exclude_self=exclude_self),
         average_precision(q, g, ql, gl, 20, divisor="relevant", empty="skip", exclude_self=exclude_self),
+        *average_precision_pair(q, g, ql, gl, 20),
         precision_at_k(q, g, ql, gl, [1, 10, 100, 10**6], empty="skip", exclude_self=exclude_self),
         precision_recall_curve(q, g, ql, gl, LEVELS, exclude_self=exclude_self),
     ]
@@ -359,10 +574,10 @@ def test_bad_options():
         average_precision(**args, divisor="all")
     with pytest.raises(ValueError, match="empty must be"):
         average_precision(**args, empty="nan")
-    with pytest.raises(ValueError, match="ks must be positive"):
-        precision_at_k(**args, ks=[10, 0])
-    with pytest.raises(ValueError, match="ks must list"):
-        precision_at_k(**args, ks=[])
+    with pytest.raises(ValueError, match="every cut-off in k must be positive"):
+        precision_at_k(**args, k=[10, 0])
+    with pytest.raises(ValueError, match="k must list"):
+        precision_at_k(**args, k=[])
     with pytest.raises(ValueError, match=r"recall_levels must lie in \[0, 1\]"):
         precision_recall_curve(**args, recall_levels=[0.5, 1.5])
     with pytest.raises(ValueError, match="exclude_self needs the query and gallery to be the same samples"):

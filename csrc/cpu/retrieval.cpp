@@ -1,7 +1,13 @@
 // CPU kernels of the retrieval ops. Similarities are computed tile by tile with a GEMM
-// (at::mm_out into a per-thread buffer, never the full Nq x Ng matrix). The threads take query
-// tiles one at a time from a shared counter and run the GEMM of a tile single-threaded, so they
-// never wait for each other (which matters on a shared, oversubscribed machine).
+// (block_scores: one [rows, 1024] block at a time, never the full Nq x Ng matrix). The threads
+// take query tiles one at a time from a shared counter and run the GEMM of a tile
+// single-threaded, so they never wait for each other (which matters on a shared, oversubscribed
+// machine).
+//
+// The float32 GEMM goes through oneDNN (torch's mkldnn::_linear_pointwise op) where torch has
+// it: oneDNN picks its kernels by CPU feature, while MKL runs its AVX2 code on AMD CPUs, at half
+// the rate on AVX-512 machines such as AMD Zen 5 (measured: ~100 vs ~220 GFLOP/s per core at
+// these block shapes). float64, or SDML_CPU_GEMM=blas, uses at::mm_out (MKL / OpenBLAS).
 //
 // cosine_topk keeps a running top-k per query (a candidate buffer pruned with nth_element).
 // The ranking metrics need, per query, the exact rank of every relevant item. Instead of a
@@ -10,15 +16,21 @@
 // count of items above its bucket, and items sharing a bucket with a relevant item are
 // compared exactly (score, then ascending index) through integer rank keys. See
 // sdml/retrieval_math.h for the metrics.
+//
+// A GEMM may round the same dot product differently at different positions of its output (edge
+// tiles, another code path), so an exact duplicate of a gallery row is given its first row's
+// score (DuplicateScores): identical rows always tie and come in ascending index order.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -26,6 +38,7 @@
 
 #include "sdml/checks.h"
 #include "sdml/cpu_blas.h"
+#include "sdml/host_buffers.h"
 #include "sdml/retrieval.h"
 
 namespace sdml {
@@ -42,7 +55,10 @@ constexpr int64_t kMinTileRows = 16, kMaxTileRows = 256;
 constexpr int64_t kBlockCols = 1024;
 constexpr int64_t kTilesPerThread = 4;
 // Bytes of the running top-k candidates of one tile (cosine_topk).
-constexpr int64_t kCandidateBytes = 1 << 20;
+// Fewer tile rows only for a very large k: fewer rows re-read the gallery more often and starve
+// the GEMM (k = 1000, 1,000 x 50,000: 0.70 CPU-s at 32 rows, 0.49 at 250), which costs more than running
+// the candidate buffers (2k items per row, mostly untouched) outside the L2 cache.
+constexpr int64_t kCandidateBytes = 16 << 20;
 // Ranking buckets: about two items per bucket, the bucket array within a share of the L2 cache.
 constexpr int64_t kItemsPerBucket = 2;
 constexpr size_t kBucketBytes = 256 << 10;
@@ -68,10 +84,92 @@ void for_each_tile(int64_t tiles, const Setup& setup, const Work& work) {
   });
 }
 
+// The GEMM of one block of scores: q_tile [rows, d] times g_block [cols, d] transposed.
+class BlockGemm {
+  using LinearFn = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                              c10::string_view, c10::List<std::optional<at::Scalar>>,
+                              std::optional<c10::string_view>);
+
+ public:
+  explicit BlockGemm(at::ScalarType dtype) {
+    static const std::optional<c10::TypedOperatorHandle<LinearFn>> linear = find_onednn();
+    if (dtype == at::kFloat && linear) linear_ = &*linear;
+  }
+
+  // The scores, in `out` [rows, cols] (any row stride) or in a fresh contiguous tensor.
+  at::Tensor scores(const at::Tensor& q_tile, const at::Tensor& g_block, at::Tensor& out) const {
+    if (linear_) return linear_->call(q_tile, g_block, std::nullopt, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
+    at::mm_out(out, q_tile, g_block.t());
+    return out;
+  }
+
+  // As scores(), always into `out`.
+  void scores_into(const at::Tensor& q_tile, const at::Tensor& g_block, at::Tensor& out) const {
+    const at::Tensor s = scores(q_tile, g_block, out);
+    if (!s.is_same(out)) out.copy_(s);
+  }
+
+ private:
+  static std::optional<c10::TypedOperatorHandle<LinearFn>> find_onednn() {
+    const char* choice = std::getenv("SDML_CPU_GEMM");
+    if (choice && std::string_view(choice) == "blas") return std::nullopt;
+    const auto handle = c10::Dispatcher::singleton().findOp({"mkldnn::_linear_pointwise", ""});
+    if (!handle || !handle->hasKernelForDispatchKey(c10::DispatchKey::CPU)) return std::nullopt;
+    return handle->typed<LinearFn>();
+  }
+
+  const c10::TypedOperatorHandle<LinearFn>* linear_ = nullptr;
+};
+
 void check_cpu_dtype(const char* op, const at::Tensor& query) {
   TORCH_CHECK_TYPE(query.scalar_type() == at::kFloat || query.scalar_type() == at::kDouble, op,
                    ": on CPU query must be float32 or float64, got ", query.scalar_type());
 }
+
+// Gives every duplicate gallery row (see DuplicateRows) its first row's score, one block of
+// gallery columns at a time: blocks come in ascending order and a first row precedes its
+// duplicates, so its score is saved (per query row, in `saved` [rows, slots()]) before it is
+// needed.
+class DuplicateScores {
+ public:
+  explicit DuplicateScores(const DuplicateRows& rows) {
+    const int64_t n = rows.size();
+    const int64_t* dup = rows.dup.const_data_ptr<int64_t>();
+    const int64_t* rep = rows.rep.const_data_ptr<int64_t>();
+    firsts_.assign(rep, rep + n);
+    std::sort(firsts_.begin(), firsts_.end());
+    firsts_.erase(std::unique(firsts_.begin(), firsts_.end()), firsts_.end());
+    dups_.resize(n);
+    for (int64_t i = 0; i < n; ++i)
+      dups_[i] = {dup[i], std::lower_bound(firsts_.begin(), firsts_.end(), rep[i]) - firsts_.begin()};
+  }
+
+  int64_t slots() const { return firsts_.size(); }
+
+  // Scores s[i * stride + (t - g0)] of query rows i < rows for gallery items t in [g0, g0 + cols).
+  template <typename T>
+  void apply(T* s, int64_t rows, int64_t stride, int64_t g0, int64_t cols, T* saved) const {
+    if (dups_.empty()) return;
+    const int64_t g1 = g0 + cols, n = slots();
+    const int64_t f0 = std::lower_bound(firsts_.begin(), firsts_.end(), g0) - firsts_.begin();
+    const int64_t f1 = std::lower_bound(firsts_.begin(), firsts_.end(), g1) - firsts_.begin();
+    const auto d0 = std::lower_bound(dups_.begin(), dups_.end(), Dup{g0, 0});
+    const auto d1 = std::lower_bound(dups_.begin(), dups_.end(), Dup{g1, 0});
+    for (int64_t i = 0; i < rows; ++i) {
+      T* row = s + i * stride - g0;
+      for (int64_t f = f0; f < f1; ++f) saved[i * n + f] = row[firsts_[f]];
+      for (auto it = d0; it != d1; ++it) row[it->index] = saved[i * n + it->slot];
+    }
+  }
+
+ private:
+  struct Dup {
+    int64_t index, slot;  // the duplicate row; the slot of its first row
+    bool operator<(const Dup& o) const { return index < o.index; }
+  };
+  std::vector<int64_t> firsts_;  // first rows that have duplicates, ascending
+  std::vector<Dup> dups_;        // ascending index
+};
 
 // ---- cosine_topk ---------------------------------------------------------------------------
 
@@ -144,24 +242,26 @@ std::tuple<at::Tensor, at::Tensor> cosine_topk_cpu(const at::Tensor& query_in, c
   constexpr const char* op = "cosine_topk";
   auto [query, gallery] = normalized_embeddings(op, query_in, gallery_in, exclude_self);
   check_cpu_dtype(op, query);
-  const int64_t nq = query.size(0), ng = gallery.size(0), ranked = ranked_items(ng, exclude_self);
-  SDML_CHECK_VALUE(k > 0, op, ": k must be positive, got ", k);
-  SDML_CHECK_VALUE(k <= ranked, op, ": k = ", k, " exceeds the ", ranked, " gallery items each query ranks",
-                   exclude_self ? " (exclude_self leaves out the query itself)" : "");
+  const int64_t nq = query.size(0), ng = gallery.size(0);
+  check_topk_k(op, k, ranked_items(ng, exclude_self), exclude_self);
+  const DuplicateScores duplicates(duplicate_rows(gallery_in));
+  const BlockGemm gemm(query.scalar_type());
   at::Tensor scores = at::empty({nq, k}, query.options());
   at::Tensor indices = at::empty({nq, k}, query.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "cosine_topk_cpu", [&] {
-    // Fewer rows for a large k: the rows' candidate buffers should stay in the L2 cache.
+    // Fewer rows for a very large k (kCandidateBytes).
     const int64_t rows = std::min(tile_rows(nq, kBlockCols, sizeof(scalar_t)),
                                   std::max<int64_t>(kMinTileRows, kCandidateBytes / (2 * k * sizeof(Scored<scalar_t>))));
     const int64_t tiles = (nq + rows - 1) / rows;
     struct Scratch {
       at::Tensor buffer;
       std::vector<RunningTopK<scalar_t>> best;
+      std::vector<scalar_t> saved;  // first rows' scores for their duplicates
     };
     const auto setup = [&] {
       return Scratch{at::empty({rows * kBlockCols}, query.options()),
-                     std::vector<RunningTopK<scalar_t>>(rows, RunningTopK<scalar_t>(k))};
+                     std::vector<RunningTopK<scalar_t>>(rows, RunningTopK<scalar_t>(k)),
+                     std::vector<scalar_t>(rows * duplicates.slots())};
     };
     for_each_tile(tiles, setup, [&](Scratch& scratch, int64_t tile) {
       at::Tensor& buffer = scratch.buffer;
@@ -172,7 +272,8 @@ std::tuple<at::Tensor, at::Tensor> cosine_topk_cpu(const at::Tensor& query_in, c
       for (int64_t g0 = 0; g0 < ng; g0 += kBlockCols) {
         const int64_t ncols = std::min(kBlockCols, ng - g0);
         at::Tensor block = buffer.narrow(0, 0, nrows * ncols).view({nrows, ncols});
-        at::mm_out(block, q_tile, gallery.narrow(0, g0, ncols).t());
+        block = gemm.scores(q_tile, gallery.narrow(0, g0, ncols), block);
+        duplicates.apply(block.mutable_data_ptr<scalar_t>(), nrows, ncols, g0, ncols, scratch.saved.data());
         const scalar_t* s = block.const_data_ptr<scalar_t>();
         for (int64_t i = 0; i < nrows; ++i)
           best[i].offer_block(s + i * ncols, ncols, g0, exclude_self ? q0 + i : -1);
@@ -327,29 +428,46 @@ class RelevantRanker {
   // Buckets with three or more relevant items ("crowded", rare unless scores tie massively)
   // set their items aside to be sorted.
   const std::vector<int64_t>& rank(const T* s, const std::vector<int64_t>& rel, int64_t self) {
-    const int64_t R = rel.size();
-    ranks_.resize(R);
-    if (R == 0) return ranks_;
+    ranks_.resize(rel.size());
+    if (rel.empty()) return ranks_;
+    bucket_and_key(s);
+    seat_relevant(rel);
+    count_items(self);
+    read_ranks();
+    for (const int64_t t : rel) is_relevant_[t] = 0;
+    return ranks_;
+  }
+
+ private:
+  // Phase 1: every item's bucket (a monotone map of [min, max] onto the buckets) and rank key.
+  void bucket_and_key(const T* s) {
     const auto [lo, hi] = min_max(s, n_);
     const T scale = hi > lo ? T(buckets_) / (hi - lo) : T(0);
-    const int32_t* bucket_of = bucket_of_.data();
     assign_buckets(s, n_, lo, scale, int32_t(buckets_ - 1), bucket_of_.data());
-    const Key* keys = keys_.data();
     make_keys(s, n_, keys_.data());
+  }
 
-    Bucket* bucket = bucket_.data();  // all empty (reset by the previous call's last pass)
+  // Phase 2: the relevant items take the slots of their buckets (all empty on entry: the
+  // previous call's read_ranks reset them); a third one makes the bucket crowded.
+  void seat_relevant(const std::vector<int64_t>& rel) {
     for (const int64_t t : rel) {
-      Bucket& home = bucket[bucket_of[t]];
+      Bucket& home = bucket_[bucket_of_[t]];
       is_relevant_[t] = 1;
       if (home.relevant < 2) {
-        home.key[home.relevant] = keys[t];
+        home.key[home.relevant] = keys_[t];
       } else {
         home.key[0] = home.key[1] = RankKey<T>::kTop;
       }
       ++home.relevant;
     }
+  }
 
-    // One pass over all items: the histogram and the exact comparisons inside the bucket.
+  // Phase 3: one pass over all items, `self` left out: the histogram, the exact comparisons
+  // with the slots of the item's bucket, and the items of crowded buckets set aside (sorted).
+  void count_items(int64_t self) {
+    const int32_t* bucket_of = bucket_of_.data();
+    const Key* keys = keys_.data();
+    Bucket* bucket = bucket_.data();
     crowded_.clear();
     for (int64_t t = 0; t < n_; ++t) {
       Bucket& home = bucket[bucket_of[t]];
@@ -365,14 +483,16 @@ class RelevantRanker {
       for (int i = 0; i < 2; ++i) home.ahead[i] -= keys[self] > home.key[i];
     }
     std::sort(crowded_.begin(), crowded_.end());
+  }
 
-    // Buckets from the top: rank = 1 + items in higher buckets + items ahead in the bucket.
-    // Each bucket is reset on the way for the next call.
+  // Phase 4: buckets from the top: rank = 1 + items in higher buckets + items ahead in the
+  // bucket. Each bucket is reset on the way for the next call.
+  void read_ranks() {
     int64_t above = 0, j = 0;
     int64_t* ranks = ranks_.data();
     auto crowded = crowded_.cbegin();
     for (int64_t b = buckets_ - 1; b >= 0; --b) {
-      Bucket& home = bucket[b];
+      Bucket& home = bucket_[b];
       if (home.relevant > 2) {
         for (int64_t place = 0; crowded != crowded_.cend() && crowded->bucket == b; ++crowded, ++place)
           if (is_relevant_[crowded->index]) ranks[j++] = 1 + above + place;
@@ -389,11 +509,8 @@ class RelevantRanker {
       above += home.count;
       home = Bucket{};
     }
-    for (const int64_t t : rel) is_relevant_[t] = 0;
-    return ranks_;
   }
 
- private:
   struct Bucket {
     int32_t count = 0;               // items in the bucket
     int32_t relevant = 0;            // relevant items in the bucket
@@ -425,12 +542,41 @@ class RelevantRanker {
   std::vector<int64_t> ranks_;
 };
 
+// Scores of a tile of query rows against the whole gallery, computed in column blocks whose
+// output fits the L2 cache (the GEMM runs faster so), into a [rows, Ng] buffer; duplicates of
+// gallery rows then get their first row's score.
+template <typename T>
+void score_tile(const at::Tensor& q_tile, const at::Tensor& gallery, const DuplicateScores& duplicates,
+                at::Tensor& buffer, std::vector<T>& saved) {
+  const int64_t nrows = q_tile.size(0), ng = gallery.size(0);
+  const BlockGemm gemm(q_tile.scalar_type());
+  for (int64_t g0 = 0; g0 < ng; g0 += kBlockCols) {
+    const int64_t ncols = std::min(kBlockCols, ng - g0);
+    at::Tensor block = buffer.narrow(0, 0, nrows).narrow(1, g0, ncols);  // row stride ng
+    gemm.scores_into(q_tile, gallery.narrow(0, g0, ncols), block);
+  }
+  saved.resize(nrows * duplicates.slots());
+  duplicates.apply(buffer.mutable_data_ptr<T>(), nrows, ng, 0, ng, saved.data());
+}
+
+// Writes rows [q0, q0 + rows) of the [rows, ng] scores s as columns of the [ng, nq] matrix out.
+template <typename T>
+void transpose_into(const T* s, int64_t rows, int64_t ng, T* out, int64_t nq, int64_t q0) {
+  constexpr int64_t kStrip = 16;  // out rows written together, each advancing with i
+  for (int64_t j0 = 0; j0 < ng; j0 += kStrip) {
+    const int64_t j1 = std::min(ng, j0 + kStrip);
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = j0; j < j1; ++j) out[j * nq + q0 + i] = s[i * ng + j];
+  }
+}
+
 // Calls consume(qi, ranks) for every query, ranks as RelevantRanker::rank. Each thread takes
-// tiles of query rows; a tile's scores are computed in column blocks whose output fits the L2
-// cache (the GEMM runs faster so), into one [rows, Ng] buffer the ranker then reads row by row.
+// tiles of query rows, scores a tile (score_tile) and ranks its rows. When `transposed` is not
+// null, the scores are also written to it as an [Ng, Nq] matrix (the other direction's rows).
 template <typename T, typename Relevance, typename Consume>
-void for_each_query_ranks(const at::Tensor& query, const at::Tensor& gallery, const Relevance& relevance,
-                          bool exclude_self, const Consume& consume) {
+void for_each_query_ranks(const at::Tensor& query, const at::Tensor& gallery, const DuplicateScores& duplicates,
+                          const Relevance& relevance, bool exclude_self, const Consume& consume,
+                          T* transposed = nullptr) {
   const int64_t nq = query.size(0), ng = gallery.size(0);
   const int64_t rows = tile_rows(nq, ng, sizeof(T));
   const int64_t tiles = (nq + rows - 1) / rows;
@@ -438,28 +584,59 @@ void for_each_query_ranks(const at::Tensor& query, const at::Tensor& gallery, co
     at::Tensor buffer;
     std::unique_ptr<RelevantRanker<T>> ranker;
     std::vector<int64_t> rel;
+    std::vector<T> saved;
   };
   const auto setup = [&] {
-    return Scratch{at::empty({rows, ng}, query.options()), std::make_unique<RelevantRanker<T>>(ng), {}};
+    return Scratch{at::empty({rows, ng}, query.options()), std::make_unique<RelevantRanker<T>>(ng), {}, {}};
   };
   for_each_tile(tiles, setup, [&](Scratch& scratch, int64_t tile) {
-    at::Tensor& buffer = scratch.buffer;
-    RelevantRanker<T>& ranker = *scratch.ranker;
-    std::vector<int64_t>& rel = scratch.rel;
     const int64_t q0 = tile * rows, nrows = std::min(rows, nq - q0);
-    const at::Tensor q_tile = query.narrow(0, q0, nrows);
-    for (int64_t g0 = 0; g0 < ng; g0 += kBlockCols) {
-      const int64_t ncols = std::min(kBlockCols, ng - g0);
-      at::Tensor block = buffer.narrow(0, 0, nrows).narrow(1, g0, ncols);  // row stride ng
-      at::mm_out(block, q_tile, gallery.narrow(0, g0, ncols).t());
-    }
-    const T* s = buffer.const_data_ptr<T>();
+    score_tile<T>(query.narrow(0, q0, nrows), gallery, duplicates, scratch.buffer, scratch.saved);
+    const T* s = scratch.buffer.template const_data_ptr<T>();
+    if (transposed) transpose_into(s, nrows, ng, transposed, nq, q0);
     for (int64_t i = 0; i < nrows; ++i) {
       const int64_t qi = q0 + i, self = exclude_self ? qi : -1;
-      relevance.collect(qi, self, rel);
-      consume(qi, ranker.rank(s + i * ng, rel, self));
+      relevance.collect(qi, self, scratch.rel);
+      consume(qi, scratch.ranker->rank(s + i * ng, scratch.rel, self));
     }
   });
+}
+
+// Calls consume(qi, ranks) for every row qi of the [nq, ng] score matrix s (rows are modified:
+// duplicates of gallery rows get their first row's score).
+template <typename T, typename Relevance, typename Consume>
+void for_each_row_ranks(T* s, int64_t nq, int64_t ng, const DuplicateScores& duplicates, const Relevance& relevance,
+                        const Consume& consume) {
+  const int64_t rows = std::max<int64_t>(1, (nq + kTilesPerThread * at::get_num_threads() - 1) /
+                                                (kTilesPerThread * at::get_num_threads()));
+  struct Scratch {
+    std::unique_ptr<RelevantRanker<T>> ranker;
+    std::vector<int64_t> rel;
+    std::vector<T> saved;
+  };
+  const auto setup = [&] {
+    return Scratch{std::make_unique<RelevantRanker<T>>(ng), {}, std::vector<T>(duplicates.slots())};
+  };
+  for_each_tile((nq + rows - 1) / rows, setup, [&](Scratch& scratch, int64_t tile) {
+    for (int64_t qi = tile * rows; qi < std::min(nq, (tile + 1) * rows); ++qi) {
+      duplicates.apply(s + qi * ng, 1, ng, 0, ng, scratch.saved.data());
+      relevance.collect(qi, -1, scratch.rel);
+      consume(qi, scratch.ranker->rank(s + qi * ng, scratch.rel, -1));
+    }
+  });
+}
+
+// Calls visit(relevance) with the labels' relevance rule (class ids or label bits) for queries
+// with labels `query` against gallery items with labels `gallery`.
+template <typename Visit>
+void with_relevance(const RetrievalLabels& labels, bool swapped, const Visit& visit) {
+  const at::Tensor& q = swapped ? labels.gallery : labels.query;
+  const at::Tensor& g = swapped ? labels.query : labels.gallery;
+  if (labels.multi_hot) {
+    visit(LabelBitsRelevance(q, g));
+  } else {
+    visit(ClassIdRelevance(q, g));
+  }
 }
 
 // Validates the common arguments and runs consume over every query's relevant ranks.
@@ -470,18 +647,29 @@ void rank_relevant(const char* op, const at::Tensor& query_in, const at::Tensor&
   auto [query, gallery] = normalized_embeddings(op, query_in, gallery_in, exclude_self);
   check_cpu_dtype(op, query);
   const RetrievalLabels labels = prepare_labels(op, query_labels, gallery_labels, query, gallery);
+  const DuplicateScores duplicates(duplicate_rows(gallery_in));
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "rank_relevant_cpu", [&] {
-    if (labels.multi_hot) {
-      for_each_query_ranks<scalar_t>(query, gallery, LabelBitsRelevance(labels.query, labels.gallery),
-                                     exclude_self, consume);
-    } else {
-      for_each_query_ranks<scalar_t>(query, gallery, ClassIdRelevance(labels.query, labels.gallery),
-                                     exclude_self, consume);
-    }
+    with_relevance(labels, false, [&](const auto& relevance) {
+      for_each_query_ranks<scalar_t>(query, gallery, duplicates, relevance, exclude_self, consume);
+    });
   });
 }
 
 // ---- the metric ops --------------------------------------------------------------------------
+
+// AP@cutoff of each query into out[qi], from the ranks of its relevant items.
+struct AveragePrecisionOf {
+  int64_t cutoff;
+  Divisor divisor;
+  Empty empty;
+  double* out;
+  void operator()(int64_t qi, const std::vector<int64_t>& ranks) const {
+    double sum = 0;
+    int64_t r = 0;
+    for (; r < int64_t(ranks.size()) && ranks[r] <= cutoff; ++r) sum += precision_term(r + 1, ranks[r]);
+    out[qi] = average_precision_from(sum, r, ranks.size(), divisor, empty);
+  }
+};
 
 at::Tensor average_precision_cpu(const at::Tensor& query, const at::Tensor& gallery, const at::Tensor& query_labels,
                                  const at::Tensor& gallery_labels, std::optional<int64_t> k,
@@ -491,25 +679,54 @@ at::Tensor average_precision_cpu(const at::Tensor& query, const at::Tensor& gall
   const Empty empty = parse_empty(op, empty_name);
   const int64_t cutoff = resolve_k(op, k, ranked_items(gallery.size(0), exclude_self));
   at::Tensor ap = at::empty({query.size(0)}, query.options().dtype(at::kDouble));
-  double* out = ap.mutable_data_ptr<double>();
   rank_relevant(op, query, gallery, query_labels, gallery_labels, exclude_self,
-                [&](int64_t qi, const std::vector<int64_t>& ranks) {
-                  double sum = 0;
-                  int64_t r = 0;
-                  for (; r < int64_t(ranks.size()) && ranks[r] <= cutoff; ++r) sum += precision_term(r + 1, ranks[r]);
-                  out[qi] = average_precision_from(sum, r, ranks.size(), divisor, empty);
-                });
+                AveragePrecisionOf{cutoff, divisor, empty, ap.mutable_data_ptr<double>()});
   return ap;
 }
 
+// Both directions of a cross-modal pair from one similarity computation: the scores of a's
+// queries against b (tiles of [rows, Nb]) are ranked, and kept transposed as the [Nb, Na]
+// scores of b's queries against a, ranked afterwards.
+std::tuple<at::Tensor, at::Tensor> average_precision_pair_cpu(const at::Tensor& a_in, const at::Tensor& b_in,
+                                                              const at::Tensor& a_labels, const at::Tensor& b_labels,
+                                                              std::optional<int64_t> k, c10::string_view divisor_name,
+                                                              c10::string_view empty_name) {
+  constexpr const char* op = "average_precision_pair";
+  const Divisor divisor = parse_divisor(op, divisor_name);
+  const Empty empty = parse_empty(op, empty_name);
+  auto [a, b] = normalized_embeddings(op, a_in, b_in, /*exclude_self=*/false);
+  check_cpu_dtype(op, a);
+  SDML_CHECK_VALUE(a.size(0) > 0, op, ": a has no rows (nothing to rank for b's queries)");
+  const RetrievalLabels labels = prepare_labels(op, a_labels, b_labels, a, b);
+  const int64_t na = a.size(0), nb = b.size(0);
+  const int64_t cutoff_ab = resolve_k(op, k, nb), cutoff_ba = resolve_k(op, k, na);
+  const DuplicateScores b_duplicates(duplicate_rows(b_in)), a_duplicates(duplicate_rows(a_in));
+  at::Tensor ap_ab = at::empty({na}, a.options().dtype(at::kDouble));
+  at::Tensor ap_ba = at::empty({nb}, a.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "average_precision_pair_cpu", [&] {
+    at::Tensor scores_ba = empty_large_cpu({nb, na}, a.options());
+    scalar_t* ba = scores_ba.mutable_data_ptr<scalar_t>();
+    with_relevance(labels, false, [&](const auto& relevance) {
+      for_each_query_ranks<scalar_t>(a, b, b_duplicates, relevance, false,
+                                     AveragePrecisionOf{cutoff_ab, divisor, empty, ap_ab.mutable_data_ptr<double>()},
+                                     ba);
+    });
+    with_relevance(labels, true, [&](const auto& relevance) {
+      for_each_row_ranks<scalar_t>(ba, nb, na, a_duplicates, relevance,
+                                   AveragePrecisionOf{cutoff_ba, divisor, empty, ap_ba.mutable_data_ptr<double>()});
+    });
+  });
+  return {ap_ab, ap_ba};
+}
+
 at::Tensor precision_at_k_cpu(const at::Tensor& query, const at::Tensor& gallery, const at::Tensor& query_labels,
-                              const at::Tensor& gallery_labels, at::IntArrayRef ks, c10::string_view empty_name,
+                              const at::Tensor& gallery_labels, at::IntArrayRef k, c10::string_view empty_name,
                               bool exclude_self) {
   constexpr const char* op = "precision_at_k";
-  check_cutoffs(op, ks);
+  check_cutoffs(op, k);
   const Empty empty = parse_empty(op, empty_name);
-  const int64_t ranked = ranked_items(gallery.size(0), exclude_self), nk = ks.size();
-  const std::vector<int64_t> cutoffs(ks.begin(), ks.end());
+  const int64_t ranked = ranked_items(gallery.size(0), exclude_self), nk = k.size();
+  const std::vector<int64_t> cutoffs(k.begin(), k.end());
   at::Tensor prec = at::empty({query.size(0), nk}, query.options().dtype(at::kDouble));
   double* out = prec.mutable_data_ptr<double>();
   rank_relevant(op, query, gallery, query_labels, gallery_labels, exclude_self,
@@ -541,17 +758,8 @@ at::Tensor precision_recall_curve_cpu(const at::Tensor& query, const at::Tensor&
                   best.resize(R);
                   double running = 0;
                   for (int64_t h = R; h >= 1; --h) best[h - 1] = running = std::max(running, precision_term(h, ranks[h - 1]));
-                  for (int64_t j = 0; j < nl; ++j) {
-                    if (R == 0) {
-                      out[qi * nl + j] = empty_value(empty);
-                      continue;
-                    }
-                    // The first h reaching the level (h = R always does), from its estimate L * R.
-                    int64_t h = std::clamp<int64_t>(int64_t(std::ceil(levels[j] * R)), 1, R);
-                    while (h > 1 && reaches_recall(h - 1, R, levels[j])) --h;
-                    while (!reaches_recall(h, R, levels[j])) ++h;
-                    out[qi * nl + j] = best[h - 1];
-                  }
+                  for (int64_t j = 0; j < nl; ++j)
+                    out[qi * nl + j] = R == 0 ? empty_value(empty) : best[first_reaching(levels[j], R) - 1];
                 });
   return prec;
 }
@@ -561,6 +769,7 @@ at::Tensor precision_recall_curve_cpu(const at::Tensor& query, const at::Tensor&
 TORCH_LIBRARY_IMPL(sdml, CPU, m) {
   m.impl("cosine_topk", &cosine_topk_cpu);
   m.impl("average_precision", &average_precision_cpu);
+  m.impl("average_precision_pair", &average_precision_pair_cpu);
   m.impl("precision_at_k", &precision_at_k_cpu);
   m.impl("precision_recall_curve", &precision_recall_curve_cpu);
 }

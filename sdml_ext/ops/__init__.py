@@ -4,13 +4,21 @@ kernels live in ``csrc/``.
 """
 
 from .dsae_loss import DSAELossOutput, dsae_loss
-from .retrieval import TopK, average_precision, cosine_topk, precision_at_k, precision_recall_curve
+from .retrieval import (
+    TopK,
+    average_precision,
+    average_precision_pair,
+    cosine_topk,
+    precision_at_k,
+    precision_recall_curve,
+)
 
 __all__ = [
     "DSAELossOutput",
     "dsae_loss",
     "TopK",
     "average_precision",
+    "average_precision_pair",
     "cosine_topk",
     "precision_at_k",
     "precision_recall_curve",

@@ -11,12 +11,22 @@ or multi-hot rows ``[N, c]`` (any numeric dtype, non-zero = has the class) — r
 a class. An unlabelled / all-zero query has no relevant item; an unlabelled gallery item is
 relevant to nothing.
 
-None of these ops is differentiable (rankings are piecewise constant).
+None of these ops is differentiable (rankings are piecewise constant): inputs that require grad
+are accepted and read as plain values, and no output requires grad (to train through similarity
+scores, recompute the returned indices' scores in PyTorch).
+
+Cut-offs are named ``k`` everywhere: AP@k takes one (or None for all items), precision@K one or
+a sequence.
+
+Exact duplicate gallery rows (equal values) always get the same score, so they tie and come in
+ascending index order wherever they sit in the gallery. Scores of distinct rows are those of a
+tiled GEMM (float rounding of the exact cosine): a query's scores may differ in the last bit
+with the tile the query falls in (its position in the query batch, the thread count).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -25,6 +35,8 @@ from .. import _extension  # noqa: F401  (loads the kernels and their schemas)
 
 #: The paper's precision-scope cut-offs.
 DEFAULT_KS = tuple(range(100, 1001, 100))
+#: One cut-off or several.
+Cutoffs = Union[int, Sequence[int]]
 #: The 11 standard recall levels 0, 0.1, ..., 1.
 DEFAULT_RECALL_LEVELS = tuple(i / 10 for i in range(11))
 
@@ -83,25 +95,61 @@ def average_precision(
     )
 
 
+def average_precision_pair(
+    a: Tensor,
+    b: Tensor,
+    a_labels: Tensor,
+    b_labels: Tensor,
+    k: int | None = None,
+    *,
+    divisor: str = "retrieved",
+    empty: str = "zero",
+) -> tuple[Tensor, Tensor]:
+    """Per-query AP@k in both directions of a cross-modal pair from ONE similarity computation.
+
+    Returns ``(a_to_b [Na], b_to_a [Nb])`` float64: equal to ``average_precision(a, b, ...)`` and
+    ``average_precision(b, a, ...)`` (b's scores against a are the transpose of a's against b),
+    for half the GEMM work. Holds the [Nb, Na] scores in memory (input dtype): 2.2 GB at
+    23,661² float32; use two :func:`average_precision` calls where that does not fit (and past
+    ~1 GB, where writing the transposed scores costs more than the GEMM it saves on CPU).
+
+    Args:
+        a, b: [Na, d] and [Nb, d] embeddings of two modalities (see :func:`cosine_topk`).
+        a_labels, b_labels: [Na] / [Nb] class ids or [Na, c] / [Nb, c] multi-hot rows.
+        k, divisor, empty: as in :func:`average_precision`.
+
+    Error messages call a the query and b the gallery (a_labels / b_labels: query_labels /
+    gallery_labels), as the first direction does.
+    """
+    a_to_b, b_to_a = torch.ops.sdml.average_precision_pair.default(
+        a, b, a_labels, b_labels, None if k is None else int(k), divisor, empty
+    )
+    return a_to_b, b_to_a
+
+
 def precision_at_k(
     query: Tensor,
     gallery: Tensor,
     query_labels: Tensor,
     gallery_labels: Tensor,
-    ks: Sequence[int] = DEFAULT_KS,
+    k: Cutoffs = DEFAULT_KS,
     *,
     empty: str = "zero",
     exclude_self: bool = False,
 ) -> Tensor:
-    """Per-query precision within the top K, [Nq, len(ks)] float64 (the precision-scope curve).
+    """Per-query precision within the top K for each cut-off K in k (the precision-scope curve).
 
+    Returns [Nq] float64 for one cut-off (an int k), [Nq, len(k)] for a sequence.
     P@K = (relevant items among the top K) / min(K, items ranked). A query with no relevant item
     in the whole gallery gets 0 (``empty="zero"``) or NaN (``"skip"``). Other arguments as in
     :func:`average_precision`.
     """
-    return torch.ops.sdml.precision_at_k.default(
-        query, gallery, query_labels, gallery_labels, [int(K) for K in ks], empty, bool(exclude_self)
+    single = isinstance(k, int)
+    cutoffs = [int(k)] if single else [int(K) for K in k]
+    out = torch.ops.sdml.precision_at_k.default(
+        query, gallery, query_labels, gallery_labels, cutoffs, empty, bool(exclude_self)
     )
+    return out[:, 0] if single else out
 
 
 def precision_recall_curve(
@@ -127,8 +175,50 @@ def precision_recall_curve(
     )
 
 
+# ---- fake (meta) implementations: output shapes, and the checks that need no data --------------
+# They run for meta / fake tensors (torch.compile tracing, FakeTensorMode) and for a call mixing a
+# meta tensor with real ones, so they check what the kernels check from shapes alone.
+
+
+def _check_embeddings(query, gallery, exclude_self):
+    torch._check_type(query.dtype.is_floating_point, lambda: f"query must be a floating-point tensor, got {query.dtype}")
+    torch._check_type(gallery.dtype == query.dtype,
+                      lambda: f"gallery has dtype {gallery.dtype} but query has dtype {query.dtype}")
+    torch._check_value(query.dim() == 2, lambda: f"query must be a 2-D tensor, got shape {tuple(query.shape)}")
+    torch._check_value(gallery.dim() == 2, lambda: f"gallery must be a 2-D tensor, got shape {tuple(gallery.shape)}")
+    torch._check_value(gallery.device == query.device,
+                       lambda: f"gallery is on {gallery.device} but query is on {query.device}; move them to one device")
+    torch._check_value(query.shape[1] > 0, lambda: "query has no columns (embedding size d = 0)")
+    torch._check_value(gallery.shape[1] == query.shape[1],
+                       lambda: "query and gallery must have the same embedding size d, got query "
+                               f"{tuple(query.shape)} and gallery {tuple(gallery.shape)}")
+    torch._check_value(gallery.shape[0] > 0, lambda: "gallery has no rows (nothing to rank)")
+    if exclude_self:
+        torch._check_value(query.shape[0] == gallery.shape[0],
+                           lambda: "exclude_self needs the query and gallery to be the same samples (as many rows)")
+        torch._check_value(gallery.shape[0] > 1, lambda: "with exclude_self a one-row gallery leaves nothing to rank")
+
+
+def _check_labels(query, gallery, query_labels, gallery_labels):
+    for name, labels in (("query_labels", query_labels), ("gallery_labels", gallery_labels)):
+        torch._check_value(labels.device == query.device,
+                           lambda: f"{name} is on {labels.device} but query is on {query.device}; move them to one device")
+    torch._check_value(query_labels.dim() in (1, 2) and query_labels.dim() == gallery_labels.dim(),
+                       lambda: "query_labels and gallery_labels must both be class ids [N] or both multi-hot rows [N, c]")
+    torch._check_value(query_labels.shape[0] == query.shape[0],
+                       lambda: f"query_labels must have one entry per query row ({query.shape[0]})")
+    torch._check_value(gallery_labels.shape[0] == gallery.shape[0],
+                       lambda: f"gallery_labels must have one entry per gallery row ({gallery.shape[0]})")
+    if query_labels.dim() == 2:
+        torch._check_value(query_labels.shape[1] > 0 and gallery_labels.shape[1] == query_labels.shape[1],
+                           lambda: "query_labels and gallery_labels must have the same positive number of classes")
+
+
 @torch.library.register_fake("sdml::cosine_topk")
 def _cosine_topk_fake(query, gallery, k, exclude_self=False):
+    _check_embeddings(query, gallery, exclude_self)
+    ranked = gallery.shape[0] - (1 if exclude_self else 0)
+    torch._check_value(0 < k <= ranked, lambda: f"k = {k} must lie in [1, {ranked}] (the items each query ranks)")
     n = query.shape[0]
     return query.new_empty((n, k)), query.new_empty((n, k), dtype=torch.int64)
 
@@ -136,15 +226,34 @@ def _cosine_topk_fake(query, gallery, k, exclude_self=False):
 @torch.library.register_fake("sdml::average_precision")
 def _average_precision_fake(query, gallery, query_labels, gallery_labels, k=None, divisor="retrieved",
                              empty="zero", exclude_self=False):
+    _check_embeddings(query, gallery, exclude_self)
+    _check_labels(query, gallery, query_labels, gallery_labels)
+    torch._check_value(k is None or k > 0, lambda: f"k must be positive (or None for all items), got {k}")
     return query.new_empty((query.shape[0],), dtype=torch.float64)
 
 
+@torch.library.register_fake("sdml::average_precision_pair")
+def _average_precision_pair_fake(a, b, a_labels, b_labels, k=None, divisor="retrieved", empty="zero"):
+    _check_embeddings(a, b, False)
+    torch._check_value(a.shape[0] > 0, lambda: "a has no rows (nothing to rank for b's queries)")
+    _check_labels(a, b, a_labels, b_labels)
+    torch._check_value(k is None or k > 0, lambda: f"k must be positive (or None for all items), got {k}")
+    return a.new_empty((a.shape[0],), dtype=torch.float64), a.new_empty((b.shape[0],), dtype=torch.float64)
+
+
 @torch.library.register_fake("sdml::precision_at_k")
-def _precision_at_k_fake(query, gallery, query_labels, gallery_labels, ks, empty="zero", exclude_self=False):
-    return query.new_empty((query.shape[0], len(ks)), dtype=torch.float64)
+def _precision_at_k_fake(query, gallery, query_labels, gallery_labels, k, empty="zero", exclude_self=False):
+    _check_embeddings(query, gallery, exclude_self)
+    _check_labels(query, gallery, query_labels, gallery_labels)
+    torch._check_value(len(k) > 0 and all(K > 0 for K in k), lambda: f"k must list positive cut-offs, got {list(k)}")
+    return query.new_empty((query.shape[0], len(k)), dtype=torch.float64)
 
 
 @torch.library.register_fake("sdml::precision_recall_curve")
 def _precision_recall_curve_fake(query, gallery, query_labels, gallery_labels, recall_levels, empty="zero",
                                  exclude_self=False):
+    _check_embeddings(query, gallery, exclude_self)
+    _check_labels(query, gallery, query_labels, gallery_labels)
+    torch._check_value(len(recall_levels) > 0 and all(0.0 <= L <= 1.0 for L in recall_levels),
+                       lambda: f"recall_levels must list levels in [0, 1], got {list(recall_levels)}")
     return query.new_empty((query.shape[0], len(recall_levels)), dtype=torch.float64)

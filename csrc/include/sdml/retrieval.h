@@ -12,7 +12,8 @@
 namespace sdml {
 
 // Validates query [Nq, d] and gallery [Ng, d] (floating, one dtype and device, finite, no
-// zero-norm row; Nq == Ng when exclude_self) and returns contiguous L2-normalized copies.
+// zero-norm row; Nq == Ng when exclude_self) and returns contiguous L2-normalized copies,
+// detached: the ops are not differentiable, and their outputs never require grad.
 std::pair<at::Tensor, at::Tensor> normalized_embeddings(const char* op, const at::Tensor& query,
                                                         const at::Tensor& gallery, bool exclude_self);
 
@@ -24,7 +25,8 @@ struct RetrievalLabels {
   int64_t words() const { return multi_hot ? query.size(1) : 0; }
 };
 
-// Validates query_labels / gallery_labels against Nq and Ng rows on ref's device.
+// Validates query_labels [Nq] / [Nq, c] and gallery_labels [Ng] / [Ng, c] against the rows of
+// query and gallery, on query's device.
 RetrievalLabels prepare_labels(const char* op, const at::Tensor& query_labels,
                                const at::Tensor& gallery_labels, const at::Tensor& query,
                                const at::Tensor& gallery);
@@ -40,8 +42,22 @@ inline int64_t ranked_items(int64_t gallery_rows, bool exclude_self) {
 // k for AP@k: None means all ranked items; otherwise positive (larger k is the same as all).
 int64_t resolve_k(const char* op, std::optional<int64_t> k, int64_t ranked);
 
-// Validates the cut-offs of precision_at_k (positive) and the recall levels (in [0, 1]).
-void check_cutoffs(const char* op, at::IntArrayRef ks);
+// k of cosine_topk: 1 <= k <= ranked (the items each query ranks).
+void check_topk_k(const char* op, int64_t k, int64_t ranked, bool exclude_self);
+
+// Validates the cut-offs k of precision_at_k (at least one, all positive) and the recall
+// levels (in [0, 1]).
+void check_cutoffs(const char* op, at::IntArrayRef k);
 void check_recall_levels(const char* op, at::ArrayRef<double> levels);
+
+// Gallery rows that repeat an earlier row exactly (equal values; -0 equals +0): dup[i] is a
+// duplicate of rep[i] < dup[i], the first row with its values. int64 [n], dup ascending, on the
+// gallery's device. The kernels give a duplicate its first row's score (a GEMM may round the
+// same dot product differently at different positions), so identical rows always tie.
+struct DuplicateRows {
+  at::Tensor dup, rep;
+  int64_t size() const { return dup.size(0); }
+};
+DuplicateRows duplicate_rows(const at::Tensor& gallery);
 
 }  // namespace sdml

@@ -13,6 +13,7 @@
 //
 // A query is "empty" when r = 0 for AP (no relevant item within k) and R = 0 for the curves; its
 // value is then 0 (Empty::Zero) or NaN (Empty::Skip, so that means can leave it out).
+#include <cmath>
 #include <cstdint>
 #include <limits>
 
@@ -48,6 +49,16 @@ SDML_HD double precision_at(int64_t hits, int64_t K, int64_t n) {
 // Whether h of R relevant items reach recall level L.
 SDML_HD bool reaches_recall(int64_t h, int64_t R, double level) {
   return double(h) / double(R) >= level - kRecallSlack;
+}
+
+// The first h (1 <= h <= R, R >= 1) whose recall h / R reaches level L (h = R always does),
+// found from its estimate ceil(L * R) and corrected for rounding in either direction.
+SDML_HD int64_t first_reaching(double level, int64_t R) {
+  int64_t h = static_cast<int64_t>(ceil(level * double(R)));
+  h = h < 1 ? 1 : (h > R ? R : h);
+  while (h > 1 && reaches_recall(h - 1, R, level)) --h;
+  while (!reaches_recall(h, R, level)) ++h;
+  return h;
 }
 
 }  // namespace sdml::retrieval
