@@ -10,7 +10,7 @@ torch import and a CPU worker start-up per part); ``report`` merges the parts, t
 status (DIR/status.tsv) and the retrieval results into OUT/gpu_check.json and OUT/report.txt,
 prints the report and checks OUT holds at most 8 files of at most 16 MiB.
 
-Sizes are the issue's. With SDML_GPU_CHECK_DRY=1 every part runs at tiny sizes (on the CPU where
+Sizes are the paper's datasets' (XMedia widths, Wikipedia, NUS-WIDE and MS-COCO test sets). With SDML_GPU_CHECK_DRY=1 every part runs at tiny sizes (on the CPU where
 there is no GPU), which exercises all of the logic but the CUDA timings; without it, a part that
 needs CUDA says "skipped: no CUDA" on a machine without one. Timing: CUDA events (the host
 clock on the CPU) around a synchronized call, warm-up first, median of the rounds (>= 3).
@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 DRY = os.environ.get("SDML_GPU_CHECK_DRY") == "1"
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda:0" if CUDA else "cpu"
-H200_BANDWIDTH = 4.8e12  # bytes/s of HBM3e (read + write), the issue's floor
+H200_BANDWIDTH = 4.8e12  # bytes/s of HBM3e (read + write): the floor the loss is measured against
 MAX_OUT_FILES = 8
 MAX_OUT_BYTES = 16 << 20
 if DRY and not CUDA:
