@@ -12,14 +12,16 @@ import sys
 from pathlib import Path
 
 from . import cli
-from .bundle import Bundle, add_to_bundle, check_new_bundle_path, load, save_bundle, set_metrics
+from .bundle import MANIFEST, Bundle, add_to_bundle, bundle_lock, check_new_bundle_path, load, save_bundle, set_metrics
 from .config import DEMO_EPOCHS, RunConfig, load_config_file, resolve_config
 from .data import DATASET_NAMES, Dataset, load_dataset
 from .evaluation import encode_split, evaluate
 from .model import make_projection
 from .preprocess import PREPROCESS_MODES
 from .progress import EpochBars
+from .rundir import RunDir, run_dir_for
 from .strategies import STRATEGIES, RunReport, train_tasks
+from .testhooks import pause_point
 from .training import make_tasks
 
 
@@ -51,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
             "  python -m sdml_ext.train --dataset xmedia --data XMediaFeatures.mat --epochs 200\n"
             "  python -m sdml_ext.train --dataset mfeat --modalities fou,fac,kar --out runs/three\n"
             "  python -m sdml_ext.train --add-modality pix --into runs/three\n"
+            "  python -m sdml_ext.train --resume runs/three.partial            # continue a stopped run\n"
             "errors in the input print one line and exit with status 2 (SDML_DEBUG=1 shows the traceback)."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -82,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--add-modality", type=_csv(str), metavar="NAME[,NAME]",
                      help="train only these modalities against the P of the bundle given by --into and add them to it")
     out.add_argument("--into", metavar="BUNDLE", help="the bundle --add-modality extends (its other networks are left untouched)")
+    out.add_argument("--resume", metavar="RUN",
+                     help="continue a stopped run from its checkpoints (RUN: the OUT.partial directory it printed), "
+                          "with its saved settings; takes no other flag")
     return p
 
 
@@ -91,6 +97,8 @@ _FLAG_SETTINGS = ("dataset", "data", "modalities", "strategy", "epochs", "batch_
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.resume is not None:
+        return _resume(args)
     if (args.add_modality is None) != (args.into is None):
         raise ValueError("--add-modality and --into go together: --add-modality NAME --into BUNDLE")
     flags = {k: getattr(args, k) for k in _FLAG_SETTINGS}
@@ -100,11 +108,45 @@ def main(argv: list[str] | None = None) -> int:
     config = resolve_config(file_settings, flags)
     # Refuse an existing output before any work is done.
     out = check_new_bundle_path(config.out or _default_out(config.dataset))
+    RunDir.check_free(run_dir_for(out))
     dataset = _load(config)
     names = config.modalities or dataset.modality_names
-    P = make_projection(config.code_dim, dataset.num_classes, config.seed)
     config.out = str(out)
-    report = _train(config, dataset, names, P, first_index=0)
+    run = RunDir.create(run_dir_for(out), {"kind": "train", "config": config.to_dict()}, out)
+    return _train_new_bundle(config, dataset, names, run)
+
+
+def _resume(args) -> int:
+    """--resume RUN: the stopped run's own settings, its checkpoints, its output."""
+    given = [f"--{k.replace('_', '-')}" for k, v in vars(args).items() if v is not None and k != "resume"]
+    if given:
+        raise ValueError(f"--resume takes no other flag (the run's saved settings are used); got {', '.join(given)}")
+    run = RunDir.resume(args.resume)
+    config = resolve_config(run.record["config"])
+    print(f"resuming {run.path}", file=sys.stderr)
+    if run.record["kind"] == "add-modality":
+        return _add_run(config, run.output, run.record["names"], run)
+    dataset = _load(config)
+    return _train_new_bundle(config, dataset, config.modalities or dataset.modality_names, run)
+
+
+def _train_new_bundle(config: RunConfig, dataset: Dataset, names: list[str], run: RunDir) -> int:
+    """Train (continuing from the run's checkpoints), write the bundle, evaluate; then the run's
+    checkpoints go. A run stopped after its bundle was written only evaluates again."""
+    out = Path(config.out)
+    with run:
+        if (out / MANIFEST).exists():
+            print(f"\nbundle {out} was already written", file=sys.stderr)
+        else:
+            _write_new_bundle(config, dataset, names, out, run)
+        _evaluate_and_record(load(out), dataset, out)
+    run.remove()
+    return 0
+
+
+def _write_new_bundle(config: RunConfig, dataset: Dataset, names: list[str], out: Path, run: RunDir) -> None:
+    P = make_projection(config.code_dim, dataset.num_classes, config.seed)
+    report = _train(config, dataset, names, P, first_index=0, checkpoints=run.checkpoints)
     save_bundle(
         out,
         P=P,
@@ -116,8 +158,6 @@ def main(argv: list[str] | None = None) -> int:
         run={"kind": "train", "config": config.to_dict(), **report.summary()},
     )
     print(f"\nbundle written to {out}")
-    _evaluate_and_record(load(out), dataset, out)
-    return 0
 
 
 def _add_modalities(args, file_settings: dict, flags: dict) -> int:
@@ -130,20 +170,52 @@ def _add_modalities(args, file_settings: dict, flags: dict) -> int:
     if flags["code_dim"] not in (None, code_dim):
         raise ValueError(f"the bundle's P is {code_dim}-d; an added modality must use --code-dim {code_dim}")
     config = resolve_config(base, file_settings, {**flags, "out": None, "modalities": args.add_modality, "code_dim": code_dim})
-    dataset = _load(config)
+    RunDir.check_free(run_dir_for(args.into))
+    return _add_run(config, Path(args.into), args.add_modality, None)
+
+
+def _add_run(config: RunConfig, into: Path, names: list[str], run: RunDir | None) -> int:
+    """Train `names` and add them to the bundle `into`, holding the bundle's lock throughout, so
+    that a concurrent add fails before it trains instead of one of them being lost."""
+    with bundle_lock(into):
+        bundle = load(into)
+        if run is not None and set(names) <= set(bundle.modality_names):
+            print(f"\n{', '.join(names)} were already added to {into}", file=sys.stderr)
+            with run:
+                _evaluate_and_record(bundle, _load(config), into)
+            run.remove()
+            return 0
+        first_index = len(bundle.modality_names)
+        if run is not None and run.record["first_index"] != first_index:
+            raise ValueError(
+                f"bundle {into} has changed since the stopped run began ({first_index} modalities, then "
+                f"{run.record['first_index']}); remove {run.path} and add {', '.join(names)} again"
+            )
+        dataset = _load(config)
+        _check_addable(bundle, dataset, names, into)
+        if run is None:
+            record = {"kind": "add-modality", "config": config.to_dict(), "into": str(into), "names": list(names),
+                      "first_index": first_index}
+            run = RunDir.create(run_dir_for(into), record, into)
+        with run:
+            report = _train(config, dataset, names, bundle.P, first_index=first_index, checkpoints=run.checkpoints)
+            pause_point("bundle-add")
+            add_to_bundle(into, report.modalities, run={"kind": "add-modality", "config": config.to_dict(), **report.summary()})
+            print(f"\nadded {', '.join(names)} to {into}")
+            _evaluate_and_record(load(into), dataset, into)
+        run.remove()
+    return 0
+
+
+def _check_addable(bundle: Bundle, dataset: Dataset, names: list[str], into: Path) -> None:
     if dataset.class_names != bundle.class_names:
         raise ValueError(
             f"the dataset has {dataset.num_classes} classes {dataset.class_names[:5]}... but the bundle was "
             f"trained with {len(bundle.class_names)} classes {bundle.class_names[:5]}...; labels must mean the same classes"
         )
-    taken = sorted(set(args.add_modality) & set(bundle.modality_names))
+    taken = sorted(set(names) & set(bundle.modality_names))
     if taken:
-        raise ValueError(f"bundle {args.into} already has modalities {taken}")
-    report = _train(config, dataset, args.add_modality, bundle.P, first_index=len(bundle.modality_names))
-    add_to_bundle(args.into, report.modalities, run={"kind": "add-modality", "config": config.to_dict(), **report.summary()})
-    print(f"\nadded {', '.join(args.add_modality)} to {args.into}")
-    _evaluate_and_record(load(args.into), dataset, Path(args.into))
-    return 0
+        raise ValueError(f"bundle {into} already has modalities {taken}")
 
 
 def _load(config: RunConfig) -> Dataset:
@@ -167,7 +239,7 @@ def _default_out(dataset: str) -> Path:
     return out
 
 
-def _train(config: RunConfig, dataset: Dataset, names: list[str], P, first_index: int) -> RunReport:
+def _train(config: RunConfig, dataset: Dataset, names: list[str], P, first_index: int, checkpoints=None) -> RunReport:
     splits = []
     for name in names:
         m = dataset.modality(name)
@@ -177,7 +249,7 @@ def _train(config: RunConfig, dataset: Dataset, names: list[str], P, first_index
     print(f"\ntraining {len(tasks)} modalities, strategy {config.strategy}, {config.epochs} epochs, on {', '.join(devices)}",
           file=sys.stderr)
     with EpochBars(names, config.epochs) as bars:
-        report = train_tasks(tasks, config.strategy, devices, on_epoch=bars)
+        report = train_tasks(tasks, config.strategy, devices, on_epoch=bars, checkpoints=checkpoints)
     print("\n" + report.table())
     return report
 
