@@ -28,6 +28,7 @@ from pathlib import Path
 from .checkpoint import Checkpoints
 from .durable import write_atomic
 from .locking import exclusive
+from .signals import process_alive
 
 SUFFIX = ".partial"
 RUN_FILE = "run.json"
@@ -63,6 +64,9 @@ class RunDir:
     def check_free(path: Path) -> None:
         """Refuse to start a new run where an interrupted one left its checkpoints."""
         if path.exists():
+            if (path / "lock").exists():
+                with exclusive(path / "lock", f"output {path.name.removesuffix(SUFFIX)}"):
+                    pass  # LockedError (naming the holder) while a live run works there
             raise ValueError(
                 f"{path} holds the checkpoints of an earlier run on the same output; continue it with "
                 f"`{resume_command(path)}`, or remove {path} to start over"
@@ -129,7 +133,7 @@ class RunDir:
         owner_file = self.path / f"owner-{self.lock_name}.json"
         with contextlib.suppress(OSError, ValueError, KeyError):
             owner = json.loads(owner_file.read_text())
-            if owner["host"] == socket.gethostname() and os.path.isdir(owner["mp_tempdir"]) and not _alive(owner["pid"]):
+            if owner["host"] == socket.gethostname() and os.path.isdir(owner["mp_tempdir"]) and not process_alive(owner["pid"]):
                 shutil.rmtree(owner["mp_tempdir"], ignore_errors=True)
                 removed.append(owner["mp_tempdir"])
         if self.lock_name == "lock":  # the process that writes the output
@@ -139,12 +143,3 @@ class RunDir:
         if removed:
             print(f"removed what an interrupted run left behind: {', '.join(removed)}", file=sys.stderr)
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

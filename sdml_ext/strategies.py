@@ -286,9 +286,10 @@ def _thread_share(cores: int, active) -> int:
     return max(1, cores // max(1, active.value))
 
 
-def _cpu_worker(rank: int, task_queue, events, active, cores: int, checkpoints: Checkpoints | None) -> None:
+def _cpu_worker(rank: int, task_queue, events, active, cores: int, checkpoints: Checkpoints | None,
+                main_pid: int) -> None:
     """Worker process: trains modalities from task_queue until the None sentinel."""
-    bind_to_parent()  # a parent that stops reading ends this process; it never waits on a full pipe
+    bind_to_parent(main_pid)  # a parent that stops reading ends this process; it never waits on a full pipe
     torch.set_num_threads(_thread_share(cores, active))
     try:
         while (task := task_queue.get()) is not None:
@@ -384,7 +385,7 @@ def _parallel_cpu(tasks, on_epoch, cores, checkpoints):
     for _ in range(n_workers):
         task_queue.put(None)
     workers = [
-        ctx.Process(target=_cpu_worker, args=(i, task_queue, events, active, cores, checkpoints),
+        ctx.Process(target=_cpu_worker, args=(i, task_queue, events, active, cores, checkpoints, os.getpid()),
                     name=f"sdml-worker-{i}", daemon=True)
         for i in range(n_workers)
     ]

@@ -361,7 +361,9 @@ class ModalityTrainer:
         if saved["state"].keys() - set(range(len(params))):
             raise ValueError("checkpoint: Adam state for parameters this network does not have")
         self.optimizer.load_state_dict(saved)
-        best = {k[5:]: v.to(self.device) for k, v in tensors.items() if k.startswith("best.")}
+        # In the network's own order (a checkpoint file stores names sorted): the bundle's file
+        # then comes out byte for byte as from a run that never stopped.
+        best = {k: tensors[f"best.{k}"].to(self.device) for k in self.model.state_dict() if f"best.{k}" in tensors}
         self.best_state = best or None
         self.shuffle.set_state(tensors["rng.shuffle"].clone())
         self.epoch = int(record["epoch"])
