@@ -7,11 +7,13 @@ number of epochs; the bundle goes to runs/<dataset>-<time>. See ``--help``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
+import io
 import sys
 from pathlib import Path
 
-from . import cli
+from . import cli, distributed
 from .bundle import MANIFEST, Bundle, add_to_bundle, bundle_lock, check_new_bundle_path, load, save_bundle, set_metrics
 from .config import DEMO_EPOCHS, RunConfig, load_config_file, resolve_config
 from .data import DATASET_NAMES, Dataset, load_dataset
@@ -106,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.into is not None:
         return _add_modalities(args, file_settings, flags)
     config = resolve_config(file_settings, flags)
+    if distributed.launched():
+        return _train_distributed(config)
     # Refuse an existing output before any work is done.
     out = check_new_bundle_path(config.out or _default_out(config.dataset))
     RunDir.check_free(run_dir_for(out))
@@ -239,12 +243,16 @@ def _default_out(dataset: str) -> Path:
     return out
 
 
-def _train(config: RunConfig, dataset: Dataset, names: list[str], P, first_index: int, checkpoints=None) -> RunReport:
+def _tasks(config: RunConfig, dataset: Dataset, names: list[str], P, first_index: int):
     splits = []
     for name in names:
         m = dataset.modality(name)
         splits.append((m.train.features, m.train.labels, m.val.features, m.val.labels))
-    tasks = make_tasks(names, splits, P, config.train_options(), first_index=first_index)
+    return make_tasks(names, splits, P, config.train_options(), first_index=first_index)
+
+
+def _train(config: RunConfig, dataset: Dataset, names: list[str], P, first_index: int, checkpoints=None) -> RunReport:
+    tasks = _tasks(config, dataset, names, P, first_index)
     devices = config.resolved_devices()
     print(f"\ntraining {len(tasks)} modalities, strategy {config.strategy}, {config.epochs} epochs, on {', '.join(devices)}",
           file=sys.stderr)
@@ -252,6 +260,44 @@ def _train(config: RunConfig, dataset: Dataset, names: list[str], P, first_index
         report = train_tasks(tasks, config.strategy, devices, on_epoch=bars, checkpoints=checkpoints)
     print("\n" + report.table())
     return report
+
+
+def _train_distributed(config: RunConfig) -> int:
+    """One rank of a torchrun job (see sdml_ext.distributed): train this rank's modalities; rank 0
+    writes the bundle and prints the tables. The same command run again (or restarted by torchrun)
+    continues from every rank's checkpoints."""
+    if config.out is None:
+        raise ValueError("under torchrun give --out: every rank must name the same output")
+    out = Path(config.out)
+    with distributed.Job() as job:
+        if job.is_main and not run_dir_for(out).exists():
+            check_new_bundle_path(out)
+        with contextlib.redirect_stdout(sys.stdout if job.is_main else io.StringIO()):
+            dataset = _load(config)
+        names = config.modalities or dataset.modality_names
+        P = make_projection(config.code_dim, dataset.num_classes, config.seed)
+        tasks = _tasks(config, dataset, names, P, first_index=0)
+        # Ranks sharing a host share the run directory, each with its own lock; rank 0's is the
+        # output's lock, as in a single-process run.
+        run = RunDir.create(run_dir_for(out), {"kind": "train", "config": config.to_dict()}, out,
+                            lock_name="lock" if job.is_main else f"lock-rank{job.rank}", exist_ok=True)
+        with run, (EpochBars(names, config.epochs) if job.is_main else contextlib.nullcontext()) as bars:
+            report = distributed.train_distributed(job, tasks, run.checkpoints, bars)
+            if job.is_main:
+                bars.close()
+                print("\n" + report.table())
+                if not (out / MANIFEST).exists():
+                    save_bundle(
+                        out, P=P, projection_seed=config.seed, results=report.modalities,
+                        class_names=dataset.class_names,
+                        dataset={"name": dataset.name, "source": dataset.source, "multilabel": dataset.multilabel},
+                        config=config.to_dict(), run={"kind": "train", "config": config.to_dict(), **report.summary()},
+                    )
+                    print(f"\nbundle written to {out}")
+                _evaluate_and_record(load(out), dataset, out)
+            distributed.barrier()  # the bundle is complete: every rank's checkpoints may go
+        run.remove()
+    return 0
 
 
 def _evaluate_and_record(bundle: Bundle, dataset: Dataset, path: Path) -> None:

@@ -10,30 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from processes import TRAIN, Run, assert_same_bundle, wait_group_gone
-
-CONFIG = """
-dataset = "synthetic"
-epochs = 4
-hidden = [48, 48]
-code_dim = 16
-lr = [1e-3]
-batch_size = 50
-
-[dataset_options]
-n_train = 150
-n_val = 50
-n_test = 60
-n_classes = 5
-n_modalities = 3
-"""
-EVERY_EPOCH = {"SDML_CHECKPOINT_EVERY": "0", "OMP_NUM_THREADS": "1"}
-
+from processes import EVERY_EPOCH, SMALL_RUN, TRAIN, Run, assert_same_bundle, wait_group_gone
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     path = tmp_path_factory.mktemp("runs")
-    (path / "run.toml").write_text(CONFIG)
+    (path / "run.toml").write_text(SMALL_RUN)
     return path
 
 
