@@ -45,6 +45,7 @@ from .training import EpochStats, ModalityResult, ModalityTask
 # not wait for this timeout (see the module docstring).
 _TIMEOUT = _dt.timedelta(days=7)
 _POLL_S = 0.5
+_STORE_TIMEOUT = _dt.timedelta(minutes=30)  # how long ranks wait for each other to start
 
 
 def launched() -> bool:
@@ -88,13 +89,20 @@ class Job:
         self.local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         self.host = socket.gethostname()
         self.attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
-        self.prefix = f"sdml/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/{self.attempt}/"
+        self.prefix = f"sdml/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/attempt-{self.attempt}/"
         self.store = None
         self._stop = threading.Event()
 
     def __enter__(self) -> Job:
-        dist.init_process_group("gloo", timeout=_TIMEOUT)
-        self.store = dist.distributed_c10d._get_default_store()
+        # Our own namespace in the launcher's store, one per attempt: after a torchrun restart
+        # the store still holds the previous attempt's keys, and gloo, given the default
+        # (unprefixed) store, can read the dead ranks' addresses from it and fail to connect.
+        agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), self.world_size,
+                             is_master=not agent_store and self.rank == 0, timeout=_STORE_TIMEOUT)
+        self.store = dist.PrefixStore(self.prefix, base)
+        dist.init_process_group("gloo", store=dist.PrefixStore("pg/", self.store), rank=self.rank,
+                                world_size=self.world_size, timeout=_TIMEOUT)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -119,16 +127,16 @@ class Job:
     # -- progress and failure, through the store --------------------------------------------
 
     def publish_epoch(self, stats: EpochStats) -> None:
-        self.store.set(f"{self.prefix}epoch/{stats.modality}/{stats.epoch}", json.dumps(asdict(stats)))
+        self.store.set(f"epoch/{stats.modality}/{stats.epoch}", json.dumps(asdict(stats)))
 
     def fail(self, message: str) -> None:
         """Tell every rank the job failed (the first message wins)."""
-        if self.store.add(f"{self.prefix}failures", 1) == 1:
-            self.store.set(f"{self.prefix}failed", message)
+        if self.store.add(f"failures", 1) == 1:
+            self.store.set(f"failed", message)
 
     def failure(self) -> str | None:
-        if self.store.check([f"{self.prefix}failed"]):
-            return self.store.get(f"{self.prefix}failed").decode()
+        if self.store.check([f"failed"]):
+            return self.store.get(f"failed").decode()
         return None
 
     def watch(self, names: Sequence[str], epochs: int, on_epoch: Callable[[EpochStats], None] | None,
@@ -146,7 +154,7 @@ class Job:
             if on_epoch is not None:
                 for name in names:
                     while next_epoch[name] <= epochs:
-                        key = f"{self.prefix}epoch/{name}/{next_epoch[name]}"
+                        key = f"epoch/{name}/{next_epoch[name]}"
                         if not self.store.check([key]):
                             break
                         on_epoch(EpochStats(**json.loads(self.store.get(key))))
@@ -216,7 +224,10 @@ def train_distributed(job: Job, tasks: Sequence[ModalityTask], checkpoints, on_e
         "results": [encode_result(r) for r in (report.modalities if report else [])],
     }
     gathered = [None] * job.world_size if job.is_main else None
-    dist.gather_object(payload, gathered, dst=0)
+    try:
+        dist.gather_object(payload, gathered, dst=0)
+    except RuntimeError as exc:  # a rank died (killed, out of memory): torchrun says which
+        raise WorkerError(f"{job.where()}: lost another rank of the job ({str(exc).splitlines()[0][:200]})") from None
     finish_watch()
     if not job.is_main:
         return None

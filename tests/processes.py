@@ -38,42 +38,40 @@ n_modalities = 3
 EVERY_EPOCH = {"SDML_CHECKPOINT_EVERY": "0", "OMP_NUM_THREADS": "1"}
 
 
-def group_members(pgid: int) -> list[int]:
-    """Live processes of process group `pgid` (zombies excluded)."""
-    members = []
+def members(marker: str) -> list[int]:
+    """Live processes whose environment carries SDML_TEST_RUN=marker: everything a run started,
+    whatever session or process group it put itself in (torchrun starts each rank in its own)."""
+    needle = f"SDML_TEST_RUN={marker}".encode()
+    found = []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+        if not entry.isdigit() or int(entry) == os.getpid():
             continue
         try:
             with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+                state = f.read().rsplit(")", 1)[1].split()[0]
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
         except OSError:
             continue
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            members.append(int(entry))
-    return members
+        if state != "Z" and needle in environ:
+            found.append(int(entry))
+    return found
 
 
-def wait_group_gone(pgid: int, timeout_s: float = 15) -> list[int]:
-    """Wait until no process of the group is left; returns those still alive at the timeout."""
-    deadline = time.monotonic() + timeout_s
-    while (alive := group_members(pgid)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return alive
-
-
-def kill_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+def kill_all(marker: str) -> None:
+    for pid in members(marker):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 class Run:
-    """A subprocess in its own session (process group = its pid), killed with its group on exit."""
+    """A subprocess in its own session; on exit it and everything it started is killed."""
 
     def __init__(self, argv, cwd, env=None, pause_at=None):
-        self.env = {**os.environ, **(env or {})}
+        self.marker = f"{os.getpid()}-{time.monotonic_ns()}"
+        self.env = {**os.environ, **(env or {}), "SDML_TEST_RUN": self.marker}
         self.flag = Path(cwd) / f"pause-{time.monotonic_ns()}"
         if pause_at:
             self.env.update(SDML_TEST_PAUSE_AT=pause_at, SDML_TEST_PAUSE_FILE=str(self.flag))
@@ -101,8 +99,15 @@ class Run:
     def __enter__(self):
         return self
 
+    def gone(self, timeout_s: float = 15) -> list[int]:
+        """Wait until no process of the run is left; those still alive at the timeout."""
+        deadline = time.monotonic() + timeout_s
+        while (alive := members(self.marker)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return alive
+
     def __exit__(self, *exc):
-        kill_group(self.proc.pid)
+        kill_all(self.marker)
         self.proc.kill()
         self.proc.communicate()
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from processes import EVERY_EPOCH, SMALL_RUN, TRAIN, Run, assert_same_bundle, wait_group_gone
+from processes import EVERY_EPOCH, SMALL_RUN, TRAIN, Run, assert_same_bundle
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
@@ -64,7 +64,7 @@ def test_signal_stops_the_run_cleanly_and_resume_gives_the_same_bundle(workdir, 
         start = time.monotonic()
         code, _, err = run.finish(timeout_s=60)
         assert time.monotonic() - start < 20  # stopped at once, no second signal needed
-        assert wait_group_gone(run.proc.pid) == []
+        assert run.gone() == []
     assert code == status, err
     assert f"--resume {out}.partial" in err and "interrupted" in err
     assert not out.exists() and not list(workdir.glob(f".{out.name}.tmp-*"))
@@ -82,7 +82,7 @@ def test_ctrl_c_in_a_terminal_stops_a_parallel_run_at_once(workdir):
         start = time.monotonic()
         code, _, err = run.finish(timeout_s=60)
         assert time.monotonic() - start < 20
-        assert wait_group_gone(run.proc.pid) == []
+        assert run.gone() == []
     assert code == 130, err
 
 
@@ -94,7 +94,7 @@ def test_sigkill_of_a_parallel_run_leaves_no_process_and_resumes(workdir, refere
         assert paused != run.proc.pid  # a worker process reached the pause point
         os.kill(run.proc.pid, signal.SIGKILL)
         # Workers, the fork server and the resource tracker notice the main process is gone.
-        assert wait_group_gone(run.proc.pid, timeout_s=20) == []
+        assert run.gone(timeout_s=20) == []
         run.finish()
     # The resource tracker unlinked the run's semaphores when its last client was gone. (Another
     # program's parallel run starting meanwhile would show here too: none runs in CI.)
