@@ -25,6 +25,7 @@ import contextlib
 import datetime as _dt
 import json
 import os
+import signal
 import socket
 import sys
 import threading
@@ -213,7 +214,9 @@ def train_distributed(job: Job, tasks: Sequence[ModalityTask], checkpoints, on_e
         except (WorkerError, ValueError, FloatingPointError, MemoryError) as exc:
             message = f"{job.where()}: {exc}"
             job.fail(message)
-            _abort(message, job) if job.is_main else _await_abort(job, message)
+            if job.is_main:
+                _abort(message, job)
+            _await_abort(message)
     payload = {
         "rank": job.rank,
         "host": job.host,
@@ -248,9 +251,10 @@ def train_distributed(job: Job, tasks: Sequence[ModalityTask], checkpoints, on_e
     )
 
 
-def _await_abort(job: Job, message: str) -> None:
+def _await_abort(message: str) -> None:
     """A failed rank other than 0: rank 0 prints the message and ends the job; if rank 0 is gone
     already, print it here."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # torchrun ending the job: no second message
     time.sleep(5 * _POLL_S)
     print(f"error: {message}", file=sys.stderr, flush=True)
     os._exit(1)

@@ -14,7 +14,6 @@ import os
 import socket
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 _held: dict[str, tuple[int, int]] = {}  # resolved path -> (fd, depth) held by this process
 _guard = threading.Lock()

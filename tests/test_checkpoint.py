@@ -7,20 +7,18 @@ import numpy as np
 import pytest
 import torch
 
+from test_train_strategies import make as make_strategy_tasks
+
 from sdml_ext.checkpoint import Checkpoints, default_every_s
 from sdml_ext.data import make_synthetic
-from sdml_ext.model import make_projection
 from sdml_ext.strategies import train_tasks
-from sdml_ext.training import ModalityTrainer, TrainOptions, make_tasks
+from sdml_ext.training import ModalityTrainer
 
 EPOCHS = 4
 
 
 def make(ds, **options):
-    opts = TrainOptions(**{"hidden": (48, 48), "code_dim": 16, "batch_size": 50, "epochs": EPOCHS, **options})
-    P = make_projection(opts.code_dim, ds.num_classes, opts.seed)
-    splits = [(m.train.features, m.train.labels, m.val.features, m.val.labels) for m in ds]
-    return make_tasks(ds.modality_names, splits, P, opts)
+    return make_strategy_tasks(ds, **{"epochs": EPOCHS, **options})
 
 
 @pytest.fixture(scope="module")

@@ -145,3 +145,18 @@ def test_concurrent_add_modality_never_loses_one(workdir):
     import sdml_ext
 
     assert sdml_ext.load(base).modality_names == ["m0", "m1", "m2"]
+
+
+def test_a_stopped_add_modality_resumes_to_the_same_bundle(workdir, reference):
+    # m2 added to a bundle of m0, m1 has the index, seed and learning rate it has in the
+    # three-modality run: the finished bundle equals the reference tensor for tensor.
+    base = workdir / "added"
+    with Run(train(workdir, base, "--modalities", "m0,m1"), workdir, EVERY_EPOCH) as run:
+        assert run.finish()[0] == 0
+    with Run([*TRAIN, "--into", str(base), "--add-modality", "m2"], workdir, EVERY_EPOCH, pause_at="epoch:m2:2") as run:
+        run.wait_paused()
+        os.kill(run.proc.pid, signal.SIGTERM)
+        code, _, err = run.finish(timeout_s=60)
+    assert code == 143 and f"--resume {base}.partial" in err
+    resume(workdir, base)
+    assert_same_bundle(base, reference)
