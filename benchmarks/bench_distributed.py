@@ -6,7 +6,7 @@ Run: .venv/bin/python benchmarks/bench_distributed.py [--rounds 1] [--epochs 40]
 Each run is the full command (`python -m sdml_ext.train`, or torchrun of it) in a fresh process,
 timed from start to exit (start-up, training, bundle, evaluation); the modes are interleaved and
 rotated each round, and the machine's load is printed with every run. Checkpoint overhead: the
-parallel run with the default cadence (every 30 s and at each modality's end) against the same
+parallel run with the default cadence (every 60 s and at each modality's end) against the same
 run with only the end-of-modality checkpoints (SDML_CHECKPOINT_EVERY=1e9), plus the measured cost
 of one checkpoint of a digits modality times the number of checkpoints the default cadence takes.
 """
@@ -90,8 +90,11 @@ def main() -> None:
     cost = one_checkpoint_s()
     print(f"\none checkpoint of the widest digits modality: {cost * 1000:.0f} ms")
     if "parallel" in median:
-        # At most one periodic checkpoint per 30 s of each modality's training plus one at its end.
-        periodic = median["parallel"] / 30 * 2  # two workers train at once
+        from sdml_ext.checkpoint import DEFAULT_EVERY_S
+
+        # At most one periodic checkpoint per cadence of each worker's training, plus one at the
+        # end of each of the 6 modalities.
+        periodic = median["parallel"] / DEFAULT_EVERY_S * 2  # two workers train at once
         estimate = (periodic + 6) * cost / median["parallel"]
         print(f"default cadence on the parallel run: <= {periodic + 6:.0f} checkpoints, "
               f"~{estimate * 100:.1f}% of its wall time (CPU-side; the workers write their own)")

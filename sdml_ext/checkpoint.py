@@ -6,7 +6,7 @@ the safetensors header: nothing is pickled. A file is written under a temporary 
 directory, fsynced, renamed over the old one and the directory fsynced, so a reader (the next
 run) finds either the previous checkpoint or the new one, whatever stopped the writer.
 
-Cadence: at the end of an epoch once ``every_s`` seconds (default 30) have passed since the
+Cadence: at the end of an epoch once ``every_s`` seconds (default 60) have passed since the
 modality's last checkpoint, and always after its last epoch (a finished modality is never
 retrained). A stopped run therefore loses at most ``every_s`` plus one epoch of work per
 modality. ``SDML_CHECKPOINT_EVERY`` (seconds; 0 = every epoch) overrides the default.
@@ -27,13 +27,13 @@ from safetensors.torch import load, save
 from .durable import fsync_dir, write_atomic
 from .testhooks import pause_point
 
-DEFAULT_EVERY_S = 30.0
+DEFAULT_EVERY_S = 60.0
 FORMAT = "sdml-checkpoint"
 FORMAT_VERSION = 1
 
 
 def default_every_s() -> float:
-    """Seconds between checkpoints: ``SDML_CHECKPOINT_EVERY`` if set, else 30."""
+    """Seconds between checkpoints: ``SDML_CHECKPOINT_EVERY`` if set, else 60."""
     text = os.environ.get("SDML_CHECKPOINT_EVERY")
     if text is None:
         return DEFAULT_EVERY_S

@@ -151,7 +151,7 @@ def test_restored_trainer_state_round_trips(tasks):
 
 def test_cadence_setting(monkeypatch):
     monkeypatch.delenv("SDML_CHECKPOINT_EVERY", raising=False)
-    assert default_every_s() == 30
+    assert default_every_s() == 60
     monkeypatch.setenv("SDML_CHECKPOINT_EVERY", "0")
     assert default_every_s() == 0
     monkeypatch.setenv("SDML_CHECKPOINT_EVERY", "soon")
