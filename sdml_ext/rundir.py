@@ -58,6 +58,7 @@ class RunDir:
         self.output = output
         self.lock_name = lock_name
         self.checkpoints = Checkpoints(str(path / "checkpoints"))
+        self.uses_workers = True  # False: this process starts no worker processes (a distributed rank)
         self._stack = contextlib.ExitStack()
 
     @staticmethod
@@ -104,7 +105,11 @@ class RunDir:
     def __enter__(self) -> RunDir:
         self._stack.enter_context(exclusive(self.path / self.lock_name, f"run {self.path}"))
         self._clean_leftovers()
-        owner = {"pid": os.getpid(), "host": socket.gethostname(), "mp_tempdir": multiprocessing.util.get_temp_dir()}
+        owner = {"pid": os.getpid(), "host": socket.gethostname()}
+        if self.uses_workers:
+            # The directory multiprocessing's fork server will use (made now, so that it is known
+            # if this process is killed).
+            owner["mp_tempdir"] = multiprocessing.util.get_temp_dir()
         write_atomic(self.path / f"owner-{self.lock_name}.json", json.dumps(owner).encode())
         self.checkpoints.remove_stale_temporaries()
         return self

@@ -281,6 +281,7 @@ def _train_distributed(config: RunConfig) -> int:
         # output's lock, as in a single-process run.
         run = RunDir.create(run_dir_for(out), {"kind": "train", "config": config.to_dict()}, out,
                             lock_name="lock" if job.is_main else f"lock-rank{job.rank}", exist_ok=True)
+        run.uses_workers = False  # a rank trains its modalities in-process
         with run, (EpochBars(names, config.epochs) if job.is_main else contextlib.nullcontext()) as bars:
             report = distributed.train_distributed(job, tasks, run.checkpoints, bars)
             if job.is_main:

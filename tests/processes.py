@@ -58,6 +58,13 @@ def members(marker: str) -> list[int]:
     return found
 
 
+def pymp_dirs() -> set[str]:
+    """multiprocessing's temporary directories present now."""
+    import tempfile
+
+    return {p.name for p in Path(tempfile.gettempdir()).glob("pymp-*")}
+
+
 def kill_all(marker: str) -> None:
     for pid in members(marker):
         try:

@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from processes import EVERY_EPOCH, SMALL_RUN, TORCHRUN, TRAIN, Run, assert_same_bundle, free_port
+from processes import EVERY_EPOCH, SMALL_RUN, TORCHRUN, TRAIN, Run, assert_same_bundle, free_port, pymp_dirs
 
 from sdml_ext.distributed import assign_ranks, decode_result, encode_result
 
@@ -90,6 +90,7 @@ def test_a_failing_rank_fails_the_job_with_one_message(workdir):
     # m1 has fewer samples than a batch: it cannot train; it is rank 1's.
     (workdir / "bad.toml").write_text(SMALL_RUN.replace("n_train = 150", "n_train = [150, 20, 150]"))
     out = workdir / "failed"
+    before = pymp_dirs()
     with Run(torchrun(workdir, out, "--standalone", "--nproc-per-node=2", config="bad.toml"), workdir,
              EVERY_EPOCH) as run:
         code, _, err = run.finish(timeout_s=240)
@@ -99,6 +100,7 @@ def test_a_failing_rank_fails_the_job_with_one_message(workdir):
     assert len(lines) == 1, err[-3000:]
     assert f"rank 1 on {socket.gethostname()}" in lines[0] and "'m1'" in lines[0] and "fewer than the batch size" in lines[0]
     assert not out.exists()
+    assert pymp_dirs() <= before  # ranks ended by the failure leave no temporary directory
 
 
 def test_assignment_is_longest_first_and_results_travel_as_safetensors(tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from processes import EVERY_EPOCH, SMALL_RUN, TRAIN, Run, assert_same_bundle
+from processes import EVERY_EPOCH, SMALL_RUN, TRAIN, Run, assert_same_bundle, pymp_dirs
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
@@ -30,12 +30,6 @@ def reference(workdir):
         code, _, err = run.finish()
     assert code == 0, err
     return out
-
-
-def pymp_dirs() -> set[str]:
-    import tempfile
-
-    return {p.name for p in Path(tempfile.gettempdir()).glob("pymp-*")}
 
 
 def shm_semaphores() -> set[str]:
