@@ -14,9 +14,11 @@ epoch, time, memory), plus the run's report and metrics.
 
 Writes are atomic: a new bundle is assembled in a temporary sibling directory and renamed into
 place; adding a modality writes its file under a temporary name, renames it, and then replaces
-the manifest (os.replace), so a reader sees either the old bundle or the new one. Loading reads
-JSON and safetensors only (never pickle), checks the manifest's schema once and verifies every
-checksum; a network is only built once its weights file is known to hold it.
+the manifest (os.replace), so a reader sees either the old bundle or the new one. Writers of an
+existing bundle hold its lock file ``.lock`` (see sdml_ext.locking), so concurrent writers never
+lose each other's changes: the later one fails at once. Loading reads JSON and safetensors only
+(never pickle), checks the manifest's schema once and verifies every checksum; a network is only
+built once its weights file is known to hold it.
 """
 
 from __future__ import annotations
@@ -40,14 +42,17 @@ from torch import Tensor
 
 from ._files import publish as _publish
 from .errors import BundleError
+from .locking import exclusive
 from .model import DSAE, tensor_checksum
 from .preprocess import PREPROCESS_MODES, Preprocessor
 from .records import ModalityResult
+from .testhooks import pause_point
 
 FORMAT = "sdml-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PROJECTION_FILE = "projection.safetensors"
+LOCK_FILE = ".lock"
 
 
 def versions() -> dict:
@@ -201,6 +206,7 @@ def save_bundle(
             "metrics": json_safe(metrics or {}),
         }
         _fsync_write_json(tmp / MANIFEST, manifest)
+        pause_point("bundle-save")
         try:
             os.rename(tmp, path)  # fails (ENOTEMPTY/EEXIST) rather than replace a non-empty dir
         except OSError as exc:
@@ -353,6 +359,15 @@ def _write_manifest(path: Path, manifest: dict) -> None:
     os.replace(tmp, path / MANIFEST)
 
 
+def bundle_lock(path: str | os.PathLike):
+    """Context manager: hold the bundle's writer lock (LockedError, an OSError, if another
+    process holds it). Nests within one process."""
+    path = Path(path)
+    if not (path / MANIFEST).is_file():
+        read_manifest(path)  # the clear error for a missing or foreign directory
+    return exclusive(path / LOCK_FILE, f"bundle {path}")
+
+
 def add_to_bundle(path: str | os.PathLike, results: Sequence[ModalityResult], run: dict, metrics: dict | None = None) -> None:
     """Add trained modalities to an existing bundle, leaving its files untouched.
 
@@ -361,6 +376,11 @@ def add_to_bundle(path: str | os.PathLike, results: Sequence[ModalityResult], ru
     overwrites). ``metrics``, if given, are merged into the manifest's metrics.
     """
     path = Path(path)
+    with bundle_lock(path):
+        _add_locked(path, results, run, metrics)
+
+
+def _add_locked(path: Path, results: Sequence[ModalityResult], run: dict, metrics: dict | None) -> None:
     manifest = read_manifest(path)
     names = [m["name"] for m in manifest["modalities"]]
     first = len(names)

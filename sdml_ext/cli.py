@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable
 
 from .errors import BundleError, ModalityError, WorkerCrash
+from .signals import terminate_as_interrupt
 
 # What bad input raises: data-layer ValueError/MissingKeyError, missing files, unreadable paths,
 # bundle problems and a modality that failed because of its data (ModalityError names it).
@@ -17,14 +18,18 @@ USER_ERRORS = (ValueError, OSError, BundleError, ModalityError, FloatingPointErr
 
 
 def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
-    """Call ``main(argv)`` and turn user errors into a message and an exit status."""
+    """Call ``main(argv)`` and turn user errors into a message and an exit status. SIGTERM is
+    handled like Ctrl-C (exit status 143 instead of 130); an interrupted training run says how
+    to continue it."""
     prog = os.path.basename(sys.argv[0]) if argv is None else "sdml_ext"
     debug = bool(os.environ.get("SDML_DEBUG"))
     try:
-        return main(argv)
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+        with terminate_as_interrupt():
+            return main(argv)
+    except KeyboardInterrupt as exc:
+        hint = getattr(exc, "resume_hint", None)
+        print(f"{prog}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
+        return getattr(exc, "exit_status", 130)
     except WorkerCrash as exc:
         if debug:
             if exc.detail:

@@ -15,6 +15,9 @@ memory only; every modality is trained by its own :class:`~sdml_ext.training.Mod
 A failing modality stops the whole run: the other workers are ended and a
 :class:`~sdml_ext.errors.ModalityError` (bad data or settings, divergence) or a
 :class:`~sdml_ext.errors.WorkerCrash` (a bug, a dead worker) names the modality and the error.
+With ``checkpoints`` every strategy saves each modality's state as it trains and continues
+from it (see :mod:`sdml_ext.checkpoint`). Worker processes die with the run, whatever ends it
+(see :mod:`sdml_ext.signals`).
 """
 
 from __future__ import annotations
@@ -33,8 +36,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .checkpoint import Checkpoints
 from .errors import ModalityError, WorkerCrash, WorkerError  # noqa: F401 (WorkerError: both kinds)
 from .records import EpochStats, ModalityResult
+from .signals import bind_to_parent
 from .training import ModalityTask, ModalityTrainer
 
 STRATEGIES = ("joint", "serial", "parallel")
@@ -122,6 +127,7 @@ def train_tasks(
     devices: Sequence[str] = ("cpu",),
     on_epoch: OnEpoch | None = None,
     cores: int | None = None,
+    checkpoints: Checkpoints | None = None,
 ) -> RunReport:
     """Train every task with `strategy` and return the results in task order.
 
@@ -132,6 +138,8 @@ def train_tasks(
             first; parallel spreads modalities over all of them.
         on_epoch: called in this process (this thread) after every epoch of every modality.
         cores: CPU cores for parallel CPU training (default: all usable cores).
+        checkpoints: where each modality's training state is saved and continued from (None:
+            no checkpoints). Finished modalities are loaded, not retrained.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
@@ -145,14 +153,16 @@ def train_tasks(
         _check_cuda_devices(devices)
     on_epoch = on_epoch or (lambda stats: None)
     start = time.perf_counter()
+    if checkpoints is not None:
+        checkpoints.remove_stale_temporaries()
     if strategy == "joint":
-        results, extra = _joint(tasks, devices[0], on_epoch)
+        results, extra = _joint(tasks, devices[0], on_epoch, checkpoints)
     elif strategy == "serial":
-        results, extra = _serial(tasks, devices[0], on_epoch)
+        results, extra = _serial(tasks, devices[0], on_epoch, checkpoints)
     elif devices[0] == "cpu":
-        results, extra = _parallel_cpu(tasks, on_epoch, cores or usable_cores())
+        results, extra = _parallel_cpu(tasks, on_epoch, cores or usable_cores(), checkpoints)
     else:
-        results, extra = _parallel_cuda(tasks, devices, on_epoch)
+        results, extra = _parallel_cuda(tasks, devices, on_epoch, checkpoints)
     wall = time.perf_counter() - start
     return RunReport(
         strategy=strategy,
@@ -193,36 +203,47 @@ def _blame(task: ModalityTask):
         raise ModalityError(f"modality {task.name!r} failed: {type(exc).__name__}: {exc}") from exc
 
 
-def _serial(tasks, device, on_epoch):
+def _serial(tasks, device, on_epoch, checkpoints):
     results = []
+    run_peak = 0
     for task in tasks:
         _reset_cuda_peaks([device])
         with _blame(task):
-            result = ModalityTrainer(task, device).run(on_epoch)
+            result = ModalityTrainer(task, device).run(on_epoch, checkpoints)
         if device.startswith("cuda"):
             result.peak_memory_bytes = torch.cuda.max_memory_allocated(device)
+            run_peak = max(run_peak, result.peak_memory_bytes)
         results.append(result)
-    return results, {"device_peak_bytes": _cuda_peaks([device])}
+    # The device's counter was reset for every modality: the run's peak is the largest of theirs.
+    return results, {"device_peak_bytes": {device: run_peak} if device.startswith("cuda") else {}}
 
 
-def _joint(tasks, device, on_epoch):
+def _joint(tasks, device, on_epoch, checkpoints):
     _reset_cuda_peaks([device])
     trainers = []
     for task in tasks:
         with _blame(task):
-            trainers.append(ModalityTrainer(task, device))
-    for _ in range(tasks[0].options.epochs):
-        for trainer in trainers:
+            trainer = ModalityTrainer(task, device)
+            if checkpoints is not None and checkpoints.restore(trainer):
+                for stats in trainer.history:
+                    on_epoch(stats)
+        trainers.append(trainer)
+    epochs = tasks[0].options.epochs
+    # Restored trainers may stand at different epochs; each steps until it has all of them.
+    while active := [t for t in trainers if t.epoch < epochs]:
+        for trainer in active:
             trainer.begin_epoch()
         # Modalities with fewer batches drop out of the later iterations of the epoch.
-        for j in range(max(t.steps_per_epoch for t in trainers)):
-            for trainer in trainers:
+        for j in range(max(t.steps_per_epoch for t in active)):
+            for trainer in active:
                 if j < trainer.steps_per_epoch:
                     with _blame(trainer.task):
                         trainer.step(j)
-        for trainer in trainers:
+        for trainer in active:
             with _blame(trainer.task):
                 stats = trainer.end_epoch()
+            if checkpoints is not None:
+                checkpoints.after_epoch(trainer)
             on_epoch(stats)
     results = [t.result() for t in trainers]
     if device.startswith("cuda"):
@@ -268,8 +289,10 @@ def _thread_share(cores: int, active) -> int:
     return max(1, cores // max(1, active.value))
 
 
-def _cpu_worker(rank: int, task_queue, events, active, cores: int) -> None:
+def _cpu_worker(rank: int, task_queue, events, active, cores: int, checkpoints: Checkpoints | None,
+                main_pid: int) -> None:
     """Worker process: trains modalities from task_queue until the None sentinel."""
+    bind_to_parent(main_pid)  # a parent that stops reading ends this process; it never waits on a full pipe
     torch.set_num_threads(_thread_share(cores, active))
     try:
         while (task := task_queue.get()) is not None:
@@ -281,7 +304,7 @@ def _cpu_worker(rank: int, task_queue, events, active, cores: int) -> None:
                     if share != torch.get_num_threads():
                         torch.set_num_threads(share)
 
-                result = ModalityTrainer(task, "cpu").run(on_epoch)
+                result = ModalityTrainer(task, "cpu").run(on_epoch, checkpoints)
                 result.peak_memory_bytes = _peak_rss_bytes()
                 result.device = f"cpu (worker {rank})"
                 events.put(("done", result))
@@ -307,48 +330,78 @@ def _worker_context():
     return mp.get_context("spawn")
 
 
-def _parallel_cpu(tasks, on_epoch, cores):
+class _WorkerWatch:
+    """Liveness of the worker processes, checked whenever no event came for a while."""
+
+    def __init__(self, workers):
+        self.workers = workers
+        self.all_exited_seen = False
+
+    def died(self) -> None:
+        """A worker that ended with a non-zero status (killed, out of memory) fails the run."""
+        for w in self.workers:
+            if w.exitcode not in (None, 0):
+                raise WorkerCrash(
+                    f"training worker {w.name} died with exit code {w.exitcode} (killed, e.g. out of memory?)"
+                )
+
+    def quit_early(self) -> None:
+        """Every worker exited cleanly but results are missing. A worker's last events are in
+        the pipe before it exits: one more empty wait after seeing all of them gone means those
+        events were read and some result never came."""
+        if all(w.exitcode == 0 for w in self.workers):
+            if self.all_exited_seen:
+                raise WorkerCrash("the training workers exited before every modality was trained")
+            self.all_exited_seen = True
+
+    def __call__(self) -> None:
+        self.died()
+        self.quit_early()
+
+
+def _stop_workers(workers, grace_s: float) -> None:
+    """Join finished workers (up to grace_s each); terminate, then kill, the others."""
+    for w in workers:
+        w.join(timeout=grace_s)
+    for w in workers:
+        if w.is_alive():
+            w.terminate()
+    for w in workers:
+        w.join(timeout=5)
+        if w.is_alive():
+            w.kill()
+            w.join()
+
+
+def _parallel_cpu(tasks, on_epoch, cores, checkpoints):
     n_workers = max(1, min(len(tasks), cores))
     order = sorted(tasks, key=lambda t: -t.cost())
     ctx = _worker_context()
     task_queue, events = ctx.Queue(), ctx.Queue()
+    # The main process must never wait at exit for queued tasks or events nobody reads (an
+    # interrupted run would hang in the queue's finalizer until a second Ctrl-C).
+    task_queue.cancel_join_thread()
+    events.cancel_join_thread()
     active = ctx.Value("i", n_workers)
     for task in order:
         task_queue.put(task)
     for _ in range(n_workers):
         task_queue.put(None)
     workers = [
-        ctx.Process(target=_cpu_worker, args=(i, task_queue, events, active, cores), name=f"sdml-worker-{i}", daemon=True)
+        ctx.Process(target=_cpu_worker, args=(i, task_queue, events, active, cores, checkpoints, os.getpid()),
+                    name=f"sdml-worker-{i}", daemon=True)
         for i in range(n_workers)
     ]
-
-    all_exited_seen = []
-
-    def check_alive():
-        for w in workers:
-            if w.exitcode not in (None, 0):
-                raise WorkerCrash(
-                    f"training worker {w.name} died with exit code {w.exitcode} (killed, e.g. out of memory?)"
-                )
-        if all(w.exitcode == 0 for w in workers):
-            # A worker's last events are in the pipe before it exits: one more empty wait after
-            # seeing all of them gone means those events were read and some result never came.
-            if all_exited_seen:
-                raise WorkerCrash("the training workers exited before every modality was trained")
-            all_exited_seen.append(True)
-
     ok = False
     try:
         for w in workers:
             w.start()
-        results = _collect(events, tasks, on_epoch, check_alive)
+        results = _collect(events, tasks, on_epoch, _WorkerWatch(workers))
         ok = True
     finally:
-        for w in workers:
-            w.join(timeout=5 if ok else 0)  # finished workers exit by themselves
-            if w.is_alive():
-                w.terminate()
-                w.join()
+        _stop_workers(workers, grace_s=5 if ok else 0)  # finished workers exit by themselves
+        task_queue.close()
+        events.close()
     return results, {
         "workers": n_workers,
         "cores": cores,
@@ -377,7 +430,7 @@ class _Cancelled(Exception):
     pass
 
 
-def _parallel_cuda(tasks, devices, on_epoch):
+def _parallel_cuda(tasks, devices, on_epoch, checkpoints):
     assignment = _assign_devices(tasks, devices)
     alone = {d: sum(1 for v in assignment.values() if v == d) == 1 for d in devices}
     events: queue.Queue = queue.Queue()
@@ -393,7 +446,7 @@ def _parallel_cuda(tasks, devices, on_epoch):
                         raise _Cancelled
                     events.put(("epoch", stats))
 
-                result = ModalityTrainer(task, device).run(relay)
+                result = ModalityTrainer(task, device).run(relay, checkpoints)
                 torch.cuda.current_stream().synchronize()
             if alone[device]:  # the device's peak is this modality's only when it is alone there
                 result.peak_memory_bytes = torch.cuda.max_memory_allocated(device)

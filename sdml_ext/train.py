@@ -7,14 +7,16 @@ number of epochs; the bundle goes to runs/<dataset>-<time>. See ``--help``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as _dt
+import io
 import os
 import sys
 from pathlib import Path
 
-from . import cli
-from .bundle import Bundle, add_to_bundle, check_new_bundle_path, load, save_bundle
+from . import cli, distributed
+from .bundle import MANIFEST, Bundle, add_to_bundle, bundle_lock, check_new_bundle_path, load, save_bundle
 from .config import RunConfig, load_config_file, resolve_config
 from .data import BUILT_IN_DATASETS, DATASET_NAMES, Dataset, detect_layout, load_dataset
 from .evaluation import encode_split, evaluate
@@ -22,7 +24,9 @@ from .model import make_projection
 from .projection import load_projection
 from .preprocess import PREPROCESS_MODES
 from .progress import EpochBars
+from .rundir import RunDir, run_dir_for
 from .strategies import STRATEGIES, RunReport, train_tasks
+from .testhooks import pause_point
 from .training import DEFAULT_EPOCHS, PAPER_EPOCHS, make_tasks
 
 
@@ -54,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
             "  python -m sdml_ext.train --data XMediaFeatures.mat --epochs 200     # layout detected: xmedia\n"
             "  python -m sdml_ext.train --dataset mfeat --modalities fou,fac,kar --out runs/three\n"
             "  python -m sdml_ext.train --add-modality pix --into runs/three\n"
+            "  python -m sdml_ext.train --resume runs/three.partial            # continue a stopped run\n"
             "errors in the input print one line and exit with status 2 (SDML_DEBUG=1 shows the traceback)."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -94,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--add-modality", type=_csv(str), metavar="NAME[,NAME]",
                      help="train only these modalities against the P of the bundle given by --into and add them to it")
     out.add_argument("--into", metavar="BUNDLE", help="the bundle --add-modality extends (its other networks are left untouched)")
+    out.add_argument("--resume", metavar="RUN",
+                     help="continue a stopped run from its checkpoints (RUN: the OUT.partial directory it printed), "
+                          "with its saved settings; takes no other flag")
     return p
 
 
@@ -103,6 +111,8 @@ _FLAG_SETTINGS = ("dataset", "data", "modalities", "strategy", "epochs", "batch_
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.resume is not None:
+        return _resume(args)
     if (args.add_modality is None) != (args.into is None):
         raise ValueError("--add-modality and --into go together: --add-modality NAME --into BUNDLE")
     flags = {k: getattr(args, k) for k in _FLAG_SETTINGS}
@@ -115,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         return _add_modalities(args, file_settings, flags)
     _detect_dataset(file_settings, flags)
     config = resolve_config(file_settings, flags)
+    if distributed.launched():
+        return _train_distributed(config)
     out = Path(config.out or _default_out(config.dataset))
     made = _missing_parents(out)
     try:
@@ -139,23 +151,60 @@ def _missing_parents(path: Path) -> list[Path]:
 
 
 def _train_new(config: RunConfig, out: Path) -> int:
-    # Refuse an existing output before any work is done.
+    # Refuse an existing output (or the checkpoints of a stopped run on it) before any work is done.
     out = check_new_bundle_path(out)
+    RunDir.check_free(run_dir_for(out))
     dataset = _load(config)
     names = config.modalities or dataset.modality_names
-    if config.projection is None:
-        P, projection_source = make_projection(config.code_dim, dataset.num_classes, config.seed), None
-    else:
-        P, projection_source = load_projection(config.projection, config.code_dim, dataset.num_classes, config.projection_key)
     config = dataclasses.replace(config, out=str(out))
-    report = _train(config, dataset, names, P, first_index=0)
+    run = RunDir.create(run_dir_for(out), {"kind": "train", "config": config.to_dict()}, out)
+    return _train_new_bundle(config, dataset, names, run)
+
+
+def _resume(args) -> int:
+    """--resume RUN: the stopped run's own settings, its checkpoints, its output."""
+    given = [f"--{k.replace('_', '-')}" for k, v in vars(args).items() if v is not None and k != "resume"]
+    if given:
+        raise ValueError(f"--resume takes no other flag (the run's saved settings are used); got {', '.join(given)}")
+    run = RunDir.resume(args.resume)
+    config = resolve_config(run.record["config"])
+    print(f"resuming {run.path}", file=sys.stderr)
+    if run.record["kind"] == "add-modality":
+        return _add_run(config, run.output, run.record["names"], run)
+    dataset = _load(config)
+    return _train_new_bundle(config, dataset, list(config.modalities or dataset.modality_names), run)
+
+
+def _projection(config: RunConfig, dataset: Dataset):
+    """(P, source): drawn from the seed (source None), or read from --projection."""
+    if config.projection is None:
+        return make_projection(config.code_dim, dataset.num_classes, config.seed), None
+    return load_projection(config.projection, config.code_dim, dataset.num_classes, config.projection_key)
+
+
+def _train_new_bundle(config: RunConfig, dataset: Dataset, names: list[str], run: RunDir) -> int:
+    """Train (continuing from the run's checkpoints) and write the bundle; then the run's
+    checkpoints go. A run stopped after its bundle was written has nothing left to do."""
+    out = Path(config.out)
+    with run:
+        if (out / MANIFEST).exists():
+            print(f"\nbundle {out} was already written", file=sys.stderr)
+        else:
+            P, source = _projection(config, dataset)
+            report = _train(config, dataset, names, P, first_index=0, checkpoints=run.checkpoints)
+            _write_new_bundle(config, dataset, out, P, source, report)
+    run.remove()
+    return 0
+
+
+def _write_new_bundle(config: RunConfig, dataset: Dataset, out: Path, P, source, report: RunReport) -> None:
     # Evaluate the trained networks in memory first, so the bundle is written once, with its metrics.
     metrics = _evaluate(Bundle.unsaved(P, dataset.class_names, report.modalities), dataset)
     save_bundle(
         out,
         P=P,
-        projection_seed=config.seed if projection_source is None else None,
-        projection_source=projection_source,
+        projection_seed=config.seed if source is None else None,
+        projection_source=source,
         results=report.modalities,
         class_names=dataset.class_names,
         dataset={"name": dataset.name, "source": dataset.source, "multilabel": dataset.multilabel},
@@ -164,7 +213,6 @@ def _train_new(config: RunConfig, out: Path) -> int:
         metrics=metrics,
     )
     print(f"\nbundle written to {out}")
-    return 0
 
 
 def _add_modalities(args, file_settings: dict, flags: dict) -> int:
@@ -178,21 +226,51 @@ def _add_modalities(args, file_settings: dict, flags: dict) -> int:
     if flags["code_dim"] not in (None, code_dim):
         raise ValueError(f"the bundle's P is {code_dim}-d; an added modality must use --code-dim {code_dim}")
     config = resolve_config(base, file_settings, {**flags, "out": None, "modalities": args.add_modality, "code_dim": code_dim})
-    dataset = _load(config)
+    RunDir.check_free(run_dir_for(args.into))
+    return _add_run(config, Path(args.into), list(args.add_modality), None)
+
+
+def _add_run(config: RunConfig, into: Path, names: list[str], run: RunDir | None) -> int:
+    """Train `names` and add them to the bundle `into`, holding the bundle's lock throughout, so
+    that a concurrent add fails before it trains instead of one of them being lost."""
+    with bundle_lock(into):
+        bundle = load(into)
+        if run is not None and set(names) <= set(bundle.modality_names):
+            print(f"\n{', '.join(names)} were already added to {into}", file=sys.stderr)
+            run.remove()
+            return 0
+        first_index = len(bundle.modality_names)
+        if run is not None and run.record["first_index"] != first_index:
+            raise ValueError(
+                f"bundle {into} has changed since the stopped run began ({run.record['first_index']} modalities, "
+                f"now {first_index}); remove {run.path} and add {', '.join(names)} again"
+            )
+        dataset = _load(config)
+        _check_addable(bundle, dataset, names, into)
+        if run is None:
+            record = {"kind": "add-modality", "config": config.to_dict(), "into": str(into), "names": list(names),
+                      "first_index": first_index}
+            run = RunDir.create(run_dir_for(into), record, into)
+        with run:
+            report = _train(config, dataset, names, bundle.P, first_index=first_index, checkpoints=run.checkpoints)
+            metrics = _evaluate(Bundle.unsaved(bundle.P, bundle.class_names, report.modalities, base=bundle), dataset)
+            pause_point("bundle-add")
+            add_to_bundle(into, report.modalities, metrics=metrics,
+                          run={"kind": "add-modality", "config": config.to_dict(), **report.summary()})
+            print(f"\nadded {', '.join(names)} to {into}")
+        run.remove()
+    return 0
+
+
+def _check_addable(bundle: Bundle, dataset: Dataset, names: list[str], into: Path) -> None:
     if dataset.class_names != bundle.class_names:
         raise ValueError(
             f"the dataset has {dataset.num_classes} classes {dataset.class_names[:5]}... but the bundle was "
             f"trained with {len(bundle.class_names)} classes {bundle.class_names[:5]}...; labels must mean the same classes"
         )
-    taken = sorted(set(args.add_modality) & set(bundle.modality_names))
+    taken = sorted(set(names) & set(bundle.modality_names))
     if taken:
-        raise ValueError(f"bundle {args.into} already has modalities {taken}")
-    report = _train(config, dataset, args.add_modality, bundle.P, first_index=len(bundle.modality_names))
-    metrics = _evaluate(Bundle.unsaved(bundle.P, bundle.class_names, report.modalities, base=bundle), dataset)
-    add_to_bundle(args.into, report.modalities, metrics=metrics,
-                  run={"kind": "add-modality", "config": config.to_dict(), **report.summary()})
-    print(f"\nadded {', '.join(args.add_modality)} to {args.into}")
-    return 0
+        raise ValueError(f"bundle {into} already has modalities {taken}")
 
 
 def _absolute_data_paths(*layers: dict) -> None:
@@ -235,15 +313,51 @@ def _default_out(dataset: str) -> Path:
     return out
 
 
-def _train(config: RunConfig, dataset: Dataset, names: list[str], P, first_index: int) -> RunReport:
-    tasks = make_tasks([dataset.modality(n) for n in names], P, config.train_options(), first_index=first_index)
+def _tasks(config: RunConfig, dataset: Dataset, names: list[str], P, first_index: int):
+    return make_tasks([dataset.modality(n) for n in names], P, config.train_options(), first_index=first_index)
+
+
+def _train(config: RunConfig, dataset: Dataset, names: list[str], P, first_index: int, checkpoints=None) -> RunReport:
+    tasks = _tasks(config, dataset, names, P, first_index)
     devices = config.resolved_devices()
     print(f"\ntraining {len(tasks)} modalities, strategy {config.strategy}, {config.epochs} epochs, on {', '.join(devices)}",
           file=sys.stderr)
     with EpochBars(names, config.epochs) as bars:
-        report = train_tasks(tasks, config.strategy, devices, on_epoch=bars)
+        report = train_tasks(tasks, config.strategy, devices, on_epoch=bars, checkpoints=checkpoints)
     print("\n" + report.table())
     return report
+
+
+def _train_distributed(config: RunConfig) -> int:
+    """One rank of a torchrun job (see sdml_ext.distributed): train this rank's modalities; rank 0
+    writes the bundle and prints the tables. The same command run again (or restarted by torchrun)
+    continues from every rank's checkpoints."""
+    if config.out is None:
+        raise ValueError("under torchrun give --out: every rank must name the same output")
+    out = Path(config.out)
+    with distributed.Job() as job:
+        if job.is_main and not run_dir_for(out).exists():
+            check_new_bundle_path(out)
+        with contextlib.redirect_stdout(sys.stdout if job.is_main else io.StringIO()):
+            dataset = _load(config)
+        names = list(config.modalities or dataset.modality_names)
+        P, source = _projection(config, dataset)
+        tasks = _tasks(config, dataset, names, P, first_index=0)
+        # Ranks sharing a host share the run directory, each with its own lock; rank 0's is the
+        # output's lock, as in a single-process run.
+        run = RunDir.create(run_dir_for(out), {"kind": "train", "config": config.to_dict()}, out,
+                            lock_name="lock" if job.is_main else f"lock-rank{job.rank}", exist_ok=True)
+        run.uses_workers = False  # a rank trains its modalities in-process
+        with run, (EpochBars(names, config.epochs) if job.is_main else contextlib.nullcontext()) as bars:
+            report = distributed.train_distributed(job, tasks, run.checkpoints, bars)
+            if job.is_main:
+                bars.close()
+                print("\n" + report.table())
+                if not (out / MANIFEST).exists():
+                    _write_new_bundle(config, dataset, out, P, source, report)
+            distributed.barrier()  # the bundle is complete: every rank's checkpoints may go
+        run.remove()
+    return 0
 
 
 def _evaluate(bundle: Bundle, dataset: Dataset) -> dict:

@@ -4,7 +4,8 @@ A :class:`ModalityTrainer` owns everything one modality needs: its network, its 
 its data on the device and its own random generators, seeded from (run seed, modality index).
 Nothing is shared between modalities but the constant P, which is why the three strategies of
 :mod:`sdml_ext.strategies` (joint, serial, parallel) give the same models: they only differ in
-how the trainers' steps are interleaved in time and where they run.
+how the trainers' steps are interleaved in time and where they run (bitwise with the same thread
+count; a different count changes the GEMMs' summation order, so weights agree to float rounding).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -272,16 +273,76 @@ class ModalityTrainer:
         loss = lam * rec + (1 - lam) * sup if labelled else math.nan
         return loss, rec, sup
 
-    def run(self, on_epoch: Callable[[EpochStats], None] | None = None) -> ModalityResult:
-        """All epochs; ``on_epoch(stats)`` after each (progress, cancellation by raising)."""
+    def run(self, on_epoch: Callable[[EpochStats], None] | None = None, checkpoints=None) -> ModalityResult:
+        """All epochs; ``on_epoch(stats)`` after each (progress, cancellation by raising).
+
+        checkpoints: a :class:`sdml_ext.checkpoint.Checkpoints`; training continues from this
+        modality's checkpoint there, if any (its past epochs are replayed to ``on_epoch``), and
+        saves one at the end of epochs as the checkpoints' cadence says and after the last.
+        """
+        if checkpoints is not None and checkpoints.restore(self) and on_epoch is not None:
+            for stats in self.history:
+                on_epoch(stats)
         while self.epoch < self.task.options.epochs:
             self.begin_epoch()
             for j in range(self.steps_per_epoch):
                 self.step(j)
             stats = self.end_epoch()
+            if checkpoints is not None:
+                checkpoints.after_epoch(self)
             if on_epoch is not None:
                 on_epoch(stats)
         return self.result()
+
+    def state(self) -> tuple[dict[str, Tensor], dict]:
+        """Everything training continues from, at an epoch boundary: CPU tensors (network
+        ``model.*``, Adam moments and step counts ``adam.<param>.*``, the kept weights
+        ``best.*``, the shuffle generator's state ``rng.shuffle`` as uint8) and a JSON-ready
+        record (epoch, kept epoch and loss, history, time spent). Nothing else is random: the
+        initial weights are drawn once from the modality's seed, and the steps draw nothing."""
+        tensors = {f"model.{k}": v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        params = list(self.model.parameters())
+        for i, p in enumerate(params):
+            for key, value in self.optimizer.state.get(p, {}).items():
+                tensors[f"adam.{i}.{key}"] = value.detach().cpu().clone()
+        if self.best_state is not None:
+            tensors.update({f"best.{k}": v.detach().cpu().clone() for k, v in self.best_state.items()})
+        tensors["rng.shuffle"] = self.shuffle.get_state().clone()
+        record = {
+            "epoch": self.epoch,
+            "best_epoch": self.best_epoch,
+            "best_loss": self.best_loss,
+            "history": [asdict(s) for s in self.history],
+            "busy_s": self.busy_s,
+            "cpu_s": self.cpu_s,
+        }
+        return tensors, record
+
+    def restore(self, tensors: dict[str, Tensor], record: dict) -> None:
+        """Continue from :meth:`state`'s output (the same task): the next epoch and every one
+        after it are computed exactly as if training had never stopped."""
+        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        params = list(self.model.parameters())
+        saved = self.optimizer.state_dict()
+        saved["state"] = {}
+        for key, value in tensors.items():
+            if key.startswith("adam."):
+                _, i, name = key.split(".", 2)
+                saved["state"].setdefault(int(i), {})[name] = value
+        if saved["state"].keys() - set(range(len(params))):
+            raise ValueError("checkpoint: Adam state for parameters this network does not have")
+        self.optimizer.load_state_dict(saved)
+        # In the network's own order (a checkpoint file stores names sorted): the bundle's file
+        # then comes out byte for byte as from a run that never stopped.
+        best = {k: tensors[f"best.{k}"].to(self.device) for k in self.model.state_dict() if f"best.{k}" in tensors}
+        self.best_state = best or None
+        self.shuffle.set_state(tensors["rng.shuffle"].clone())
+        self.epoch = int(record["epoch"])
+        self.best_epoch = int(record["best_epoch"])
+        self.best_loss = float(record["best_loss"])
+        self.history = [EpochStats(**s) for s in record["history"]]
+        self.busy_s = float(record["busy_s"])
+        self.cpu_s = float(record["cpu_s"])
 
     def state_bytes(self) -> int:
         """Bytes of the tensors this trainer holds: data, weights, gradients, Adam moments and

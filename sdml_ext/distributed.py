@@ -1,0 +1,265 @@
+"""Training across processes and machines with torch.distributed, launched by ``torchrun``.
+
+Every rank runs the same command. The modalities are assigned to ranks by cost, longest first,
+each to the rank with the least work so far (ranks beyond the number of modalities stay idle);
+a rank trains its own modalities one after another on ``cuda:LOCAL_RANK`` when it has a GPU,
+else on its share of the host's CPU cores, checkpointing into ``OUT.partial/`` on its own disk.
+Nothing is shared while training (SDML's networks share only the fixed P), so there are no
+gradient collectives: gloo serves CPU and GPU hosts alike, and only three things travel over the
+process group:
+
+- progress: every finished epoch goes into torchrun's key-value store, and rank 0 shows every
+  modality's progress from it;
+- failure: a rank whose modality fails puts one message (rank, host, modality, error) there;
+  every rank watches for it and the whole job stops with that message and a non-zero status;
+- results: each rank's trained modalities (safetensors bytes + a JSON record: nothing
+  unpickled from disk) are gathered to rank 0, which writes the bundle and prints the tables.
+
+A restarted job (``torchrun --max-restarts``, or the same command run again) finds each rank's
+checkpoints and continues from them; the bundle is the one an uninterrupted run writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.numpy import load as load_arrays
+from safetensors.numpy import save as save_arrays
+
+from .errors import WorkerCrash, WorkerError
+from .strategies import RunReport, _peak_rss_bytes, train_tasks, usable_cores
+from .training import EpochStats, ModalityResult, ModalityTask
+
+# A rank waits in the final gather for the slowest one, which may train for hours; failures do
+# not wait for this timeout (see the module docstring).
+_TIMEOUT = _dt.timedelta(days=7)
+_POLL_S = 0.5
+_STORE_TIMEOUT = _dt.timedelta(minutes=30)  # how long ranks wait for each other to start
+
+
+def launched() -> bool:
+    """Whether this process is a rank started by torchrun (or another torch.distributed launcher)."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def assign_ranks(tasks: Sequence[ModalityTask], world_size: int) -> dict[int, int]:
+    """Task index -> rank, longest first, each to the rank with the least cost so far (ties: the
+    lowest rank). The same on every rank: it depends only on the tasks."""
+    load = [0.0] * world_size
+    out = {}
+    for task in sorted(tasks, key=lambda t: (-t.cost(), t.index)):
+        rank = min(range(world_size), key=lambda r: (load[r], r))
+        load[rank] += task.cost()
+        out[task.index] = rank
+    return out
+
+
+def encode_result(result: ModalityResult) -> bytes:
+    """A trained modality as bytes: its tensors as safetensors, the rest as JSON in the header."""
+    record = {k: v for k, v in asdict(result).items() if k != "state"}
+    return save_arrays({k: np.ascontiguousarray(v) for k, v in result.state.items()},
+                       metadata={"result": json.dumps(record)})
+
+
+def decode_result(data: bytes) -> ModalityResult:
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    record = json.loads(header["__metadata__"]["result"])
+    record["history"] = [EpochStats(**s) for s in record["history"]]
+    return ModalityResult(state=load_arrays(data), **record)
+
+
+class Job:
+    """This rank's view of the job: rank, world size, host, device, the shared store."""
+
+    def __init__(self):
+        self.rank = int(os.environ["RANK"])
+        self.world_size = int(os.environ["WORLD_SIZE"])
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        self.host = socket.gethostname()
+        self.attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+        self.prefix = f"sdml/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/attempt-{self.attempt}/"
+        self.store = None
+        self._stop = threading.Event()
+
+    def __enter__(self) -> Job:
+        # Our own namespace in the launcher's store, one per attempt: after a torchrun restart
+        # the store still holds the previous attempt's keys, and gloo, given the default
+        # (unprefixed) store, can read the dead ranks' addresses from it and fail to connect.
+        agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), self.world_size,
+                             is_master=not agent_store and self.rank == 0, timeout=_STORE_TIMEOUT)
+        self.store = dist.PrefixStore(self.prefix, base)
+        dist.init_process_group("gloo", store=dist.PrefixStore("pg/", self.store), rank=self.rank,
+                                world_size=self.world_size, timeout=_TIMEOUT)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def device(self) -> str:
+        """cuda:LOCAL_RANK where this host has that GPU; else CPU with this rank's core share."""
+        if torch.cuda.is_available() and self.local_rank < torch.cuda.device_count():
+            return f"cuda:{self.local_rank}"
+        torch.set_num_threads(max(1, usable_cores() // self.local_world_size))
+        return "cpu"
+
+    def where(self) -> str:
+        return f"rank {self.rank} on {self.host}"
+
+    # -- progress and failure, through the store --------------------------------------------
+
+    def publish_epoch(self, stats: EpochStats) -> None:
+        self.store.set(f"epoch/{stats.modality}/{stats.epoch}", json.dumps(asdict(stats)))
+
+    def fail(self, message: str) -> None:
+        """Tell every rank the job failed (the first message wins)."""
+        if self.store.add(f"failures", 1) == 1:
+            self.store.set(f"failed", message)
+
+    def failure(self) -> str | None:
+        if self.store.check([f"failed"]):
+            return self.store.get(f"failed").decode()
+        return None
+
+    def watch(self, names: Sequence[str], epochs: int, on_epoch: Callable[[EpochStats], None] | None,
+              on_failure: Callable[[str], None]) -> Callable[[], None]:
+        """Start a thread that feeds every modality's epochs to `on_epoch` (rank 0) and calls
+        `on_failure(message)` once another rank has failed. Returns ``finish()``, which stops
+        the thread after one last pass (every epoch published so far is shown)."""
+        next_epoch = dict.fromkeys(names, 1)
+
+        def poll() -> bool:
+            message = self.failure()
+            if message is not None:
+                on_failure(message)
+                return False
+            if on_epoch is not None:
+                for name in names:
+                    while next_epoch[name] <= epochs:
+                        key = f"epoch/{name}/{next_epoch[name]}"
+                        if not self.store.check([key]):
+                            break
+                        on_epoch(EpochStats(**json.loads(self.store.get(key))))
+                        next_epoch[name] += 1
+            return True
+
+        def loop():
+            try:
+                while poll() and not self._stop.wait(_POLL_S):
+                    pass
+            except Exception:  # the store went away: the job is ending
+                return
+
+        thread = threading.Thread(target=loop, name="sdml-job-watch", daemon=True)
+        thread.start()
+
+        def finish():
+            self._stop.set()
+            thread.join()
+            poll()
+
+        return finish
+
+
+def _abort(message: str, job: Job) -> None:
+    """Another rank failed: stop this one at once (rank 0 says why)."""
+    if job.is_main:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
+def train_distributed(job: Job, tasks: Sequence[ModalityTask], checkpoints, on_epoch) -> RunReport | None:
+    """Train this rank's share of `tasks`; rank 0 gets every modality back in a RunReport (the
+    other ranks get None). A failure anywhere ends every rank with one message naming the rank,
+    host and modality."""
+    assignment = assign_ranks(tasks, job.world_size)
+    mine = [t for t in tasks if assignment[t.index] == job.rank]
+    if job.is_main:
+        plan = ", ".join(f"rank {r}: {', '.join(t.name for t in tasks if assignment[t.index] == r) or 'idle'}"
+                         for r in range(job.world_size))
+        print(f"\ndistributed over {job.world_size} ranks ({plan})", file=sys.stderr, flush=True)
+    lock = threading.Lock()
+
+    def show(stats):
+        with lock:
+            on_epoch(stats)
+
+    finish_watch = job.watch([t.name for t in tasks], tasks[0].options.epochs, show if job.is_main else None,
+                             lambda message: _abort(message, job))
+    device = job.device()
+    start = time.perf_counter()
+    report = None
+    if mine:
+        try:
+            report = train_tasks(mine, "serial", [device], on_epoch=job.publish_epoch, checkpoints=checkpoints)
+        except (WorkerError, ValueError, FloatingPointError, MemoryError) as exc:
+            message = f"{job.where()}: {exc}"
+            job.fail(message)
+            if job.is_main:
+                _abort(message, job)
+            _await_abort(message)
+    payload = {
+        "rank": job.rank,
+        "host": job.host,
+        "device": device,
+        "wall_s": time.perf_counter() - start,
+        "peak_rss_bytes": _peak_rss_bytes(),
+        "device_peak_bytes": report.device_peak_bytes if report else {},
+        "results": [encode_result(r) for r in (report.modalities if report else [])],
+    }
+    gathered = [None] * job.world_size if job.is_main else None
+    try:
+        dist.gather_object(payload, gathered, dst=0)
+    except RuntimeError as exc:  # a rank died (killed, out of memory): torchrun says which
+        raise WorkerCrash(f"{job.where()}: lost another rank of the job ({str(exc).splitlines()[0][:200]})") from None
+    finish_watch()
+    if not job.is_main:
+        return None
+    by_index = {}
+    for part in gathered:
+        for data in part["results"]:
+            result = decode_result(data)
+            result.device = f"{part['device']} (rank {part['rank']} on {part['host']})"
+            by_index[result.index] = result
+    return RunReport(
+        strategy="distributed",
+        devices=sorted({f"{p['host']}:{p['device']}" for p in gathered}),
+        wall_s=max(p["wall_s"] for p in gathered),
+        peak_rss_bytes=sum(p["peak_rss_bytes"] for p in gathered),
+        modalities=[by_index[t.index] for t in tasks],
+        device_peak_bytes={f"{p['host']}:{d}": b for p in gathered for d, b in p["device_peak_bytes"].items()},
+        plan={"ranks": job.world_size, "assignment": {t.name: assignment[t.index] for t in tasks}},
+    )
+
+
+def _await_abort(message: str) -> None:
+    """A failed rank other than 0: rank 0 prints the message and ends the job; if rank 0 is gone
+    already, print it here."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # torchrun ending the job: no second message
+    time.sleep(5 * _POLL_S)
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
+def barrier() -> None:
+    dist.barrier()

@@ -1,0 +1,119 @@
+"""torchrun: modalities as ranks (gloo, CPU), results gathered to rank 0, one node or two, a
+failing rank, a killed rank restarted by torchrun. Every job runs in its own process group,
+on free ports, and nothing of it may survive the test."""
+
+import os
+import signal
+import socket
+
+import pytest
+
+from processes import EVERY_EPOCH, SMALL_RUN, TORCHRUN, TRAIN, Run, assert_same_bundle, free_port, pymp_dirs
+
+from sdml_ext.distributed import assign_ranks, decode_result, encode_result
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dist")
+    (path / "run.toml").write_text(SMALL_RUN)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(workdir):
+    out = workdir / "serial"
+    with Run([*TRAIN, "--config", str(workdir / "run.toml"), "--strategy", "serial", "--out", str(out)], workdir,
+             EVERY_EPOCH) as run:
+        code, _, err = run.finish()
+    assert code == 0, err
+    return out
+
+
+def torchrun(workdir, out, *launch, config="run.toml"):
+    return [*TORCHRUN, *launch, "--monitor-interval=0.5", "-m", "sdml_ext.train",
+            "--config", str(workdir / config), "--out", str(out)]
+
+
+def finish(run, expect=0):
+    code, stdout, err = run.finish(timeout_s=240)
+    assert code == expect, err[-3000:]
+    assert run.gone() == []  # agents, ranks, workers: all gone
+    return stdout, err
+
+
+def test_two_ranks_on_one_node_give_the_serial_bundle(workdir, reference):
+    out = workdir / "standalone"
+    with Run(torchrun(workdir, out, "--standalone", "--nproc-per-node=2"), workdir, EVERY_EPOCH) as run:
+        stdout, err = finish(run)
+    assert "rank 0: m0, rank 1: m1, m2" in err and "whole run (distributed)" in stdout and "mAP@all" in stdout
+    # Rank 0 showed the progress of every modality, its own and the other rank's.
+    assert all(f"m{i}: 4 epochs" in err for i in range(3))
+    assert not (workdir / "standalone.partial").exists()
+    assert_same_bundle(out, reference)
+
+
+def test_two_nodes_without_a_shared_filesystem(workdir, reference, tmp_path):
+    # Two torchrun agents on localhost with c10d rendezvous, each in its own directory: the
+    # output path is relative, so node 1's checkpoints never touch node 0's disk space.
+    port = free_port()
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    runs = []
+    try:
+        for rank, node in enumerate(nodes):
+            node.mkdir()
+            launch = ["--nnodes=2", "--nproc-per-node=1", f"--node-rank={rank}", "--rdzv-backend=c10d",
+                      f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=sdml-test"]
+            runs.append(Run(torchrun(workdir, "bundle", *launch), node, EVERY_EPOCH))
+        results = [finish(run) for run in runs]
+    finally:
+        for run in runs:
+            run.__exit__()
+    assert "mAP@all" in results[0][0] and "mAP@all" not in results[1][0]
+    assert not (nodes[1] / "bundle").exists() and not (nodes[1] / "bundle.partial").exists()
+    assert_same_bundle(nodes[0] / "bundle", reference)
+
+
+def test_a_killed_rank_is_restarted_and_every_rank_resumes(workdir, reference):
+    out = workdir / "restarted"
+    with Run(torchrun(workdir, out, "--standalone", "--nproc-per-node=2", "--max-restarts=1"), workdir,
+             EVERY_EPOCH, pause_at="epoch:m1:2") as run:
+        rank1 = run.wait_paused()
+        os.kill(rank1, signal.SIGKILL)
+        run.release()
+        _, err = finish(run)
+    assert "restart" in err.lower()  # torchrun restarted the worker group once
+    assert_same_bundle(out, reference)
+
+
+def test_a_failing_rank_fails_the_job_with_one_message(workdir):
+    # m1 has fewer samples than a batch: it cannot train; it is rank 1's.
+    (workdir / "bad.toml").write_text(SMALL_RUN.replace("n_train = 150", "n_train = [150, 20, 150]"))
+    out = workdir / "failed"
+    before = pymp_dirs()
+    with Run(torchrun(workdir, out, "--standalone", "--nproc-per-node=2", config="bad.toml"), workdir,
+             EVERY_EPOCH) as run:
+        code, _, err = run.finish(timeout_s=240)
+        assert run.gone() == []
+    assert code != 0
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err[-3000:]
+    assert f"rank 1 on {socket.gethostname()}" in lines[0] and "'m1'" in lines[0] and "fewer than the batch size" in lines[0]
+    assert not out.exists()
+    assert pymp_dirs() <= before  # ranks ended by the failure leave no temporary directory
+
+
+def test_assignment_is_longest_first_and_results_travel_as_safetensors(tmp_path):
+    from test_checkpoint import make
+
+    from sdml_ext.data import make_synthetic
+    from sdml_ext.training import ModalityTrainer
+
+    ds = make_synthetic(4, dims=[400, 10, 10, 10], n_train=100, n_val=10, n_test=10, n_classes=3)
+    tasks = make(ds)
+    assert assign_ranks(tasks, 2) == {0: 0, 1: 1, 2: 1, 3: 1}
+    assert assign_ranks(tasks, 6) == {0: 0, 1: 1, 2: 2, 3: 3}  # ranks 4 and 5 stay idle
+    result = ModalityTrainer(tasks[1]).run()
+    back = decode_result(encode_result(result))
+    assert back.state.keys() == result.state.keys() and all((back.state[k] == result.state[k]).all() for k in back.state)
+    assert back.history == result.history and back.best_epoch == result.best_epoch
