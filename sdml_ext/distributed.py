@@ -15,6 +15,12 @@ process group:
 - results: each rank's trained modalities (safetensors bytes + a JSON record: nothing
   unpickled from disk) are gathered to rank 0, which writes the bundle and prints the tables.
 
+Every rank plans from the dataset's shapes (sdml_ext.data.describe_dataset reads them from the
+arrays' headers), so it knows its modalities before reading features, and a rank other than 0
+reads only those (rank 0 reads everything: it evaluates the bundle). A rank that vanishes without
+a word (kill -9, out of memory) is named, with its host and modalities, by the heartbeats every
+rank counts in the store (Job.lost_ranks).
+
 A restarted job (``torchrun --max-restarts``, or the same command run again) finds each rank's
 checkpoints and continues from them; the bundle is the one an uninterrupted run writes.
 """
@@ -236,11 +242,12 @@ def _abort(message: str, job: Job) -> None:
     os._exit(1)
 
 
-def train_distributed(job: Job, names: Sequence[str], assignment: dict[int, int], mine: Sequence[ModalityTask],
-                      epochs: int, checkpoints, on_epoch) -> RunReport | None:
-    """Train this rank's tasks `mine` (its share of `names` under `assignment`, index -> rank);
-    rank 0 gets every modality back in a RunReport (the other ranks get None). A failure
-    anywhere ends every rank with one message naming the rank, host and modality."""
+def train_distributed(job: Job, names: Sequence[str], costs: dict[int, float], assignment: dict[int, int],
+                      mine: Sequence[ModalityTask], epochs: int, checkpoints, on_epoch) -> RunReport | None:
+    """Train this rank's tasks `mine` (its share of `names` under `assignment`, index -> rank,
+    planned from `costs`, index -> training_cost); rank 0 gets every modality back in a
+    RunReport (the other ranks get None). A failure anywhere ends every rank with one message
+    naming the rank, host and modality."""
     job.set_plan(names, assignment)
     if job.is_main:
         plan = ", ".join(f"rank {r}: {', '.join(job.plan[r]) or 'idle'}" for r in range(job.world_size))
@@ -258,6 +265,10 @@ def train_distributed(job: Job, names: Sequence[str], assignment: dict[int, int]
     try:
         if mine:
             try:
+                for task in mine:  # this rank's copy of the data must be the one the plan was made from
+                    if task.cost() != costs[task.index]:
+                        raise ValueError(f"modality {task.name!r}: this host's copy of the data differs from the "
+                                         f"one the plan was made from ({task.train_x.shape} training features)")
                 report = train_tasks(mine, "serial", [device], on_epoch=job.publish_epoch, checkpoints=checkpoints)
             except (WorkerError, ValueError, FloatingPointError, MemoryError) as exc:
                 message = f"{job.where()}: {exc}"

@@ -352,8 +352,8 @@ def _train_distributed(config: RunConfig) -> int:
         info = describe_dataset(config.dataset, config.data, **config.dataset_options)
         names = _chosen_modalities(config, info.name, info.modality_names)
         options = config.train_options()
-        assignment = distributed.assign_ranks(
-            [(i, training_cost(*info.shapes[n], options)) for i, n in enumerate(names)], job.world_size)
+        costs = {i: training_cost(*info.shapes[n], options) for i, n in enumerate(names)}
+        assignment = distributed.assign_ranks(list(costs.items()), job.world_size)
         own = [n for i, n in enumerate(names) if assignment[i] == job.rank]
         dataset = None  # an idle rank reads nothing
         if job.is_main:
@@ -362,17 +362,14 @@ def _train_distributed(config: RunConfig) -> int:
             dataset = load_modalities(config.dataset, config.data, own, **config.dataset_options)
         P, source = _projection(config, info)
         mine = [make_tasks([dataset.modality(n)], P, options, first_index=names.index(n))[0] for n in own]
-        for task in mine:  # this rank's copy of the data must be the one the plan was made from
-            if task.cost() != training_cost(*info.shapes[task.name], options):
-                raise ValueError(f"modality {task.name!r}: {job.where()} read {task.train_x.shape} training features "
-                                 f"but planned for {info.shapes[task.name]}; is every host's copy of the data the same?")
         # Ranks sharing a host share the run directory, each with its own lock; rank 0's is the
         # output's lock, as in a single-process run.
         run = RunDir.create(run_dir_for(out), {"kind": "train", "config": config.to_dict()}, out,
                             lock_name="lock" if job.is_main else f"lock-rank{job.rank}", exist_ok=True)
         run.uses_workers = False  # a rank trains its modalities in-process
         with run, (EpochBars(names, config.epochs) if job.is_main else contextlib.nullcontext()) as bars:
-            report = distributed.train_distributed(job, names, assignment, mine, config.epochs, run.checkpoints, bars)
+            report = distributed.train_distributed(job, names, costs, assignment, mine, config.epochs,
+                                                   run.checkpoints, bars)
             if job.is_main:
                 bars.close()
                 print("\n" + report.table())
