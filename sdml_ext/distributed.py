@@ -252,6 +252,8 @@ def train_distributed(job: Job, names: Sequence[str], costs: dict[int, float], a
     if job.is_main:
         plan = ", ".join(f"rank {r}: {', '.join(job.plan[r]) or 'idle'}" for r in range(job.world_size))
         print(f"\ndistributed over {job.world_size} ranks ({plan})", file=sys.stderr, flush=True)
+    if job.is_main:
+        job.store.set("plan", json.dumps(sorted(costs.items())))
     lock = threading.Lock()
 
     def show(stats):
@@ -265,10 +267,7 @@ def train_distributed(job: Job, names: Sequence[str], costs: dict[int, float], a
     try:
         if mine:
             try:
-                for task in mine:  # this rank's copy of the data must be the one the plan was made from
-                    if task.cost() != costs[task.index]:
-                        raise ValueError(f"modality {task.name!r}: this host's copy of the data differs from the "
-                                         f"one the plan was made from ({task.train_x.shape} training features)")
+                _check_same_plan(job, names, costs)
                 report = train_tasks(mine, "serial", [device], on_epoch=job.publish_epoch, checkpoints=checkpoints)
             except (WorkerError, ValueError, FloatingPointError, MemoryError) as exc:
                 message = f"{job.where()}: {exc}"
@@ -314,6 +313,17 @@ def train_distributed(job: Job, names: Sequence[str], costs: dict[int, float], a
         device_peak_bytes={f"{p['host']}:{d}": b for p in gathered for d, b in p["device_peak_bytes"].items()},
         plan={"ranks": job.world_size, "assignment": {n: assignment[i] for i, n in enumerate(names)}},
     )
+
+
+def _check_same_plan(job: Job, names: Sequence[str], costs: dict[int, float]) -> None:
+    """Every rank planned from its own copy of the data: it must be rank 0's plan."""
+    if job.is_main:
+        return
+    theirs = dict(json.loads(job.store.get("plan")))
+    differ = [n for i, n in enumerate(names) if theirs.get(i) != costs[i]]
+    if differ or len(theirs) != len(costs):
+        raise ValueError(f"modality {(differ or names)[0]!r}: this host's copy of the data has other shapes than "
+                         "rank 0's; every host needs the same data")
 
 
 def _report_lost_rank(job: Job) -> None:
