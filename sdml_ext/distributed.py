@@ -252,8 +252,7 @@ def train_distributed(job: Job, names: Sequence[str], costs: dict[int, float], a
     if job.is_main:
         plan = ", ".join(f"rank {r}: {', '.join(job.plan[r]) or 'idle'}" for r in range(job.world_size))
         print(f"\ndistributed over {job.world_size} ranks ({plan})", file=sys.stderr, flush=True)
-    if job.is_main:
-        job.store.set("plan", json.dumps(sorted(costs.items())))
+        job.store.set("costs", json.dumps(sorted(costs.items())))  # what every rank's plan must match
     lock = threading.Lock()
 
     def show(stats):
@@ -319,7 +318,7 @@ def _check_same_plan(job: Job, names: Sequence[str], costs: dict[int, float]) ->
     """Every rank planned from its own copy of the data: it must be rank 0's plan."""
     if job.is_main:
         return
-    theirs = dict(json.loads(job.store.get("plan")))
+    theirs = dict(json.loads(job.store.get("costs")))
     differ = [n for i, n in enumerate(names) if theirs.get(i) != costs[i]]
     if differ or len(theirs) != len(costs):
         raise ValueError(f"modality {(differ or names)[0]!r}: this host's copy of the data has other shapes than "

@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime as _dt
+import io
 import os
 import sys
 from pathlib import Path
@@ -17,7 +18,16 @@ from pathlib import Path
 from . import cli, distributed
 from .bundle import MANIFEST, Bundle, add_to_bundle, bundle_lock, check_new_bundle_path, load, save_bundle
 from .config import RunConfig, load_config_file, resolve_config
-from .data import BUILT_IN_DATASETS, DATASET_NAMES, Dataset, describe_dataset, detect_layout, load_dataset, load_modalities
+from .data import (
+    BUILT_IN_DATASETS,
+    DATASET_NAMES,
+    Dataset,
+    describe_dataset,
+    detect_layout,
+    load_dataset,
+    load_modalities,
+    reads_per_modality,
+)
 from .evaluation import encode_split, evaluate
 from .model import make_projection
 from .projection import load_projection
@@ -342,24 +352,30 @@ def _train_distributed(config: RunConfig) -> int:
     Every rank plans from the dataset's shapes (read from the arrays' headers where the layout
     allows), so it knows its modalities before it reads any features; then a rank other than 0
     reads only its own modalities. Rank 0 reads the whole dataset: it evaluates the bundle on
-    every modality's test split and needs the classes."""
+    every modality's test split."""
     if config.out is None:
         raise ValueError("under torchrun give --out: every rank must name the same output")
     out = Path(config.out)
     with distributed.Job() as job:
         if job.is_main and not run_dir_for(out).exists():
             check_new_bundle_path(out)
-        info = describe_dataset(config.dataset, config.data, **config.dataset_options)
+        # Rank 0 reads the whole dataset, and so does every rank for a layout read whole anyway;
+        # the other ranks plan from the arrays' headers and then read their own modalities.
+        where = (config.dataset, config.data)
+        selective = not job.is_main and reads_per_modality(*where, **config.dataset_options)
+        if selective:
+            info = describe_dataset(*where, **config.dataset_options)
+        else:
+            with contextlib.redirect_stdout(sys.stdout if job.is_main else io.StringIO()):
+                dataset = _load(config)
+            info = dataset.info()
         names = _chosen_modalities(config, info.name, info.modality_names)
         options = config.train_options()
         costs = {i: training_cost(*info.shapes[n], options) for i, n in enumerate(names)}
         assignment = distributed.assign_ranks(list(costs.items()), job.world_size)
         own = [n for i, n in enumerate(names) if assignment[i] == job.rank]
-        dataset = None  # an idle rank reads nothing
-        if job.is_main:
-            dataset = _load(config)
-        elif own:
-            dataset = load_modalities(config.dataset, config.data, own, **config.dataset_options)
+        if selective:
+            dataset = load_modalities(*where, own, **config.dataset_options) if own else None  # idle: nothing
         P, source = _projection(config, info)
         mine = [make_tasks([dataset.modality(n)], P, options, first_index=names.index(n))[0] for n in own]
         # Ranks sharing a host share the run directory, each with its own lock; rank 0's is the

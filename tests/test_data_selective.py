@@ -18,6 +18,7 @@ from sdml_ext.data import (
     load_dataset,
     load_modalities,
     make_synthetic,
+    reads_per_modality,
     to_arrays,
 )
 
@@ -80,6 +81,7 @@ def _write(fmt, path, arrays, unreadable=()):
 def test_generic_selective_load_is_the_full_load_of_those_modalities(tmp_path, arrays, fmt):
     path = _write(fmt, tmp_path / f"set.{fmt}" if fmt != "dir" else tmp_path / "set", arrays)
     full = load_dataset(fmt, path)
+    assert reads_per_modality(fmt, path) == (fmt != "mat")  # scipy reads a v5 .mat file whole
     assert describe_dataset(fmt, path) == full.info()
     assert full.info().shapes == {"m0": (9, 5), "m1": (6, 3), "m2": (7, 4)}
     for names in (["m1"], ["m2", "m0"], ["m0", "m1", "m2"]):
@@ -108,6 +110,7 @@ def test_authors_h5_reads_only_the_chosen_modality_features(tmp_path):
     path = _write("h5", tmp_path / "no-images.h5", arrays, unreadable=unreadable)
     with pytest.raises(ValueError, match="cannot read key 'train_imgs_deep'"):
         load_dataset(None, path, n_val=40)
+    assert reads_per_modality(None, path, n_val=40)
     for where in (tmp_path / "ok.h5", path):
         text = load_modalities(None, where, ["text"], n_val=40)
         _assert_same(text, _subset(full, ["text"], source=f"SDML authors' HDF5 file {where}"))
@@ -127,6 +130,17 @@ def test_layouts_read_whole_give_the_same_modalities(tmp_path):
              ("synthetic", None, ["m1"])]
     for name, path, names in cases:
         full = load_dataset(name, path)
+        assert not reads_per_modality(name, path)
         assert describe_dataset(name, path) == full.info()
         _assert_same(load_modalities(name, path, names), _subset(full, names))
     assert describe_dataset("xmedia", tmp_path / "x.mat").shapes == {m: (v[2], v[1]) for m, v in XMEDIA.items()}
+
+
+def test_generic_matlab_v73_is_read_per_modality(tmp_path, arrays):
+    numeric = {k: v for k, v in arrays.items() if v.dtype.kind != "U"}  # no strings: default names
+    path = tmp_path / "set73.mat"
+    _write_matlab_v73(path, numeric)
+    full = load_dataset("mat", path)
+    assert reads_per_modality("mat", path) and full.modality_names == ["m0", "m1", "m2"]
+    assert describe_dataset("mat", path) == full.info()
+    _assert_same(load_modalities("mat", path, ["m2"]), _subset(full, ["m2"]))

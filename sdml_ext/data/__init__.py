@@ -21,6 +21,7 @@ from .registry import (
     detect_layout,
     load_dataset,
     load_modalities,
+    reads_per_modality,
 )
 from .splits import DEFAULT_FRACTIONS, split_paired_views, stratified_split
 from .synthetic import make_synthetic
@@ -49,6 +50,7 @@ __all__ = [
     "load_multiview_mat",
     "load_xmedia",
     "make_synthetic",
+    "reads_per_modality",
     "save_npz",
     "split_paired_views",
     "stratified_split",

@@ -87,6 +87,17 @@ MATLAB v7.3, i.e. HDF5). The others are read whole: v5 .mat files (scipy reads t
 XMedia and multi-view .mat files, the embedded digits (tiny) and synthetic data (drawn)."""
 
 
+def reads_per_modality(name: str | None, path: str | os.PathLike | None = None, **opts) -> bool:
+    """Whether describe_dataset and load_modalities read this dataset's file per modality (else
+    they load it whole, and a caller that needs it whole anyway loads it once)."""
+    key, path = _resolve(name, path, opts)
+    if key == "mat":
+        import h5py
+
+        return h5py.is_hdf5(path)  # MATLAB v7.3
+    return key in READ_PER_MODALITY
+
+
 def describe_dataset(name: str | None = "mfeat", path: str | os.PathLike | None = None, **opts) -> DatasetInfo:
     """What load_dataset(name, path, **opts) would hold (modalities, their train rows and widths,
     classes) without reading features where the layout allows (READ_PER_MODALITY): from the
@@ -96,7 +107,7 @@ def describe_dataset(name: str | None = "mfeat", path: str | os.PathLike | None 
         return describe_generic(path, key)
     if key in AUTHORS_H5_N_VAL or key == "authors-h5":
         opts.pop("n_val", None)
-        return describe_authors_h5(path, **({"name": key} if key != "authors-h5" else {}), **opts)
+        return describe_authors_h5(path, **{"name": key, **opts})  # "authors-h5" may be named
     return load_dataset(key, path, **opts).info()
 
 
@@ -109,7 +120,7 @@ def load_modalities(name: str | None, path: str | os.PathLike | None, names: Seq
     if key in ("npz", "h5", "dir", "mat"):
         return read_generic(path, key, only=names)
     if key in AUTHORS_H5_N_VAL or key == "authors-h5":
-        return read_authors_h5(path, only=names, **({"name": key} if key != "authors-h5" else {}), **opts)
+        return read_authors_h5(path, only=names, **{"name": key, **opts})
     whole = load_dataset(key, path, **opts)
     return Dataset(whole.name, [whole.modality(n) for n in names], whole.class_names,
                    multilabel=whole.multilabel, source=whole.source)
