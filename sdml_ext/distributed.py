@@ -15,6 +15,12 @@ process group:
 - results: each rank's trained modalities (safetensors bytes + a JSON record: nothing
   unpickled from disk) are gathered to rank 0, which writes the bundle and prints the tables.
 
+Every rank plans from the dataset's shapes (sdml_ext.data.describe_dataset reads them from the
+arrays' headers), so it knows its modalities before reading features, and a rank other than 0
+reads only those (rank 0 reads everything: it evaluates the bundle). A rank that vanishes without
+a word (kill -9, out of memory) is named, with its host and modalities, by the heartbeats every
+rank counts in the store (Job.lost_ranks).
+
 A restarted job (``torchrun --max-restarts``, or the same command run again) finds each rank's
 checkpoints and continues from them; the bundle is the one an uninterrupted run writes.
 """
@@ -48,6 +54,7 @@ from .training import EpochStats, ModalityResult, ModalityTask
 _TIMEOUT = _dt.timedelta(days=7)
 _POLL_S = 0.5
 _STORE_TIMEOUT = _dt.timedelta(minutes=30)  # how long ranks wait for each other to start
+_LOST_AFTER_S = 8 * _POLL_S  # a heartbeat standing still this long: the rank is gone
 
 
 def launched() -> bool:
@@ -55,15 +62,16 @@ def launched() -> bool:
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
 
 
-def assign_ranks(tasks: Sequence[ModalityTask], world_size: int) -> dict[int, int]:
-    """Task index -> rank, longest first, each to the rank with the least cost so far (ties: the
-    lowest rank). The same on every rank: it depends only on the tasks."""
+def assign_ranks(costs: Sequence[tuple[int, float]], world_size: int) -> dict[int, int]:
+    """Modality index -> rank, for (index, cost) pairs: longest first, each to the rank with the
+    least cost so far (ties: the lowest rank). Every rank computes it from the same shapes and
+    options (training.training_cost), so every rank gets the same plan before reading data."""
     load = [0.0] * world_size
     out = {}
-    for task in sorted(tasks, key=lambda t: (-t.cost(), t.index)):
+    for index, cost in sorted(costs, key=lambda c: (-c[1], c[0])):
         rank = min(range(world_size), key=lambda r: (load[r], r))
-        load[rank] += task.cost()
-        out[task.index] = rank
+        load[rank] += cost
+        out[index] = rank
     return out
 
 
@@ -93,6 +101,7 @@ class Job:
         self.attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
         self.prefix = f"sdml/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/attempt-{self.attempt}/"
         self.store = None
+        self.plan: dict[int, list[str]] = {}  # rank -> the modalities it trains (set_plan)
         self._stop = threading.Event()
 
     def __enter__(self) -> Job:
@@ -105,6 +114,7 @@ class Job:
         self.store = dist.PrefixStore(self.prefix, base)
         dist.init_process_group("gloo", store=dist.PrefixStore("pg/", self.store), rank=self.rank,
                                 world_size=self.world_size, timeout=_TIMEOUT)
+        self.store.set(f"host/{self.rank}", self.host)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -125,6 +135,49 @@ class Job:
 
     def where(self) -> str:
         return f"rank {self.rank} on {self.host}"
+
+    def set_plan(self, names: Sequence[str], assignment: dict[int, int]) -> None:
+        self.plan = {r: [n for i, n in enumerate(names) if assignment[i] == r] for r in range(self.world_size)}
+
+    # -- a rank that vanished (kill -9, out of memory, its machine gone) --------------------
+    #
+    # Such a rank says nothing. Every rank's watch thread counts a heartbeat in the store; a
+    # rank that finished its part marks itself done, and a rank stopped by the launcher (which
+    # sends SIGTERM to the survivors once it sees one of its ranks die) marks itself stopped.
+    # The rank whose heartbeat stands still, neither done nor stopped, is the one lost.
+
+    def mark(self, what: str) -> None:
+        with contextlib.suppress(Exception):
+            self.store.set(f"{what}/{self.rank}", "1")
+
+    def lost_ranks(self) -> list[int]:
+        """The ranks that stopped beating without finishing or being stopped (waits a few
+        heartbeats to tell)."""
+        def beats():
+            return {r: self.store.add(f"beat/{r}", 0) for r in range(self.world_size)}
+
+        def accounted(r):
+            return self.store.check([f"done/{r}"]) or self.store.check([f"stopped/{r}"])
+
+        first = beats()
+        deadline = time.monotonic() + _LOST_AFTER_S
+        lost = set(range(self.world_size)) - {self.rank}
+        while lost and time.monotonic() < deadline:
+            time.sleep(_POLL_S)
+            now = beats()
+            lost = {r for r in lost if now[r] == first[r] and not accounted(r)}
+        return sorted(lost)
+
+    def describe_lost(self, lost: Sequence[int]) -> str:
+        parts = []
+        for r in lost:
+            host = self.store.get(f"host/{r}").decode() if self.store.check([f"host/{r}"]) else "an unknown host"
+            names = ", ".join(self.plan.get(r, [])) or "nothing (idle)"
+            parts.append(f"rank {r} on {host} (training {names})")
+        restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) - self.attempt
+        then = (f"torchrun restarts every rank from its checkpoints ({restarts} restart(s) left)" if restarts > 0
+                else "the job stops")
+        return f"{' and '.join(parts)} ended without a word (killed, out of memory, or its machine gone); {then}"
 
     # -- progress and failure, through the store --------------------------------------------
 
@@ -149,6 +202,7 @@ class Job:
         next_epoch = dict.fromkeys(names, 1)
 
         def poll() -> bool:
+            self.store.add(f"beat/{self.rank}", 1)
             message = self.failure()
             if message is not None:
                 on_failure(message)
@@ -188,50 +242,58 @@ def _abort(message: str, job: Job) -> None:
     os._exit(1)
 
 
-def train_distributed(job: Job, tasks: Sequence[ModalityTask], checkpoints, on_epoch) -> RunReport | None:
-    """Train this rank's share of `tasks`; rank 0 gets every modality back in a RunReport (the
-    other ranks get None). A failure anywhere ends every rank with one message naming the rank,
-    host and modality."""
-    assignment = assign_ranks(tasks, job.world_size)
-    mine = [t for t in tasks if assignment[t.index] == job.rank]
+def train_distributed(job: Job, names: Sequence[str], costs: dict[int, float], assignment: dict[int, int],
+                      mine: Sequence[ModalityTask], epochs: int, checkpoints, on_epoch) -> RunReport | None:
+    """Train this rank's tasks `mine` (its share of `names` under `assignment`, index -> rank,
+    planned from `costs`, index -> training_cost); rank 0 gets every modality back in a
+    RunReport (the other ranks get None). A failure anywhere ends every rank with one message
+    naming the rank, host and modality."""
+    job.set_plan(names, assignment)
     if job.is_main:
-        plan = ", ".join(f"rank {r}: {', '.join(t.name for t in tasks if assignment[t.index] == r) or 'idle'}"
-                         for r in range(job.world_size))
+        plan = ", ".join(f"rank {r}: {', '.join(job.plan[r]) or 'idle'}" for r in range(job.world_size))
         print(f"\ndistributed over {job.world_size} ranks ({plan})", file=sys.stderr, flush=True)
+        job.store.set("costs", json.dumps(sorted(costs.items())))  # what every rank's plan must match
     lock = threading.Lock()
 
     def show(stats):
         with lock:
             on_epoch(stats)
 
-    finish_watch = job.watch([t.name for t in tasks], tasks[0].options.epochs, show if job.is_main else None,
-                             lambda message: _abort(message, job))
+    finish_watch = job.watch(list(names), epochs, show if job.is_main else None, lambda message: _abort(message, job))
     device = job.device()
     start = time.perf_counter()
     report = None
-    if mine:
-        try:
-            report = train_tasks(mine, "serial", [device], on_epoch=job.publish_epoch, checkpoints=checkpoints)
-        except (WorkerError, ValueError, FloatingPointError, MemoryError) as exc:
-            message = f"{job.where()}: {exc}"
-            job.fail(message)
-            if job.is_main:
-                _abort(message, job)
-            _await_abort(message)
-    payload = {
-        "rank": job.rank,
-        "host": job.host,
-        "device": device,
-        "wall_s": time.perf_counter() - start,
-        "peak_rss_bytes": _peak_rss_bytes(),
-        "device_peak_bytes": report.device_peak_bytes if report else {},
-        "results": [encode_result(r) for r in (report.modalities if report else [])],
-    }
-    gathered = [None] * job.world_size if job.is_main else None
     try:
-        dist.gather_object(payload, gathered, dst=0)
-    except RuntimeError as exc:  # a rank died (killed, out of memory): torchrun says which
-        raise WorkerCrash(f"{job.where()}: lost another rank of the job ({str(exc).splitlines()[0][:200]})") from None
+        if mine:
+            try:
+                _check_same_plan(job, names, costs)
+                report = train_tasks(mine, "serial", [device], on_epoch=job.publish_epoch, checkpoints=checkpoints)
+            except (WorkerError, ValueError, FloatingPointError, MemoryError) as exc:
+                message = f"{job.where()}: {exc}"
+                job.fail(message)
+                if job.is_main:
+                    _abort(message, job)
+                _await_abort(message)
+        payload = {
+            "rank": job.rank,
+            "host": job.host,
+            "device": device,
+            "wall_s": time.perf_counter() - start,
+            "peak_rss_bytes": _peak_rss_bytes(),
+            "device_peak_bytes": report.device_peak_bytes if report else {},
+            "results": [encode_result(r) for r in (report.modalities if report else [])],
+        }
+        gathered = [None] * job.world_size if job.is_main else None
+        try:
+            dist.gather_object(payload, gathered, dst=0)
+        except RuntimeError as exc:  # a rank died (killed, out of memory): say which, if it can be told
+            _report_lost_rank(job)
+            raise WorkerCrash(f"{job.where()}: lost another rank of the job ({str(exc).splitlines()[0][:200]})") from None
+    except KeyboardInterrupt:  # SIGTERM from the launcher, which stops the job when a rank dies
+        job.mark("stopped")
+        _report_lost_rank(job)
+        raise
+    job.mark("done")
     finish_watch()
     if not job.is_main:
         return None
@@ -246,10 +308,42 @@ def train_distributed(job: Job, tasks: Sequence[ModalityTask], checkpoints, on_e
         devices=sorted({f"{p['host']}:{p['device']}" for p in gathered}),
         wall_s=max(p["wall_s"] for p in gathered),
         peak_rss_bytes=sum(p["peak_rss_bytes"] for p in gathered),
-        modalities=[by_index[t.index] for t in tasks],
+        modalities=[by_index[i] for i in sorted(assignment)],
         device_peak_bytes={f"{p['host']}:{d}": b for p in gathered for d, b in p["device_peak_bytes"].items()},
-        plan={"ranks": job.world_size, "assignment": {t.name: assignment[t.index] for t in tasks}},
+        plan={"ranks": job.world_size, "assignment": {n: assignment[i] for i, n in enumerate(names)}},
     )
+
+
+def _check_same_plan(job: Job, names: Sequence[str], costs: dict[int, float]) -> None:
+    """Every rank planned from its own copy of the data: it must be rank 0's plan."""
+    if job.is_main:
+        return
+    theirs = dict(json.loads(job.store.get("costs")))
+    differ = [n for i, n in enumerate(names) if theirs.get(i) != costs[i]]
+    if differ or len(theirs) != len(costs):
+        raise ValueError(f"modality {(differ or names)[0]!r}: this host's copy of the data has other shapes than "
+                         "rank 0's; every host needs the same data")
+
+
+def _report_lost_rank(job: Job) -> None:
+    """This rank was stopped, or lost a peer: if a rank of the job vanished, the lowest
+    surviving rank says which (rank, host, modalities) in one line and every survivor exits 1.
+    Returns when no rank vanished (the job was stopped on purpose)."""
+    previous = None
+    with contextlib.suppress(ValueError):  # only the main thread sets handlers
+        previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the launcher's SIGTERM: finish telling first
+    try:
+        failed = job.failure() is not None  # a rank failed and said so itself
+        lost = [] if failed else job.lost_ranks()
+    except Exception:  # the store is gone with its host: nothing more can be told
+        failed, lost = False, []
+    if not (failed or lost):
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        return
+    if lost and job.rank == min(r for r in range(job.world_size) if r not in lost):
+        print(f"error: {job.describe_lost(lost)}", file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 def _await_abort(message: str) -> None:

@@ -18,7 +18,16 @@ from pathlib import Path
 from . import cli, distributed
 from .bundle import MANIFEST, Bundle, add_to_bundle, bundle_lock, check_new_bundle_path, load, save_bundle
 from .config import RunConfig, load_config_file, resolve_config
-from .data import BUILT_IN_DATASETS, DATASET_NAMES, Dataset, detect_layout, load_dataset
+from .data import (
+    BUILT_IN_DATASETS,
+    DATASET_NAMES,
+    Dataset,
+    describe_dataset,
+    detect_layout,
+    load_dataset,
+    load_modalities,
+    reads_per_modality,
+)
 from .evaluation import encode_split, evaluate
 from .model import make_projection
 from .projection import load_projection
@@ -27,7 +36,7 @@ from .progress import EpochBars
 from .rundir import RunDir, run_dir_for
 from .strategies import STRATEGIES, RunReport, train_tasks
 from .testhooks import pause_point
-from .training import DEFAULT_EPOCHS, PAPER_EPOCHS, make_tasks
+from .training import DEFAULT_EPOCHS, PAPER_EPOCHS, make_tasks, training_cost
 
 
 def _csv(kind):
@@ -294,13 +303,20 @@ def _detect_dataset(file_settings: dict, flags: dict, inherited: str | None = No
 
 def _load(config: RunConfig) -> Dataset:
     dataset = load_dataset(config.dataset, config.data, **config.dataset_options)
+    _chosen_modalities(config, dataset.name, dataset.modality_names)
+    print(dataset.describe())
+    return dataset
+
+
+def _chosen_modalities(config: RunConfig, dataset: str, present: list[str]) -> list[str]:
+    """The run's modalities (--modalities, default all), each present once."""
     chosen = config.modalities or []
     if len(set(chosen)) != len(chosen):
         raise ValueError(f"modalities listed twice: {sorted({n for n in chosen if chosen.count(n) > 1})}")
     for name in chosen:
-        dataset.modality(name)  # raises with the names present
-    print(dataset.describe())
-    return dataset
+        if name not in present:
+            raise ValueError(f"dataset {dataset!r} has no modality {name!r}; present: {', '.join(present)}")
+    return list(chosen or present)
 
 
 def _default_out(dataset: str) -> Path:
@@ -331,25 +347,45 @@ def _train(config: RunConfig, dataset: Dataset, names: list[str], P, first_index
 def _train_distributed(config: RunConfig) -> int:
     """One rank of a torchrun job (see sdml_ext.distributed): train this rank's modalities; rank 0
     writes the bundle and prints the tables. The same command run again (or restarted by torchrun)
-    continues from every rank's checkpoints."""
+    continues from every rank's checkpoints.
+
+    Every rank plans from the dataset's shapes (read from the arrays' headers where the layout
+    allows), so it knows its modalities before it reads any features; then a rank other than 0
+    reads only its own modalities. Rank 0 reads the whole dataset: it evaluates the bundle on
+    every modality's test split."""
     if config.out is None:
         raise ValueError("under torchrun give --out: every rank must name the same output")
     out = Path(config.out)
     with distributed.Job() as job:
         if job.is_main and not run_dir_for(out).exists():
             check_new_bundle_path(out)
-        with contextlib.redirect_stdout(sys.stdout if job.is_main else io.StringIO()):
-            dataset = _load(config)
-        names = list(config.modalities or dataset.modality_names)
-        P, source = _projection(config, dataset)
-        tasks = _tasks(config, dataset, names, P, first_index=0)
+        # Rank 0 reads the whole dataset, and so does every rank for a layout read whole anyway;
+        # the other ranks plan from the arrays' headers and then read their own modalities.
+        where = (config.dataset, config.data)
+        selective = not job.is_main and reads_per_modality(*where, **config.dataset_options)
+        if selective:
+            info = describe_dataset(*where, **config.dataset_options)
+        else:
+            with contextlib.redirect_stdout(sys.stdout if job.is_main else io.StringIO()):
+                dataset = _load(config)
+            info = dataset.info()
+        names = _chosen_modalities(config, info.name, info.modality_names)
+        options = config.train_options()
+        costs = {i: training_cost(*info.shapes[n], options) for i, n in enumerate(names)}
+        assignment = distributed.assign_ranks(list(costs.items()), job.world_size)
+        own = [n for i, n in enumerate(names) if assignment[i] == job.rank]
+        if selective:
+            dataset = load_modalities(*where, own, **config.dataset_options) if own else None  # idle: nothing
+        P, source = _projection(config, info)
+        mine = [make_tasks([dataset.modality(n)], P, options, first_index=names.index(n))[0] for n in own]
         # Ranks sharing a host share the run directory, each with its own lock; rank 0's is the
         # output's lock, as in a single-process run.
         run = RunDir.create(run_dir_for(out), {"kind": "train", "config": config.to_dict()}, out,
                             lock_name="lock" if job.is_main else f"lock-rank{job.rank}", exist_ok=True)
         run.uses_workers = False  # a rank trains its modalities in-process
         with run, (EpochBars(names, config.epochs) if job.is_main else contextlib.nullcontext()) as bars:
-            report = distributed.train_distributed(job, tasks, run.checkpoints, bars)
+            report = distributed.train_distributed(job, names, costs, assignment, mine, config.epochs,
+                                                   run.checkpoints, bars)
             if job.is_main:
                 bars.close()
                 print("\n" + report.table())

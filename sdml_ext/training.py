@@ -130,11 +130,16 @@ class ModalityTask:
         return self.train_x.shape[0] // self.options.batch_size
 
     def cost(self) -> float:
-        """Relative training cost, for scheduling: multiply-adds of forward + backward
-        (~3 per weight per sample) plus the Adam update (~5 per weight per step), per epoch."""
-        dims = [self.input_dim, *self.options.hidden, self.options.code_dim]
-        weights = 2 * sum(a * b for a, b in zip(dims[:-1], dims[1:]))
-        return self.steps_per_epoch() * weights * (3 * self.options.batch_size + 5) * self.options.epochs
+        return training_cost(self.train_x.shape[0], self.input_dim, self.options)
+
+
+def training_cost(train_rows: int, input_dim: int, options: TrainOptions) -> float:
+    """Relative cost of training one modality, for scheduling: multiply-adds of forward +
+    backward (~3 per weight per sample) plus the Adam update (~5 per weight per step), per
+    epoch. Needs only the modality's shape, so a plan can be made before its data is read."""
+    dims = [input_dim, *options.hidden, options.code_dim]
+    weights = 2 * sum(a * b for a, b in zip(dims[:-1], dims[1:]))
+    return (train_rows // options.batch_size) * weights * (3 * options.batch_size + 5) * options.epochs
 
 
 class ModalityTrainer:

@@ -111,10 +111,22 @@ class ArrayFile:
             return self._mat[key]
 
     def shape(self, key: str) -> tuple[int, ...]:
-        """Shape of the array under `key`; HDF5 files answer without reading the data."""
-        if self.fmt == "h5" and key in self._keys:
+        """Shape of the array under `key`. HDF5 (and MATLAB v7.3), .npz and .npy files answer
+        from the array's header without reading its data; a v5 .mat file is read whole."""
+        if key in self._keys and self.fmt in ("h5", "npz", "dir"):
             with self.reading(key):
-                return tuple(self._handle[key].shape)
+                if self.fmt == "h5":
+                    return tuple(self._handle[key].shape)
+                if self.fmt == "npz":
+                    with self._handle.zip.open(key + ".npy") as member:
+                        return _npy_shape(member)
+                with open(os.path.join(self.path, key + ".npy"), "rb") as member:
+                    return _npy_shape(member)
+        if self.fmt == "mat" and self._handle is not None and key in self._keys:
+            with self.reading(key):  # v7.3: h5py holds the shape, transposed (MATLAB is column-major)
+                node = self._handle[key]
+                if _plain_matlab_array(node):
+                    return tuple(reversed(node.shape))
         return tuple(np.shape(self[key]))
 
     def first_present(self, candidates: tuple[str, ...], what: str) -> str:
@@ -204,6 +216,23 @@ def strings(value) -> list[str]:
             item = item.decode("utf-8")
         out.append(str(item).rstrip())
     return out
+
+
+def _npy_shape(stream) -> tuple[int, ...]:
+    """The shape in a .npy header, read from the start of `stream` (the data is not read)."""
+    version = np.lib.format.read_magic(stream)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, _ = read(stream)
+    return tuple(shape)
+
+
+def _plain_matlab_array(node) -> bool:
+    """A v7.3 node that is a numeric matrix as stored (not a cell, string, sparse or empty)."""
+    import h5py
+
+    matlab_class = node.attrs.get("MATLAB_class", b"")
+    return (isinstance(node, h5py.Dataset) and node.dtype != h5py.ref_dtype
+            and matlab_class not in (b"char", "char") and not node.attrs.get("MATLAB_empty", 0))
 
 
 def _from_matlab_h5(f, node):

@@ -15,6 +15,7 @@ names the modality, split and argument at fault.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -221,6 +222,10 @@ class Dataset:
     def __getitem__(self, name: str) -> Modality:
         return self.modality(name)
 
+    def info(self) -> DatasetInfo:
+        return DatasetInfo(self.name, tuple(self.class_names), self.multilabel,
+                           {m.name: (m.train.n, m.dim) for m in self.modalities})
+
     def __len__(self) -> int:
         return len(self.modalities)
 
@@ -253,6 +258,28 @@ class Dataset:
             f"Dataset({self.name!r}, modalities={self.modality_names}, "
             f"num_classes={self.num_classes}, multilabel={self.multilabel})"
         )
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a dataset holds, without its arrays: enough to plan a run (which modality trains
+    where) before any features are read.
+
+    shapes: modality name -> (train rows, feature width D), in the dataset's modality order.
+    """
+
+    name: str
+    class_names: tuple[str, ...]
+    multilabel: bool
+    shapes: dict[str, tuple[int, int]]
+
+    @property
+    def modality_names(self) -> list[str]:
+        return list(self.shapes)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
 
 
 def default_class_names(num_classes: int) -> list[str]:

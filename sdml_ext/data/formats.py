@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ._io import ArrayFile, class_ids, dense, naming_file
-from .dataset import Dataset, Modality, default_class_names
+from .dataset import Dataset, DatasetInfo, Modality, default_class_names
 from .splits import DEFAULT_FRACTIONS, split_paired_views
 
 XMEDIA_KEYS = {
@@ -119,32 +119,35 @@ def load_authors_h5(
         class_names: names for the c classes; default the file's ids (or "0".."c-1" for
             multi-hot labels).
     """
+    return read_authors_h5(path, n_val, name=name, class_names=class_names)
+
+
+def read_authors_h5(
+    path: str | os.PathLike,
+    n_val: int,
+    *,
+    name: str = "authors-h5",
+    class_names: Sequence[str] | None = None,
+    only: Sequence[str] | None = None,
+) -> Dataset:
+    """load_authors_h5 keeping only the modalities `only` (default both) and reading only their
+    features; both modalities' label vectors are read (the class ids are counted over all)."""
     if n_val < 0:
         raise ValueError(f"n_val must be >= 0, got {n_val}")
+    chosen = list(AUTHORS_H5_KEYS if only is None else only)
+    unknown = [m for m in chosen if m not in AUTHORS_H5_KEYS]
+    if unknown:
+        raise ValueError(f"the authors' HDF5 layout has no modality {unknown[0]!r}; present: {', '.join(AUTHORS_H5_KEYS)}")
     with ArrayFile(path, "h5") as f, naming_file(f.path):
-        features, labels = {}, {}
-        for modality, (x_tr, y_tr, x_te, y_te) in AUTHORS_H5_KEYS.items():
-            features[modality] = (f[x_tr], f[x_te])
-            labels[modality] = [_authors_labels(f[key], key) for key in (y_tr, y_te)]
-        every = [y for pair in labels.values() for y in pair]
-        if len({y.ndim for y in every}) > 1:
-            raise ValueError("label keys mix class-id vectors and multi-hot matrices")
-        multilabel = every[0].ndim == 2
-        if multilabel:
-            c = every[0].shape[1]
-            default_names = default_class_names(c)
-        else:
-            ids = np.concatenate(every)
-            lowest = int(ids.min()) if ids.size else 0
-            c = int(ids.max()) - lowest + 1 if ids.size else 1
-            default_names = [str(lowest + i) for i in range(c)]
-            labels = {m: [y - lowest for y in pair] for m, pair in labels.items()}
+        labels, multilabel, default_names = _authors_classes(f)
         modalities = []
-        for modality, (x_train, x_test) in features.items():
-            (y_train, y_test), test_key = labels[modality], AUTHORS_H5_KEYS[modality][2]
+        for modality in chosen:
+            x_tr, _, x_te, _ = AUTHORS_H5_KEYS[modality]
+            x_train, x_test = f[x_tr], f[x_te]
+            y_train, y_test = labels[modality]
             if n_val > x_test.shape[0]:
                 raise ValueError(
-                    f"n_val={n_val} exceeds the {x_test.shape[0]} rows of test key {test_key!r}"
+                    f"n_val={n_val} exceeds the {x_test.shape[0]} rows of test key {x_te!r}"
                 )
             modalities.append(
                 Modality(
@@ -161,6 +164,40 @@ def load_authors_h5(
             multilabel=multilabel,
             source=f"SDML authors' HDF5 file {f.path}",
         )
+
+
+def describe_authors_h5(
+    path: str | os.PathLike, *, name: str = "authors-h5", class_names: Sequence[str] | None = None
+) -> DatasetInfo:
+    """The DatasetInfo of an authors' HDF5 file: feature shapes from the headers, classes from
+    the label vectors."""
+    with ArrayFile(path, "h5") as f, naming_file(f.path):
+        _, multilabel, default_names = _authors_classes(f)
+        shapes = {}
+        for modality, (x_tr, _, _, _) in AUTHORS_H5_KEYS.items():
+            shape = f.shape(x_tr) if x_tr in f else f[x_tr]  # MissingKeyError names it
+            shapes[modality] = (shape[0], shape[1]) if len(shape) == 2 else (0, 0)
+        names = default_names if class_names is None else class_names
+        return DatasetInfo(name, tuple(str(c) for c in names), multilabel, shapes)
+
+
+def _authors_classes(f: ArrayFile) -> tuple[dict, bool, list[str]]:
+    """Every modality's (train, test) labels (ids shifted to start at 0), multilabel, and the
+    default class names."""
+    labels = {
+        modality: [_authors_labels(f[key], key) for key in (y_tr, y_te)]
+        for modality, (_, y_tr, _, y_te) in AUTHORS_H5_KEYS.items()
+    }
+    every = [y for pair in labels.values() for y in pair]
+    if len({y.ndim for y in every}) > 1:
+        raise ValueError("label keys mix class-id vectors and multi-hot matrices")
+    if every[0].ndim == 2:
+        return labels, True, default_class_names(every[0].shape[1])
+    ids = np.concatenate(every)
+    lowest = int(ids.min()) if ids.size else 0
+    c = int(ids.max()) - lowest + 1 if ids.size else 1
+    shifted = {m: [y - lowest for y in pair] for m, pair in labels.items()}
+    return shifted, False, [str(lowest + i) for i in range(c)]
 
 
 def load_multiview_mat(

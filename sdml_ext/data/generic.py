@@ -28,12 +28,13 @@ import io
 import os
 import re
 import tempfile
+from collections.abc import Sequence
 
 import numpy as np
 
 from .._files import publish
 from ._io import ArrayFile, MissingKeyError, naming_file, strings
-from .dataset import SPLIT_NAMES, Dataset, Modality, Split, default_class_names
+from .dataset import SPLIT_NAMES, Dataset, DatasetInfo, Modality, Split, default_class_names
 
 _KEY = re.compile(r"^(?P<modality>.+)_(?P<split>train|val|test)_(?P<part>x|y)$")
 
@@ -45,30 +46,19 @@ def load_generic(path: str | os.PathLike, fmt: str | None = None) -> Dataset:
         path: .npz, .h5/.hdf5 or .mat file, or a directory of .npy files.
         fmt: "npz", "h5", "mat" or "dir" to override the extension.
     """
+    return read_generic(path, fmt)
+
+
+def read_generic(path: str | os.PathLike, fmt: str | None = None, only: Sequence[str] | None = None) -> Dataset:
+    """load_generic, keeping only the modalities `only` (default all) and reading only their
+    keys: of the other modalities nothing is read but the arrays' headers (shapes) and, when the
+    file has no class_names key and its labels are class ids, their label vectors (to count the
+    classes). The result is the full load's modalities `only`, with the full load's classes."""
     with ArrayFile(path, fmt) as f, naming_file(f.path):
-        keys = f.keys()
-        found = [m.group("modality") for m in map(_KEY.match, keys) if m]
-        if "modalities" in f:
-            names = strings(f["modalities"])
-        else:
-            names = list(dict.fromkeys(found))
-        if not names:
-            raise MissingKeyError(
-                f"{f.path}: no keys of the form {{modality}}_{{split}}_x / _y; keys present: "
-                f"{', '.join(keys) or '(none)'}"
-            )
-        raw = {name: {s: _read_split(f, name, s) for s in SPLIT_NAMES} for name in names}
-        labels = [split[1] for splits in raw.values() for split in splits.values() if split]
-        multilabel = any(np.ndim(y) == 2 for y in labels)
-        if "class_names" in f:
-            class_names = strings(f["class_names"])
-        elif multilabel:
-            class_names = default_class_names(max(y.shape[1] for y in labels if y.ndim == 2))
-        else:
-            largest = max((int(y.max()) for y in labels if y.size), default=-1)
-            if largest < 0:
-                raise ValueError("no labelled sample and no class_names key: cannot tell c")
-            class_names = default_class_names(largest + 1)
+        names = _modality_names(f)
+        chosen = names if only is None else _chosen(names, only, f.path)
+        raw = {name: {s: _read_split(f, name, s) for s in SPLIT_NAMES} for name in chosen}
+        class_names, multilabel = _classes(f, names, raw)
         modalities = []
         for name, splits in raw.items():
             train = splits["train"]
@@ -77,14 +67,91 @@ def load_generic(path: str | os.PathLike, fmt: str | None = None) -> Dataset:
             modalities.append(
                 Modality(name, train, splits["val"] or empty, splits["test"] or empty)
             )
-        default_name = os.path.splitext(os.path.basename(os.path.normpath(f.path)))[0]
         return Dataset(
-            _scalar(f, "name", default_name),
+            _scalar(f, "name", _default_name(f)),
             modalities,
             class_names,
             multilabel=multilabel,
             source=_scalar(f, "source", ""),
         )
+
+
+def describe_generic(path: str | os.PathLike, fmt: str | None = None) -> DatasetInfo:
+    """The DatasetInfo of a generic-layout file from its arrays' headers (a v5 .mat file is
+    read whole; label vectors are read only as read_generic says)."""
+    with ArrayFile(path, fmt) as f, naming_file(f.path):
+        names = _modality_names(f)
+        class_names, multilabel = _classes(f, names, {})
+        shapes = {}
+        for name in names:
+            shape = f.shape(f"{name}_train_x")
+            shapes[name] = (shape[0], shape[1]) if len(shape) == 2 else (0, 0)
+        return DatasetInfo(_scalar(f, "name", _default_name(f)), tuple(class_names), multilabel, shapes)
+
+
+def _modality_names(f: ArrayFile) -> list[str]:
+    keys = f.keys()
+    if "modalities" in f:
+        names = strings(f["modalities"])
+    else:
+        names = list(dict.fromkeys(m.group("modality") for m in map(_KEY.match, keys) if m))
+    if not names:
+        raise MissingKeyError(
+            f"{f.path}: no keys of the form {{modality}}_{{split}}_x / _y; keys present: "
+            f"{', '.join(keys) or '(none)'}"
+        )
+    return names
+
+
+def _chosen(names: list[str], only: Sequence[str], path: str) -> list[str]:
+    missing = [n for n in only if n not in names]
+    if missing:
+        raise ValueError(f"{path} has no modality {missing[0]!r}; present: {', '.join(names)}")
+    return list(only)
+
+
+def _default_name(f: ArrayFile) -> str:
+    return os.path.splitext(os.path.basename(os.path.normpath(f.path)))[0]
+
+
+def _label_keys(f: ArrayFile, names: list[str]) -> list[tuple[str, int]]:
+    """(label key, rows of its features) of every split the full load keeps, from headers."""
+    out = []
+    for name in names:
+        for split in SPLIT_NAMES:
+            x_key, y_key = f"{name}_{split}_x", f"{name}_{split}_y"
+            if split != "train" and x_key not in f and y_key not in f:
+                continue
+            x_shape = f.shape(x_key)  # MissingKeyError names it
+            if split != "train" and int(np.prod(x_shape)) == 0:
+                continue
+            out.append((y_key, x_shape[0] if len(x_shape) == 2 else 0))
+    return out
+
+
+def _classes(f: ArrayFile, names: list[str], raw: dict) -> tuple[list[str], bool]:
+    """(class names, multilabel) of the whole file: from label headers, and from the label
+    vectors themselves only when the file has no class_names key and its labels are ids."""
+    shapes = []
+    for key, n in _label_keys(f, names):
+        shape = f.shape(key)
+        if len(shape) == 2 and 1 in shape and int(np.prod(shape)) == n:
+            shape = (n,)  # MATLAB stores id vectors as (1, n) or (n, 1)
+        shapes.append((key, shape))
+    multilabel = any(len(shape) == 2 for _, shape in shapes)
+    if "class_names" in f:
+        return strings(f["class_names"]), multilabel
+    if multilabel:
+        return default_class_names(max(shape[1] for _, shape in shapes if len(shape) == 2)), True
+    read = {f"{name}_{split}_y": pair[1] for name, splits in raw.items() for split, pair in splits.items() if pair}
+    largest = -1
+    for key, _ in shapes:
+        y = read[key] if key in read else np.asarray(f[key])
+        if y.size:
+            largest = max(largest, int(y.max()))
+    if largest < 0:
+        raise ValueError("no labelled sample and no class_names key: cannot tell c")
+    return default_class_names(largest + 1), False
 
 
 def to_arrays(dataset: Dataset) -> dict[str, np.ndarray]:

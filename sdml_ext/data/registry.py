@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import inspect
 import os
+from collections.abc import Sequence
 
 from ._io import ArrayFile, check_path, format_of
-from .dataset import Dataset
+from .dataset import Dataset, DatasetInfo
 from .embedded import load_mfeat
 from .formats import (
     AUTHORS_H5_KEYS,
     AUTHORS_H5_N_VAL,
     MULTIVIEW_VIEW_KEYS,
     XMEDIA_KEYS,
+    describe_authors_h5,
     load_authors_h5,
     load_multiview_mat,
     load_xmedia,
+    read_authors_h5,
 )
-from .generic import load_generic
+from .generic import describe_generic, load_generic, read_generic
 from .synthetic import make_synthetic
 
 DATASET_NAMES = (
@@ -64,6 +67,68 @@ def load_dataset(name: str | None = "mfeat", path: str | os.PathLike | None = No
         FileNotFoundError: `path` does not exist.
         MissingKeyError (KeyError and ValueError): a required key is absent from the file.
     """
+    key, path = _resolve(name, path, opts)
+    if key in BUILT_IN_DATASETS:
+        return load_mfeat(**opts) if key == "mfeat" else make_synthetic(**opts)
+    if key == "xmedia":
+        return load_xmedia(path, **opts)
+    if key in AUTHORS_H5_N_VAL:
+        return load_authors_h5(path, name=key, **opts)
+    if key == "authors-h5":
+        return load_authors_h5(path, **opts)
+    if key == "multiview-mat":
+        return load_multiview_mat(path, **opts)
+    return load_generic(path, key, **opts)
+
+
+READ_PER_MODALITY = ("npz", "h5", "dir", "wikipedia", "nus-wide", "mscoco", "authors-h5")
+"""Layouts whose files load_modalities reads per modality (generic .mat files too when they are
+MATLAB v7.3, i.e. HDF5). The others are read whole: v5 .mat files (scipy reads them whole), the
+XMedia and multi-view .mat files, the embedded digits (tiny) and synthetic data (drawn)."""
+
+
+def reads_per_modality(name: str | None, path: str | os.PathLike | None = None, **opts) -> bool:
+    """Whether describe_dataset and load_modalities read this dataset's file per modality (else
+    they load it whole, and a caller that needs it whole anyway loads it once)."""
+    key, path = _resolve(name, path, opts)
+    if key == "mat":
+        import h5py
+
+        return h5py.is_hdf5(path)  # MATLAB v7.3
+    return key in READ_PER_MODALITY
+
+
+def describe_dataset(name: str | None = "mfeat", path: str | os.PathLike | None = None, **opts) -> DatasetInfo:
+    """What load_dataset(name, path, **opts) would hold (modalities, their train rows and widths,
+    classes) without reading features where the layout allows (READ_PER_MODALITY): from the
+    arrays' headers. Other layouts are loaded whole."""
+    key, path = _resolve(name, path, opts)
+    if key in ("npz", "h5", "dir", "mat"):
+        return describe_generic(path, key)
+    if key in AUTHORS_H5_N_VAL or key == "authors-h5":
+        opts.pop("n_val", None)
+        return describe_authors_h5(path, **{"name": key, **opts})  # "authors-h5" may be named
+    return load_dataset(key, path, **opts).info()
+
+
+def load_modalities(name: str | None, path: str | os.PathLike | None, names: Sequence[str], **opts) -> Dataset:
+    """load_dataset(name, path, **opts) keeping only the modalities `names`, in that order, with
+    the whole dataset's classes. Layouts in READ_PER_MODALITY read only those modalities'
+    features (and labels; see read_generic and read_authors_h5 for the label vectors read to
+    count classes); the others are loaded whole and the rest dropped."""
+    key, path = _resolve(name, path, opts)
+    if key in ("npz", "h5", "dir", "mat"):
+        return read_generic(path, key, only=names)
+    if key in AUTHORS_H5_N_VAL or key == "authors-h5":
+        return read_authors_h5(path, only=names, **{"name": key, **opts})
+    whole = load_dataset(key, path, **opts)
+    return Dataset(whole.name, [whole.modality(n) for n in names], whole.class_names,
+                   multilabel=whole.multilabel, source=whole.source)
+
+
+def _resolve(name: str | None, path, opts: dict) -> tuple[str, str | None]:
+    """(the loader's key, the checked path); fills in the options load_dataset defaults (n_val
+    of the authors' files) and checks the rest."""
     key = "auto" if name is None else str(name).lower()
     if key not in DATASET_NAMES:
         raise ValueError(f"unknown dataset name {name!r}; valid names: {', '.join(DATASET_NAMES)}")
@@ -71,23 +136,16 @@ def load_dataset(name: str | None = "mfeat", path: str | os.PathLike | None = No
         if path is not None:
             raise ValueError(f"dataset {key!r} is built in and takes no path (got {path!r})")
         _check_options(key, opts)
-        return load_mfeat(**opts) if key == "mfeat" else make_synthetic(**opts)
+        return key, None
     if path is None:
         raise ValueError(f"dataset {key!r} needs a path to its file")
     path = check_path(path)
     if key == "auto":
         key = detect_layout(path, opts.get("n_val"))
     _check_options(key, opts)
-    if key == "xmedia":
-        return load_xmedia(path, **opts)
     if key in AUTHORS_H5_N_VAL:
         opts.setdefault("n_val", AUTHORS_H5_N_VAL[key])
-        return load_authors_h5(path, name=key, **opts)
-    if key == "authors-h5":
-        return load_authors_h5(path, **opts)
-    if key == "multiview-mat":
-        return load_multiview_mat(path, **opts)
-    return load_generic(path, key, **opts)
+    return key, path
 
 
 # The loader behind each name, and the parameters load_dataset fills in itself.
