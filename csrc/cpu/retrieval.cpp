@@ -22,6 +22,7 @@
 // score (DuplicateScores): identical rows always tie and come in ascending index order.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/div.h>
 #include <ATen/ops/empty.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/mm.h>
@@ -285,31 +286,38 @@ int64_t gallery_ranges(int64_t tiles, int64_t blocks) {
 std::tuple<at::Tensor, at::Tensor> cosine_topk_cpu(const at::Tensor& query_in, const at::Tensor& gallery_in,
                                                    int64_t k, bool exclude_self) {
   constexpr const char* op = "cosine_topk";
-  auto [query, gallery] = normalized_embeddings(op, query_in, gallery_in, exclude_self);
+  const auto [query, raw_gallery, gallery_norms] = embeddings_with_gallery_norms(op, query_in, gallery_in, exclude_self);
   check_cpu_dtype(op, query);
-  const int64_t nq = query.size(0), ng = gallery.size(0);
+  const int64_t nq = query.size(0), ng = raw_gallery.size(0), d = query.size(1);
   check_topk_k(op, k, ranked_items(ng, exclude_self), exclude_self);
+  // Fewer rows for a very large k (kCandidateBytes); Scored<T> is 16 bytes for float and double.
+  const int64_t rows = std::min(tile_rows(nq, kBlockCols, query.element_size()),
+                                std::max<int64_t>(kMinTileRows, kCandidateBytes / (2 * k * 16)));
+  const int64_t tiles = (nq + rows - 1) / rows, blocks = (ng + kBlockCols - 1) / kBlockCols;
+  const int64_t ranges = gallery_ranges(tiles, blocks);
+  // One range per tile: the gallery normalized once. Several (few queries, where this per-call
+  // copy of the whole gallery would cost more than the GEMMs): each block is normalized as it is
+  // scored, into the thread's scratch, to the same values.
+  const at::Tensor gallery = ranges > 1 ? raw_gallery : at::div(raw_gallery, gallery_norms);
   const DuplicateScores duplicates(duplicate_rows(gallery_in));
   const BlockGemm gemm(query.scalar_type());
   at::Tensor scores = at::empty({nq, k}, query.options());
   at::Tensor indices = at::empty({nq, k}, query.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "cosine_topk_cpu", [&] {
-    // Fewer rows for a very large k (kCandidateBytes).
-    const int64_t rows = std::min(tile_rows(nq, kBlockCols, sizeof(scalar_t)),
-                                  std::max<int64_t>(kMinTileRows, kCandidateBytes / (2 * k * sizeof(Scored<scalar_t>))));
-    const int64_t tiles = (nq + rows - 1) / rows, blocks = (ng + kBlockCols - 1) / kBlockCols;
-    const int64_t ranges = gallery_ranges(tiles, blocks), slots = duplicates.slots();
+    static_assert(sizeof(Scored<scalar_t>) == 16);
+    const int64_t slots = duplicates.slots();
     // One range: duplicates take their first row's score block by block (per-thread `saved`).
     // Several: they are masked in the ranges and offered in the merge, from the shared `saved`.
     std::vector<scalar_t> shared_saved(ranges > 1 ? nq * slots : 0);
     std::vector<std::vector<Scored<scalar_t>>> kept(ranges > 1 ? nq * ranges : 0);  // [query, range]
     struct Scratch {
-      at::Tensor buffer;
+      at::Tensor buffer, normalized;  // scores of a block; the normalized block (several ranges)
       std::vector<RunningTopK<scalar_t>> best;
       std::vector<scalar_t> saved;
     };
     const auto setup = [&] {
       return Scratch{at::empty({rows * kBlockCols}, query.options()),
+                     at::empty({ranges > 1 ? kBlockCols : 0, d}, query.options()),
                      std::vector<RunningTopK<scalar_t>>(rows, RunningTopK<scalar_t>(k)),
                      std::vector<scalar_t>(ranges > 1 ? 0 : rows * slots)};
     };
@@ -324,7 +332,12 @@ std::tuple<at::Tensor, at::Tensor> cosine_topk_cpu(const at::Tensor& query_in, c
       for (int64_t g0 = g_begin; g0 < g_end; g0 += kBlockCols) {
         const int64_t ncols = std::min(kBlockCols, ng - g0);
         at::Tensor block = scratch.buffer.narrow(0, 0, nrows * ncols).view({nrows, ncols});
-        block = gemm.scores(q_tile, gallery.narrow(0, g0, ncols), block);
+        at::Tensor g_block = gallery.narrow(0, g0, ncols);
+        if (ranges > 1) {
+          at::Tensor normalized = scratch.normalized.narrow(0, 0, ncols);
+          g_block = at::div_out(normalized, g_block, gallery_norms.narrow(0, g0, ncols));
+        }
+        block = gemm.scores(q_tile, g_block, block);
         scalar_t* s = block.mutable_data_ptr<scalar_t>();
         if (ranges > 1) {
           duplicates.save_firsts_mask_dups(s, nrows, ncols, g0, ncols, shared_saved.data() + q0 * slots);
