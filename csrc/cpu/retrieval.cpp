@@ -279,7 +279,7 @@ constexpr int64_t kRangesPerThread = 4;
 
 int64_t gallery_ranges(int64_t tiles, int64_t blocks) {
   const int64_t threads = at::get_num_threads();
-  if (tiles >= threads || tiles == 0) return 1;
+  if (tiles >= kRangesPerThread * threads || tiles == 0) return 1;
   return std::max<int64_t>(1, std::min(blocks, (kRangesPerThread * threads + tiles - 1) / tiles));
 }
 
