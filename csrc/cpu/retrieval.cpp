@@ -2,7 +2,10 @@
 // (block_scores: one [rows, 1024] block at a time, never the full Nq x Ng matrix). The threads
 // take query tiles one at a time from a shared counter and run the GEMM of a tile
 // single-threaded, so they never wait for each other (which matters on a shared, oversubscribed
-// machine).
+// machine: a GEMM or TensorIterator op called outside a parallel region starts its own OpenMP
+// team per call, and with one core taken a thread waits at every barrier: a single query against
+// 100,000 items took 20x its GEMM time so). cosine_topk with few query tiles splits each tile's
+// gallery into ranges of blocks, so that few queries use every thread too (gallery_ranges).
 //
 // The float32 GEMM goes through oneDNN (torch's mkldnn::_linear_pointwise op) where torch has
 // it: oneDNN picks its kernels by CPU feature, while MKL runs its AVX2 code on AMD CPUs, at half
@@ -146,22 +149,11 @@ class DuplicateScores {
   }
 
   int64_t slots() const { return firsts_.size(); }
-  bool empty() const { return dups_.empty(); }
 
   // Scores s[i * stride + (t - g0)] of query rows i < rows for gallery items t in [g0, g0 + cols).
   template <typename T>
   void apply(T* s, int64_t rows, int64_t stride, int64_t g0, int64_t cols, T* saved) const {
-    if (dups_.empty()) return;
-    const int64_t g1 = g0 + cols, n = slots();
-    const int64_t f0 = std::lower_bound(firsts_.begin(), firsts_.end(), g0) - firsts_.begin();
-    const int64_t f1 = std::lower_bound(firsts_.begin(), firsts_.end(), g1) - firsts_.begin();
-    const auto d0 = std::lower_bound(dups_.begin(), dups_.end(), Dup{g0, 0});
-    const auto d1 = std::lower_bound(dups_.begin(), dups_.end(), Dup{g1, 0});
-    for (int64_t i = 0; i < rows; ++i) {
-      T* row = s + i * stride - g0;
-      for (int64_t f = f0; f < f1; ++f) saved[i * n + f] = row[firsts_[f]];
-      for (auto it = d0; it != d1; ++it) row[it->index] = saved[i * n + it->slot];
-    }
+    visit(s, rows, stride, g0, cols, saved, [](const T* saved_row, int64_t slot) { return saved_row[slot]; });
   }
 
   // For gallery ranges scored out of order (on different threads): as apply(), but a duplicate
@@ -170,17 +162,7 @@ class DuplicateScores {
   // offers the duplicates with their first rows' scores.
   template <typename T>
   void save_firsts_mask_dups(T* s, int64_t rows, int64_t stride, int64_t g0, int64_t cols, T* saved) const {
-    if (dups_.empty()) return;
-    const int64_t g1 = g0 + cols, n = slots();
-    const int64_t f0 = std::lower_bound(firsts_.begin(), firsts_.end(), g0) - firsts_.begin();
-    const int64_t f1 = std::lower_bound(firsts_.begin(), firsts_.end(), g1) - firsts_.begin();
-    const auto d0 = std::lower_bound(dups_.begin(), dups_.end(), Dup{g0, 0});
-    const auto d1 = std::lower_bound(dups_.begin(), dups_.end(), Dup{g1, 0});
-    for (int64_t i = 0; i < rows; ++i) {
-      T* row = s + i * stride - g0;
-      for (int64_t f = f0; f < f1; ++f) saved[i * n + f] = row[firsts_[f]];
-      for (auto it = d0; it != d1; ++it) row[it->index] = -std::numeric_limits<T>::infinity();
-    }
+    visit(s, rows, stride, g0, cols, saved, [](const T*, int64_t) { return -std::numeric_limits<T>::infinity(); });
   }
 
   // Calls offer(score, index) for every duplicate but `self`, its score from row `saved` [slots()].
@@ -195,6 +177,23 @@ class DuplicateScores {
     int64_t index, slot;  // the duplicate row; the slot of its first row
     bool operator<(const Dup& o) const { return index < o.index; }
   };
+
+  // Saves the scores of the first rows in [g0, g0 + cols) and gives each duplicate there the
+  // score dup_score(saved row, its first row's slot).
+  template <typename T, typename DupScore>
+  void visit(T* s, int64_t rows, int64_t stride, int64_t g0, int64_t cols, T* saved, const DupScore& dup_score) const {
+    if (dups_.empty()) return;
+    const int64_t g1 = g0 + cols, n = slots();
+    const int64_t f0 = std::lower_bound(firsts_.begin(), firsts_.end(), g0) - firsts_.begin();
+    const int64_t f1 = std::lower_bound(firsts_.begin(), firsts_.end(), g1) - firsts_.begin();
+    const auto d0 = std::lower_bound(dups_.begin(), dups_.end(), Dup{g0, 0});
+    const auto d1 = std::lower_bound(dups_.begin(), dups_.end(), Dup{g1, 0});
+    for (int64_t i = 0; i < rows; ++i) {
+      T* row = s + i * stride - g0;
+      for (int64_t f = f0; f < f1; ++f) saved[i * n + f] = row[firsts_[f]];
+      for (auto it = d0; it != d1; ++it) row[it->index] = dup_score(saved + i * n, it->slot);
+    }
+  }
   std::vector<int64_t> firsts_;  // first rows that have duplicates, ascending
   std::vector<Dup> dups_;        // ascending index
 };
