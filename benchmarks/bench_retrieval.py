@@ -11,7 +11,7 @@ one-minute load; the median over rounds (>= 3) is reported with the ratios, and 
 rate is measured in the same run. Wall time is the measure; process CPU time is recorded too (on
 a loaded machine, CPU time / wall time < threads says other processes took cores). Every case
 first checks that the alternatives agree. SDML_BENCH_LARGE=1 runs the full sizes (top-k 10,000 x
-100,000 at k = 10, 50, 1000 and 1,000 x 1,000,000 at k = 50; mAP 23,661² single-label and
+100,000 at k = 10, 50, 1000 and 1,000 x 1,000,000 at k = 50; 1, 8, 64 queries x 100,000 at k = 10; mAP 23,661² single-label and
 30,137² multi-label): tens of minutes on 2 cores.
 """
 
@@ -159,6 +159,26 @@ def topk_case(nq, ng, ks, device, rounds):
     return results
 
 
+def small_query_case(ng, nqs, k, device, rounds):
+    """A few queries against a large gallery (an interactive search): per-call work over the
+    whole gallery (normalisation, duplicate detection) and using every thread for few queries."""
+    gallery, _ = embeddings(ng, D, 1, device)
+    index = faiss_index(gallery) if faiss is not None and device == "cpu" else None
+    results = {}
+    for nq in nqs:
+        query, _ = embeddings(nq, D, 0, device)
+        alts = {"sdml": lambda: cosine_topk(query, gallery, k),
+                "torch_mm_topk": lambda: torch_topk(query, gallery, k)}
+        if index is not None:
+            alts["faiss_flat_ip"] = lambda: faiss_topk(index, query, k)
+        want, _ = torch_topk(query, gallery, k)
+        for name, fn in alts.items():
+            torch.testing.assert_close(fn()[0].float().cpu(), want.cpu(), rtol=0, atol=2e-5)
+        results[f"topk-small {device} {nq}x{ng} d{D} k{k}"] = dict(
+            interleaved(alts, rounds, device), gemm_GFLOP=2.0 * nq * ng * D / 1e9)
+    return results
+
+
 def map_case(n, classes, multi, device, rounds, vectorized=False):
     query, ql = embeddings(n, D, 0, device, classes, multi)
     gallery, gl = embeddings(n, D, 1, device, classes, multi)
@@ -212,10 +232,11 @@ def table(results, gemm_rate) -> str:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kind", ["topk", "map_single", "map_multi"])
+@pytest.mark.parametrize("kind", ["topk", "topk_small", "map_single", "map_multi"])
 def test_retrieval_interleaved(benchmark, kind, device):
     run = {
         "topk": lambda: topk_case(2000, 20000, [10, 50, 1000], device, 3),
+        "topk_small": lambda: small_query_case(20000, [1, 8, 64], 10, device, 3),
         "map_single": lambda: map_case(4000, 10, False, device, 3),
         "map_multi": lambda: map_case(4000, 80, True, device, 3),
     }[kind]
@@ -228,7 +249,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--large", action="store_true", default=LARGE, help="the full sizes (SDML_BENCH_LARGE=1)")
-    parser.add_argument("--only", default="", help="run only cases whose key contains this text (topk, mAP)")
+    parser.add_argument("--only", default="", choices=["", "topk", "small", "mAP"],
+                        help="run only these cases: topk (large batches), small (1, 8, 64 queries), mAP")
     parser.add_argument("--json", type=Path, help="write the raw results here")
     args = parser.parse_args(argv)
     if args.rounds < 3:
@@ -241,6 +263,10 @@ def main(argv=None) -> int:
             for nq, ng, ks in sizes:
                 results.update(topk_case(nq, ng, ks, device, args.rounds))
                 print(table(results, gemm_rate), flush=True)
+        if args.only in ("", "small"):
+            results.update(small_query_case(100000 if args.large else 20000, [1, 8, 64], 10, device,
+                                            max(args.rounds, 5)))
+            print(table(results, gemm_rate), flush=True)
         if args.only in ("", "mAP"):
             for n, classes, multi in ([(23661, 10, False), (30137, 80, True)] if args.large else [(4000, 10, False), (4000, 80, True)]):
                 results.update(map_case(n, classes, multi, device, args.rounds, vectorized=not args.large))

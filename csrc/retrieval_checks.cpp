@@ -33,11 +33,16 @@ void check_row_norms(const char* op, const char* name, const at::Tensor& norms) 
   }
 }
 
-at::Tensor normalize_rows(const char* op, const char* name, const at::Tensor& input) {
-  const at::Tensor t = input.detach();
+// Row norms [N, 1] of t, checked.
+at::Tensor row_norms(const char* op, const char* name, const at::Tensor& t) {
   const at::Tensor norms = at::linalg_vector_norm(t, 2, {1}, /*keepdim=*/true);
   check_row_norms(op, name, norms);
-  return at::div(t, norms).contiguous();
+  return norms;
+}
+
+at::Tensor normalize_rows(const char* op, const char* name, const at::Tensor& input) {
+  const at::Tensor t = input.detach();
+  return at::div(t, row_norms(op, name, t)).contiguous();
 }
 
 // Multi-hot rows [N, c] (any numeric dtype, non-zero = has the class) as int64 [N, words]
@@ -142,8 +147,7 @@ DuplicateRows duplicate_rows(const at::Tensor& gallery) {
   return {dup, rep_of.index_select(0, dup)};
 }
 
-std::pair<at::Tensor, at::Tensor> normalized_embeddings(const char* op, const at::Tensor& query,
-                                                        const at::Tensor& gallery, bool exclude_self) {
+static void check_embeddings(const char* op, const at::Tensor& query, const at::Tensor& gallery, bool exclude_self) {
   SDML_CHECK_FLOATING(op, query);
   SDML_CHECK_FLOATING(op, gallery);
   SDML_CHECK_DIM(op, query, 2);
@@ -162,7 +166,19 @@ std::pair<at::Tensor, at::Tensor> normalized_embeddings(const char* op, const at
     SDML_CHECK_VALUE(gallery.size(0) > 1, op,
                      ": with exclude_self a one-row gallery leaves nothing to rank");
   }
+}
+
+std::pair<at::Tensor, at::Tensor> normalized_embeddings(const char* op, const at::Tensor& query,
+                                                        const at::Tensor& gallery, bool exclude_self) {
+  check_embeddings(op, query, gallery, exclude_self);
   return {normalize_rows(op, "query", query), normalize_rows(op, "gallery", gallery)};
+}
+
+EmbeddingsWithGalleryNorms embeddings_with_gallery_norms(const char* op, const at::Tensor& query,
+                                                         const at::Tensor& gallery, bool exclude_self) {
+  check_embeddings(op, query, gallery, exclude_self);
+  const at::Tensor q = normalize_rows(op, "query", query), g = gallery.detach().contiguous();
+  return {q, g, row_norms(op, "gallery", g)};
 }
 
 RetrievalLabels prepare_labels(const char* op, const at::Tensor& query_labels,

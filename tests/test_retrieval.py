@@ -338,6 +338,61 @@ def test_duplicate_rows_with_exclude_self():
     assert_close(average_precision(g, g, gl, gl, exclude_self=True), ref.average_precision(scores, rel, exclude_self=True))
 
 
+# ---- few queries: the gallery split across threads ---------------------------------------------
+# Fewer query tiles (16 rows) than threads: each tile's gallery is split into ranges of whole
+# 1024-column blocks scored on different threads, and their top-k merged. Forcing 1 and 7
+# threads covers no split, and splits into several ranges (7 threads need not be cores).
+
+
+def with_threads(n, fn):
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(n)
+        return fn()
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("nq, ng, k", [(1, 5000, 10), (3, 4097, 1), (8, 9000, 700), (40, 3100, 50)])
+def test_topk_split_gallery_matches_one_thread(nq, ng, k, dtype):
+    q, g, _, _ = class_structured(nq, ng, 16, "class_ids", seed=nq + ng, dtype=dtype)
+    one = with_threads(1, lambda: cosine_topk(q, g, k))
+    many = with_threads(7, lambda: cosine_topk(q, g, k))
+    assert torch.equal(one.indices, many.indices) and torch.equal(one.scores, many.scores)
+    want_scores, want_idx = ref.topk(ref.cosine_scores(q, g), k)
+    if dtype == torch.float64:
+        assert np.array_equal(many.indices.numpy(), want_idx)
+    assert_close(many.scores.double(), want_scores, atol=1e-12 if dtype == torch.float64 else 1e-5)
+
+
+def assert_split_matches(q, g, k, exclude_self=False, threads=7):
+    """One thread (no split) and `threads` (split) agree bitwise, and with the reference ranking."""
+    many = with_threads(threads, lambda: cosine_topk(q, g, k, exclude_self=exclude_self))
+    one = with_threads(1, lambda: cosine_topk(q, g, k, exclude_self=exclude_self))
+    assert torch.equal(one.indices, many.indices) and torch.equal(one.scores, many.scores)
+    assert np.array_equal(many.indices.numpy(), ref.topk(ref.cosine_scores(q, g), k, exclude_self)[1])
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_topk_split_gallery_duplicates_and_ties(dtype):
+    """Duplicates whose first row lies in another range, and exact ties across ranges."""
+    q, g, _, _, _ = repeated_rows(5, 4100, dtype, seed=21)
+    assert_split_matches(q, g, 4100)
+    assert_split_matches(q, g, 3)
+    tq, tg, _, _ = tied(5, 3000, seed=22, dtype=dtype, device="cpu")
+    for k in (1, 40, 3000):
+        assert_split_matches(tq, tg, k)
+
+
+def test_topk_split_gallery_exclude_self():
+    """exclude_self needs Nq == Ng, so a split (fewer 16-row tiles than threads, a gallery of
+    two blocks) needs more threads than 1100 / 16: the query itself sits in either range."""
+    _, g, _, _, _ = repeated_rows(1, 1100, torch.float32, seed=23)
+    assert_split_matches(g, g, 1099, exclude_self=True, threads=80)
+    assert_split_matches(g, g, 7, exclude_self=True, threads=80)
+
+
 # ---- both directions of a pair from one GEMM ---------------------------------------------------
 
 

@@ -2,7 +2,10 @@
 // (block_scores: one [rows, 1024] block at a time, never the full Nq x Ng matrix). The threads
 // take query tiles one at a time from a shared counter and run the GEMM of a tile
 // single-threaded, so they never wait for each other (which matters on a shared, oversubscribed
-// machine).
+// machine: a GEMM or TensorIterator op called outside a parallel region starts its own OpenMP
+// team per call, and with one core taken a thread waits at every barrier: a single query against
+// 100,000 items took 20x its GEMM time so). cosine_topk with few query tiles splits each tile's
+// gallery into ranges of blocks, so that few queries use every thread too (gallery_ranges).
 //
 // The float32 GEMM goes through oneDNN (torch's mkldnn::_linear_pointwise op) where torch has
 // it: oneDNN picks its kernels by CPU feature, while MKL runs its AVX2 code on AMD CPUs, at half
@@ -22,6 +25,7 @@
 // score (DuplicateScores): identical rows always tie and come in ascending index order.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/div.h>
 #include <ATen/ops/empty.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/mm.h>
@@ -149,6 +153,35 @@ class DuplicateScores {
   // Scores s[i * stride + (t - g0)] of query rows i < rows for gallery items t in [g0, g0 + cols).
   template <typename T>
   void apply(T* s, int64_t rows, int64_t stride, int64_t g0, int64_t cols, T* saved) const {
+    visit(s, rows, stride, g0, cols, saved, [](const T* saved_row, int64_t slot) { return saved_row[slot]; });
+  }
+
+  // For gallery ranges scored out of order (on different threads): as apply(), but a duplicate
+  // scores -inf (it is never kept), and its first row's score is only saved, in `saved`
+  // [rows, slots()] shared by all ranges (each first row lies in one range). offer_saved() then
+  // offers the duplicates with their first rows' scores.
+  template <typename T>
+  void save_firsts_mask_dups(T* s, int64_t rows, int64_t stride, int64_t g0, int64_t cols, T* saved) const {
+    visit(s, rows, stride, g0, cols, saved, [](const T*, int64_t) { return -std::numeric_limits<T>::infinity(); });
+  }
+
+  // Calls offer(score, index) for every duplicate but `self`, its score from row `saved` [slots()].
+  template <typename T, typename Offer>
+  void offer_saved(const T* saved, int64_t self, const Offer& offer) const {
+    for (const Dup& d : dups_)
+      if (d.index != self) offer(saved[d.slot], d.index);
+  }
+
+ private:
+  struct Dup {
+    int64_t index, slot;  // the duplicate row; the slot of its first row
+    bool operator<(const Dup& o) const { return index < o.index; }
+  };
+
+  // Saves the scores of the first rows in [g0, g0 + cols) and gives each duplicate there the
+  // score dup_score(saved row, its first row's slot).
+  template <typename T, typename DupScore>
+  void visit(T* s, int64_t rows, int64_t stride, int64_t g0, int64_t cols, T* saved, const DupScore& dup_score) const {
     if (dups_.empty()) return;
     const int64_t g1 = g0 + cols, n = slots();
     const int64_t f0 = std::lower_bound(firsts_.begin(), firsts_.end(), g0) - firsts_.begin();
@@ -158,15 +191,9 @@ class DuplicateScores {
     for (int64_t i = 0; i < rows; ++i) {
       T* row = s + i * stride - g0;
       for (int64_t f = f0; f < f1; ++f) saved[i * n + f] = row[firsts_[f]];
-      for (auto it = d0; it != d1; ++it) row[it->index] = saved[i * n + it->slot];
+      for (auto it = d0; it != d1; ++it) row[it->index] = dup_score(saved + i * n, it->slot);
     }
   }
-
- private:
-  struct Dup {
-    int64_t index, slot;  // the duplicate row; the slot of its first row
-    bool operator<(const Dup& o) const { return index < o.index; }
-  };
   std::vector<int64_t> firsts_;  // first rows that have duplicates, ascending
   std::vector<Dup> dups_;        // ascending index
 };
@@ -224,6 +251,12 @@ class RunningTopK {
     }
   }
 
+  // Appends the kept items (unordered) to `out`.
+  void finish_into(std::vector<Scored<T>>& out) {
+    prune();
+    out.insert(out.end(), cand_.begin(), cand_.begin() + size_);
+  }
+
  private:
   void prune() {
     if (size_ <= k_) return;
@@ -237,51 +270,108 @@ class RunningTopK {
   T threshold_ = -std::numeric_limits<T>::infinity();
 };
 
+// Query tiles fewer than the threads (a few queries): each tile's gallery is split into this
+// many ranges of whole blocks per thread, scored on different threads and merged. The GEMM calls
+// (query tile x gallery block) are the same however the gallery is split, so are the scores, and
+// the merge is exact: the results do not depend on the thread count.
+constexpr int64_t kRangesPerThread = 4;
+
+int64_t gallery_ranges(int64_t tiles, int64_t blocks) {
+  const int64_t threads = at::get_num_threads();
+  if (tiles >= kRangesPerThread * threads || tiles == 0) return 1;
+  return std::max<int64_t>(1, std::min(blocks, (kRangesPerThread * threads + tiles - 1) / tiles));
+}
+
 std::tuple<at::Tensor, at::Tensor> cosine_topk_cpu(const at::Tensor& query_in, const at::Tensor& gallery_in,
                                                    int64_t k, bool exclude_self) {
   constexpr const char* op = "cosine_topk";
-  auto [query, gallery] = normalized_embeddings(op, query_in, gallery_in, exclude_self);
+  const auto [query, raw_gallery, gallery_norms] = embeddings_with_gallery_norms(op, query_in, gallery_in, exclude_self);
   check_cpu_dtype(op, query);
-  const int64_t nq = query.size(0), ng = gallery.size(0);
+  const int64_t nq = query.size(0), ng = raw_gallery.size(0), d = query.size(1);
   check_topk_k(op, k, ranked_items(ng, exclude_self), exclude_self);
+  // Fewer rows for a very large k (kCandidateBytes); Scored<T> is 16 bytes for float and double.
+  const int64_t rows = std::min(tile_rows(nq, kBlockCols, query.element_size()),
+                                std::max<int64_t>(kMinTileRows, kCandidateBytes / (2 * k * 16)));
+  const int64_t tiles = (nq + rows - 1) / rows, blocks = (ng + kBlockCols - 1) / kBlockCols;
+  const int64_t ranges = gallery_ranges(tiles, blocks);
+  // One range per tile: the gallery normalized once. Several (few queries, where this per-call
+  // copy of the whole gallery would cost more than the GEMMs): each block is normalized as it is
+  // scored, into the thread's scratch, to the same values.
+  const at::Tensor gallery = ranges > 1 ? raw_gallery : at::div(raw_gallery, gallery_norms);
   const DuplicateScores duplicates(duplicate_rows(gallery_in));
   const BlockGemm gemm(query.scalar_type());
   at::Tensor scores = at::empty({nq, k}, query.options());
   at::Tensor indices = at::empty({nq, k}, query.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "cosine_topk_cpu", [&] {
-    // Fewer rows for a very large k (kCandidateBytes).
-    const int64_t rows = std::min(tile_rows(nq, kBlockCols, sizeof(scalar_t)),
-                                  std::max<int64_t>(kMinTileRows, kCandidateBytes / (2 * k * sizeof(Scored<scalar_t>))));
-    const int64_t tiles = (nq + rows - 1) / rows;
+    static_assert(sizeof(Scored<scalar_t>) == 16);
+    const int64_t slots = duplicates.slots();
+    // One range: duplicates take their first row's score block by block (per-thread `saved`).
+    // Several: they are masked in the ranges and offered in the merge, from the shared `saved`.
+    std::vector<scalar_t> shared_saved(ranges > 1 ? nq * slots : 0);
+    std::vector<std::vector<Scored<scalar_t>>> kept(ranges > 1 ? nq * ranges : 0);  // [query, range]
     struct Scratch {
-      at::Tensor buffer;
+      at::Tensor buffer, normalized;  // scores of a block; the normalized block (several ranges)
       std::vector<RunningTopK<scalar_t>> best;
-      std::vector<scalar_t> saved;  // first rows' scores for their duplicates
+      std::vector<scalar_t> saved;
     };
     const auto setup = [&] {
       return Scratch{at::empty({rows * kBlockCols}, query.options()),
+                     at::empty({ranges > 1 ? kBlockCols : 0, d}, query.options()),
                      std::vector<RunningTopK<scalar_t>>(rows, RunningTopK<scalar_t>(k)),
-                     std::vector<scalar_t>(rows * duplicates.slots())};
+                     std::vector<scalar_t>(ranges > 1 ? 0 : rows * slots)};
     };
-    for_each_tile(tiles, setup, [&](Scratch& scratch, int64_t tile) {
-      at::Tensor& buffer = scratch.buffer;
+    for_each_tile(tiles * ranges, setup, [&](Scratch& scratch, int64_t item) {
+      const int64_t tile = item / ranges, range = item % ranges;
       std::vector<RunningTopK<scalar_t>>& best = scratch.best;
       const int64_t q0 = tile * rows, nrows = std::min(rows, nq - q0);
+      const int64_t g_begin = range * blocks / ranges * kBlockCols;
+      const int64_t g_end = std::min(ng, (range + 1) * blocks / ranges * kBlockCols);
       const at::Tensor q_tile = query.narrow(0, q0, nrows);
       for (int64_t i = 0; i < nrows; ++i) best[i].reset();
-      for (int64_t g0 = 0; g0 < ng; g0 += kBlockCols) {
+      for (int64_t g0 = g_begin; g0 < g_end; g0 += kBlockCols) {
         const int64_t ncols = std::min(kBlockCols, ng - g0);
-        at::Tensor block = buffer.narrow(0, 0, nrows * ncols).view({nrows, ncols});
-        block = gemm.scores(q_tile, gallery.narrow(0, g0, ncols), block);
-        duplicates.apply(block.mutable_data_ptr<scalar_t>(), nrows, ncols, g0, ncols, scratch.saved.data());
-        const scalar_t* s = block.const_data_ptr<scalar_t>();
-        for (int64_t i = 0; i < nrows; ++i)
-          best[i].offer_block(s + i * ncols, ncols, g0, exclude_self ? q0 + i : -1);
+        at::Tensor block = scratch.buffer.narrow(0, 0, nrows * ncols).view({nrows, ncols});
+        at::Tensor g_block = gallery.narrow(0, g0, ncols);
+        if (ranges > 1) {
+          at::Tensor normalized = scratch.normalized.narrow(0, 0, ncols);
+          g_block = at::div_out(normalized, g_block, gallery_norms.narrow(0, g0, ncols));
+        }
+        block = gemm.scores(q_tile, g_block, block);
+        scalar_t* s = block.mutable_data_ptr<scalar_t>();
+        if (ranges > 1) {
+          duplicates.save_firsts_mask_dups(s, nrows, ncols, g0, ncols, shared_saved.data() + q0 * slots);
+        } else {
+          duplicates.apply(s, nrows, ncols, g0, ncols, scratch.saved.data());
+        }
+        for (int64_t i = 0; i < nrows; ++i) best[i].offer_block(s + i * ncols, ncols, g0, exclude_self ? q0 + i : -1);
       }
-      for (int64_t i = 0; i < nrows; ++i)
-        best[i].finish(scores.mutable_data_ptr<scalar_t>() + (q0 + i) * k,
-                       indices.mutable_data_ptr<int64_t>() + (q0 + i) * k);
+      for (int64_t i = 0; i < nrows; ++i) {
+        if (ranges > 1) {
+          best[i].finish_into(kept[(q0 + i) * ranges + range]);
+        } else {
+          best[i].finish(scores.mutable_data_ptr<scalar_t>() + (q0 + i) * k,
+                         indices.mutable_data_ptr<int64_t>() + (q0 + i) * k);
+        }
+      }
     });
+    if (ranges > 1) {
+      at::parallel_for(0, nq, 1, [&](int64_t begin, int64_t end) {
+        std::vector<Scored<scalar_t>> all;
+        for (int64_t qi = begin; qi < end; ++qi) {
+          all.clear();
+          for (int64_t r = 0; r < ranges; ++r) all.insert(all.end(), kept[qi * ranges + r].begin(), kept[qi * ranges + r].end());
+          duplicates.offer_saved(shared_saved.data() + qi * slots, exclude_self ? qi : -1,
+                                 [&](scalar_t score, int64_t index) { all.push_back({score, index}); });
+          // every item is in a range's best k or a duplicate, so at least k candidates
+          std::nth_element(all.begin(), all.begin() + (k - 1), all.end());
+          std::sort(all.begin(), all.begin() + k);
+          for (int64_t j = 0; j < k; ++j) {
+            scores.mutable_data_ptr<scalar_t>()[qi * k + j] = all[j].score;
+            indices.mutable_data_ptr<int64_t>()[qi * k + j] = all[j].index;
+          }
+        }
+      });
+    }
   });
   return {scores, indices};
 }

@@ -17,6 +17,16 @@ namespace sdml {
 std::pair<at::Tensor, at::Tensor> normalized_embeddings(const char* op, const at::Tensor& query,
                                                         const at::Tensor& gallery, bool exclude_self);
 
+// As normalized_embeddings (the same checks), for kernels that normalize gallery blocks as they
+// score them (no normalized copy of a large gallery): the normalized query, the gallery as given
+// (contiguous, detached) and its checked row norms [Ng, 1]. gallery[t] / gallery_norms[t] is
+// bit for bit normalized_embeddings' row t (IEEE division is correctly rounded).
+struct EmbeddingsWithGalleryNorms {
+  at::Tensor query, gallery, gallery_norms;
+};
+EmbeddingsWithGalleryNorms embeddings_with_gallery_norms(const char* op, const at::Tensor& query,
+                                                         const at::Tensor& gallery, bool exclude_self);
+
 // Relevance labels in kernel form. Class ids: int64 [N], -1 = unlabelled (relevant to nothing).
 // Multi-hot: int64 [N, words], bit j of word w set when the row has class 64 w + j.
 struct RetrievalLabels {
