@@ -41,6 +41,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from ._files import publish as _publish
+from ._files import read_directory_manifest
 from .errors import BundleError
 from .locking import exclusive
 from .model import DSAE, tensor_checksum
@@ -220,17 +221,8 @@ def save_bundle(
 def read_manifest(path: str | os.PathLike) -> dict:
     """The manifest of the bundle at `path`, its schema checked (see :func:`check_manifest`);
     BundleError naming the field if it is not a readable, well-formed bundle."""
-    path = Path(path)
-    if not path.exists():
-        raise BundleError(f"bundle not found: {path}")
-    manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
-        raise BundleError(f"{path} is not an SDML bundle (no {MANIFEST})")
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{manifest_path}: unreadable manifest ({exc})") from None
-    check_manifest(manifest, str(manifest_path))
+    manifest = read_directory_manifest(path, MANIFEST, "bundle", BundleError)
+    check_manifest(manifest, str(Path(path) / MANIFEST))
     return manifest
 
 

@@ -15,26 +15,16 @@ from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import load_file
+from conftest import run_config
 
 TRAIN = [sys.executable, "-m", "sdml_ext.train"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 # A run of a few seconds: 3 small synthetic modalities, 4 epochs, a checkpoint after every epoch.
-SMALL_RUN = """
-dataset = "synthetic"
-epochs = 4
-hidden = [48, 48]
-code_dim = 16
-lr = [1e-3]
-batch_size = 50
-
-[dataset_options]
-n_train = 150
-n_val = 50
-n_test = 60
-n_classes = 5
-n_modalities = 3
-"""
+SMALL_RUN = run_config(
+    {"n_train": 150, "n_val": 50, "n_test": 60, "n_classes": 5, "n_modalities": 3},
+    dataset="synthetic", epochs=4, hidden=[48, 48], code_dim=16, lr=[1e-3], batch_size=50,
+)
 EVERY_EPOCH = {"SDML_CHECKPOINT_EVERY": "0", "OMP_NUM_THREADS": "1"}
 
 

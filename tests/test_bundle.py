@@ -128,7 +128,7 @@ def test_corrupt_or_missing_bundles_are_clear_errors(tmp_path, trained):
     with pytest.raises(BundleError, match="checksum"):
         b.encode("m1", np.zeros((1, 48), np.float32))
     (path / "manifest.json").write_text("{not json")
-    with pytest.raises(BundleError, match="unreadable manifest"):
+    with pytest.raises(BundleError, match="unreadable bundle manifest"):
         sdml_ext.load(path)
 
 

@@ -10,23 +10,14 @@ import pytest
 
 import sdml_ext
 from sdml_ext import cli, evaluate, train
+from conftest import run_config
 
 # Small networks keep every run to seconds; serial avoids the worker start-up cost (the parallel
 # path is covered by test_train_strategies.py and the default run).
-CONFIG = """
-strategy = "serial"
-epochs = 4
-hidden = [64, 64]
-code_dim = 32
-lr = [1e-3]
-batch_size = 50
-
-[dataset_options]
-n_train = 150
-n_val = 50
-n_test = 60
-n_classes = 5
-"""
+CONFIG = run_config(
+    {"n_train": 150, "n_val": 50, "n_test": 60, "n_classes": 5},
+    strategy="serial", epochs=4, hidden=[64, 64], code_dim=32, lr=[1e-3], batch_size=50,
+)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from safetensors.numpy import save_file
 import sdml_ext
 from sdml_ext import cli, train
 from sdml_ext.projection import ORTHONORMAL_TOLERANCE, load_projection
+from conftest import run_config
 
 
 def _orthogonal(n, seed=0):
@@ -72,20 +73,10 @@ def test_bad_projections_are_refused_naming_the_defect(tmp_path):
         load_projection(tmp_path / "absent.mat", d=2, c=2)
 
 
-SMALL = """
-strategy = "serial"
-epochs = 1
-hidden = [32]
-code_dim = 16
-lr = [1e-3]
-batch_size = 50
-
-[dataset_options]
-n_train = 100
-n_val = 50
-n_test = 50
-n_classes = 5
-"""
+SMALL = run_config(
+    {"n_train": 100, "n_val": 50, "n_test": 50, "n_classes": 5},
+    strategy="serial", epochs=1, hidden=[32], code_dim=16, lr=[1e-3], batch_size=50,
+)
 
 
 def test_training_with_an_external_projection_records_it(tmp_path, capsys):

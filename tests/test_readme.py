@@ -6,16 +6,11 @@ from pathlib import Path
 import numpy as np
 
 from sdml_ext import cli, train
+from conftest import run_config
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
-SMALL = """
-strategy = "serial"
-epochs = 5
-hidden = [64]
-code_dim = 16
-lr = [1e-3]
-"""
+SMALL = run_config(strategy="serial", epochs=5, hidden=[64], code_dim=16, lr=[1e-3])
 
 
 def _snippet(marker: str) -> str:

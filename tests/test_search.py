@@ -369,7 +369,7 @@ def test_corrupt_or_tampered_index_files(small_index, bundle):
     cases = [
         (lambda: _flip_byte(path / "shard-00001.safetensors"), "shard-00001.safetensors does not match its checksum"),
         (lambda: (path / "shard-00002.safetensors").unlink(), "index file missing"),
-        (lambda: (path / "index.json").write_text("{not json"), "unreadable index manifest"),
+        (lambda: (path / "index.json").write_text("{not json"), "unreadable search index manifest"),
         (lambda: _edit_manifest(path, lambda m: m.update(format="other")), "not an SDML search index"),
         (lambda: _edit_manifest(path, lambda m: m.update(format_version=99)), "version 99 is not supported"),
         (lambda: _edit_manifest(path, lambda m: m.update(rows=59)), "malformed index manifest"),
@@ -525,7 +525,7 @@ def test_cli_module_entry_point(tmp_path):
     assert ok.returncode == 0 and "build" in ok.stdout and "query" in ok.stdout
     bad = subprocess.run([sys.executable, "-P", "-m", "sdml_ext.search", "query", str(tmp_path / "none"), "--modality",
                           "m0", "--features", "x.npy"], capture_output=True, text=True, env=env)
-    assert bad.returncode == 2 and bad.stderr.strip() == f"error: index not found: {tmp_path / 'none'}"
+    assert bad.returncode == 2 and bad.stderr.strip() == f"error: search index not found: {tmp_path / 'none'}"
 
 
 def test_a_moved_bundle_is_named_and_can_be_given(tmp_path, trained, ds):

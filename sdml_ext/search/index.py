@@ -48,6 +48,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 from torch import Tensor
 
+from .._files import read_directory_manifest
 from ..bundle import Bundle, _file_sha256, _fsync_write_json, _publish, check_new_bundle_path, load, versions
 from ..ops.retrieval import TopK, cosine_topk
 
@@ -633,15 +634,8 @@ def build_index(bundle: Bundle | str | os.PathLike, modality: str, features, *, 
 def read_index_manifest(path) -> dict:
     """The index.json of the index at `path`; SearchIndexError if it is not a readable index."""
     path = Path(path)
-    if not path.exists():
-        raise SearchIndexError(f"index not found: {path}")
     file = path / MANIFEST
-    if not file.is_file():
-        raise SearchIndexError(f"{path} is not an SDML search index (no {MANIFEST})")
-    try:
-        manifest = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SearchIndexError(f"{file}: unreadable index manifest ({exc})") from None
+    manifest = read_directory_manifest(path, MANIFEST, "search index", SearchIndexError)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise SearchIndexError(f"{file}: not an SDML search index (format is not {FORMAT!r})")
     if manifest.get("format_version") != FORMAT_VERSION:
