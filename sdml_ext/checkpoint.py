@@ -24,7 +24,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
-from .durable import fsync_dir, write_atomic
+from .store.files import fsync_dir, safetensors_metadata, write_atomic
 from .testhooks import pause_point
 
 DEFAULT_EVERY_S = 60.0
@@ -163,10 +163,7 @@ class Checkpoints:
 
 def _header(data: bytes) -> dict:
     """The JSON record stored in a checkpoint's safetensors header."""
-    if len(data) < 8:
-        raise ValueError("truncated file")
-    n = int.from_bytes(data[:8], "little")
-    meta = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
+    meta = safetensors_metadata(data)
     if "sdml" not in meta:
         raise ValueError("no sdml record in the header")
     return json.loads(meta["sdml"])

@@ -46,6 +46,7 @@ from safetensors.numpy import load as load_arrays
 from safetensors.numpy import save as save_arrays
 
 from .errors import WorkerCrash, WorkerError
+from .store.files import safetensors_metadata
 from .strategies import RunReport, _peak_rss_bytes, train_tasks, usable_cores
 from .training import EpochStats, ModalityResult, ModalityTask
 
@@ -83,8 +84,7 @@ def encode_result(result: ModalityResult) -> bytes:
 
 
 def decode_result(data: bytes) -> ModalityResult:
-    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
-    record = json.loads(header["__metadata__"]["result"])
+    record = json.loads(safetensors_metadata(data)["result"])
     record["history"] = [EpochStats(**s) for s in record["history"]]
     return ModalityResult(state=load_arrays(data), **record)
 

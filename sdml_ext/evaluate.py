@@ -6,12 +6,12 @@ mAP@all and mAP@k tables, write metrics.json and the precision-recall and precis
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from . import cli
-from .bundle import json_safe, load
+from .bundle import load
+from .store.files import json_safe, write_json_atomic
 from .data import BUILT_IN_DATASETS, DATASET_NAMES, detect_layout, load_dataset
 from .evaluation import curves, encode_split, evaluate, plot_curves
 
@@ -66,9 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics["precision_recall"] = {"recall": pr.x.tolist(), **{f"{q}->{g}": y.tolist() for (q, g), y in pr.curves.items()}}
     metrics["precision_at_k"] = {"k": pk.x.tolist(), **{f"{q}->{g}": y.tolist() for (q, g), y in pk.curves.items()}}
     metrics_path = out / "metrics.json"
-    tmp = metrics_path.with_name(".metrics.json.tmp")
-    tmp.write_text(json.dumps(json_safe(metrics), indent=1, allow_nan=False) + "\n")
-    tmp.replace(metrics_path)
+    write_json_atomic(metrics_path, json_safe(metrics))
     pngs = plot_curves(pr, pk, out, dataset=dataset.name, split=args.split)
     print(f"\nwrote {metrics_path}, {', '.join(str(p) for p in pngs)}")
     return 0

@@ -4,7 +4,7 @@
       run.json        what the run is (kind, resolved config, modalities, the bundle it extends):
                       ``--resume OUT.partial`` continues it with exactly these settings
       checkpoints/    ckpt-NN.safetensors per modality (see sdml_ext.checkpoint)
-      lock            held while a process works on the run (see sdml_ext.locking)
+      lock            held while a process works on the run (see sdml_ext.store.locking)
       owner.json      pid, host and multiprocessing temporary directory of the last process
 
 The directory exists from the moment training starts until the bundle is complete; then it is
@@ -26,8 +26,8 @@ import sys
 from pathlib import Path
 
 from .checkpoint import Checkpoints
-from .durable import write_atomic
-from .locking import exclusive
+from .store.files import write_atomic
+from .store.locking import exclusive
 from .signals import process_alive
 
 SUFFIX = ".partial"

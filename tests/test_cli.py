@@ -164,8 +164,9 @@ def test_the_manifest_is_written_once_per_run(tmp_path, config_file, capsys, mon
     from sdml_ext import bundle as bundle_mod
 
     writes = []
-    real = bundle_mod._fsync_write_json
-    monkeypatch.setattr(bundle_mod, "_fsync_write_json", lambda path, data: (writes.append(path), real(path, data)))
+    for name in ("write_json", "write_json_atomic"):  # the new bundle's manifest, an added modality's
+        real = getattr(bundle_mod, name)
+        monkeypatch.setattr(bundle_mod, name, lambda path, data, real=real: (writes.append(path), real(path, data)))
     out = tmp_path / "b"
     argv = ["--dataset", "synthetic", "--modalities", "m0,m1", "--config", config_file, "--epochs", "1", "--out", str(out)]
     assert run_main(train.main, argv, capsys)[0] == 0

@@ -36,8 +36,6 @@ import datetime as _dt
 import json
 import mmap
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -48,8 +46,9 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 from torch import Tensor
 
-from .._files import read_directory_manifest
-from ..bundle import Bundle, _file_sha256, _fsync_write_json, _publish, check_new_bundle_path, load, versions
+from ..bundle import Bundle, check_new_bundle_path, load, versions
+from ..store.files import NewDirectory, fsync_file, publish, read_directory_manifest, sha256_file, write_json
+from ..store.files import write_new_file  # noqa: F401  (re-exported: faiss export and the command line)
 from ..ops.retrieval import TopK, cosine_topk
 
 FORMAT = "sdml-search-index"
@@ -227,27 +226,6 @@ def check_k(k, n: int) -> int:
 # ---- writing --------------------------------------------------------------------------------------
 
 
-def write_new_file(path, write) -> Path:
-    """Create the file `path` with ``write(tmp_path)``: written under a temporary name in the same
-    directory, then hard-linked into place, which fails (FileExistsError) rather than replace a
-    file that exists or appeared meanwhile; the temporary name is always removed."""
-    path = Path(path)
-    if path.exists():
-        raise FileExistsError(f"output {path} already exists; choose another path or remove it first")
-    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.tmp-")
-    os.close(fd)
-    try:
-        write(tmp)
-        _publish(Path(tmp), 0o666)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            raise FileExistsError(f"output {path} already exists; choose another path or remove it first") from None
-    finally:
-        os.unlink(tmp)
-    return path
-
-
 def _shard_name(i: int) -> str:
     return f"shard-{i:05d}.safetensors"
 
@@ -280,8 +258,8 @@ class IndexWriter:
         self.source, self.dim = dict(source), int(dim)
         self.shard_rows = int(shard_rows) if shard_rows else rows_for_bytes(DEFAULT_SHARD_BYTES, dim)
         self.id_kind, self.label_kind, self.num_classes = id_kind, label_kind, num_classes
-        self._tmp = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}.tmp-"))
-        _publish(self._tmp, 0o777)
+        self._directory = NewDirectory(self.path, SearchIndexError, "index")
+        self._tmp = self._directory.tmp
         self._shards: list[dict] = []
         self._codes: np.ndarray | None = None  # the shard being filled, allocated once
         self._pending: list[tuple[object, object]] = []  # its ids and labels
@@ -326,10 +304,9 @@ class IndexWriter:
         # One metadata key (the format is in index.json): safetensors writes its metadata map in a
         # random order, so a second key would make the same shard a different file from build to build.
         save_file(arrays, str(file), metadata={"first_row": str(self.rows)})
-        with open(file, "rb+") as f:
-            os.fsync(f.fileno())
-        _publish(file, 0o666)
-        self._shards.append({"file": name, "rows": self._pending_rows, "sha256": _file_sha256(file)})
+        fsync_file(file)
+        publish(file, 0o666)
+        self._shards.append({"file": name, "rows": self._pending_rows, "sha256": sha256_file(file)})
         self.rows += self._pending_rows
         self._pending, self._pending_rows = [], 0
 
@@ -352,17 +329,11 @@ class IndexWriter:
             "num_classes": self.num_classes,
             "shards": self._shards,
         }
-        _fsync_write_json(self._tmp / MANIFEST, manifest)
-        try:
-            os.rename(self._tmp, self.path)  # fails rather than replace a non-empty directory
-        except OSError as exc:
-            raise SearchIndexError(
-                f"cannot move the finished index into place at {self.path}: {exc.strerror or exc}"
-            ) from None
-        return self.path
+        write_json(self._tmp / MANIFEST, manifest)
+        return self._directory.publish()  # fails rather than replace a non-empty directory
 
     def abort(self) -> None:
-        shutil.rmtree(self._tmp, ignore_errors=True)
+        self._directory.abort()
 
     def __enter__(self) -> IndexWriter:
         return self
@@ -662,7 +633,7 @@ def _check_shard(path: Path, shard: dict, first_row: int, manifest: dict, verify
     file = path / shard["file"]
     if not file.is_file():
         raise SearchIndexError(f"index file missing: {file}")
-    if verify and _file_sha256(file) != shard["sha256"]:
+    if verify and sha256_file(file) != shard["sha256"]:
         raise SearchIndexError(f"{file} does not match its checksum in {MANIFEST} (corrupt or tampered with)")
     rows, dim = int(shard["rows"]), int(manifest["dim"])
     want = {"codes": ([rows, dim], CODE_DTYPES[manifest["dtype"]][1])}
