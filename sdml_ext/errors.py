@@ -34,3 +34,18 @@ class WorkerCrash(WorkerError):
     def __init__(self, message: str, detail: str = ""):
         super().__init__(message)
         self.detail = detail
+
+
+class JobStopped(RuntimeError):
+    """This rank of a distributed job stops because the job failed (a rank failed or vanished).
+
+    message: the one line to print for the whole job, or None where another rank prints it.
+    The command line exits with status 1 and leaves the run directory as it is (the other ranks
+    and a restarted job still use it).
+    """
+
+    exit_status = 1
+
+    def __init__(self, message: str | None):
+        super().__init__(message or "the distributed job stopped")
+        self.message = message
