@@ -400,6 +400,16 @@ class Bundle:
     def config(self) -> dict:
         return self.manifest.get("config", {})
 
+    @property
+    def projection_sha256(self) -> str | None:
+        """The checksum of P the manifest records (None for a bundle not yet written)."""
+        return self.manifest.get("projection", {}).get("sha256")
+
+    def network_sha256(self, modality: str) -> str | None:
+        """The checksum of the modality's weights file (None until it is written); ValueError
+        naming the bundle's modalities if it has no such modality."""
+        return self._entry(modality).get("sha256")
+
     def input_dim(self, modality: str) -> int:
         return int(self._entry(modality)["input_dim"])
 

@@ -1,5 +1,5 @@
-"""The errors sdml_ext raises on purpose, in one place that every layer (bundle, training
-strategies, command-line tools) can import without pulling in the others.
+"""The errors sdml_ext raises on purpose, in one place that every layer (storage, data, training
+strategies, search, command-line tools) can import without pulling in the others.
 
 User errors (bad input, a bundle that is not one, a modality whose data or settings make it
 fail) are ValueErrors or carry a message meant for the user; the command-line tools print them
@@ -12,6 +12,15 @@ from __future__ import annotations
 
 class BundleError(ValueError):
     """A bundle path that is missing, not a bundle, corrupt, or cannot be written."""
+
+
+class SearchIndexError(ValueError):
+    """An index path that is missing, not an index, corrupt, tampered with, or from another model."""
+
+
+class InputTypeError(TypeError, ValueError):
+    """An argument of the wrong type or dtype (a TypeError, and a ValueError like other bad input,
+    so the command line reports it in one line)."""
 
 
 class WorkerError(RuntimeError):
