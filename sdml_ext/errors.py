@@ -14,6 +14,17 @@ class BundleError(ValueError):
     """A bundle path that is missing, not a bundle, corrupt, or cannot be written."""
 
 
+class MissingKeyError(KeyError, ValueError):
+    """A required key is absent from a data file (a KeyError and a ValueError)."""
+
+    def __str__(self) -> str:  # KeyError would print the repr of the message
+        return str(self.args[0]) if self.args else ""
+
+
+class LockedError(OSError):
+    """Another process holds the lock (of a bundle or a run directory)."""
+
+
 class SearchIndexError(ValueError):
     """An index path that is missing, not an index, corrupt, tampered with, or from another model."""
 

@@ -9,14 +9,14 @@ import pytest
 import torch
 
 import sdml_ext
-from sdml_ext import bundle as bundle_mod
-from sdml_ext.bundle import BundleError, add_to_bundle, save_bundle
+from sdml_ext.store import bundle as bundle_mod
+from sdml_ext.store.bundle import BundleError, add_to_bundle, save_bundle
 from sdml_ext.data import make_synthetic
 from sdml_ext.model import DSAE, make_projection, tensor_checksum
 from sdml_ext.preprocess import Preprocessor
 from sdml_ext.store.files import sha256_file
-from sdml_ext.strategies import train_tasks
-from sdml_ext.training import TrainOptions, make_tasks
+from sdml_ext.engine.strategies import train_tasks
+from sdml_ext.engine.training import TrainOptions, make_tasks
 
 OPTS = TrainOptions(hidden=(32, 32), code_dim=16, batch_size=50, epochs=2, seed=7)
 

@@ -9,10 +9,10 @@ import torch
 
 from test_train_strategies import make as make_strategy_tasks
 
-from sdml_ext.checkpoint import Checkpoints, default_every_s
+from sdml_ext.engine.checkpoint import Checkpoints, default_every_s
 from sdml_ext.data import make_synthetic
-from sdml_ext.strategies import train_tasks
-from sdml_ext.training import ModalityTrainer
+from sdml_ext.engine.strategies import train_tasks
+from sdml_ext.engine.training import ModalityTrainer
 
 EPOCHS = 4
 

@@ -9,7 +9,9 @@ import sys
 import pytest
 
 import sdml_ext
-from sdml_ext import cli, evaluate, train
+from sdml_ext import cli
+from sdml_ext import evaluate
+from sdml_ext import train
 from conftest import run_config
 
 # Small networks keep every run to seconds; serial avoids the worker start-up cost (the parallel
@@ -161,7 +163,7 @@ def test_a_failed_run_removes_the_directories_it_created_only(tmp_path, config_f
 
 
 def test_the_manifest_is_written_once_per_run(tmp_path, config_file, capsys, monkeypatch):
-    from sdml_ext import bundle as bundle_mod
+    from sdml_ext.store import bundle as bundle_mod
 
     writes = []
     for name in ("write_json", "write_json_atomic"):  # the new bundle's manifest, an added modality's
@@ -227,7 +229,7 @@ def test_a_single_modality_trains_and_skips_the_table(tmp_path, config_file, cap
 
 
 def test_precision_scope():
-    from sdml_ext.evaluation import precision_scope
+    from sdml_ext.eval.evaluation import precision_scope
 
     for n in (1, 5, 400, 23661):
         ks = precision_scope(n)
@@ -241,8 +243,8 @@ def test_precision_scope():
 
 def test_curve_figures_one_panel_per_query_titled_and_distinguishable():
     import torch
-    from sdml_ext.evaluation import draw_curves
-    from sdml_ext.metrics import PairCurves
+    from sdml_ext.eval.plots import draw_curves
+    from sdml_ext.eval.metrics import PairCurves
 
     names = ["fac", "fou", "kar", "mor", "pix", "zer"]
     x = torch.tensor([1.0, 10.0, 100.0, 400.0], dtype=torch.float64)

@@ -12,7 +12,7 @@ import pytest
 from processes import EVERY_EPOCH, SMALL_RUN, TORCHRUN, TRAIN, Run, assert_same_bundle, free_port, pymp_dirs
 
 from sdml_ext.data import load_dataset
-from sdml_ext.distributed import assign_ranks, decode_result, encode_result
+from sdml_ext.engine.distributed import assign_ranks, decode_result, encode_result
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +177,7 @@ def test_assignment_is_longest_first_and_results_travel_as_safetensors(tmp_path)
     from test_checkpoint import make
 
     from sdml_ext.data import make_synthetic
-    from sdml_ext.training import ModalityTrainer, training_cost
+    from sdml_ext.engine.training import ModalityTrainer, training_cost
 
     ds = make_synthetic(4, dims=[400, 10, 10, 10], n_train=100, n_val=10, n_test=10, n_classes=3)
     tasks = make(ds)

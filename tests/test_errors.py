@@ -16,8 +16,8 @@ from sdml_ext import cli
 from sdml_ext.data import make_synthetic
 from sdml_ext.errors import BundleError, ModalityError, WorkerCrash, WorkerError
 from sdml_ext.model import make_projection
-from sdml_ext.strategies import train_tasks
-from sdml_ext.training import TrainOptions, make_tasks
+from sdml_ext.engine.strategies import train_tasks
+from sdml_ext.engine.training import TrainOptions, make_tasks
 
 OPTS = TrainOptions(hidden=(16,), code_dim=8, batch_size=20, epochs=2)
 
@@ -83,10 +83,10 @@ def test_cli_exit_codes_by_blame(capsys, monkeypatch):
 
 
 def test_evaluating_needs_no_training_machinery(tmp_path):
-    code = ("import sys, sdml_ext.evaluate, sdml_ext.bundle; "
+    code = ("import sys, sdml_ext.evaluate, sdml_ext.store.bundle; "
             "print(' '.join(m for m in sys.modules if m.startswith(('sdml_ext.', 'multiprocessing'))))")
     # cwd outside the repository: import the installed package, not the source tree.
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             cwd=tmp_path).stdout.split()
-    assert "sdml_ext.evaluate" in loaded and "sdml_ext.records" in loaded
-    assert not {"sdml_ext.strategies", "sdml_ext.training", "sdml_ext.config"} & set(loaded)
+    assert "sdml_ext.evaluate" in loaded and "sdml_ext.engine.records" in loaded
+    assert not {"sdml_ext.engine.strategies", "sdml_ext.engine.training", "sdml_ext.engine.config"} & set(loaded)

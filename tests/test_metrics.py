@@ -1,4 +1,4 @@
-"""sdml_ext.metrics: the cross-modal mAP table and the per-pair curves, against the references."""
+"""sdml_ext.eval.metrics: the cross-modal mAP table and the per-pair curves, against the references."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdml_ext import metrics
+from sdml_ext.eval import metrics
 
 import retrieval_reference as ref
 from test_retrieval import class_structured

@@ -10,7 +10,8 @@ import torch
 from safetensors.numpy import save_file
 
 import sdml_ext
-from sdml_ext import cli, train
+from sdml_ext import cli
+from sdml_ext import train
 from sdml_ext.projection import ORTHONORMAL_TOLERANCE, load_projection
 from conftest import run_config
 

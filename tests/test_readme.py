@@ -5,7 +5,9 @@ from pathlib import Path
 
 import numpy as np
 
-from sdml_ext import cli, train
+from sdml_ext import cli
+
+from sdml_ext import train
 from conftest import run_config
 
 README = Path(__file__).resolve().parents[1] / "README.md"

@@ -17,10 +17,10 @@ import sdml_ext
 from sdml_ext import cli
 from safetensors.numpy import save_file
 
-from sdml_ext.bundle import save_bundle
+from sdml_ext.store.bundle import save_bundle
 from sdml_ext.store.files import sha256_file
 from sdml_ext.data import make_synthetic, save_npz
-from sdml_ext.metrics import mean_average_precision
+from sdml_ext.eval.metrics import mean_average_precision
 from sdml_ext.model import make_projection
 from sdml_ext.ops import precision_at_k
 from sdml_ext.search import (
@@ -32,10 +32,10 @@ from sdml_ext.search import (
     load_index,
     read_index_manifest,
 )
-from sdml_ext.search import cli as search_cli
+from sdml_ext.cli import search as search_cli
 from sdml_ext.search.index import source_of
-from sdml_ext.strategies import train_tasks
-from sdml_ext.training import TrainOptions, make_tasks
+from sdml_ext.engine.strategies import train_tasks
+from sdml_ext.engine.training import TrainOptions, make_tasks
 
 from conftest import DEVICES
 import retrieval_reference as ref

@@ -8,7 +8,7 @@ import torch
 
 from sdml_ext.data import make_synthetic
 from sdml_ext.model import DSAE, make_projection
-from sdml_ext.training import ModalityTrainer, TrainOptions, make_tasks
+from sdml_ext.engine.training import ModalityTrainer, TrainOptions, make_tasks
 
 SMALL = dict(hidden=(48, 48), code_dim=16, batch_size=50)
 
@@ -33,7 +33,7 @@ def test_recipe_defaults():
 
 
 def test_run_config_is_the_train_options_plus_the_run():
-    from sdml_ext.config import RunConfig, resolve_config
+    from sdml_ext.engine.config import RunConfig, resolve_config
 
     config = resolve_config({"lr": [1e-3, 2e-3], "epochs": 5, "hidden": [8, 8], "dataset": "synthetic"})
     assert isinstance(config, TrainOptions) and config.lr_for(3) == 2e-3

@@ -8,8 +8,8 @@ import torch
 
 from sdml_ext.data import make_synthetic
 from sdml_ext.model import make_projection
-from sdml_ext.strategies import STRATEGIES, WorkerError, _assign_devices, _thread_share, train_tasks
-from sdml_ext.training import TrainOptions, make_tasks
+from sdml_ext.engine.strategies import STRATEGIES, WorkerError, _assign_devices, _thread_share, train_tasks
+from sdml_ext.engine.training import TrainOptions, make_tasks
 
 
 def make(ds, **options):

@@ -32,8 +32,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..errors import MissingKeyError
 from ..store.files import write_atomic
-from ._io import ArrayFile, MissingKeyError, naming_file, strings
+from ._io import ArrayFile, naming_file, strings
 from .dataset import SPLIT_NAMES, Dataset, DatasetInfo, Modality, Split, default_class_names
 
 _KEY = re.compile(r"^(?P<modality>.+)_(?P<split>train|val|test)_(?P<part>x|y)$")

@@ -1,12 +1,12 @@
 """The training flows behind ``python -m sdml_ext.train``: a new run, a resumed run, modalities
-added to a bundle, and one rank of a torchrun job. Each plans the run, trains (sdml_ext.strategies
-or sdml_ext.distributed), evaluates and writes the bundle; the command line only parses and
+added to a bundle, and one rank of a torchrun job. Each plans the run, trains (sdml_ext.engine.strategies
+or sdml_ext.engine.distributed), evaluates and writes the bundle; the command line only parses and
 dispatches. Errors are raised (ValueError and the classes of sdml_ext.errors); the command line
 decides what the user sees and the exit status.
 
 Where a run writes: ``config.out`` as the user gave it, resolved once (:func:`train_new`: the
 default ``runs/<dataset>-<time>``); from then on the run's directory records it and
-:attr:`RunDir.output <sdml_ext.rundir.RunDir.output>` is the one place it is read from.
+:attr:`RunDir.output <sdml_ext.engine.rundir.RunDir.output>` is the one place it is read from.
 """
 
 from __future__ import annotations
@@ -19,9 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from .. import distributed
-from ..bundle import MANIFEST, Bundle, add_to_bundle, bundle_lock, check_new_bundle_path, load, save_bundle
-from ..config import RunConfig, resolve_config
+from .._testing.pause import pause_point
 from ..data import (
     BUILT_IN_DATASETS,
     Dataset,
@@ -31,14 +29,16 @@ from ..data import (
     load_modalities,
     reads_per_modality,
 )
-from ..evaluation import encode_split, evaluate
+from ..eval.evaluation import encode_split, evaluate
 from ..model import make_projection
-from ..progress import EpochBars
 from ..projection import load_projection
-from ..rundir import RunDir, run_dir_for
-from ..strategies import RunReport, train_tasks
-from ..testhooks import pause_point
-from ..training import make_tasks, training_cost
+from ..store.bundle import MANIFEST, Bundle, add_to_bundle, bundle_lock, check_new_bundle_path, load, save_bundle
+from . import distributed
+from .config import RunConfig, resolve_config
+from .progress import EpochBars
+from .rundir import RunDir, run_dir_for
+from .strategies import RunReport, train_tasks
+from .training import make_tasks, training_cost
 
 
 def train_new(config: RunConfig) -> None:
@@ -252,10 +252,10 @@ def _train(config: RunConfig, dataset: Dataset, names: list[str], P, first_index
 
 
 def train_rank(config: RunConfig, stop_process: distributed.StopProcess) -> None:
-    """One rank of a torchrun job (see sdml_ext.distributed): train this rank's modalities; rank 0
+    """One rank of a torchrun job (see sdml_ext.engine.distributed): train this rank's modalities; rank 0
     writes the bundle and prints the tables. The same command run again (or restarted by torchrun)
     continues from every rank's checkpoints. `stop_process` ends this process when another rank
-    fails (see :func:`sdml_ext.distributed.train_distributed`).
+    fails (see :func:`sdml_ext.engine.distributed.train_distributed`).
 
     Every rank plans from the dataset's shapes (read from the arrays' headers where the layout
     allows), so it knows its modalities before it reads any features; then a rank other than 0

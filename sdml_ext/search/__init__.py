@@ -17,8 +17,8 @@ approximate faiss IVF/HNSW index for galleries past an exact-search budget. The 
 ``python -m sdml_ext.search``.
 """
 
-from .faiss_export import export_faiss, to_faiss
 from ..errors import InputTypeError, SearchIndexError
+from .faiss_export import export_faiss, to_faiss
 from .format import read_index_manifest
 from .index import Hits, SearchIndex, build_index, load_index
 from .quality import hit_quality

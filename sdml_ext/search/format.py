@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 from safetensors import safe_open
 
-from ..bundle import Bundle
 from ..errors import SearchIndexError
+from ..store.bundle import Bundle
 from ..store.files import read_directory_manifest, sha256_file
 
 FORMAT = "sdml-search-index"

@@ -45,9 +45,9 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from ..bundle import Bundle, load
 from ..errors import InputTypeError, SearchIndexError  # noqa: F401  (re-exported)
 from ..ops.retrieval import TopK, cosine_topk
+from ..store.bundle import Bundle, load
 from .checks import check_features, check_ids, check_k, check_labels
 from .format import (  # noqa: F401  (re-exported: the format's names)
     CODE_DTYPES,

@@ -12,8 +12,8 @@ import torch
 from safetensors.numpy import save_file
 from torch import Tensor
 
-from ..bundle import check_new_bundle_path, versions
 from ..errors import SearchIndexError
+from ..store.bundle import check_new_bundle_path, versions
 from ..store.files import NewDirectory, fsync_file, publish, sha256_file, write_json
 from .format import CODE_DTYPES, DEFAULT_SHARD_BYTES, FORMAT, FORMAT_VERSION, MANIFEST, rows_for_bytes, shard_name
 

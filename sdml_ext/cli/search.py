@@ -25,11 +25,11 @@ import numpy as np
 
 from ..data import DATASET_NAMES, load_dataset, save_npz
 from ..data._io import ArrayFile, check_path, strings
-from .faiss_export import KINDS, export_faiss
+from ..search.faiss_export import KINDS, export_faiss
+from ..search.format import CODE_DTYPES
+from ..search.index import build_index, load_index
+from ..search.quality import hit_quality
 from ..store.files import write_new_file
-from .format import CODE_DTYPES
-from .index import build_index, load_index
-from .quality import hit_quality
 
 SPLITS = ("test", "val", "train")
 
@@ -164,7 +164,7 @@ def _positive(value, flag: str) -> None:
 def cmd_build(args) -> int:
     _positive(args.shard_rows, "--shard-rows")
     _positive(args.block_rows, "--block-rows")
-    from ..bundle import load
+    from ..store.bundle import load
 
     bundle = load(args.bundle, args.device)
     bundle.input_dim(args.modality)  # an unknown modality is named before any data is read

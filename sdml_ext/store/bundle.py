@@ -30,6 +30,7 @@ import re
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -38,9 +39,11 @@ from safetensors.numpy import save_file
 from safetensors.torch import load_file
 from torch import Tensor
 
-from .errors import BundleError
-from .model import DSAE
-from .store.files import (
+from .._testing.pause import pause_point
+from ..errors import BundleError
+from ..model import DSAE
+from ..preprocess import PREPROCESS_MODES, Preprocessor
+from .files import (
     json_safe,
     new_directory,
     publish,
@@ -51,10 +54,10 @@ from .store.files import (
     write_json,
     write_json_atomic,
 )
-from .store.locking import exclusive
-from .preprocess import PREPROCESS_MODES, Preprocessor
-from .records import ModalityResult
-from .testhooks import pause_point
+from .locking import exclusive
+
+if TYPE_CHECKING:  # the bundle writer reads trained results; it needs no part of the engine
+    from ..engine.records import ModalityResult
 
 FORMAT = "sdml-bundle"
 FORMAT_VERSION = 1
@@ -67,7 +70,7 @@ def versions() -> dict:
     """Versions of what produced a bundle."""
     import safetensors
 
-    from . import __version__
+    from .. import __version__
 
     return {
         "sdml_ext": __version__,

@@ -2,7 +2,7 @@
 without a traceback (set SDML_DEBUG=1 to see it); a crashed training worker (not the input's
 fault) is one line and exit status 1, as is a distributed job that stopped because one of its
 ranks failed; Ctrl-C exits with 130. Only this module ends a process or chooses its exit status. Outputs are written atomically
-(see sdml_ext.bundle), so an interrupted or failed run leaves no half-written bundle."""
+(see sdml_ext.store.bundle), so an interrupted or failed run leaves no half-written bundle."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import os
 import sys
 from collections.abc import Callable
 
-from .errors import BundleError, JobStopped, ModalityError, WorkerCrash
-from .signals import terminate_as_interrupt
+from ..engine.signals import terminate_as_interrupt
+from ..errors import BundleError, JobStopped, ModalityError, WorkerCrash
 
 # What bad input raises: data-layer ValueError/MissingKeyError, missing files, unreadable paths,
 # bundle problems and a modality that failed because of its data (ModalityError names it).

@@ -1,5 +1,5 @@
 """The paper's three ways to train m modality networks (SDML §4.6), which differ in time and
-memory only; every modality is trained by its own :class:`~sdml_ext.training.ModalityTrainer`.
+memory only; every modality is trained by its own :class:`~sdml_ext.engine.training.ModalityTrainer`.
 
 - ``joint`` (SDML-1): one loop; each iteration steps every modality once, on one device.
 - ``serial`` (SDML-2): one modality after another, on one device.
@@ -16,8 +16,8 @@ A failing modality stops the whole run: the other workers are ended and a
 :class:`~sdml_ext.errors.ModalityError` (bad data or settings, divergence) or a
 :class:`~sdml_ext.errors.WorkerCrash` (a bug, a dead worker) names the modality and the error.
 With ``checkpoints`` every strategy saves each modality's state as it trains and continues
-from it (see :mod:`sdml_ext.checkpoint`). Worker processes die with the run, whatever ends it
-(see :mod:`sdml_ext.signals`).
+from it (see :mod:`sdml_ext.engine.checkpoint`). Worker processes die with the run, whatever ends it
+(see :mod:`sdml_ext.engine.signals`).
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import ModalityError, WorkerCrash, WorkerError  # noqa: F401 (WorkerError: both kinds)
 from .checkpoint import Checkpoints
-from .errors import ModalityError, WorkerCrash, WorkerError  # noqa: F401 (WorkerError: both kinds)
 from .records import EpochStats, ModalityResult
 from .signals import bind_to_parent
 from .training import ModalityTask, ModalityTrainer
@@ -148,7 +148,7 @@ def train_tasks(
     """Train every task with `strategy` and return the results in task order.
 
     Args:
-        tasks: the modalities (see :func:`sdml_ext.training.make_tasks`).
+        tasks: the modalities (see :func:`sdml_ext.engine.training.make_tasks`).
         strategy: one of STRATEGIES.
         devices: "cpu", or one or more CUDA devices ("cuda:0", ...). joint and serial use the
             first; parallel spreads modalities over all of them.
@@ -341,7 +341,7 @@ def _worker_context():
     2-core machine over spawn, where every worker imports torch itself."""
     if "forkserver" in mp.get_all_start_methods():
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["sdml_ext.training"])
+        ctx.set_forkserver_preload(["sdml_ext.engine.training"])
         return ctx
     return mp.get_context("spawn")
 

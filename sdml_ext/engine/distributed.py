@@ -45,8 +45,8 @@ import torch.distributed as dist
 from safetensors.numpy import load as load_arrays
 from safetensors.numpy import save as save_arrays
 
-from .errors import JobStopped, WorkerCrash, WorkerError
-from .store.files import safetensors_metadata
+from ..errors import JobStopped, WorkerCrash, WorkerError
+from ..store.files import safetensors_metadata
 from .strategies import RunReport, _peak_rss_bytes, train_tasks, usable_cores
 from .training import EpochStats, ModalityResult, ModalityTask
 

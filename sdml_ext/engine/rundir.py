@@ -3,7 +3,7 @@
     OUT.partial/
       run.json        what the run is (kind, resolved config, modalities, the bundle it extends):
                       ``--resume OUT.partial`` continues it with exactly these settings
-      checkpoints/    ckpt-NN.safetensors per modality (see sdml_ext.checkpoint)
+      checkpoints/    ckpt-NN.safetensors per modality (see sdml_ext.engine.checkpoint)
       lock            held while a process works on the run (see sdml_ext.store.locking)
       owner.json      pid, host and multiprocessing temporary directory of the last process
 
@@ -25,10 +25,10 @@ import socket
 import sys
 from pathlib import Path
 
+from ..errors import JobStopped
+from ..store.files import write_atomic
+from ..store.locking import exclusive
 from .checkpoint import Checkpoints
-from .errors import JobStopped
-from .store.files import write_atomic
-from .store.locking import exclusive
 from .signals import process_alive
 
 SUFFIX = ".partial"
