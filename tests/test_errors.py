@@ -88,5 +88,7 @@ def test_evaluating_needs_no_training_machinery(tmp_path):
     # cwd outside the repository: import the installed package, not the source tree.
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             cwd=tmp_path).stdout.split()
-    assert "sdml_ext.evaluate" in loaded and "sdml_ext.engine.records" in loaded
-    assert not {"sdml_ext.engine.strategies", "sdml_ext.engine.training", "sdml_ext.engine.config"} & set(loaded)
+    assert {"sdml_ext.evaluate", "sdml_ext.eval.evaluation", "sdml_ext.store.bundle"} <= set(loaded)
+    engine = {"sdml_ext.engine.strategies", "sdml_ext.engine.training", "sdml_ext.engine.config",
+              "sdml_ext.engine.records", "sdml_ext.engine.flows", "sdml_ext.engine.distributed"}
+    assert not engine & set(loaded)
