@@ -41,6 +41,9 @@ from torch import nn
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # helpers: the task builder
+
+from helpers import tasks_for  # noqa: E402
 
 DRY = os.environ.get("SDML_GPU_CHECK_DRY") == "1"
 CUDA = torch.cuda.is_available()
@@ -116,14 +119,6 @@ def synthetic(dims, n_train, n_val=0, n_classes=10, seed=0):
 
     return make_synthetic(len(dims), dims=list(dims), n_train=n_train, n_val=n_val, n_test=0, n_classes=n_classes,
                           seed=seed)
-
-
-def tasks_for(ds, **options):
-    from sdml_ext.model import make_projection
-    from sdml_ext.engine.training import TrainOptions, make_tasks
-
-    opts = TrainOptions(**options)
-    return make_tasks(list(ds), make_projection(opts.code_dim, ds.num_classes, opts.seed), opts)
 
 
 def small_net() -> dict:

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from sdml_ext.eval import metrics
+from sdml_ext import metrics
 
 import retrieval_reference as ref
-from test_retrieval import class_structured
+from helpers import class_structured
 
 
 def three_modalities(kind, seed=0):

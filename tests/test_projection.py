@@ -13,7 +13,7 @@ import sdml_ext
 from sdml_ext import cli
 from sdml_ext import train
 from sdml_ext.projection import ORTHONORMAL_TOLERANCE, load_projection
-from conftest import run_config
+from helpers import run_config
 
 
 def _orthogonal(n, seed=0):

@@ -8,7 +8,7 @@ import numpy as np
 from sdml_ext import cli
 
 from sdml_ext import train
-from conftest import run_config
+from helpers import run_config
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

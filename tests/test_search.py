@@ -37,7 +37,7 @@ from sdml_ext.search.index import source_of
 from sdml_ext.engine.strategies import train_tasks
 from sdml_ext.engine.training import TrainOptions, make_tasks
 
-from conftest import DEVICES
+from helpers import DEVICES
 import retrieval_reference as ref
 
 OPTS = TrainOptions(hidden=(32, 32), code_dim=16, batch_size=50, epochs=2, seed=7)
