@@ -148,6 +148,17 @@ def run_job(job: dict) -> dict:
     return out
 
 
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def key(r: dict) -> tuple:
     return (r["dataset"], r["impl"], int(r["seed"]), int(r["epochs"]))
 
@@ -293,10 +304,13 @@ def main(argv=None) -> int:
                 print(f"{r['finished']} {r['dataset']} {r['impl']} seed {r['seed']}: mAP@all {r['map_all']:.4f}, "
                       f"kept {r['best_epochs']}, {r['wall_s']:.0f} s (load1 {r['load1_end']:.1f})", file=sys.stderr, flush=True)
     summary = summarize(done, datasets, args.seeds, args.epochs)
+    loads = [r["load1_end"] for r in done.values() if r["epochs"] == args.epochs]
     table = markdown(summary, args.epochs)
     meta = {
         "written": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or platform.platform()}",
+        "machine": f"{cpu_model()}, {os.cpu_count()} cores",
+        "load1_at_run_ends": [min(loads), max(loads)] if loads else None,
+        "threads_per_run": sorted({r.get("threads") for r in done.values()}),
         "epochs": args.epochs,
         "seeds": args.seeds,
     }
