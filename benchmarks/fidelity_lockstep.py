@@ -80,7 +80,8 @@ def main(argv=None) -> int:
         make_opt = lambda params, lr: torch.optim.Adam(params, lr=lr, betas=ref.BETAS, fused=True)  # noqa: E731
     else:
         make_opt = ref.adam
-    shuffle = torch.Generator().manual_seed(trainer.seed)  # the trainer draws its orders the same way
+    shuffle = torch.Generator()
+    shuffle.set_state(trainer.shuffle.get_state())  # the orders the trainer is about to draw
     orders = []
     print(f"{args.dataset} modality {task.name} (D={task.input_dim}, lr={trainer.lr}), swap={args.swap}, perturb={args.perturb}")
     print("epoch  rel|W_prod - W_ref|  val_sup product  val_sup reference")

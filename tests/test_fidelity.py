@@ -39,7 +39,8 @@ def _lockstep(swap: bool, epochs: int = 2):
 
     net = Small(task.input_dim)
     net.load_state_dict(to_reference(trainer.model.state_dict()))
-    shuffle = torch.Generator().manual_seed(trainer.seed)
+    shuffle = torch.Generator()
+    shuffle.set_state(trainer.shuffle.get_state())  # the orders the trainer is about to draw
     orders = [torch.randperm(task.train_x.shape[0], generator=shuffle).numpy() for _ in range(epochs)]
     fused = swap
     opt = torch.optim.Adam(net.parameters(), lr=trainer.lr, betas=ref.BETAS, fused=fused)
