@@ -101,12 +101,12 @@ def cost(ds, epochs: int, batch: int) -> float:
 
 def run_product(ds, seed: int, epochs: int, batch: int) -> dict:
     from fidelity_reference import map_table
-    from sdml_ext.bundle import load as load_bundle
-    from sdml_ext.bundle import save_bundle
-    from sdml_ext.evaluation import encode_split, evaluate
+    from sdml_ext.store.bundle import load as load_bundle
+    from sdml_ext.store.bundle import save_bundle
+    from sdml_ext.eval.evaluation import encode_split, evaluate
     from sdml_ext.model import make_projection
-    from sdml_ext.strategies import train_tasks
-    from sdml_ext.training import TrainOptions, make_tasks
+    from sdml_ext.engine.strategies import train_tasks
+    from sdml_ext.engine.training import TrainOptions, make_tasks
 
     opts = TrainOptions(epochs=epochs, batch_size=batch, preprocess="none", seed=seed)
     P = make_projection(opts.code_dim, ds.num_classes, seed)

@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
 
     from sdml_ext.model import make_projection
-    from sdml_ext.training import ModalityTrainer, TrainOptions, make_tasks
+    from sdml_ext.engine.training import ModalityTrainer, TrainOptions, make_tasks
 
     ds = load(args.dataset)
     batch = BATCH.get(args.dataset, 100)

@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
 
     from sdml_ext.model import make_projection
-    from sdml_ext.training import ModalityTrainer, TrainOptions, make_tasks
+    from sdml_ext.engine.training import ModalityTrainer, TrainOptions, make_tasks
 
     ds = load(args.dataset)
     opts = TrainOptions(epochs=args.epochs, batch_size=args.batch, preprocess="none", seed=args.seed)

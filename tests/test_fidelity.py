@@ -17,7 +17,7 @@ from fidelity_lockstep import NAMES, fused_loss, to_reference  # noqa: E402
 from sdml_ext.data import make_synthetic  # noqa: E402
 from sdml_ext.metrics import cross_modal_map  # noqa: E402
 from sdml_ext.model import make_projection  # noqa: E402
-from sdml_ext.training import ModalityTrainer, TrainOptions, make_tasks  # noqa: E402
+from sdml_ext.engine.training import ModalityTrainer, TrainOptions, make_tasks  # noqa: E402
 
 
 def _lockstep(swap: bool, epochs: int = 2):
