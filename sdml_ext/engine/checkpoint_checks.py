@@ -68,11 +68,11 @@ def read_checkpoint_bytes(path, max_bytes: int | None = None, header_only: bool 
             raise CheckpointInvalid(path, "the file", f"is {st.st_size} bytes, more than the {max_bytes} its tensors take")
         os.set_blocking(fd, True)
         head = os.pread(fd, 8, 0)
-        if len(head) < 8:
-            raise CheckpointInvalid(path, "the header", "is truncated")
-        n = int.from_bytes(head, "little")
-        if n > HEADER_LIMIT or 8 + n > st.st_size:
-            raise CheckpointInvalid(path, "the header", f"declares {n} bytes, more than the file's {st.st_size}")
+        n = int.from_bytes(head, "little") if len(head) == 8 else None
+        if n is None or n > HEADER_LIMIT or 8 + n > st.st_size:
+            declared = "no" if n is None else f"{n} bytes of"
+            raise CheckpointInvalid(path, "is unreadable", f"(truncated: the header declares {declared} JSON, "
+                                                           f"the file has {st.st_size} bytes)")
         chunks, offset, end = [], 0, 8 + n if header_only else st.st_size
         while offset < end:
             chunk = os.pread(fd, min(end - offset, 1 << 24), offset)
