@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from helpers import config_file, run_main  # noqa: F401  (config_file: a fixture)
+from helpers import CONFIG, config_file, run_main  # noqa: F401  (config_file: a fixture)
 
 import sdml_ext
 from sdml_ext import evaluate, train
