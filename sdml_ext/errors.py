@@ -69,3 +69,8 @@ class JobStopped(RuntimeError):
     def __init__(self, message: str | None):
         super().__init__(message or "the distributed job stopped")
         self.message = message
+
+
+class UnsafePathError(ValueError):
+    """A path read from disk (or a file found there) that would lead outside the folder it
+    belongs to, through a symbolic link, or to something that is not a regular file."""

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..data import DATASET_NAMES, load_dataset, save_npz
 from ..data._io import ArrayFile, check_path, strings
-from ..search.faiss_export import KINDS, export_faiss
+from ..search.faiss_export import KINDS, check_options, export_faiss
 from ..search.format import CODE_DTYPES
 from ..search.index import build_index, load_index
 from ..search.quality import hit_quality
@@ -38,6 +38,8 @@ class Features:
     """What a features source holds: x [n, D] (possibly a memory map), labels or None, ids or None."""
 
     def __init__(self, x, labels=None, ids=None):
+        if np.ndim(x) != 2:
+            raise ValueError(f"--features: the features must be an (n, D) array, got one of shape {np.shape(x)}")
         self.x, self.labels, self.ids = x, labels, ids
 
 
@@ -246,6 +248,7 @@ def cmd_query(args) -> int:
 
 
 def cmd_export_faiss(args) -> int:
+    check_options(args.kind, args.nlist, args.nprobe)  # before anything is read or imported
     try:
         import faiss  # noqa: F401
     except ImportError:

@@ -92,9 +92,14 @@ class ArrayFile:
             )
         with self.reading(key):
             if self.fmt == "npz":
+                with self._handle.zip.open(key + ".npy") as member:
+                    check_npy_size(member, self._handle.zip.getinfo(key + ".npy").file_size, f"{self.path}: {key!r}")
                 return self._handle[key]
             if self.fmt == "dir":
-                return np.load(os.path.join(self.path, key + ".npy"), allow_pickle=False)
+                file = os.path.join(self.path, key + ".npy")
+                with open(file, "rb") as member:
+                    check_npy_size(member, os.fstat(member.fileno()).st_size, file)
+                return np.load(file, allow_pickle=False)
             if self.fmt == "h5":
                 return self._handle[key][()]
             if self._handle is not None:
@@ -211,6 +216,21 @@ def strings(value) -> list[str]:
             item = item.decode("utf-8")
         out.append(str(item).rstrip())
     return out
+
+
+def check_npy_size(stream, size: int, where: str) -> None:
+    """Refuse a .npy whose header declares more data than the `size` bytes it has (a crafted
+    or truncated file would otherwise make numpy allocate the declared size first)."""
+    version = np.lib.format.read_magic(stream)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read(stream)
+    if dtype.hasobject:
+        return  # refused by allow_pickle=False, with numpy's own message
+    need = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    have = size - stream.tell()
+    if need > have:
+        raise ValueError(f"{where}: the header declares a {dtype} array of shape {tuple(shape)} ({need} bytes), "
+                         f"but the file holds {max(have, 0)} bytes of data")
 
 
 def _npy_shape(stream) -> tuple[int, ...]:

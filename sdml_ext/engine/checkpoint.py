@@ -25,11 +25,21 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from .._testing.pause import pause_point
+from ..errors import UnsafePathError
 from ..store.files import fsync_dir, safetensors_metadata, write_atomic
+from .checkpoint_checks import (
+    CheckpointInvalid,
+    check_record,
+    check_tensors,
+    data_sha256,
+    max_file_bytes,
+    read_checkpoint_bytes,
+    tensors_sha256,
+)
 
 DEFAULT_EVERY_S = 60.0
 FORMAT = "sdml-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the tensors' checksum and the data's identity are recorded
 
 
 def default_every_s() -> float:
@@ -46,7 +56,7 @@ def default_every_s() -> float:
     return value
 
 
-def fingerprint(task) -> dict:
+def fingerprint(task, data_id: str | None = None) -> dict:
     """What must match for a checkpoint to continue a task: the modality, its data's shapes and
     every option that shapes the training."""
     opts = task.options
@@ -64,6 +74,7 @@ def fingerprint(task) -> dict:
         "seed": opts.seed_for(task.index),
         "model": opts.model_options(task.input_dim),
         "preprocess": opts.preprocess,
+        "data_sha256": data_id or data_sha256(task),
     }
 
 
@@ -79,6 +90,7 @@ class Checkpoints:
 
     def __post_init__(self):
         self._last: dict[int, float] = {}
+        self._data_ids: dict[int, str] = {}
 
     def __getstate__(self):
         return {"directory": self.directory, "every_s": self.every_s}
@@ -86,6 +98,13 @@ class Checkpoints:
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._last = {}
+        self._data_ids = {}
+
+    def fingerprint(self, task) -> dict:
+        """:func:`fingerprint`, the data's hash computed once per modality."""
+        if task.index not in self._data_ids:
+            self._data_ids[task.index] = data_sha256(task)
+        return fingerprint(task, self._data_ids[task.index])
 
     def path(self, index: int) -> Path:
         return Path(self.directory) / f"ckpt-{index:02d}.safetensors"
@@ -95,22 +114,35 @@ class Checkpoints:
         ValueError if the checkpoint belongs to another configuration or is unreadable."""
         self._last[trainer.task.index] = time.monotonic()
         path = self.path(trainer.task.index)
-        if not path.exists():
+        if not os.path.lexists(path):
             return False
         try:
-            data = path.read_bytes()
-            tensors = load(data)
+            data = read_checkpoint_bytes(path, max_file_bytes(trainer))
             header = _header(data)
+            tensors = load(data)
+        except (UnsafePathError, CheckpointInvalid):
+            raise
         except (OSError, SafetensorError, ValueError) as exc:
             raise ValueError(f"checkpoint {path} is unreadable ({exc}); remove it to retrain that modality") from None
-        if header.get("format") != FORMAT or header.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"checkpoint {path} is not a version-{FORMAT_VERSION} {FORMAT} file")
-        expected = json.loads(json.dumps(fingerprint(trainer.task)))
-        if header.get("task") != expected:
+        if not isinstance(header, dict) or header.get("format") != FORMAT or header.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"checkpoint {path} is not a version-{FORMAT_VERSION} {FORMAT} file; remove it to retrain that modality")
+        if header.get("tensors_sha256") != tensors_sha256(tensors):
+            raise CheckpointInvalid(path, "the tensors", "do not match their checksum (corrupt or altered)")
+        saved = header.get("task") if isinstance(header.get("task"), dict) else {}
+        expected = json.loads(json.dumps(self.fingerprint(trainer.task)))
+        if saved != expected:
+            if saved.get("data_sha256") != expected["data_sha256"] and {**saved, "data_sha256": None} == {**expected, "data_sha256": None}:
+                raise ValueError(
+                    f"checkpoint {path} was trained on other data for modality {trainer.task.name!r} (the data file "
+                    f"changed since the run began); resume with the original data, or remove {path} to retrain it"
+                )
+            fields = sorted(k for k in expected.keys() | saved.keys() if saved.get(k) != expected.get(k))
             raise ValueError(
-                f"checkpoint {path} was written for another configuration of modality "
-                f"{trainer.task.name!r} (saved {header.get('task')}, now {expected})"
+                f"checkpoint {path} was written for another configuration of modality {trainer.task.name!r} "
+                f"({', '.join(f'{k}: saved {saved.get(k)!r}, now {expected.get(k)!r}' for k in fields)})"
             )
+        check_record(path, header.get("trainer"), trainer.task.options.epochs)
+        check_tensors(path, tensors, trainer)
         trainer.restore(tensors, header["trainer"])
         return True
 
@@ -129,8 +161,9 @@ class Checkpoints:
         header = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "task": fingerprint(trainer.task),
+            "task": self.fingerprint(trainer.task),
             "trainer": record,
+            "tensors_sha256": tensors_sha256(tensors),
         }
         # JSON's Infinity/NaN (json's defaults) carry the loss history exactly: floats round-trip.
         data = save(tensors, metadata={"sdml": json.dumps(header)})
@@ -145,10 +178,10 @@ class Checkpoints:
         done = []
         for path in sorted(Path(self.directory).glob("ckpt-*.safetensors")):
             try:
-                header = _header(path.read_bytes())
+                header = _header(read_checkpoint_bytes(path, header_only=True))
                 if header["trainer"]["epoch"] >= header["task"]["epochs"]:
                     done.append(int(header["task"]["index"]))
-            except (OSError, KeyError, ValueError, TypeError):
+            except (OSError, KeyError, ValueError, TypeError, AttributeError):
                 continue
         return done
 

@@ -83,6 +83,59 @@ def encode_result(result: ModalityResult) -> bytes:
                        metadata={"result": json.dumps(record)})
 
 
+_PAYLOAD_FIELDS = {"rank": int, "host": str, "device": str, "wall_s": (int, float), "peak_rss_bytes": int,
+                   "device_peak_bytes": dict, "results": list}
+
+
+def encode_payload(payload: dict) -> bytes:
+    """A rank's payload (JSON fields; "results": encode_result bytes) as bytes: an 8-byte
+    little-endian length, the JSON record (results replaced by their lengths), the results."""
+    blobs = payload["results"]
+    record = json.dumps({**payload, "results": [len(b) for b in blobs]}).encode()
+    return len(record).to_bytes(8, "little") + record + b"".join(blobs)
+
+
+def decode_payload(data: bytes) -> dict:
+    """:func:`encode_payload`'s bytes, checked field by field (nothing is unpickled); ValueError
+    naming the field of a malformed payload."""
+    if len(data) < 8 or 8 + int.from_bytes(data[:8], "little") > len(data):
+        raise ValueError("a rank's results are truncated")
+    n = int.from_bytes(data[:8], "little")
+    record = json.loads(data[8 : 8 + n])
+    if not isinstance(record, dict) or set(record) != set(_PAYLOAD_FIELDS):
+        raise ValueError(f"a rank's results have the fields {sorted(record) if isinstance(record, dict) else record!r}, "
+                         f"expected {sorted(_PAYLOAD_FIELDS)}")
+    for key, kind in _PAYLOAD_FIELDS.items():
+        if not isinstance(record[key], kind) or isinstance(record[key], bool):
+            raise ValueError(f"a rank's results: {key} is not a {getattr(kind, '__name__', 'number')}")
+    sizes = record["results"]
+    if not all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in sizes) or 8 + n + sum(sizes) != len(data):
+        raise ValueError("a rank's results: the result sizes do not add up to the bytes received")
+    blobs, at = [], 8 + n
+    for k in sizes:
+        blobs.append(data[at : at + k])
+        at += k
+    return {**record, "results": blobs}
+
+
+def gather_bytes(data: bytes, job) -> list[bytes] | None:
+    """Every rank's `data` at rank 0 (None elsewhere), as uint8 tensors: sizes first, then the
+    bytes padded to the longest (what gather_object does, without pickling)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    size = torch.tensor([len(data)], dtype=torch.int64, device=device)
+    sizes = [torch.zeros_like(size) for _ in range(job.world_size)]
+    dist.all_gather(sizes, size)
+    lengths = [int(t.item()) for t in sizes]
+    buffer = torch.zeros(max(lengths), dtype=torch.uint8, device=device)
+    if data:
+        buffer[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+    received = [torch.empty_like(buffer) for _ in range(job.world_size)] if job.is_main else None
+    dist.gather(buffer, received, dst=0)
+    if not job.is_main:
+        return None
+    return [t[:k].cpu().numpy().tobytes() for t, k in zip(received, lengths)]
+
+
 def decode_result(data: bytes) -> ModalityResult:
     record = json.loads(safetensors_metadata(data)["result"])
     record["history"] = [EpochStats(**s) for s in record["history"]]
@@ -286,9 +339,9 @@ def train_distributed(job: Job, names: Sequence[str], costs: dict[int, float], a
             "device_peak_bytes": report.device_peak_bytes if report else {},
             "results": [encode_result(r) for r in (report.modalities if report else [])],
         }
-        gathered = [None] * job.world_size if job.is_main else None
         try:
-            dist.gather_object(payload, gathered, dst=0)
+            blobs = gather_bytes(encode_payload(payload), job)  # bytes and JSON: nothing is unpickled
+            gathered = [decode_payload(b) for b in blobs] if job.is_main else None
         except RuntimeError as exc:  # a rank died (killed, out of memory): say which, if it can be told
             _report_lost_rank(job)
             raise WorkerCrash(f"{job.where()}: lost another rank of the job ({str(exc).splitlines()[0][:200]})") from None

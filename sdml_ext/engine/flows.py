@@ -44,6 +44,8 @@ from .training import make_tasks, training_cost
 def train_new(config: RunConfig) -> None:
     """A new run: train, evaluate and write the bundle ``config.out`` (default
     runs/<dataset>-<time>). Parent directories it creates are removed again if the run fails."""
+    if config.out is not None and not str(config.out).strip():
+        raise ValueError("--out is empty: give the bundle directory to create (or leave --out out for runs/<dataset>-<time>)")
     out = Path(config.out or _default_out(config.dataset))
     made = _missing_parents(out)
     try:
@@ -83,6 +85,10 @@ def resume(path: str | os.PathLike) -> None:
     settings, its checkpoints, its output."""
     run = RunDir.resume(path)
     config = resolve_config(run.record["config"])
+    if run.record["kind"] == "train" and os.path.abspath(config.out or "") != str(run.output):
+        # The output is the run directory's sibling (the record's path was relative to the
+        # directory the run started in, or crafted).
+        config = dataclasses.replace(config, out=str(run.output))
     print(f"resuming {run.path}", file=sys.stderr)
     if run.record["kind"] == "add-modality":
         _add_run(config, run.record["names"], run.output, run)

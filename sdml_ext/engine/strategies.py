@@ -6,9 +6,8 @@ memory only; every modality is trained by its own :class:`~sdml_ext.engine.train
 - ``parallel`` (SDML-3): modalities at the same time.
     CPU: worker processes (forkserver, else spawn) pull modalities from a queue in descending
     order of cost (longest first, which balances the load); the cores are split evenly between
-    the live workers, and
-    when a worker runs out of modalities its cores go to the ones still training (threads are
-    re-divided at epoch boundaries, never more in total than cores).
+    the workers, each keeping its share for the whole run (so the same command gives the same
+    models: a GEMM's result depends on its thread count).
     CUDA: one thread and stream per modality; with several devices the modalities are spread
     over them, each to the least-loaded device by cost.
 
@@ -37,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ModalityError, WorkerCrash, WorkerError  # noqa: F401 (WorkerError: both kinds)
+from . import semaphores
 from .checkpoint import Checkpoints
 from .records import EpochStats, ModalityResult
 from .signals import bind_to_parent
@@ -305,20 +305,19 @@ def _thread_share(cores: int, active) -> int:
     return max(1, cores // max(1, active.value))
 
 
-def _cpu_worker(rank: int, task_queue, events, active, cores: int, checkpoints: Checkpoints | None,
+def _cpu_worker(rank: int, task_queue, events, active, threads: int, checkpoints: Checkpoints | None,
                 main_pid: int) -> None:
-    """Worker process: trains modalities from task_queue until the None sentinel."""
+    """Worker process: trains modalities from task_queue until the None sentinel, with
+    `threads` threads throughout (the same for every modality of the run: a GEMM's sums depend
+    on its thread count, so a count that followed the other workers' progress would make two
+    runs of the same command differ)."""
     bind_to_parent(main_pid)  # a parent that stops reading ends this process; it never waits on a full pipe
-    torch.set_num_threads(_thread_share(cores, active))
+    torch.set_num_threads(threads)
     try:
         while (task := task_queue.get()) is not None:
             try:
                 def on_epoch(stats):
                     events.put(("epoch", stats))
-                    # Workers that ran out of modalities left cores free: take a share of them.
-                    share = _thread_share(cores, active)
-                    if share != torch.get_num_threads():
-                        torch.set_num_threads(share)
 
                 result = ModalityTrainer(task, "cpu").run(on_epoch, checkpoints)
                 result.peak_memory_bytes = _peak_rss_bytes()
@@ -393,18 +392,21 @@ def _parallel_cpu(tasks, on_epoch, cores, checkpoints) -> StrategyResult:
     n_workers = max(1, min(len(tasks), cores))
     order = sorted(tasks, key=lambda t: -t.cost())
     ctx = _worker_context()
-    task_queue, events = ctx.Queue(), ctx.Queue()
+    semaphores.remove_leaked()  # of earlier runs killed with their resource tracker
+    with semaphores.named_for_this_run():
+        task_queue, events = ctx.Queue(), ctx.Queue()
+        active = ctx.Value("i", n_workers)
     # The main process must never wait at exit for queued tasks or events nobody reads (an
     # interrupted run would hang in the queue's finalizer until a second Ctrl-C).
     task_queue.cancel_join_thread()
     events.cancel_join_thread()
-    active = ctx.Value("i", n_workers)
     for task in order:
         task_queue.put(task)
     for _ in range(n_workers):
         task_queue.put(None)
     workers = [
-        ctx.Process(target=_cpu_worker, args=(i, task_queue, events, active, cores, checkpoints, os.getpid()),
+        ctx.Process(target=_cpu_worker, args=(i, task_queue, events, active, max(1, cores // n_workers), checkpoints,
+                                              os.getpid()),
                     name=f"sdml-worker-{i}", daemon=True)
         for i in range(n_workers)
     ]
@@ -421,7 +423,7 @@ def _parallel_cpu(tasks, on_epoch, cores, checkpoints) -> StrategyResult:
     plan = {
         "workers": n_workers,
         "cores": cores,
-        "threads_per_worker_at_start": max(1, cores // n_workers),
+        "threads_per_worker_at_start": max(1, cores // n_workers),  # and throughout
         "order": [t.name for t in order],
     }
     # Each result carries its worker's peak when it finished; a worker's last is its peak.

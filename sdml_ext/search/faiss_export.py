@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..store.files import write_new_file
+from ..store.files import WriteFailed, write_new_file
 from .index import SearchIndex
 
 KINDS = ("ivf", "hnsw")
@@ -34,6 +34,18 @@ def _faiss():
     return faiss
 
 
+def check_options(kind: str, nlist, nprobe) -> None:
+    """ValueError naming the option: an unknown kind, nlist/nprobe that are not integers >= 1,
+    or either given with hnsw (which has neither)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if kind == "hnsw" and (nlist is not None or nprobe is not None):
+        raise ValueError(f"--{'nlist' if nlist is not None else 'nprobe'} applies to kind ivf, not hnsw")
+    for name, value in (("nlist", nlist), ("nprobe", nprobe)):
+        if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
+            raise ValueError(f"--{name} must be an integer >= 1, got {value}")
+
+
 def to_faiss(index: SearchIndex, kind: str = "ivf", *, nlist: int | None = None, nprobe: int | None = None,
              m: int = 32, ef_search: int = 128, train_rows: int = 100_000, seed: int = 0):
     """A faiss index (inner product) over the codes of `index`, filled block by block.
@@ -45,22 +57,23 @@ def to_faiss(index: SearchIndex, kind: str = "ivf", *, nlist: int | None = None,
         m: HNSW links per node; ef_search: HNSW search breadth.
         train_rows: rows sampled (evenly, reproducibly) to train the IVF quantizer.
     """
+    check_options(kind, nlist, nprobe)
     faiss = _faiss()
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     d, n = index.d, index.n
     if kind == "hnsw":
         out = faiss.IndexHNSWFlat(d, int(m), faiss.METRIC_INNER_PRODUCT)
         out.hnsw.efSearch = int(ef_search)
     else:
-        nlist = int(nlist) if nlist else max(1, min(int(4 * math.sqrt(n)), n // 39))
+        nlist = int(nlist) if nlist is not None else max(1, min(int(4 * math.sqrt(n)), n // 39))
         if not 1 <= nlist <= n:
             raise ValueError(f"nlist must be in [1, {n}], got {nlist}")
         out = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
         rng = np.random.default_rng(seed)
         sample = np.sort(rng.choice(n, size=min(n, int(train_rows)), replace=False))
         out.train(_rows(index, sample))
-        out.nprobe = int(nprobe) if nprobe else max(1, nlist // 16)
+        if nprobe is not None and nprobe > nlist:
+            raise ValueError(f"nprobe must be in [1, nlist={nlist}], got {nprobe}")
+        out.nprobe = int(nprobe) if nprobe is not None else max(1, nlist // 16)
     for _, block in index.blocks():
         out.add(np.ascontiguousarray(block.cpu().numpy(), dtype=np.float32))
     return out
@@ -81,8 +94,16 @@ def _rows(index: SearchIndex, rows: np.ndarray) -> np.ndarray:
 def export_faiss(index: SearchIndex, path, kind: str = "ivf", **options) -> Path:
     """Write ``to_faiss(index, kind, **options)`` to a new file `path` (atomically; refuses to
     replace an existing file). Read it back with ``faiss.read_index``."""
+    check_options(kind, options.get("nlist"), options.get("nprobe"))
     faiss = _faiss()
     if Path(path).exists():
         raise FileExistsError(f"output {path} already exists; choose another path or remove it first")
     built = to_faiss(index, kind, **options)
-    return write_new_file(path, lambda tmp: faiss.write_index(built, tmp))
+
+    def write(tmp: str) -> None:
+        try:
+            faiss.write_index(built, tmp)
+        except RuntimeError as exc:  # faiss reports a failed write (a full disk) this way
+            raise WriteFailed(None, f"cannot write {path}: {str(exc).strip().splitlines()[-1]}") from None
+
+    return write_new_file(path, write)

@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 from safetensors import safe_open
 
-from ..errors import SearchIndexError
+from ..errors import SearchIndexError, UnsafePathError
 from ..store.bundle import Bundle
+from ..store.confine import check_regular, no_links
 from ..store.files import read_directory_manifest, sha256_file
 
 FORMAT = "sdml-search-index"
@@ -93,9 +94,13 @@ def read_index_manifest(path) -> dict:
 def check_shard(path: Path, shard: dict, first_row: int, manifest: dict, verify: bool) -> None:
     """Raise SearchIndexError unless the shard file exists, matches its checksum (if `verify`),
     holds the arrays index.json promises and starts at the row index.json places it at."""
-    file = path / shard["file"]
-    if not file.is_file():
-        raise SearchIndexError(f"index file missing: {file}")
+    try:  # a shard is a plain file of the index directory, never a link out of it
+        file = no_links(path, shard["file"], "index shard")
+        check_regular(file, "index shard")
+    except FileNotFoundError:
+        raise SearchIndexError(f"index file missing: {path / shard['file']}") from None
+    except UnsafePathError as exc:
+        raise SearchIndexError(str(exc)) from None
     if verify and sha256_file(file) != shard["sha256"]:
         raise SearchIndexError(f"{file} does not match its checksum in {MANIFEST} (corrupt or tampered with)")
     rows, dim = int(shard["rows"]), int(manifest["dim"])
@@ -117,6 +122,13 @@ def check_shard(path: Path, shard: dict, first_row: int, manifest: dict, verify:
                 s = f.get_slice(key)
                 if list(s.get_shape()) != shape or s.get_dtype() != dtype:
                     raise SearchIndexError(f"{file}: {key!r} is {s.get_dtype()} {s.get_shape()}, expected {dtype} {shape}")
+            if manifest["ids"] == "str":
+                offsets, blob = f.get_tensor("id_offsets"), f.get_slice("id_utf8")
+                size = blob.get_shape()
+                if (len(size) != 1 or blob.get_dtype() != "U8" or (rows and int(offsets[0]) != 0)
+                        or np.any(np.diff(offsets) < 0) or int(offsets[-1]) != size[0]):
+                    raise SearchIndexError(f"{file}: 'id_offsets' do not cut 'id_utf8' into one id per row "
+                                           f"(they must rise from 0 to its length)")
     except SearchIndexError:
         raise
     except Exception as exc:  # safetensors raises its own error types for malformed files

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..errors import SearchIndexError
 from ..store.bundle import check_new_bundle_path, versions
-from ..store.files import NewDirectory, fsync_file, publish, sha256_file, write_json
+from ..store.files import NewDirectory, fsync_file, publish, sha256_file, write_json, writing
 from .format import CODE_DTYPES, DEFAULT_SHARD_BYTES, FORMAT, FORMAT_VERSION, MANIFEST, rows_for_bytes, shard_name
 
 
@@ -97,8 +97,9 @@ class IndexWriter:
         file = self._tmp / name
         # One metadata key (the format is in index.json): safetensors writes its metadata map in a
         # random order, so a second key would make the same shard a different file from build to build.
-        save_file(arrays, str(file), metadata={"first_row": str(self.rows)})
-        fsync_file(file)
+        with writing(file):
+            save_file(arrays, str(file), metadata={"first_row": str(self.rows)})
+            fsync_file(file)
         publish(file, 0o666)
         self._shards.append({"file": name, "rows": self._pending_rows, "sha256": sha256_file(file)})
         self.rows += self._pending_rows

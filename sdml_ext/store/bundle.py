@@ -44,6 +44,7 @@ from ..errors import BundleError
 from ..model import DSAE
 from ..preprocess import PREPROCESS_MODES, Preprocessor
 from .files import (
+    WriteFailed,
     json_safe,
     new_directory,
     publish,
@@ -53,6 +54,7 @@ from .files import (
     write_atomic,
     write_json,
     write_json_atomic,
+    writing,
 )
 from .locking import exclusive
 
@@ -154,7 +156,8 @@ def save_bundle(
         raise ValueError(f"{len(class_names)} class names but P has {P.shape[1]} columns")
     with new_directory(path, error=BundleError, kind="bundle") as directory:
         tmp = directory.tmp
-        save_file({"P": P.detach().cpu().contiguous().numpy()}, str(tmp / PROJECTION_FILE), metadata={"format": FORMAT})
+        with writing(path / PROJECTION_FILE):
+            save_file({"P": P.detach().cpu().contiguous().numpy()}, str(tmp / PROJECTION_FILE), metadata={"format": FORMAT})
         publish(tmp / PROJECTION_FILE, 0o666)
         manifest = {
             "format": FORMAT,
@@ -339,12 +342,17 @@ def _add_locked(path: Path, results: Sequence[ModalityResult], run: dict, metric
             raise ValueError(f"new modality {r.name!r} has index {r.index}, expected {first + i}")
     try:
         entries = [_write_modality(path, r, _modality_file(r.index)) for r in results]
+    except WriteFailed as exc:
+        raise BundleError(f"{exc}; the bundle is unchanged") from None
     except OSError as exc:
         raise BundleError(f"cannot write into bundle {path}: {exc.strerror or exc}") from None
     manifest["modalities"] += entries
     manifest["runs"].append(json_safe(run))
     manifest["metrics"].update(json_safe(metrics or {}))
-    write_json_atomic(path / MANIFEST, manifest)
+    try:
+        write_json_atomic(path / MANIFEST, manifest)
+    except WriteFailed as exc:
+        raise BundleError(f"{exc}; the bundle is unchanged") from None
 
 
 class Bundle:
@@ -465,7 +473,16 @@ class Bundle:
             model.encode(preprocessor(x[i : i + batch_size].to(self.device))).cpu()
             for i in range(0, x.shape[0], batch_size)
         ]
-        return torch.cat(out) if out else torch.zeros(0, model.code_dim)
+        codes = torch.cat(out) if out else torch.zeros(0, model.code_dim)
+        bad = ~torch.isfinite(codes).all(1) | (codes == 0).all(1) if codes.shape[1] else torch.zeros(0, dtype=torch.bool)
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"modality {modality!r}: features row {row} encodes to a {'zero' if torch.isfinite(codes[row]).all() else 'non-finite'} "
+                f"code (largest |value| in the row: {float(x[row].abs().max()):.3g}); such a row cannot be searched: "
+                f"scale the features to the range the network was trained on"
+            )
+        return codes
 
     def __repr__(self) -> str:
         where = str(self.path) if self.path is not None else "unsaved"

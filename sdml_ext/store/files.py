@@ -28,6 +28,8 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from .confine import create_temporary
+
 # ---- permissions ---------------------------------------------------------------------------------
 
 
@@ -60,6 +62,30 @@ def publish(path: str | os.PathLike, mode: int) -> None:
 # ---- durable writes ------------------------------------------------------------------------------
 
 
+class WriteFailed(OSError):
+    """Writing a file failed (a full disk, a quota, an I/O error): the message names the file."""
+
+    def __str__(self) -> str:
+        return self.args[-1] if self.args else "write failed"
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Failures while writing `path` (OSError, or safetensors' own error for the same causes)
+    become one :class:`WriteFailed` naming the file: "cannot write PATH: No space left on device"."""
+    try:
+        yield
+    except WriteFailed:
+        raise
+    except OSError as exc:
+        raise WriteFailed(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from None
+    except Exception as exc:
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        reason = "No space left on device" if "No space left" in str(exc) or "StorageFull" in str(exc) else str(exc)
+        raise WriteFailed(None, f"cannot write {path}: {reason}") from None
+
+
 def fsync_dir(directory: str | os.PathLike) -> None:
     """Make a rename or unlink in `directory` durable."""
     fd = os.open(directory, os.O_RDONLY)
@@ -79,20 +105,21 @@ def write_atomic(path: str | os.PathLike, data: bytes, mode: int = 0o666) -> Non
     """Replace `path` with `data` atomically and durably (permissions `mode` less the umask)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    with writing(path):
+        fd = create_temporary(tmp, mode)  # never written through a link planted under its name
+        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk leaves nothing half-written behind
+            raise
+        fsync_dir(path.parent)
 
 
 def _json_default(value):
@@ -126,7 +153,7 @@ def json_bytes(data, indent: int | None = 1) -> bytes:
 def write_json(path: str | os.PathLike, data) -> None:
     """Write `data` as strict JSON (:func:`json_bytes`) to a file of a directory that is not
     published yet (see :func:`new_directory`), fsynced."""
-    with open(path, "wb") as f:
+    with writing(path), open(path, "wb") as f:
         f.write(json_bytes(data))
         f.flush()
         os.fsync(f.fileno())
@@ -147,7 +174,8 @@ def write_new_file(path, write: Callable[[str], object]) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.tmp-")
     os.close(fd)
     try:
-        write(tmp)
+        with writing(path):
+            write(tmp)
         publish(Path(tmp), 0o666)
         try:
             os.link(tmp, path)

@@ -16,6 +16,7 @@ import threading
 from collections.abc import Iterator
 
 from ..errors import LockedError
+from .confine import open_write
 
 _held: dict[str, tuple[int, int]] = {}  # resolved path -> (fd, depth) held by this process
 _guard = threading.Lock()
@@ -41,7 +42,7 @@ def exclusive(path: str | os.PathLike, what: str) -> Iterator[None]:
                 fd, depth = _held[key]
                 _held[key] = (fd, depth - 1)
         return
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    fd = open_write(path, os.O_RDWR | os.O_CREAT, 0o666, what="lock file")  # never a link's target
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
