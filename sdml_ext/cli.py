@@ -1,7 +1,9 @@
 """What the command-line tools share: user errors become one line on stderr and exit status 2,
 without a traceback (set SDML_DEBUG=1 to see it); a crashed training worker (not the input's
-fault) is one line and exit status 1; Ctrl-C exits with 130. Outputs are written atomically
-(see sdml_ext.bundle), so an interrupted or failed run leaves no half-written bundle."""
+fault) is one line and exit status 1; Ctrl-C exits with 130; a reader that closes stdout early
+(``| head``) ends the command quietly with status 141, as a Unix tool killed by SIGPIPE. Outputs
+are written atomically (see sdml_ext.bundle), so an interrupted or failed run leaves no
+half-written bundle."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import sys
 from collections.abc import Callable
 
 from .errors import BundleError, ModalityError, WorkerCrash
+from .pipes import SIGPIPE_STATUS, silence_stdout, stdout_closed
 from .signals import terminate_as_interrupt
 
 # What bad input raises: data-layer ValueError/MissingKeyError, missing files, unreadable paths,
@@ -21,14 +24,20 @@ def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) 
     """Call ``main(argv)`` and turn user errors into a message and an exit status. SIGTERM is
     handled like Ctrl-C (exit status 143 instead of 130); an interrupted training run says how
     to continue it."""
-    prog = os.path.basename(sys.argv[0]) if argv is None else "sdml_ext"
     debug = bool(os.environ.get("SDML_DEBUG"))
     try:
         with terminate_as_interrupt():
-            return main(argv)
+            status = main(argv)
+            sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's final flush
+            return status
+    except BrokenPipeError:
+        if not stdout_closed():
+            raise  # another pipe (a worker's): not the reader's doing
+        silence_stdout()
+        return SIGPIPE_STATUS
     except KeyboardInterrupt as exc:
         hint = getattr(exc, "resume_hint", None)
-        print(f"{prog}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
+        print("interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return getattr(exc, "exit_status", 130)
     except WorkerCrash as exc:
         if debug:

@@ -18,6 +18,7 @@ from .evaluation import curves, encode_split, evaluate, plot_curves
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        allow_abbrev=False,  # no prefix matching: a mistyped flag (--epoch) is an error, not another flag
         prog="python -m sdml_ext.evaluate",
         description=(
             "Evaluate an SDML bundle: encode the test split of every modality, print the mAP@all "

@@ -33,7 +33,7 @@ from .model import make_projection
 from .projection import load_projection
 from .preprocess import PREPROCESS_MODES
 from .progress import EpochBars
-from .rundir import RunDir, run_dir_for
+from .rundir import SUFFIX, RunDir, run_dir_for
 from .strategies import STRATEGIES, RunReport, train_tasks
 from .testhooks import pause_point
 from .training import DEFAULT_EPOCHS, PAPER_EPOCHS, make_tasks, training_cost
@@ -54,6 +54,7 @@ def _csv(kind):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        allow_abbrev=False,  # no prefix matching: a mistyped flag (--epoch) is an error, not another flag
         prog="python -m sdml_ext.train",
         description=(
             "Train SDML (Scalable Deep Multimodal Learning, SIGIR 2019): one deep supervised "
@@ -134,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         return _add_modalities(args, file_settings, flags)
     _detect_dataset(file_settings, flags)
     config = resolve_config(file_settings, flags)
+    if config.out is not None and Path(config.out).name.endswith(SUFFIX):
+        raise ValueError(f"--out {config.out}: names ending in {SUFFIX} are where runs keep their checkpoints "
+                         f"(OUT{SUFFIX}); choose another name")
     if distributed.launched():
         return _train_distributed(config)
     out = Path(config.out or _default_out(config.dataset))

@@ -107,6 +107,7 @@ def test_add_modality_with_other_classes_is_refused(tmp_path, config_file, capsy
         (["--dataset", "synthetic", "--devices", "cuda:x"], "devices: 'cuda:x' is not a device"),
         (["--dataset", "synthetic", "--devices", "cpu,cuda:0"], "devices must be cpu, auto, or one or more CUDA"),
         (["--dataset", "synthetic", "--devices", "cuda:0,cuda:0"], "lists a device twice"),
+        (["--dataset", "synthetic", "--out", "runs/x.partial"], "--out runs/x.partial: names ending in .partial"),
     ],
 )
 def test_user_errors_are_one_clear_line(argv, message, capsys, config_file, tmp_path):
@@ -325,3 +326,12 @@ def test_data_for_a_bundle_of_built_in_data_is_detected(tmp_path, capsys):
                                               str(tmp_path / "digits.npz")], capsys)
     assert code == 0 and "average over 6 pairs" in stdout, err
     assert json.loads((out / "manifest.json").read_text())["runs"][-1]["config"]["dataset"] == "npz"
+
+
+@pytest.mark.parametrize("module", [train, evaluate])
+def test_flags_are_not_matched_by_prefix(module, capsys):
+    """--epoch is not --epochs, --spl is not --split: a mistyped flag is refused, never taken as another."""
+    flag = "--epoch" if module is train else "--spl"
+    with pytest.raises(SystemExit) as stop:
+        module.main([*(["runs/x"] if module is evaluate else []), flag, "1"])
+    assert stop.value.code == 2 and f"unrecognized arguments: {flag} 1" in capsys.readouterr().err
