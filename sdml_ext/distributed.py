@@ -46,6 +46,7 @@ from safetensors.numpy import load as load_arrays
 from safetensors.numpy import save as save_arrays
 
 from .errors import WorkerCrash, WorkerError
+from .wording import plural
 from .strategies import RunReport, _peak_rss_bytes, train_tasks, usable_cores
 from .training import EpochStats, ModalityResult, ModalityTask
 
@@ -251,7 +252,7 @@ def train_distributed(job: Job, names: Sequence[str], costs: dict[int, float], a
     job.set_plan(names, assignment)
     if job.is_main:
         plan = ", ".join(f"rank {r}: {', '.join(job.plan[r]) or 'idle'}" for r in range(job.world_size))
-        print(f"\ndistributed over {job.world_size} ranks ({plan})", file=sys.stderr, flush=True)
+        print(f"\ndistributed over {plural(job.world_size, 'rank')} ({plan})", file=sys.stderr, flush=True)
         job.store.set("costs", json.dumps(sorted(costs.items())))  # what every rank's plan must match
     lock = threading.Lock()
 

@@ -66,7 +66,7 @@ class RunDir:
         """Refuse to start a new run where an interrupted one left its checkpoints."""
         if path.exists():
             if (path / "lock").exists():
-                with exclusive(path / "lock", f"output {path.name.removesuffix(SUFFIX)}"):
+                with exclusive(path / "lock", f"output {str(path).removesuffix(SUFFIX)}"):
                     pass  # LockedError (naming the holder) while a live run works there
             raise ValueError(
                 f"{path} holds the checkpoints of an earlier run on the same output; continue it with "
@@ -146,5 +146,6 @@ class RunDir:
                 shutil.rmtree(tmp, ignore_errors=True)
                 removed.append(str(tmp))
         if removed:
+            removed = list(dict.fromkeys(removed))  # each path once
             print(f"removed what an interrupted run left behind: {', '.join(removed)}", file=sys.stderr)
 

@@ -33,6 +33,7 @@ from .model import make_projection
 from .projection import load_projection
 from .preprocess import PREPROCESS_MODES
 from .progress import EpochBars
+from .wording import plural
 from .rundir import SUFFIX, RunDir, run_dir_for
 from .strategies import STRATEGIES, RunReport, train_tasks
 from .testhooks import pause_point
@@ -230,6 +231,7 @@ def _write_new_bundle(config: RunConfig, dataset: Dataset, out: Path, P, source,
 
 def _add_modalities(args, file_settings: dict, flags: dict) -> int:
     bundle = load(args.into)
+    _check_new_names(bundle, args.add_modality, args.into)  # before any data is read or described
     _detect_dataset(file_settings, flags, bundle.config.get("dataset", "mfeat"))
     base = {k: v for k, v in bundle.config.items() if k not in ("out", "modalities")}
     if "dataset" in file_settings or flags["dataset"] is not None:
@@ -281,9 +283,14 @@ def _check_addable(bundle: Bundle, dataset: Dataset, names: list[str], into: Pat
             f"the dataset has {dataset.num_classes} classes {dataset.class_names[:5]}... but the bundle was "
             f"trained with {len(bundle.class_names)} classes {bundle.class_names[:5]}...; labels must mean the same classes"
         )
-    taken = sorted(set(names) & set(bundle.modality_names))
+    _check_new_names(bundle, names, into)
+
+
+def _check_new_names(bundle: Bundle, names: list[str], into) -> None:
+    taken = [n for n in names if n in bundle.modality_names]
     if taken:
-        raise ValueError(f"bundle {into} already has modalities {taken}")
+        raise ValueError(f"bundle {into} already has {plural(len(taken), 'modality', 'modalities')} "
+                         f"{', '.join(taken)}; add {'it' if len(taken) == 1 else 'them'} under another name")
 
 
 def _absolute_data_paths(*layers: dict) -> None:
@@ -340,10 +347,11 @@ def _tasks(config: RunConfig, dataset: Dataset, names: list[str], P, first_index
 def _train(config: RunConfig, dataset: Dataset, names: list[str], P, first_index: int, checkpoints=None) -> RunReport:
     tasks = _tasks(config, dataset, names, P, first_index)
     devices = config.resolved_devices()
-    print(f"\ntraining {len(tasks)} modalities, strategy {config.strategy}, {config.epochs} epochs, on {', '.join(devices)}",
+    print(f"\ntraining {plural(len(tasks), 'modality', 'modalities')}, strategy {config.strategy}, {plural(config.epochs, 'epoch')}, on {', '.join(devices)}",
           file=sys.stderr)
     with EpochBars(names, config.epochs) as bars:
         report = train_tasks(tasks, config.strategy, devices, on_epoch=bars, checkpoints=checkpoints)
+        bars.close({m.name: m.time_s for m in report.modalities})
     print("\n" + report.table())
     return report
 
@@ -391,7 +399,7 @@ def _train_distributed(config: RunConfig) -> int:
             report = distributed.train_distributed(job, names, costs, assignment, mine, config.epochs,
                                                    run.checkpoints, bars)
             if job.is_main:
-                bars.close()
+                bars.close({m.name: m.time_s for m in report.modalities})
                 print("\n" + report.table())
                 if not (out / MANIFEST).exists():
                     _write_new_bundle(config, dataset, out, P, source, report)

@@ -26,6 +26,7 @@ import numpy as np
 from ..data import DATASET_NAMES, detect_layout, load_dataset, save_npz
 from ..data._io import ArrayFile, check_path, strings
 from .faiss_export import KINDS, export_faiss
+from ..wording import plural
 from .index import CODE_DTYPES, build_index, hit_quality, load_index, write_new_file
 
 SPLITS = ("test", "val", "train")
@@ -180,7 +181,7 @@ def cmd_build(args) -> int:
     index = build_index(bundle, args.modality, source.x, ids=ids, labels=labels, path=args.out,
                         shard_rows=args.shard_rows, block_rows=args.block_rows, dtype=args.dtype)
     shards = len(index._manifest["shards"])
-    print(f"wrote {args.out}: {index.n} {args.modality!r} items, d={index.d}, {shards} shard(s), "
+    print(f"wrote {args.out}: {plural(index.n, repr(args.modality) + ' item')}, d={index.d}, {shards} shard(s), "
           f"{args.dtype}, ids: {index.id_kind}, labels: {index.label_kind or 'none'}")
     return 0
 
@@ -241,15 +242,15 @@ def cmd_query(args) -> int:
                 os.fsync(file.fileno())
 
         write_new_file(args.out, to_file)
-        print(f"wrote {args.out}: top {args.k} of {index.n} {index.modality!r} items "
-              f"for {len(ids)} {args.modality!r} queries")
+        print(f"wrote {args.out}: top {args.k} of {plural(index.n, repr(index.modality) + ' item')} "
+              f"for {plural(len(ids), repr(args.modality) + ' query', repr(args.modality) + ' queries')}")
     else:
         write(sys.stdout)
         sys.stdout.flush()  # a reader that has gone (| head) ends the command here, before the metrics
         report = sys.stderr
     if quality is not None:
         print(f"P@{args.k} {quality['precision_at_k']:.4f}  mAP@{args.k} {quality['map_at_k']:.4f}  "
-              f"({quality['queries']} queries)", file=report)
+              f"({plural(quality['queries'], 'query', 'queries')})", file=report)
     return 0
 
 
