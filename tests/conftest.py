@@ -1,3 +1,4 @@
+import sdml_ext  # noqa: F401  (before torch: the package chooses OpenMP's wait policy before it loads)
 import pytest
 import torch
 
