@@ -59,6 +59,7 @@ class RunDir:
         self.lock_name = lock_name
         self.checkpoints = Checkpoints(str(path / "checkpoints"))
         self.uses_workers = True  # False: this process starts no worker processes (a distributed rank)
+        self.continue_with = resume_command(path)  # how the user continues a stopped run
         self._stack = contextlib.ExitStack()
 
     @staticmethod
@@ -120,7 +121,7 @@ class RunDir:
                 # Stopped before anything was worth keeping: a later run starts afresh.
                 shutil.rmtree(self.path, ignore_errors=True)
             elif exc is not None:
-                hint = f"checkpoints are kept in {self.path}; continue with: {resume_command(self.path)}"
+                hint = f"checkpoints are kept in {self.path}; continue with: {self.continue_with}"
                 if isinstance(exc, KeyboardInterrupt):
                     exc.resume_hint = hint
                 else:

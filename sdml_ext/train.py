@@ -395,6 +395,7 @@ def _train_distributed(config: RunConfig) -> int:
         run = RunDir.create(run_dir_for(out), {"kind": "train", "config": config.to_dict()}, out,
                             lock_name="lock" if job.is_main else f"lock-rank{job.rank}", exist_ok=True)
         run.uses_workers = False  # a rank trains its modalities in-process
+        run.continue_with = "the same command (every rank resumes from its checkpoints)"  # --resume is single-process
         with run, (EpochBars(names, config.epochs) if job.is_main else contextlib.nullcontext()) as bars:
             report = distributed.train_distributed(job, names, costs, assignment, mine, config.epochs,
                                                    run.checkpoints, bars)
