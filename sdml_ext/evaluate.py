@@ -13,6 +13,7 @@ from pathlib import Path
 from . import cli
 from .bundle import json_safe, load
 from .data import BUILT_IN_DATASETS, DATASET_NAMES, detect_layout, load_dataset
+from .curve_notes import curve_notes
 from .evaluation import curves, encode_split, evaluate, plot_curves
 
 
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = metrics_path.with_name(".metrics.json.tmp")
     tmp.write_text(json.dumps(json_safe(metrics), indent=1, allow_nan=False) + "\n")
     tmp.replace(metrics_path)
-    pngs = plot_curves(pr, pk, out, dataset=dataset.name, split=args.split)
+    pngs = plot_curves(pr, pk, out, dataset=dataset.name, split=args.split, notes=curve_notes(result))
     print(f"\nwrote {metrics_path}, {', '.join(str(p) for p in pngs)}")
     return 0
 
