@@ -28,13 +28,9 @@ def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) 
     try:
         with terminate_as_interrupt():
             status = main(argv)
-            sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's final flush
+            if sys.stdout is not None:
+                sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's final flush
             return status
-    except BrokenPipeError:
-        if not stdout_closed():
-            raise  # another pipe (a worker's): not the reader's doing
-        silence_stdout()
-        return SIGPIPE_STATUS
     except KeyboardInterrupt as exc:
         hint = getattr(exc, "resume_hint", None)
         print("interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
@@ -48,6 +44,9 @@ def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) 
               f"SDML_DEBUG=1 shows the traceback", file=sys.stderr)
         return 1
     except USER_ERRORS as exc:
+        if isinstance(exc, BrokenPipeError) and stdout_closed():  # the reader left (| head): not an error
+            silence_stdout()
+            return SIGPIPE_STATUS
         if debug:
             raise
         print(f"error: {exc}", file=sys.stderr)

@@ -57,12 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         return max([f.exitcode for f in exc.failures.values() if f.exitcode > 0], default=1)
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:
-        if not stdout_closed():
-            raise
-        silence_stdout()
-        return SIGPIPE_STATUS
     except Exception as exc:  # noqa: BLE001  (rendezvous and launcher errors: one line)
+        if isinstance(exc, BrokenPipeError) and stdout_closed():  # the reader left (| head)
+            silence_stdout()
+            return SIGPIPE_STATUS
         if os.environ.get("SDML_DEBUG"):
             raise
         print(f"error: torchrun: {type(exc).__name__}: {exc}", file=sys.stderr)
