@@ -4,8 +4,7 @@ torch's CPU kernels run on OpenMP (GNU libgomp in the Linux wheels). By default 
 thread spins for ~300,000 iterations before it sleeps, which is cheap on an idle machine but,
 on one shared with other work, burns the core its partner thread needs: a 2-thread training
 step was measured several times slower on a loaded 2-core machine (``benchmarks/RESULTS.md``).
-With ``OMP_WAIT_POLICY=PASSIVE`` idle threads sleep at once; on an idle machine the cost is
-within noise for these step sizes.
+With ``OMP_WAIT_POLICY=PASSIVE`` idle threads sleep at once.
 
 libgomp reads the variable once, when it is loaded (at ``import torch``); Intel's runtime
 reads it at its first parallel region. So the choice is made here, in the environment, by
