@@ -33,11 +33,11 @@ from .model import make_projection
 from .projection import load_projection
 from .preprocess import PREPROCESS_MODES
 from .progress import EpochBars
-from .wording import plural
 from .rundir import SUFFIX, RunDir, run_dir_for
 from .strategies import STRATEGIES, RunReport, train_tasks
 from .testhooks import pause_point
 from .training import DEFAULT_EPOCHS, PAPER_EPOCHS, make_tasks, training_cost
+from .wording import plural
 
 
 def _csv(kind):
