@@ -260,7 +260,13 @@ def train_distributed(job: Job, names: Sequence[str], costs: dict[int, float], a
         with lock:
             on_epoch(stats)
 
-    finish_watch = job.watch(list(names), epochs, show if job.is_main else None, lambda message: _abort(message, job))
+    failed_here = threading.Event()  # this rank's own failure: it says so itself (_await_abort), not silently
+
+    def on_failure(message: str) -> None:
+        if not failed_here.is_set():
+            _abort(message, job)
+
+    finish_watch = job.watch(list(names), epochs, show if job.is_main else None, on_failure)
     device = job.device()
     start = time.perf_counter()
     report = None
@@ -271,6 +277,7 @@ def train_distributed(job: Job, names: Sequence[str], costs: dict[int, float], a
                 report = train_tasks(mine, "serial", [device], on_epoch=job.publish_epoch, checkpoints=checkpoints)
             except (WorkerError, ValueError, FloatingPointError, MemoryError) as exc:
                 message = f"{job.where()}: {exc}"
+                failed_here.set()
                 job.fail(message)
                 if job.is_main:
                     _abort(message, job)
