@@ -8,11 +8,12 @@ from . import waitpolicy
 
 waitpolicy.choose()  # before anything imports torch: OpenMP reads its wait policy when it loads
 
+from . import ops
 from ._extension import build_info, release_cached_host_buffers
-from . import metrics, ops
-from .ops import DSAELossOutput, dsae_loss
+from . import metrics
 from .loss import DSAELoss
-from .bundle import Bundle, load
+from .ops import DSAELossOutput, dsae_loss
+from .store.bundle import Bundle, load
 
 __version__ = "0.1.0"
 

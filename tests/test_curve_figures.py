@@ -5,8 +5,8 @@ curve said to be one, and no empty panel (five modalities: the legend takes the 
 import numpy as np
 import torch
 
-from sdml_ext.curve_notes import CurveNotes, mean_relevant
-from sdml_ext.evaluation import _columns, draw_curves
+from sdml_ext.eval.curve_notes import CurveNotes, mean_relevant
+from sdml_ext.eval.plots import _columns, draw_curves
 from sdml_ext.metrics import PairCurves
 
 NAMES = ["fou", "kar", "mor", "pix", "zer"]

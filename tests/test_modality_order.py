@@ -15,7 +15,7 @@ from sdml_ext import cli, train
 from sdml_ext.data import load_dataset, make_synthetic
 from sdml_ext.data.generic import to_arrays
 from sdml_ext.data.dataset import Dataset, Modality
-from conftest import run_config
+from helpers import run_config
 
 NAMES = ["img", "txt", "aud"]  # file order, not alphabetical
 CONFIG = run_config(strategy="serial", epochs=2, hidden=[32, 32], code_dim=16, lr=[1e-3, 2e-3], batch_size=50)

@@ -4,8 +4,8 @@ shows the modality's own training time, not the whole run's."""
 import io
 import re
 
-from sdml_ext.progress import EpochBars
-from sdml_ext.records import EpochStats
+from sdml_ext.engine.progress import EpochBars
+from sdml_ext.engine.records import EpochStats
 
 
 class Terminal(io.StringIO):

@@ -47,8 +47,8 @@ def test_workers_wait_passively_when_the_program_imported_torch_first():
 import torch, sdml_ext
 from sdml_ext.data import make_synthetic
 from sdml_ext.model import make_projection
-from sdml_ext.strategies import train_tasks
-from sdml_ext.training import TrainOptions, make_tasks
+from sdml_ext.engine.strategies import train_tasks
+from sdml_ext.engine.training import TrainOptions, make_tasks
 assert "torch was imported before sdml_ext" in sdml_ext.waitpolicy.describe()
 ds = make_synthetic(2, n_train=100, n_val=20, n_test=20, n_classes=3, seed=0)
 opts = TrainOptions(hidden=(16, 16), code_dim=8, batch_size=50, epochs=1)
