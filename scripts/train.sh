@@ -5,8 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-# Sleeping instead of spinning OpenMP threads: on a machine shared with other work a spinning
-# thread steals the core its partner needs, and a 2-thread training step was measured 4-10x
-# slower on a loaded 2-core machine. Set OMP_WAIT_POLICY yourself to override.
-export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
+# The package chooses OpenMP's wait policy itself (sdml_ext/waitpolicy.py); OMP_WAIT_POLICY overrides it.
 exec .venv/bin/python -m sdml_ext.train "$@"

@@ -4,6 +4,10 @@ Fused C++/CUDA kernels registered as torch ops (``torch.ops.sdml.*``, Python fac
 :mod:`sdml_ext.ops`) and the modules built on them.
 """
 
+from . import waitpolicy
+
+waitpolicy.choose()  # before anything imports torch: OpenMP reads its wait policy when it loads
+
 from . import ops
 from ._extension import build_info, release_cached_host_buffers
 from . import metrics

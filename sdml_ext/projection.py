@@ -68,7 +68,7 @@ def _pick(path: str, arrays: dict[str, np.ndarray], key: str | None) -> tuple[st
         return preferred[0], candidates[preferred[0]]
     raise ValueError(
         f"projection file {path}: cannot tell which array is P (2-D numeric arrays: "
-        f"{', '.join(candidates) or 'none'}); name it with projection_key"
+        f"{', '.join(candidates) or 'none'}); name it with --projection-key (projection_key in a --config file)"
     )
 
 

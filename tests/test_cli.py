@@ -41,6 +41,9 @@ def test_train_add_modality_and_evaluate(tmp_path, config_file, capsys):
     assert {f: (out / f).read_bytes() for f in old} == old  # existing networks untouched, bit for bit
     b = sdml_ext.load(out)
     assert b.modality_names == ["m0", "m1", "m2"] and b.input_dim("m2") == 32
+    # A name the bundle has is refused before the dataset is read or described.
+    code, stdout, err = run_main(train.main, ["--add-modality", "m2", "--into", str(out)], capsys)
+    assert code == 2 and stdout == "" and err == f"error: bundle {out} already has 1 modality m2; add it under another name\n"
     test = json.loads((out / "manifest.json").read_text())["metrics"]["test"]
     table, new = test["map_all"], test["modalities"].index("m2")
     # The new modality retrieves from and into the old ones, well above chance (~0.2).
@@ -88,6 +91,7 @@ def test_add_modality_with_other_classes_is_refused(tmp_path, config_file, capsy
         (["--dataset", "synthetic", "--devices", "cuda:x"], "devices: 'cuda:x' is not a device"),
         (["--dataset", "synthetic", "--devices", "cpu,cuda:0"], "devices must be cpu, auto, or one or more CUDA"),
         (["--dataset", "synthetic", "--devices", "cuda:0,cuda:0"], "lists a device twice"),
+        (["--dataset", "synthetic", "--out", "runs/x.partial"], "--out runs/x.partial: names ending in .partial"),
     ],
 )
 def test_user_errors_are_one_clear_line(argv, message, capsys, config_file, tmp_path):
@@ -230,3 +234,40 @@ def test_data_for_a_bundle_of_built_in_data_is_detected(tmp_path, capsys):
                                               str(tmp_path / "digits.npz")], capsys)
     assert code == 0 and "average over 6 pairs" in stdout, err
     assert json.loads((out / "manifest.json").read_text())["runs"][-1]["config"]["dataset"] == "npz"
+
+
+@pytest.mark.parametrize("module", [train, evaluate])
+def test_flags_are_not_matched_by_prefix(module, capsys):
+    """--epoch is not --epochs, --spl is not --split: a mistyped flag is refused, never taken as another."""
+    flag = "--epoch" if module is train else "--spl"
+    with pytest.raises(SystemExit) as stop:
+        module.main([*(["runs/x"] if module is evaluate else []), flag, "1"])
+    assert stop.value.code == 2 and f"unrecognized arguments: {flag} 1" in capsys.readouterr().err
+
+
+def test_training_messages_count_in_words(tmp_path, config_file, capsys):
+    code, stdout, err = run_main(train.main, ["--dataset", "synthetic", "--modalities", "m1", "--config", config_file,
+                                              "--epochs", "1", "--out", str(tmp_path / "one")], capsys)
+    assert code == 0 and "training 1 modality, strategy serial, 1 epoch, on cpu" in err
+    assert "m1: 1 epoch, train loss" in err
+
+
+def test_a_live_runs_output_is_named_in_full(tmp_path):
+    """A new run on an output another process is training names the whole output path."""
+    from sdml_ext.errors import LockedError
+    from sdml_ext.engine.rundir import RunDir, run_dir_for
+
+    out = tmp_path / "deep" / "runs" / "x"
+    run_dir = run_dir_for(out)
+    run_dir.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+        "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)"), str(run_dir / "lock")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(LockedError, match=f"^output {out} is in use by another run"):
+            RunDir.check_free(run_dir)
+    finally:
+        holder.kill()
+        holder.wait()

@@ -5,6 +5,7 @@ on free ports, and nothing of it may survive the test."""
 import os
 import signal
 import socket
+import sys
 
 import numpy as np
 import pytest
@@ -188,3 +189,52 @@ def test_assignment_is_longest_first_and_results_travel_as_safetensors(tmp_path)
     back = decode_result(encode_result(result))
     assert back.state.keys() == result.state.keys() and all((back.state[k] == result.state[k]).all() for k in back.state)
     assert back.history == result.history and back.best_epoch == result.best_epoch
+
+
+LAUNCH = [sys.executable, "-m", "sdml_ext.launch"]
+
+
+def last_line(err: str) -> str:
+    return [line for line in err.splitlines() if line.strip()][-1]
+
+
+def test_the_launcher_ends_ctrl_c_with_the_projects_line(workdir):
+    """python -m sdml_ext.launch (torchrun's arguments): Ctrl-C in a terminal (SIGINT to the
+    foreground group) stops every rank; the output ends with how to continue, not with torchrun's
+    SignalException traceback, and the status is 130."""
+    out = workdir / "launch-ctrl-c"
+    argv = [*LAUNCH, *torchrun(workdir, out, "--standalone", "--nproc-per-node=2")[len(TORCHRUN):]]
+    with Run(argv, workdir, EVERY_EPOCH, pause_at="epoch:m1:2") as run:
+        run.wait_paused()
+        os.killpg(run.proc.pid, signal.SIGINT)
+        run.release()
+        code, _, err = run.finish(timeout_s=240)
+        assert run.gone() == []
+    assert code == 130 and "Traceback" not in err and "SignalException" not in err, err[-3000:]
+    assert last_line(err) == (f"interrupted; checkpoints are kept in {out}.partial; continue with: the same command "
+                              "(every rank resumes from its checkpoints)"), err[-3000:]
+
+
+def test_the_launcher_ends_a_killed_rank_with_the_projects_line(workdir):
+    out = workdir / "launch-killed"
+    argv = [*LAUNCH, *torchrun(workdir, out, "--standalone", "--nproc-per-node=2")[len(TORCHRUN):]]
+    with Run(argv, workdir, EVERY_EPOCH, pause_at="epoch:m1:2") as run:
+        os.kill(run.wait_paused(), signal.SIGKILL)
+        run.release()
+        code, _, err = run.finish(timeout_s=240)
+        assert run.gone() == []
+    assert code == 1 and "Traceback" not in err and "ChildFailedError" not in err, err[-3000:]
+    assert last_line(err) == (f"error: rank 1 on {socket.gethostname()} (training m1, m2) ended without a word "
+                              "(killed, out of memory, or its machine gone); the job stops"), err[-3000:]
+    assert not out.exists()
+
+
+def test_the_launcher_speaks_only_when_no_rank_could():
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from sdml_ext.cli.launch import _failure_line
+
+    killed = ProcessFailure(local_rank=0, pid=123, exitcode=-signal.SIGKILL, error_file="")
+    spoke = ProcessFailure(local_rank=1, pid=124, exitcode=1, error_file="")
+    assert _failure_line({0: killed}) == f"error: on {socket.gethostname()}: rank 0 (pid 123) ended by SIGKILL; the job stops"
+    assert _failure_line({0: killed, 1: spoke}) is None  # rank 1 printed its own line

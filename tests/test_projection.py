@@ -62,7 +62,7 @@ def test_bad_projections_are_refused_naming_the_defect(tmp_path):
         with pytest.raises(ValueError, match=message.replace("(", r"\(")):
             load_projection(tmp_path / name, d=6, c=3)
     scipy.io.savemat(tmp_path / "two.mat", {"A": full, "B": full})
-    with pytest.raises(ValueError, match="cannot tell which array is P .*A, B.*projection_key"):
+    with pytest.raises(ValueError, match="cannot tell which array is P .*A, B.*name it with --projection-key"):
         load_projection(tmp_path / "two.mat", d=6, c=3)
     assert load_projection(tmp_path / "two.mat", d=6, c=3, key="B")[1]["key"] == "B"
     with pytest.raises(ValueError, match="has no key 'C'"):

@@ -5,6 +5,7 @@ recall, bad input, and the command line end to end."""
 import dataclasses
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -536,3 +537,48 @@ def test_a_moved_bundle_is_named_and_can_be_given(tmp_path, trained, ds):
     with pytest.raises(SearchIndexError, match=r"not at .*/b \(moved\?\); pass the bundle"):
         load_index(tmp_path / "idx")
     assert load_index(tmp_path / "idx", tmp_path / "moved").search(ds["m1"].test.features, 2, modality="m1").ids.shape == (60, 2)
+
+
+def test_cli_data_alone_detects_the_layout_and_flags_are_not_prefixes(tmp_path, bundle_path, data_file, capsys):
+    idx = tmp_path / "idx"
+    assert run_main(["build", str(bundle_path), "--modality", "m0", "--data", str(data_file), "--out", str(idx)],
+                    capsys)[0] == 0
+    code, out, err = run_main(["query", str(idx), "--modality", "m1", "--data", str(data_file), "-k", "2"], capsys)
+    by_dataset = run_main(["query", str(idx), "--modality", "m1", "--dataset", "npz", "--data", str(data_file),
+                           "-k", "2"], capsys)
+    assert code == 0 and out.splitlines()[0] == "query,rank,id,score" and (code, out, err) == by_dataset
+    for argv, message in [
+        (["query", str(idx), "--modality", "m1"], "name the features: --features FILE, or a dataset with --data"),
+        (["query", str(idx), "--modality", "m1", "--features", str(data_file), "--data", str(data_file)],
+         "--data names a dataset's file and does not go with --features"),
+    ]:
+        code, out, err = run_main(argv, capsys)
+        assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    with pytest.raises(SystemExit) as stop:  # no prefix matching: --in is not --in-memory
+        search_cli.main(["query", str(idx), "--modality", "m1", "--data", str(data_file), "--in"])
+    assert stop.value.code == 2 and "unrecognized arguments: --in" in capsys.readouterr().err
+
+
+def test_cli_a_closed_stdout_ends_quietly(tmp_path, bundle_path, data_file):
+    """`query ... | head -2`: the reader stops early; the command ends without a word, with the
+    status a shell reports for a tool SIGPIPE killed (141), and a short output that only the
+    final flush would have hit is handled the same way."""
+    idx = tmp_path / "idx"
+    command = [sys.executable, "-m", "sdml_ext.search"]
+    subprocess.run([*command, "build", str(bundle_path), "--modality", "m0", "--features", str(data_file),
+                    "--out", str(idx)], check=True, capture_output=True)
+    for k in ("50", "1"):  # 3000 rows (written while the reader is gone) and 60 rows (left in the buffer)
+        query = [*command, "query", str(idx), "--modality", "m1", "--features", str(data_file), "-k", k]
+        shell = f"set -o pipefail; {' '.join(map(shlex.quote, query))} | (exec 0<&-; sleep 1); echo status $?"
+        done = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, timeout=120)
+        assert done.stderr == "" and done.stdout.strip() == "status 141", (k, done.stdout, done.stderr)
+    # The README's way: whether the output fitted in the pipe before head left is up to the timing,
+    # so the command ends with 0 (then its metrics follow on stderr) or quietly with 141.
+    piped = subprocess.run(["bash", "-c", " ".join(map(shlex.quote, query)) + ' | head -2; echo "${PIPESTATUS[0]}"'],
+                           capture_output=True, text=True, timeout=120)
+    lines = piped.stdout.splitlines()
+    assert lines[0] == "query,rank,id,score" and len(lines) == 3 and lines[2] in ("0", "141"), piped.stdout
+    if lines[2] == "141":
+        assert piped.stderr == ""
+    else:
+        assert piped.stderr.startswith("P@1 ") and piped.stderr.count("\n") == 1, piped.stderr

@@ -4,12 +4,12 @@
 
 The layers, bottom-up (a module may import its own layer and the ones below):
 
-  0 foundation   errors, _testing, _extension, store.files, store.locking, data, ops
+  0 foundation   errors, waitpolicy, wording, _testing, _extension, store.files, store.locking, data, ops
   1 model        model, loss, preprocess, projection, store.bundle (a bundle loads networks)
   2 eval         eval (metrics, evaluation, plots), metrics (the public alias of eval.metrics)
   3 engine       engine (training, strategies, distributed, checkpoints, run directories, flows)
   4 search       search
-  5 cli          cli, the entry modules train and evaluate, search.__main__
+  5 cli          cli, the entry modules train, evaluate and launch, search.__main__
   6 api          the package itself (sdml_ext/__init__.py re-exports the public names)
 
 Every import counts, at module level or inside a function, except those under
@@ -25,13 +25,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "sdml_ext"
 LAYERS = [  # (layer name, module prefixes), bottom-up; the longest matching prefix decides
-    ("foundation", ["errors", "_testing", "_extension", "_build_config", "store", "store.files", "store.locking",
-                    "data", "ops"]),
+    ("foundation", ["errors", "waitpolicy", "wording", "_testing", "_extension", "_build_config", "store",
+                    "store.files", "store.locking", "data", "ops"]),
     ("model", ["model", "loss", "preprocess", "projection", "store.bundle"]),
     ("eval", ["eval", "metrics"]),
     ("engine", ["engine"]),
     ("search", ["search"]),
-    ("cli", ["cli", "train", "evaluate", "search.__main__"]),
+    ("cli", ["cli", "train", "evaluate", "launch", "search.__main__"]),
     ("api", [""]),
 ]
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from ..data import BUILT_IN_DATASETS, DATASET_NAMES, detect_layout, load_dataset
+from ..eval.curve_notes import curve_notes
 from ..eval.evaluation import curves, encode_split, evaluate
 from ..eval.plots import plot_curves
 from ..store.bundle import load
@@ -19,6 +20,7 @@ from .runner import run
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        allow_abbrev=False,  # no prefix matching: a mistyped flag (--epoch) is an error, not another flag
         prog="python -m sdml_ext.evaluate",
         description=(
             "Evaluate an SDML bundle: encode the test split of every modality, print the mAP@all "
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics["precision_at_k"] = {"k": pk.x.tolist(), **{f"{q}->{g}": y.tolist() for (q, g), y in pk.curves.items()}}
     metrics_path = out / "metrics.json"
     write_json_atomic(metrics_path, json_safe(metrics))
-    pngs = plot_curves(pr, pk, out, dataset=dataset.name, split=args.split)
+    pngs = plot_curves(pr, pk, out, dataset=dataset.name, split=args.split, notes=curve_notes(result))
     print(f"\nwrote {metrics_path}, {', '.join(str(p) for p in pngs)}")
     return 0
 

@@ -1,8 +1,10 @@
 """What the command-line tools share: user errors become one line on stderr and exit status 2,
 without a traceback (set SDML_DEBUG=1 to see it); a crashed training worker (not the input's
 fault) is one line and exit status 1, as is a distributed job that stopped because one of its
-ranks failed; Ctrl-C exits with 130. Only this module ends a process or chooses its exit status. Outputs are written atomically
-(see sdml_ext.store.bundle), so an interrupted or failed run leaves no half-written bundle."""
+ranks failed; Ctrl-C exits with 130; a reader that closes stdout early (``| head``) ends the
+command quietly with status 141, as a Unix tool killed by SIGPIPE. Only this module ends a
+process or chooses its exit status. Outputs are written atomically (see sdml_ext.store.bundle),
+so an interrupted or failed run leaves no half-written bundle."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from collections.abc import Callable
 
 from ..engine.signals import terminate_as_interrupt
 from ..errors import BundleError, JobStopped, ModalityError, WorkerCrash
+from .pipes import SIGPIPE_STATUS, silence_stdout, stdout_closed
 
 # What bad input raises: data-layer ValueError/MissingKeyError, missing files, unreadable paths,
 # bundle problems and a modality that failed because of its data (ModalityError names it).
@@ -22,14 +25,16 @@ def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) 
     """Call ``main(argv)`` and turn user errors into a message and an exit status. SIGTERM is
     handled like Ctrl-C (exit status 143 instead of 130); an interrupted training run says how
     to continue it."""
-    prog = os.path.basename(sys.argv[0]) if argv is None else "sdml_ext"
     debug = bool(os.environ.get("SDML_DEBUG"))
     try:
         with terminate_as_interrupt():
-            return main(argv)
+            status = main(argv)
+            if sys.stdout is not None:
+                sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's final flush
+            return status
     except KeyboardInterrupt as exc:
         hint = getattr(exc, "resume_hint", None)
-        print(f"{prog}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
+        print("interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return getattr(exc, "exit_status", 130)
     except JobStopped as exc:
         if debug:
@@ -46,6 +51,9 @@ def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) 
               f"SDML_DEBUG=1 shows the traceback", file=sys.stderr)
         return 1
     except USER_ERRORS as exc:
+        if isinstance(exc, BrokenPipeError) and stdout_closed():  # the reader left (| head): not an error
+            silence_stdout()
+            return SIGPIPE_STATUS
         if debug:
             raise
         print(f"error: {exc}", file=sys.stderr)

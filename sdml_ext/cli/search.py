@@ -23,13 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data import DATASET_NAMES, load_dataset, save_npz
+from ..data import DATASET_NAMES, detect_layout, load_dataset, save_npz
 from ..data._io import ArrayFile, check_path, strings
 from ..search.faiss_export import KINDS, check_options, export_faiss
 from ..search.format import CODE_DTYPES
 from ..search.index import build_index, load_index
 from ..search.quality import hit_quality
 from ..store.files import write_new_file
+from ..wording import plural
 
 SPLITS = ("test", "val", "train")
 
@@ -56,9 +57,15 @@ def read_ids(path: str) -> np.ndarray:
 
 
 def read_features(args, modality: str) -> Features:
-    """The features of `modality` named by --features/--key or --dataset/--data, and --split."""
-    if args.dataset:
-        split = load_dataset(args.dataset, args.data)[modality].split(args.split)
+    """The features of `modality` named by --features/--key or --dataset/--data, and --split
+    (--data alone: the dataset's layout is detected from the file, as ``train`` does)."""
+    if args.features is None and args.dataset is None and args.data is None:
+        raise ValueError("name the features: --features FILE, or a dataset with --data PATH and/or --dataset NAME")
+    if args.features is not None and args.data is not None:
+        raise ValueError("--data names a dataset's file and does not go with --features (give one of them)")
+    if args.features is None:
+        name = args.dataset or detect_layout(args.data)
+        split = load_dataset(name, args.data)[modality].split(args.split)
         return Features(split.features, split.labels)
     path = check_path(args.features)
     if path.endswith(".npy"):
@@ -85,12 +92,14 @@ def read_features(args, modality: str) -> Features:
 
 
 def _source_arguments(p: argparse.ArgumentParser) -> None:
-    src = p.add_argument_group("features (one of --features, --dataset)")
-    one = src.add_mutually_exclusive_group(required=True)
+    src = p.add_argument_group("features (one of --features, --dataset/--data)")
+    one = src.add_mutually_exclusive_group()
     one.add_argument("--features", metavar="FILE", help=".npy (n, D) array, or .npz/.h5/.mat/.npy-directory file")
     one.add_argument("--dataset", choices=DATASET_NAMES, metavar="NAME",
                      help=f"read a split of a dataset instead: {', '.join(DATASET_NAMES)}")
-    src.add_argument("--data", metavar="PATH", help="the dataset's file (every dataset but mfeat and synthetic)")
+    src.add_argument("--data", metavar="PATH",
+                     help="the dataset's file (every dataset but mfeat and synthetic); without --dataset its layout "
+                          "is detected from its keys")
     src.add_argument("--split", choices=SPLITS, default="test",
                      help="split of a dataset or of a file in the dataset layout (default: test)")
     src.add_argument("--key", metavar="KEY", help="name of the features array in the file")
@@ -115,10 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
             "errors in the input print one line and exit with status 2 (SDML_DEBUG=1 shows the traceback)."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    b = sub.add_parser("build", help="encode a gallery into a new index directory")
+    b = sub.add_parser("build", allow_abbrev=False, help="encode a gallery into a new index directory")
     b.add_argument("bundle", metavar="BUNDLE", help="bundle directory written by python -m sdml_ext.train")
     _source_arguments(b)
     b.add_argument("--ids", metavar="FILE",
@@ -132,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="storage of the codes: float16 halves the files and the bytes a search reads (default: float32)")
     b.add_argument("--device", default="cpu", metavar="DEV", help="device of the networks, e.g. cuda:0 (default: cpu)")
 
-    q = sub.add_parser("query", help="search an index with features of a modality; write the top-k ids")
+    q = sub.add_parser("query", allow_abbrev=False, help="search an index with features of a modality; write the top-k ids")
     q.add_argument("index", metavar="INDEX", help="index directory written by build")
     _source_arguments(q)
     q.add_argument("-k", "--k", type=int, default=10, metavar="K", help="results per query (default: 10)")
@@ -144,14 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default="cpu", metavar="DEV", help="device of the search, e.g. cuda:0 (default: cpu)")
     q.add_argument("--no-verify", action="store_true", help="skip the checksum pass over the index files")
 
-    f = sub.add_parser("export-faiss", help="write the index's codes as a faiss IVF or HNSW index (needs faiss)")
+    f = sub.add_parser("export-faiss", allow_abbrev=False, help="write the index's codes as a faiss IVF or HNSW index (needs faiss)")
     f.add_argument("index", metavar="INDEX")
     f.add_argument("--out", required=True, metavar="FILE", help="new faiss index file (faiss.read_index reads it)")
     f.add_argument("--kind", choices=KINDS, default="ivf", help="ivf (IndexIVFFlat, default) or hnsw (IndexHNSWFlat)")
     f.add_argument("--nlist", type=int, metavar="N", help="IVF lists (default ~4 sqrt(n))")
     f.add_argument("--nprobe", type=int, metavar="N", help="IVF lists scanned per query (default nlist/16)")
 
-    e = sub.add_parser("export-data", help="write a dataset in the package's .npz layout ({modality}_{split}_x/_y)")
+    e = sub.add_parser("export-data", allow_abbrev=False, help="write a dataset in the package's .npz layout ({modality}_{split}_x/_y)")
     e.add_argument("name", choices=DATASET_NAMES, metavar="NAME", help=f"dataset: {', '.join(DATASET_NAMES)}")
     e.add_argument("--data", metavar="PATH", help="the dataset's file (every dataset but mfeat and synthetic)")
     e.add_argument("--out", required=True, metavar="FILE", help="new .npz file (never overwritten)")
@@ -175,7 +185,7 @@ def cmd_build(args) -> int:
     labels = None if args.no_labels else source.labels
     index = build_index(bundle, args.modality, source.x, ids=ids, labels=labels, path=args.out,
                         shard_rows=args.shard_rows, block_rows=args.block_rows, dtype=args.dtype)
-    print(f"wrote {args.out}: {index.n} {args.modality!r} items, d={index.d}, {index.shard_count} shard(s), "
+    print(f"wrote {args.out}: {plural(index.n, repr(args.modality) + ' item')}, d={index.d}, {index.shard_count} shard(s), "
           f"{args.dtype}, ids: {index.id_kind}, labels: {index.label_kind or 'none'}")
     return 0
 
@@ -236,14 +246,15 @@ def cmd_query(args) -> int:
                 os.fsync(file.fileno())
 
         write_new_file(args.out, to_file)
-        print(f"wrote {args.out}: top {args.k} of {index.n} {index.modality!r} items "
-              f"for {len(ids)} {args.modality!r} queries")
+        print(f"wrote {args.out}: top {args.k} of {plural(index.n, repr(index.modality) + ' item')} "
+              f"for {plural(len(ids), repr(args.modality) + ' query', repr(args.modality) + ' queries')}")
     else:
         write(sys.stdout)
+        sys.stdout.flush()  # a reader that has gone (| head) ends the command here, before the metrics
         report = sys.stderr
     if quality is not None:
         print(f"P@{args.k} {quality['precision_at_k']:.4f}  mAP@{args.k} {quality['map_at_k']:.4f}  "
-              f"({quality['queries']} queries)", file=report)
+              f"({plural(quality['queries'], 'query', 'queries')})", file=report)
     return 0
 
 

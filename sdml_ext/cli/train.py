@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ..data import DATASET_NAMES
 from ..engine import distributed, flows
 from ..engine.config import load_config_file, resolve_config
+from ..engine.rundir import SUFFIX
 from ..engine.strategies import STRATEGIES
 from ..engine.training import DEFAULT_EPOCHS, PAPER_EPOCHS
 from ..preprocess import PREPROCESS_MODES
@@ -34,6 +36,7 @@ def _csv(kind):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        allow_abbrev=False,  # no prefix matching: a mistyped flag (--epoch) is an error, not another flag
         prog="python -m sdml_ext.train",
         description=(
             "Train SDML (Scalable Deep Multimodal Learning, SIGIR 2019): one deep supervised "
@@ -119,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     flows.detect_dataset(file_settings, flags)
     config = resolve_config(file_settings, flags)
+    if config.out is not None and Path(config.out).name.endswith(SUFFIX):
+        raise ValueError(f"--out {config.out}: names ending in {SUFFIX} are where runs keep their checkpoints "
+                         f"(OUT{SUFFIX}); choose another name")
     if distributed.launched():
         flows.train_rank(config, stop_process)
     else:

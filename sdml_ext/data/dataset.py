@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..wording import plural
+
 SPLIT_NAMES = ("train", "val", "test")
 
 
@@ -236,7 +238,7 @@ class Dataset:
         """Multi-line human-readable summary: classes, modalities, dims and split sizes."""
         kind = "multi-label" if self.multilabel else "single-label"
         lines = [
-            f"dataset {self.name!r}: {len(self.modalities)} modalities, {self.num_classes} classes "
+            f"dataset {self.name!r}: {plural(len(self.modalities), 'modality', 'modalities')}, {plural(self.num_classes, 'class', 'classes')} "
             f"({kind})"
         ]
         width = max(len(m.name) for m in self.modalities)

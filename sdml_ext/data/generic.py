@@ -8,7 +8,9 @@ Keys (m = modality name, s = split, one of train / val / test):
                   or (n, c) 0/1 multi-hot rows, an all-zero row = unlabelled sample
     class_names   optional (c,) strings; default "0".."c-1"
     modalities    optional (m,) strings: which modalities, in order; default every modality
-                  with keys, in key order (alphabetical in .h5 files and directories)
+                  with keys, in alphabetical order: the same rule for every container (.h5
+                  files and directories keep no order of their own), so the same arrays give
+                  the same modality indices, seeds and learning rates in any of them
     name, source  optional strings: dataset name (default the file stem) and attribution
 
 Every modality needs {m}_train_x and {m}_train_y; a modality without val or test keys gets an
@@ -95,7 +97,7 @@ def _modality_names(f: ArrayFile) -> list[str]:
     if "modalities" in f:
         names = strings(f["modalities"])
     else:
-        names = list(dict.fromkeys(m.group("modality") for m in map(_KEY.match, keys) if m))
+        names = sorted({m.group("modality") for m in map(_KEY.match, keys) if m})
     if not names:
         raise MissingKeyError(
             f"{f.path}: no keys of the form {{modality}}_{{split}}_x / _y; keys present: "

@@ -47,6 +47,7 @@ from safetensors.numpy import save as save_arrays
 
 from ..errors import JobStopped, WorkerCrash, WorkerError
 from ..store.files import safetensors_metadata
+from ..wording import plural
 from .strategies import RunReport, _peak_rss_bytes, train_tasks, usable_cores
 from .training import EpochStats, ModalityResult, ModalityTask
 
@@ -306,7 +307,7 @@ def train_distributed(job: Job, names: Sequence[str], costs: dict[int, float], a
     job.set_plan(names, assignment)
     if job.is_main:
         plan = ", ".join(f"rank {r}: {', '.join(job.plan[r]) or 'idle'}" for r in range(job.world_size))
-        print(f"\ndistributed over {job.world_size} ranks ({plan})", file=sys.stderr, flush=True)
+        print(f"\ndistributed over {plural(job.world_size, 'rank')} ({plan})", file=sys.stderr, flush=True)
         job.store.set("costs", json.dumps(sorted(costs.items())))  # what every rank's plan must match
     lock = threading.Lock()
 
@@ -314,8 +315,13 @@ def train_distributed(job: Job, names: Sequence[str], costs: dict[int, float], a
         with lock:
             on_epoch(stats)
 
-    finish_watch = job.watch(list(names), epochs, show if job.is_main else None,
-                             lambda message: stop_process(message if job.is_main else None))
+    failed_here = threading.Event()  # this rank's own failure: it says so itself (JobStopped), not silently
+
+    def on_failure(message: str) -> None:
+        if not failed_here.is_set():
+            stop_process(message if job.is_main else None)
+
+    finish_watch = job.watch(list(names), epochs, show if job.is_main else None, on_failure)
     device = job.device()
     start = time.perf_counter()
     report = None
@@ -326,6 +332,7 @@ def train_distributed(job: Job, names: Sequence[str], costs: dict[int, float], a
                 report = train_tasks(mine, "serial", [device], on_epoch=job.publish_epoch, checkpoints=checkpoints)
             except (WorkerError, ValueError, FloatingPointError, MemoryError) as exc:
                 message = f"{job.where()}: {exc}"
+                failed_here.set()
                 job.fail(message)
                 if job.is_main:
                     raise JobStopped(message) from None

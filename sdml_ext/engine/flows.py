@@ -33,6 +33,7 @@ from ..eval.evaluation import encode_split, evaluate
 from ..model import make_projection
 from ..projection import load_projection
 from ..store.bundle import MANIFEST, Bundle, add_to_bundle, bundle_lock, check_new_bundle_path, load, save_bundle
+from ..wording import plural
 from . import distributed
 from .config import RunConfig, resolve_config
 from .progress import EpochBars
@@ -140,6 +141,7 @@ def add_modalities(into: str | os.PathLike, names: list[str], file_settings: dic
     """Train the modalities `names` against the P of the bundle `into` and add them to it. The
     settings are the bundle's, then `file_settings` (a --config file), then `flags`."""
     bundle = load(into)
+    _check_new_names(bundle, names, into)  # before any data is read or described
     detect_dataset(file_settings, flags, bundle.config.get("dataset", "mfeat"))
     base = {k: v for k, v in bundle.config.items() if k not in ("out", "modalities")}
     if "dataset" in file_settings or flags["dataset"] is not None:
@@ -190,9 +192,14 @@ def _check_addable(bundle: Bundle, dataset: Dataset, names: list[str], into: Pat
             f"the dataset has {dataset.num_classes} classes {dataset.class_names[:5]}... but the bundle was "
             f"trained with {len(bundle.class_names)} classes {bundle.class_names[:5]}...; labels must mean the same classes"
         )
-    taken = sorted(set(names) & set(bundle.modality_names))
+    _check_new_names(bundle, names, into)
+
+
+def _check_new_names(bundle: Bundle, names: list[str], into) -> None:
+    taken = [n for n in names if n in bundle.modality_names]
     if taken:
-        raise ValueError(f"bundle {into} already has modalities {taken}")
+        raise ValueError(f"bundle {into} already has {plural(len(taken), 'modality', 'modalities')} "
+                         f"{', '.join(taken)}; add {'it' if len(taken) == 1 else 'them'} under another name")
 
 
 def absolute_data_paths(*layers: dict) -> None:
@@ -249,10 +256,11 @@ def _tasks(config: RunConfig, dataset: Dataset, names: list[str], P, first_index
 def _train(config: RunConfig, dataset: Dataset, names: list[str], P, first_index: int, checkpoints=None) -> RunReport:
     tasks = _tasks(config, dataset, names, P, first_index)
     devices = config.resolved_devices()
-    print(f"\ntraining {len(tasks)} modalities, strategy {config.strategy}, {config.epochs} epochs, on {', '.join(devices)}",
+    print(f"\ntraining {plural(len(tasks), 'modality', 'modalities')}, strategy {config.strategy}, {plural(config.epochs, 'epoch')}, on {', '.join(devices)}",
           file=sys.stderr)
     with EpochBars(names, config.epochs) as bars:
         report = train_tasks(tasks, config.strategy, devices, on_epoch=bars, checkpoints=checkpoints)
+        bars.close({m.name: m.time_s for m in report.modalities})
     print("\n" + report.table())
     return report
 
@@ -297,11 +305,12 @@ def train_rank(config: RunConfig, stop_process: distributed.StopProcess) -> None
         run = RunDir.create(run_dir_for(out), {"kind": "train", "config": config.to_dict()},
                             lock_name="lock" if job.is_main else f"lock-rank{job.rank}", exist_ok=True)
         run.uses_workers = False  # a rank trains its modalities in-process
+        run.continue_with = "the same command (every rank resumes from its checkpoints)"  # --resume is single-process
         with run, (EpochBars(names, config.epochs) if job.is_main else contextlib.nullcontext()) as bars:
             report = distributed.train_distributed(job, names, costs, assignment, mine, config.epochs,
                                                    run.checkpoints, bars, stop_process)
             if job.is_main:
-                bars.close()
+                bars.close({m.name: m.time_s for m in report.modalities})
                 print("\n" + report.table())
                 if not (run.output / MANIFEST).exists():
                     _write_new_bundle(config, dataset, run.output, P, source, report)

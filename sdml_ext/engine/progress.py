@@ -1,7 +1,9 @@
 """Progress bars for a training run: one tqdm bar per modality, fed from EpochStats.
 
 Bars go to stderr and are drawn only on a terminal (tqdm's ``disable=None``); elsewhere, e.g.
-in a log file, one line per finished modality is printed instead.
+in a log file, one line per finished modality is printed instead. A bar's clock stops when its
+modality finishes (and, at the end, shows the modality's own training time where the run
+measured it), so the bars redrawn at the end do not all show the whole run's time.
 """
 
 from __future__ import annotations
@@ -12,7 +14,22 @@ from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 
+from ..wording import plural
 from .records import EpochStats
+
+
+class _ModalityBar(tqdm):
+    """A bar whose elapsed time can be frozen (``stopped``: seconds to show from then on)."""
+
+    stopped: float | None = None
+
+    @property
+    def format_dict(self):
+        d = super().format_dict
+        if self.stopped is not None:
+            d["elapsed"] = self.stopped
+            d["rate"] = self.n / self.stopped if self.stopped > 0 else None
+        return d
 
 
 class EpochBars:
@@ -24,7 +41,7 @@ class EpochBars:
         self.epochs = epochs
         width = max(len(n) for n in names)
         self.bars = {
-            name: tqdm(total=epochs, desc=f"{name:<{width}}", position=i, unit="epoch", file=self.file, disable=None)
+            name: _ModalityBar(total=epochs, desc=f"{name:<{width}}", position=i, unit="epoch", file=self.file, disable=None)
             for i, name in enumerate(names)
         }
 
@@ -35,16 +52,24 @@ class EpochBars:
             postfix["val_sup"] = f"{stats.val_sup:.4f}"
         bar.set_postfix(postfix, refresh=False)
         bar.update(1)
+        if stats.epoch == self.epochs and not bar.disable:
+            bar.stopped = bar.format_dict["elapsed"]
+            bar.refresh()
         if bar.disable and stats.epoch == self.epochs:
             print(
-                f"{stats.modality}: {self.epochs} epochs, train loss {stats.train_loss:.4f}, "
+                f"{stats.modality}: {plural(self.epochs, 'epoch')}, train loss {stats.train_loss:.4f}, "
                 f"val sup {stats.val_sup:.4f}",
                 file=self.file,
                 flush=True,
             )
 
-    def close(self) -> None:
-        for bar in self.bars.values():
+    def close(self, times: dict[str, float | None] | None = None) -> None:
+        """Redraw every bar a last time and release the terminal lines. `times`: each modality's
+        own training time in seconds (None where the run could not tell it apart), shown instead
+        of the moment its last epoch ended."""
+        for name, bar in self.bars.items():
+            if not bar.disable and (times or {}).get(name) is not None:
+                bar.stopped = times[name]
             bar.close()
 
     def __enter__(self) -> EpochBars:

@@ -89,6 +89,7 @@ class RunDir:
         self.lock_name = lock_name
         self.checkpoints = Checkpoints(str(path / "checkpoints"))
         self.uses_workers = True  # False: this process starts no worker processes (a distributed rank)
+        self.continue_with = resume_command(path)  # how the user continues a stopped run
         self._stack = contextlib.ExitStack()
 
     @property
@@ -103,7 +104,7 @@ class RunDir:
         """Refuse to start a new run where an interrupted one left its checkpoints."""
         if path.exists():
             if (path / "lock").exists():
-                with exclusive(path / "lock", f"output {path.name.removesuffix(SUFFIX)}"):
+                with exclusive(path / "lock", f"output {str(path).removesuffix(SUFFIX)}"):
                     pass  # LockedError (naming the holder) while a live run works there
             if not os.path.lexists(path / RUN_FILE) and not any(path.glob("checkpoints/ckpt-*")):
                 # A run that failed while creating it (e.g. a full disk): nothing to continue.
@@ -173,7 +174,7 @@ class RunDir:
                 # Stopped before anything was worth keeping: a later run starts afresh.
                 remove_tree(self.path)
             elif exc is not None:
-                hint = f"checkpoints are kept in {self.path}; continue with: {resume_command(self.path)}"
+                hint = f"checkpoints are kept in {self.path}; continue with: {self.continue_with}"
                 if isinstance(exc, KeyboardInterrupt):
                     exc.resume_hint = hint
                 else:
@@ -204,5 +205,6 @@ class RunDir:
                 remove_tree(tmp)
                 removed.append(str(tmp))
         if removed:
+            removed = list(dict.fromkeys(removed))  # each path once
             print(f"removed what an interrupted run left behind: {', '.join(removed)}", file=sys.stderr)
 

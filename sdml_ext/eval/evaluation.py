@@ -131,7 +131,3 @@ def curves(encoded: EncodedSplit, empty: str | None = None) -> tuple[PairCurves,
     pr = precision_recall_curves(encoded.codes, encoded.labels, names=encoded.names, empty=empty)
     pk = precision_at_k_curves(encoded.codes, encoded.labels, k=ks, names=encoded.names, empty=empty)
     return pr, pk
-
-
-# One style per gallery modality, the same in every panel: colour and marker and line style all
-# differ, so curves stay apart in greyscale print and for colour-blind readers.
