@@ -50,20 +50,33 @@ def test_measured_then_cached(tmp_path):
     assert rates["blas"] > 0 and rates["onednn"] >= 0
     # The faster library is chosen.
     assert first["gemm"] == ("onednn" if rates["onednn"] > rates["blas"] else "blas")
+    assert first["gemm_into_rows"] == ("onednn" if rates["onednn_into_rows"] > rates["blas_into_rows"] else "blas")
     assert first["cache"] == "none yet; written" and first["cache_file"] == str(_cache_file(tmp_path))
     text = _cache_file(tmp_path).read_text()
     assert text.startswith(HEADER + "\n") and f"gemm={first['gemm']}\n" in text
     second = _choice(tmp_path)
     assert second["how"] == "cached" and second["cache"] == "read"
-    assert second["gemm"] == first["gemm"] and second["measured_gflops"] == pytest.approx(rates, rel=1e-5)  # 6 digits kept
+    assert (second["gemm"], second["gemm_into_rows"]) == (first["gemm"], first["gemm_into_rows"])
+    assert second["measured_gflops"] == pytest.approx(rates, rel=1e-5)  # 6 digits kept
+
+
+def _record(**changes) -> bytes:
+    """A well-formed cache record (for no machine in particular) with some fields changed."""
+    fields = dict(machine="x", gemm="blas", gemm_into_rows="blas", blas_gflops="1", onednn_gflops="2",
+                  blas_into_rows_gflops="1", onednn_into_rows_gflops="2", shape="s")
+    fields.update(changes)
+    return (HEADER + "\n" + "".join(f"{k}={v}\n" for k, v in fields.items() if v is not None)).encode()
 
 
 @pytest.mark.parametrize("content", [
     b"",
     b"\x00\xff garbage \x89PNG\r\n",
     HEADER.encode() + b"\nmachine=",
-    HEADER.encode() + b"\nmachine=x\ngemm=fastest\nblas_gflops=1\nonednn_gflops=2\nshape=s\n",
-    HEADER.encode() + b"\nmachine=x\ngemm=blas\nblas_gflops=nan\nonednn_gflops=2\nshape=s\n",
+    _record(gemm="fastest"),
+    _record(blas_gflops="nan"),
+    _record(onednn_into_rows_gflops="-1"),
+    _record(gemm_into_rows=None),
+    _record(shape="s\nno equals sign"),
     b"sdml_ext cpu gemm calibration v0\nmachine=x\n",
 ])
 def test_bad_cache_file_is_ignored_and_rewritten(tmp_path, content):
@@ -103,7 +116,7 @@ def test_unwritable_cache_dir_still_works(tmp_path):
 def test_override(tmp_path, value):
     choice = _choice(tmp_path, SDML_CPU_GEMM=value)
     assert choice["how"].startswith(f"SDML_CPU_GEMM={value}")
-    assert choice["gemm"] == value or "no oneDNN" in choice["how"]
+    assert choice["gemm"] == choice["gemm_into_rows"] and (choice["gemm"] == value or "no oneDNN" in choice["how"])
     assert "measured_gflops" not in choice and choice["cache"] == "not used"
     assert not _cache_file(tmp_path).exists()
 

@@ -149,10 +149,14 @@ std::optional<CpuGemmChoice> read_cache(const fs::path& file, const std::string&
     const double x = std::strtod(v->c_str(), &end);
     return end && *end == '\0' ? x : NAN;
   };
-  const auto machine = field("machine"), gemm = field("gemm"), shape = field("shape");
+  const auto machine = field("machine"), gemm = field("gemm"), gemm_rows = field("gemm_into_rows"),
+             shape = field("shape");
   const double blas = number("blas_gflops"), onednn = number("onednn_gflops");
-  if (!machine || !gemm || !shape || !(std::isfinite(blas) && blas > 0) || !(std::isfinite(onednn) && onednn >= 0) ||
-      (*gemm != "blas" && *gemm != "onednn")) {
+  const double blas_rows = number("blas_into_rows_gflops"), onednn_rows = number("onednn_into_rows_gflops");
+  const auto rate_ok = [](double r, bool positive) { return std::isfinite(r) && (positive ? r > 0 : r >= 0); };
+  const auto name_ok = [](const std::optional<std::string>& g) { return g && (*g == "blas" || *g == "onednn"); };
+  if (!machine || !shape || !name_ok(gemm) || !name_ok(gemm_rows) || !rate_ok(blas, true) || !rate_ok(onednn, false) ||
+      !rate_ok(blas_rows, true) || !rate_ok(onednn_rows, false)) {
     why = "ignored: corrupt";
     return std::nullopt;
   }
@@ -162,12 +166,16 @@ std::optional<CpuGemmChoice> read_cache(const fs::path& file, const std::string&
   }
   CpuGemmChoice choice;
   choice.gemm = *gemm == "onednn" ? CpuGemm::OneDnn : CpuGemm::Blas;
-  if (choice.gemm == CpuGemm::OneDnn && !(onednn > 0 && onednn_linear())) {
+  choice.gemm_into_rows = *gemm_rows == "onednn" ? CpuGemm::OneDnn : CpuGemm::Blas;
+  if ((choice.gemm == CpuGemm::OneDnn && !(onednn > 0 && onednn_linear())) ||
+      (choice.gemm_into_rows == CpuGemm::OneDnn && !(onednn_rows > 0 && onednn_linear()))) {
     why = "ignored: corrupt";
     return std::nullopt;
   }
   choice.blas_gflops = blas;
   choice.onednn_gflops = onednn;
+  choice.blas_into_rows_gflops = blas_rows;
+  choice.onednn_into_rows_gflops = onednn_rows;
   choice.shape = *shape;
   return choice;
 }
@@ -180,8 +188,11 @@ std::string write_cache(const fs::path& file, const CpuGemmChoice& choice) {
   {
     std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
     out << kHeader << "\nmachine=" << choice.machine << "\ngemm=" << cpu_gemm_name(choice.gemm)
+        << "\ngemm_into_rows=" << cpu_gemm_name(choice.gemm_into_rows)
         << "\nblas_gflops=" << gflops_text(choice.blas_gflops) << "\nonednn_gflops=" << gflops_text(choice.onednn_gflops)
-        << "\nshape=" << choice.shape << "\n";
+        << "\nblas_into_rows_gflops=" << gflops_text(choice.blas_into_rows_gflops)
+        << "\nonednn_into_rows_gflops=" << gflops_text(choice.onednn_into_rows_gflops) << "\nshape=" << choice.shape
+        << "\n";
     out.close();
     if (!out) {
       fs::remove(tmp, ec);
@@ -208,34 +219,50 @@ at::Tensor filled(int64_t rows, int64_t cols, uint64_t seed) {
   return t;
 }
 
-// Best aggregate rate (GFLOP/s) of each library over kRounds interleaved rounds, every thread
-// running kGemmsPerThread tile GEMMs per round; onednn_gflops is 0 without oneDNN.
+// Best aggregate rate (GFLOP/s) of each library and use over kRounds interleaved rounds, every
+// thread running kGemmsPerThread tile GEMMs per round; the oneDNN rates are 0 without oneDNN.
 void measure(CpuGemmChoice& choice) {
   const int threads = at::get_num_threads();
   const at::Tensor a = filled(kRows, kDepth, 1), b = filled(kCols, kDepth, 2);
-  std::vector<at::Tensor> outs;
-  for (int t = 0; t < threads; ++t) outs.push_back(at::empty({kRows, kCols}, at::kFloat));
-  const auto seconds = [&](CpuGemm gemm, int gemms) {
+  std::vector<at::Tensor> outs, wide;
+  for (int t = 0; t < threads; ++t) {
+    outs.push_back(at::empty({kRows, kCols}, at::kFloat));
+    wide.push_back(at::empty({kRows, 4 * kCols}, at::kFloat));  // a block of a wider tile
+  }
+  const auto seconds = [&](CpuGemm gemm, bool into_rows, int gemms) {
     const auto t0 = std::chrono::steady_clock::now();
     at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
       const SingleThreadedBlas one_thread;
-      for (int64_t t = begin; t < end; ++t)
-        for (int i = 0; i < gemms; ++i) cpu_gemm_nt(gemm, a, b, outs[t]);
+      for (int64_t t = begin; t < end; ++t) {
+        at::Tensor block = wide[t].narrow(1, kCols, kCols);
+        for (int i = 0; i < gemms; ++i) {
+          if (!into_rows) {
+            cpu_gemm_nt(gemm, a, b, outs[t]);
+          } else if (const at::Tensor s = cpu_gemm_nt(gemm, a, b, block); !s.is_same(block)) {
+            block.copy_(s);
+          }
+        }
+      }
     });
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   };
   std::vector<CpuGemm> gemms{CpuGemm::Blas};
   if (onednn_linear()) gemms.push_back(CpuGemm::OneDnn);
-  for (const CpuGemm gemm : gemms) seconds(gemm, 1);  // warm-up: oneDNN builds its kernel here
+  for (const CpuGemm gemm : gemms) seconds(gemm, false, 1);  // warm-up: oneDNN builds its kernel here
   const double flops = 2.0 * kRows * kCols * kDepth * kGemmsPerThread * threads;
   for (int round = 0; round < kRounds; ++round) {
-    for (const CpuGemm gemm : gemms) {
-      const double rate = flops / seconds(gemm, kGemmsPerThread) / 1e9;
-      double& best = gemm == CpuGemm::Blas ? choice.blas_gflops : choice.onednn_gflops;
-      best = std::max(best, rate);
+    for (const bool into_rows : {false, true}) {
+      for (const CpuGemm gemm : gemms) {
+        const double rate = flops / seconds(gemm, into_rows, kGemmsPerThread) / 1e9;
+        double& best = gemm == CpuGemm::Blas ? (into_rows ? choice.blas_into_rows_gflops : choice.blas_gflops)
+                                             : (into_rows ? choice.onednn_into_rows_gflops : choice.onednn_gflops);
+        best = std::max(best, rate);
+      }
     }
   }
   choice.gemm = choice.onednn_gflops > choice.blas_gflops ? CpuGemm::OneDnn : CpuGemm::Blas;
+  choice.gemm_into_rows =
+      choice.onednn_into_rows_gflops > choice.blas_into_rows_gflops ? CpuGemm::OneDnn : CpuGemm::Blas;
   choice.shape = std::to_string(kRows) + " x " + std::to_string(kCols) + " x " + std::to_string(kDepth);
 }
 
@@ -248,7 +275,7 @@ CpuGemmChoice decide() {
   choice.threads = at::get_num_threads();
   choice.machine = machine_key(choice.threads);
   if (mode == "blas" || mode == "onednn") {
-    choice.gemm = mode == "onednn" && onednn_linear() ? CpuGemm::OneDnn : CpuGemm::Blas;
+    choice.gemm = choice.gemm_into_rows = mode == "onednn" && onednn_linear() ? CpuGemm::OneDnn : CpuGemm::Blas;
     choice.how = "SDML_CPU_GEMM=" + mode + (mode == "onednn" && !onednn_linear() ? " (this torch has no oneDNN: blas)" : "");
     choice.cache_note = "not used";
     return choice;

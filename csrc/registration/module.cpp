@@ -32,9 +32,13 @@ PYBIND11_MODULE(_C, m) {
           const sdml::CpuGemmChoice& c = sdml::cpu_gemm_choice();
           py::dict d;
           d["gemm"] = sdml::cpu_gemm_name(c.gemm);
+          d["gemm_into_rows"] = sdml::cpu_gemm_name(c.gemm_into_rows);
           d["how"] = c.how;
           if (c.blas_gflops > 0) {
-            d["measured_gflops"] = py::dict(py::arg("blas") = c.blas_gflops, py::arg("onednn") = c.onednn_gflops);
+            d["measured_gflops"] =
+                py::dict(py::arg("blas") = c.blas_gflops, py::arg("onednn") = c.onednn_gflops,
+                         py::arg("blas_into_rows") = c.blas_into_rows_gflops,
+                         py::arg("onednn_into_rows") = c.onednn_into_rows_gflops);
             d["measured_shape"] = c.shape;
           }
           d["threads"] = c.threads;
@@ -46,8 +50,9 @@ PYBIND11_MODULE(_C, m) {
           throw py::value_error(e.what_without_backtrace());
         }
       },
-      "The library running the CPU kernels' float32 tile GEMMs in this process and why (made on "
-      "the first call: SDML_CPU_GEMM, the cache file, or a measurement of a few tens of ms).");
+      "The libraries running the CPU kernels' float32 tile GEMMs in this process (gemm: blocks with "
+      "their own output, cosine_topk; gemm_into_rows: blocks of a wider buffer, the metric ops) and "
+      "why (made on the first call: SDML_CPU_GEMM, the cache file, or a measurement of tens of ms).");
   m.def(
       "check_dsae_loss_cuda_limits",
       [](int64_t B, int64_t D, int64_t d, int64_t c, bool float64) {

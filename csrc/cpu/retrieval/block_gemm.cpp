@@ -3,7 +3,10 @@
 namespace sdml::cpu_retrieval {
 
 BlockGemm::BlockGemm(at::ScalarType dtype) {
-  if (dtype == at::kFloat) gemm_ = cpu_gemm_choice().gemm;
+  if (dtype == at::kFloat) {
+    gemm_ = cpu_gemm_choice().gemm;
+    gemm_into_rows_ = cpu_gemm_choice().gemm_into_rows;
+  }
 }
 
 at::Tensor BlockGemm::scores(const at::Tensor& q_tile, const at::Tensor& g_block, at::Tensor& out) const {
@@ -11,7 +14,7 @@ at::Tensor BlockGemm::scores(const at::Tensor& q_tile, const at::Tensor& g_block
 }
 
 void BlockGemm::scores_into(const at::Tensor& q_tile, const at::Tensor& g_block, at::Tensor& out) const {
-  const at::Tensor s = scores(q_tile, g_block, out);
+  const at::Tensor s = cpu_gemm_nt(gemm_into_rows_, q_tile, g_block, out);
   if (!s.is_same(out)) out.copy_(s);
 }
 

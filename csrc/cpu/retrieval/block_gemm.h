@@ -18,11 +18,11 @@ class BlockGemm {
   // The scores, in `out` [rows, cols] (any row stride) or in a fresh contiguous tensor.
   at::Tensor scores(const at::Tensor& q_tile, const at::Tensor& g_block, at::Tensor& out) const;
 
-  // As scores(), always into `out`.
+  // As scores(), always into `out` (a block of a wider buffer: the library measured fastest so).
   void scores_into(const at::Tensor& q_tile, const at::Tensor& g_block, at::Tensor& out) const;
 
  private:
-  CpuGemm gemm_ = CpuGemm::Blas;
+  CpuGemm gemm_ = CpuGemm::Blas, gemm_into_rows_ = CpuGemm::Blas;
 };
 
 }  // namespace sdml::cpu_retrieval

@@ -24,11 +24,17 @@ enum class CpuGemm { Blas, OneDnn };
 
 const char* cpu_gemm_name(CpuGemm gemm);
 
+// Two uses, measured apart: a block written to its own contiguous output (cosine_topk), and a
+// block written into the rows of a wider buffer (the metric ops' [rows, Ng] tiles), where oneDNN's
+// fresh output must be copied.
 struct CpuGemmChoice {
-  CpuGemm gemm = CpuGemm::Blas;
+  CpuGemm gemm = CpuGemm::Blas;            // contiguous block outputs
+  CpuGemm gemm_into_rows = CpuGemm::Blas;  // outputs inside a wider buffer
   std::string how;              // "measured", "cached", "SDML_CPU_GEMM=blas", ...
   double blas_gflops = 0;       // measured rates behind a measured or cached choice (all threads);
   double onednn_gflops = 0;     // 0 when not measured
+  double blas_into_rows_gflops = 0;
+  double onednn_into_rows_gflops = 0;
   std::string shape;            // the measured tile GEMM: "rows x cols x d"
   int threads = 0;              // threads the rates were measured with
   std::string cache_file;       // "" when there is no disk cache
