@@ -30,7 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import measured_gemm_rate  # noqa: E402
+from common import measured_copy_bandwidth, measured_gemm_rate  # noqa: E402
+import sdml_ext  # noqa: E402
 from sdml_ext.ops import average_precision, average_precision_pair, cosine_topk  # noqa: E402
 
 try:
@@ -245,19 +246,52 @@ def test_retrieval_interleaved(benchmark, kind, device):
     benchmark.extra_info["results"] = results
 
 
+def machine_line() -> str:
+    """The machine the figures come from: CPU model, ISA, threads, measured fp32 GEMM rate and copy
+    bandwidth, the load, and the CPU tile GEMM sdml_ext chose (python -m sdml_ext.info)."""
+    model, flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and model == "unknown CPU":
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    isa = ",".join(f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in flags) or "?"
+    gemm = sdml_ext.build_info()["cpu_gemm"]
+    rates = gemm.get("measured_gflops", {})
+    return (f"machine: {model}; ISA {isa}; {torch.get_num_threads()} threads; fp32 GEMM "
+            f"{measured_gemm_rate() / 1e9:.0f} GFLOP/s (2048², torch); copy {measured_copy_bandwidth() / 1e9:.1f} GB/s; "
+            f"load1 {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; sdml tile GEMM: {gemm['gemm']} ({gemm['how']}"
+            + (f", blas {rates['blas']:.0f} / onednn {rates['onednn']:.0f} GFLOP/s" if rates else "") + ")")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--large", action="store_true", default=LARGE, help="the full sizes (SDML_BENCH_LARGE=1)")
     parser.add_argument("--only", default="", choices=["", "topk", "small", "mAP"],
                         help="run only these cases: topk (large batches), small (1, 8, 64 queries), mAP")
+    parser.add_argument("--targets", action="store_true",
+                        help="the sizes the CPU targets are stated for: top-k 4,000 x 100,000 at k = 10, 50, "
+                             "1000 and mAP@all 23,661² single-label (minutes on 2 cores)")
     parser.add_argument("--json", type=Path, help="write the raw results here")
     args = parser.parse_args(argv)
     if args.rounds < 3:
         parser.error("--rounds must be at least 3 (the median of fewer says little on a shared machine)")
+    print(machine_line(), flush=True)
     gemm_rate = measured_gemm_rate()
     results = {}
-    for device in DEVICES:
+    if args.targets:
+        if args.only in ("", "topk"):
+            results.update(topk_case(4000, 100000, [10, 50, 1000], "cpu", args.rounds))
+            print(table(results, gemm_rate), flush=True)
+        if args.only in ("", "mAP"):
+            results.update(map_case(23661, 10, False, "cpu", args.rounds))
+            print(table(results, gemm_rate), flush=True)
+    for device in ([] if args.targets else DEVICES):
         if args.only in ("", "topk"):
             sizes = [(10000, 100000, [10, 50, 1000]), (1000, 1000000, [50])] if args.large else [(2000, 20000, [10, 50, 1000])]
             for nq, ng, ks in sizes:

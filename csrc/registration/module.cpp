@@ -6,6 +6,7 @@
 
 #include <string>
 
+#include "sdml/cpu_gemm.h"
 #include "sdml/dsae_loss.h"
 #include "sdml/host_buffers.h"
 
@@ -24,6 +25,34 @@ PYBIND11_MODULE(_C, m) {
 #endif
   m.def("release_cached_host_buffers", &sdml::release_cached_host_buffers,
         "Frees the CPU blocks cached for large kernel outputs; returns the bytes released.");
+  m.def(
+      "cpu_gemm_choice",
+      []() {
+        try {
+          const sdml::CpuGemmChoice& c = sdml::cpu_gemm_choice();
+          py::dict d;
+          d["gemm"] = sdml::cpu_gemm_name(c.gemm);
+          d["gemm_into_rows"] = sdml::cpu_gemm_name(c.gemm_into_rows);
+          d["how"] = c.how;
+          if (c.blas_gflops > 0) {
+            d["measured_gflops"] =
+                py::dict(py::arg("blas") = c.blas_gflops, py::arg("onednn") = c.onednn_gflops,
+                         py::arg("blas_into_rows") = c.blas_into_rows_gflops,
+                         py::arg("onednn_into_rows") = c.onednn_into_rows_gflops);
+            d["measured_shape"] = c.shape;
+          }
+          d["threads"] = c.threads;
+          d["machine"] = c.machine;
+          d["cache_file"] = c.cache_file.empty() ? py::object(py::none()) : py::object(py::str(c.cache_file));
+          d["cache"] = c.cache_note;
+          return d;
+        } catch (const c10::ValueError& e) {
+          throw py::value_error(e.what_without_backtrace());
+        }
+      },
+      "The libraries running the CPU kernels' float32 tile GEMMs in this process (gemm: blocks with "
+      "their own output, cosine_topk; gemm_into_rows: blocks of a wider buffer, the metric ops) and "
+      "why (made on the first call: SDML_CPU_GEMM, the cache file, or a measurement of tens of ms).");
   m.def(
       "check_dsae_loss_cuda_limits",
       [](int64_t B, int64_t D, int64_t d, int64_t c, bool float64) {
