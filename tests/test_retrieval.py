@@ -933,3 +933,38 @@ def test_cuda_average_precision_matches_cpu_kernel_in_one_row_and_odd_sizes(dtyp
             np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=0, atol=1e-3)
         else:  # float16 scores tie where float64 ones do not: close on average
             assert abs(float(got.mean()) - float(want.mean())) < 0.02
+
+
+def _duplicates_reference(g):
+    dup, rep, first = [], [], {}
+    for i, row in enumerate((g + 0).tolist()):  # -0 + 0 = +0
+        key = tuple(row)
+        if key in first:
+            dup.append(i)
+            rep.append(first[key])
+        else:
+            first[key] = i
+    return dup, rep
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d", [1, 7, 1500])  # 1500 float64 columns: three hash chunks of 1024 words
+def test_hashed_duplicate_rows_find_what_the_exact_search_finds(dtype, d):
+    """The CUDA metric kernels' duplicate search: a hash pass answers "none" without the exact
+    row sort; when two rows are equal (-0 equal to +0) the exact search gives the pairs."""
+    op = torch.ops.sdml._duplicate_rows_hashed
+    gen = torch.Generator().manual_seed(d)
+    g = torch.randn(60, d, generator=gen).to(dtype)
+    g[:, 0] = torch.arange(1, 61, dtype=dtype)  # distinct non-zero rows even in 16-bit formats at d = 1
+    dup, rep = op(g)
+    assert dup.numel() == 0 and rep.numel() == 0
+    if dtype in (torch.float16, torch.bfloat16):
+        return  # the exact search runs on CUDA for these (the CPU one takes float32 / float64)
+    g[[31, 45, 59]] = g[4].clone()
+    g[20] = 0.0
+    g[50] = 0.0
+    g[50, 0] = -0.0
+    g[7] = g[8].clone()
+    dup, rep = op(g)
+    want_dup, want_rep = _duplicates_reference(g)
+    assert dup.tolist() == want_dup == [8, 31, 45, 50, 59] and rep.tolist() == want_rep

@@ -35,6 +35,7 @@
 #include "launch.cuh"
 #include "relevance.cuh"
 #include "sdml/checks.h"
+#include "sdml/duplicate_hash.h"
 #include "sdml/retrieval.h"
 
 namespace sdml {
@@ -270,7 +271,7 @@ void ranking_metrics_cuda(const char* op, const at::Tensor& query_in, const at::
   const c10::cuda::CUDAGuard guard(query_in.device());
   auto [query, gallery] = normalized_embeddings(op, query_in, gallery_in, exclude_self);
   const RetrievalLabels labels = prepare_labels(op, query_labels, gallery_labels, query, gallery);
-  const DuplicateRows duplicates = duplicate_rows(gallery_in);
+  const DuplicateRows duplicates = duplicate_rows_hashed(gallery_in);
   SDML_CHECK_VALUE(int64_t(ks.size()) <= kMaxPoints && int64_t(levels.size()) <= kMaxPoints, op,
                    ": on CUDA at most ", kMaxPoints, " cut-offs or recall levels");
   const int64_t nq = query.size(0), ng = gallery.size(0);
@@ -338,7 +339,7 @@ std::tuple<at::Tensor, at::Tensor> average_precision_pair_cuda(const at::Tensor&
   SDML_CHECK_VALUE(a.size(0) > 0, op, ": a has no rows (nothing to rank for b's queries)");
   const RetrievalLabels labels = prepare_labels(op, a_labels, b_labels, a, b);
   const int64_t na = a.size(0), nb = b.size(0);
-  const DuplicateRows b_duplicates = duplicate_rows(b_in), a_duplicates = duplicate_rows(a_in);
+  const DuplicateRows b_duplicates = duplicate_rows_hashed(b_in), a_duplicates = duplicate_rows_hashed(a_in);
   at::Tensor ap_ab = at::empty({na}, a.options().dtype(at::kDouble));
   at::Tensor ap_ba = at::empty({nb}, a.options().dtype(at::kDouble));
   at::Tensor scores_ba = at::empty({nb, na}, a.options());
