@@ -75,7 +75,7 @@ Margin candidate_margin(Precision precision, InputKind input, int64_t d) {
 }
 
 Plan plan_topk(int64_t nq, int64_t ng, int64_t k, int64_t score_bytes, int64_t workspace_elements,
-               int64_t sm_count, int64_t smem_optin) {
+               int64_t sm_count, int64_t smem_optin, bool fast) {
   constexpr const char* op = "cosine_topk";
   SDML_CHECK_VALUE(ng < (int64_t{1} << 31) - 1, op, ": on CUDA the gallery must have fewer than 2^31 - 1 rows, got ",
                    ng);
@@ -83,13 +83,16 @@ Plan plan_topk(int64_t nq, int64_t ng, int64_t k, int64_t score_bytes, int64_t w
   SDML_CHECK_VALUE(score_bytes == 4 || score_bytes == 8, op, ": score_bytes must be 4 or 8, got ", score_bytes);
   Plan p{};
   p.sweep = kSelectThreads * (16 / score_bytes);
-  const int64_t cap_needed = std::max<int64_t>(2 * k, 512);
-  p.buffer = next_pow2(cap_needed + p.sweep);
+  // A list holds a row segment's top k and every item within the margin of its k-th: twice k in
+  // exact mode (its margin is a few float32 ulps), four times k in the tensor-core modes (their
+  // margin, ~0.016 for bfloat16, holds ~3k items of random 512-d data at k = 1,000 of 10^6).
+  const int64_t cap_needed = fast ? std::max<int64_t>(4 * k, 2048) : std::max<int64_t>(2 * k, 512);
+  p.buffer = std::min(next_pow2(cap_needed + p.sweep), std::max(kMaxBuffer, next_pow2(2 * k + p.sweep)));
   p.cap = p.buffer - p.sweep;
   p.select_smem = p.buffer * (score_bytes + 4);
   p.merge_smem = p.buffer * (score_bytes + 4 + 8);
   // 1 KiB of the opt-in limit is left for the kernels' static shared memory.
-  p.fallback = k > kMaxSelectK || p.merge_smem > smem_optin - 1024;
+  p.fallback = k > kMaxSelectK || p.cap < 2 * k || p.merge_smem > smem_optin - 1024;
 
   const int64_t W = std::max<int64_t>(workspace_elements, p.sweep);
   const int64_t vec = 16 / score_bytes;

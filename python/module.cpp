@@ -71,10 +71,10 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "topk_plan",
       [](int64_t nq, int64_t ng, int64_t k, int64_t score_bytes, int64_t workspace_elements, int64_t sm_count,
-         int64_t smem_optin) {
+         int64_t smem_optin, bool fast) {
         try {
           const sdml::topk::Plan p = sdml::topk::plan_topk(nq, ng, k, score_bytes, workspace_elements, sm_count,
-                                                           smem_optin);
+                                                           smem_optin, fast);
           py::dict out;
           out["tile_rows"] = p.tile_rows;
           out["block_cols"] = p.block_cols;
@@ -94,7 +94,7 @@ PYBIND11_MODULE(_C, m) {
         }
       },
       py::arg("nq"), py::arg("ng"), py::arg("k"), py::arg("score_bytes"), py::arg("workspace_elements"),
-      py::arg("sm_count"), py::arg("smem_optin"),
+      py::arg("sm_count"), py::arg("smem_optin"), py::arg("fast") = false,
       "The CUDA cosine_topk's launch plan for these sizes and device limits. Runs without a GPU.");
   m.def(
       "ap_rank_plan",

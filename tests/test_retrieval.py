@@ -755,6 +755,16 @@ def test_topk_plan_invariants(nq, ng, k, score_bytes):
     assert p["fallback_rows"] >= 1
 
 
+@pytest.mark.parametrize("k", [1, 10, 1000, 2048])
+@pytest.mark.parametrize("score_bytes", [4, 8])
+def test_topk_plan_of_the_fast_modes_keeps_more_candidates(k, score_bytes):
+    exact = _extension._C.topk_plan(100, 10**6, k, score_bytes, 2**28, **H200)
+    fast = _extension._C.topk_plan(100, 10**6, k, score_bytes, 2**28, **H200, fast=True)
+    assert not fast["fallback"] and fast["buffer"] <= 8192 and fast["cap"] >= exact["cap"]
+    assert fast["cap"] >= min(4 * k, 8192 - fast["sweep"])
+    assert fast["merge_smem"] <= H200["smem_optin"] - 1024
+
+
 def test_topk_plan_shapes_of_the_benchmark():
     W = 2**28
     big = _extension._C.topk_plan(10_000, 1_000_000, 10, 4, W, **H200)
@@ -898,10 +908,11 @@ def test_cuda_topk_several_tiles_and_gallery_blocks(monkeypatch):
 @pytest.mark.cuda
 @requires_cuda
 @pytest.mark.parametrize("kind", LABEL_KINDS)
-@pytest.mark.parametrize("cap", [None, "4"])
+@pytest.mark.parametrize("cap", [None, "4", "0"])
 def test_cuda_average_precision_ranks_only_relevant_items(kind, cap, monkeypatch):
     """AP from the relevant items' ranks against the float64 reference (ties, duplicates, empty
-    label rows, exclude_self, AP@k, both divisors); cap 4 sends most rows through the sort path."""
+    label rows, exclude_self, AP@k, both divisors); cap 4 sends most rows through the sort path,
+    cap 0 all of them."""
     if cap:
         monkeypatch.setenv("SDML_CUDA_AP_MAX_CAPACITY", cap)
     q, g, ql, gl = class_structured(300, 700, 6, kind, seed=31)

@@ -86,6 +86,7 @@ __device__ A slice_sq_diff(const T* __restrict__ xh, const T* __restrict__ x, in
   if (vec) {
     constexpr int N = Pack<T>::N;
     const int64_t full = i0 + (i1 - i0) / N * N;
+#pragma unroll 4  // several 16-byte loads in flight per thread
     for (int64_t i = i0 + int64_t(threadIdx.x) * N; i < full; i += int64_t(blockDim.x) * N) {
       Pack<T> a, b;
       a.load(xh + i);
@@ -181,6 +182,7 @@ __global__ void __launch_bounds__(kThreads) dsae_backward_kernel(
     if (vec) {
       constexpr int N = Pack<T>::N;
       const int64_t full = i0 + (i1 - i0) / N * N;
+#pragma unroll 4
       for (int64_t i = i0 + int64_t(threadIdx.x) * N; i < full; i += int64_t(blockDim.x) * N) {
         Pack<T> a, b, o;
         a.load(xh_j + i);

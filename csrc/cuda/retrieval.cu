@@ -250,7 +250,9 @@ void ap_of_tile(const at::Tensor& tile, const RetrievalLabels& labels, bool swap
     if (ranking.max_relevant <= ranking.capacity) return;
   }
   // Rows beyond the capacity: a stable sort of those rows only, then the sort-based kernel.
-  const at::Tensor local = at::nonzero(ranking.relevant.narrow(0, a.q0, n).gt(ranking.capacity)).view({-1});
+  // (Capacity 0: the kernel did not run, every row is sorted, those without relevant items too.)
+  const at::Tensor relevant = ranking.relevant.narrow(0, a.q0, n);
+  const at::Tensor local = at::nonzero(ranking.capacity > 0 ? relevant.gt(ranking.capacity) : relevant.ge(0)).view({-1});
   if (local.size(0) == 0) return;
   at::Tensor sub = scores.index_select(0, local);
   const at::Tensor queries = local.add(a.q0);

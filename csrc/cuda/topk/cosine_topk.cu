@@ -348,7 +348,8 @@ std::tuple<at::Tensor, at::Tensor> cosine_topk_cuda(const at::Tensor& query_in, 
   int64_t workspace = topk::default_workspace_elements(limits.free_bytes, score_bytes);
   // Tests shrink the workspace to take the several-tiles and several-blocks paths on small inputs.
   if (const char* env = std::getenv("SDML_CUDA_TOPK_WORKSPACE")) workspace = std::max<int64_t>(1, std::atoll(env));
-  const Plan plan = topk::plan_topk(nq, ng, k, score_bytes, workspace, limits.sm_count, limits.smem_optin);
+  const Plan plan = topk::plan_topk(nq, ng, k, score_bytes, workspace, limits.sm_count, limits.smem_optin,
+                                    precision != Precision::Exact);
 
   const auto options = query.options();
   at::Tensor out_score = at::empty({nq, k}, options.dtype(at::kDouble));

@@ -67,10 +67,15 @@ struct Plan {
 
 // Plans a call: nq x ng scores of d-dim rows, k kept; score_bytes 4 (float32 workspace) or 8;
 // workspace_elements the most scores one tile may hold; sm_count the device's multiprocessors;
-// smem_optin the most shared memory a block may opt in to. Raises a ValueError naming the
-// argument when the sizes exceed what the kernels address (int32 gallery indices).
+// smem_optin the most shared memory a block may opt in to; fast: a tensor-core mode, whose wider
+// margin keeps more candidates per row (lists of >= 4k, at most kMaxBuffer entries, rather than
+// >= 2k). Raises a ValueError naming the argument when the sizes exceed what the kernels address
+// (int32 gallery indices).
 Plan plan_topk(int64_t nq, int64_t ng, int64_t k, int64_t score_bytes, int64_t workspace_elements,
-               int64_t sm_count, int64_t smem_optin);
+               int64_t sm_count, int64_t smem_optin, bool fast = false);
+
+// The largest candidate buffer (entries): the merge kernel's shared memory is 12-16 bytes each.
+constexpr int64_t kMaxBuffer = 8192;
 
 // Rows per chunk of the fallback (scores of `rows` x ng must fit the workspace; at least 1).
 int64_t fallback_rows(int64_t nq, int64_t ng, int64_t workspace_elements);
