@@ -25,6 +25,7 @@
 #include "sdml/checks.h"
 #include "sdml/host_buffers.h"
 #include "sdml/retrieval.h"
+#include "sdml/topk_plan.h"
 
 namespace sdml {
 namespace {
@@ -38,11 +39,13 @@ void check_cpu_dtype(const char* op, const at::Tensor& query) {
 }
 
 std::tuple<at::Tensor, at::Tensor> cosine_topk_cpu(const at::Tensor& query_in, const at::Tensor& gallery_in,
-                                                   int64_t k, bool exclude_self) {
+                                                   int64_t k, bool exclude_self, c10::string_view precision) {
   constexpr const char* op = "cosine_topk";
   const RetrievalSizes sizes = retrieval_prologue(op, query_in, gallery_in, exclude_self);
   check_cpu_dtype(op, query_in);
   check_topk_k(op, k, sizes.ranked, exclude_self);
+  SDML_CHECK_VALUE(topk::parse_precision(op, precision) == topk::Precision::Exact, op,
+                   ": on CPU precision must be \"exact\", got \"", precision, "\"");
   const auto [query, raw_gallery, gallery_norms] = embeddings_with_gallery_norms(op, query_in, gallery_in, exclude_self);
   const DuplicateScores duplicates(duplicate_rows(gallery_in));
   at::Tensor scores = at::empty({sizes.nq, k}, query.options());

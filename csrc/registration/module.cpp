@@ -8,7 +8,9 @@
 
 #include "sdml/cpu_gemm.h"
 #include "sdml/dsae_loss.h"
+#include "sdml/ap_plan.h"
 #include "sdml/host_buffers.h"
+#include "sdml/topk_plan.h"
 
 namespace py = pybind11;
 
@@ -55,15 +57,86 @@ PYBIND11_MODULE(_C, m) {
       "why (made on the first call: SDML_CPU_GEMM, the cache file, or a measurement of tens of ms).");
   m.def(
       "check_dsae_loss_cuda_limits",
-      [](int64_t B, int64_t D, int64_t d, int64_t c, bool float64) {
+      [](int64_t B, int64_t D, int64_t d, int64_t c, int64_t sm_count) {
         try {
-          return sdml::check_dsae_loss_cuda_limits({B, D, d, c}, float64 ? at::kDouble : at::kFloat);
+          const sdml::DsaeCudaPlan p = sdml::check_dsae_loss_cuda_limits({B, D, d, c}, sm_count);
+          py::dict out;
+          out["splits"] = p.splits;
+          out["slice"] = p.slice;
+          out["threads"] = sdml::kDsaeCudaThreads;
+          return out;
         } catch (const c10::ValueError& e) {
           throw py::value_error(e.what_without_backtrace());
         }
       },
-      py::arg("B"), py::arg("D"), py::arg("d"), py::arg("c"), py::arg("float64"),
+      py::arg("B"), py::arg("D"), py::arg("d"), py::arg("c"), py::arg("sm_count") = 132,
       "Raises the ValueError the CUDA dsae_loss kernels raise for these sizes (x_hat [B, D], h [B, d], "
-      "P [d, c]; float64 inputs or not), or returns the shared memory bytes a block needs. Runs "
-      "without a GPU.");
+      "P [d, c]), or returns their launch plan (blocks per row, columns per block) on a device with "
+      "sm_count multiprocessors. Runs without a GPU.");
+  m.def(
+      "topk_margin",
+      [](const std::string& precision, const std::string& input, int64_t d) {
+        using namespace sdml::topk;
+        const InputKind kinds[] = {InputKind::Float64, InputKind::Float32, InputKind::Float16, InputKind::BFloat16};
+        const char* names[] = {"float64", "float32", "float16", "bfloat16"};
+        InputKind kind = InputKind::Float32;
+        bool found = false;
+        for (int i = 0; i < 4; ++i)
+          if (input == names[i]) kind = kinds[i], found = true;
+        if (!found) throw py::value_error("topk_margin: input must be float64, float32, float16 or bfloat16");
+        try {
+          const Margin m = candidate_margin(parse_precision("cosine_topk", precision), kind, d);
+          py::dict out;
+          out["delta_low"] = m.delta_low;
+          out["delta_det"] = m.delta_det;
+          out["margin"] = m.margin;
+          return out;
+        } catch (const c10::ValueError& e) {
+          throw py::value_error(e.what_without_backtrace());
+        }
+      },
+      py::arg("precision"), py::arg("input"), py::arg("d"),
+      "The CUDA cosine_topk's rounding bounds and candidate margin (see csrc/include/sdml/topk_plan.h).");
+  m.def(
+      "topk_plan",
+      [](int64_t nq, int64_t ng, int64_t k, int64_t score_bytes, int64_t workspace_elements, int64_t sm_count,
+         int64_t smem_optin, bool fast) {
+        try {
+          const sdml::topk::Plan p = sdml::topk::plan_topk(nq, ng, k, score_bytes, workspace_elements, sm_count,
+                                                           smem_optin, fast);
+          py::dict out;
+          out["tile_rows"] = p.tile_rows;
+          out["block_cols"] = p.block_cols;
+          out["ld"] = p.ld;
+          out["segments"] = p.segments;
+          out["segment_cols"] = p.segment_cols;
+          out["sweep"] = p.sweep;
+          out["buffer"] = p.buffer;
+          out["cap"] = p.cap;
+          out["select_smem"] = p.select_smem;
+          out["merge_smem"] = p.merge_smem;
+          out["fallback"] = p.fallback;
+          out["fallback_rows"] = sdml::topk::fallback_rows(nq, ng, workspace_elements);
+          return out;
+        } catch (const c10::ValueError& e) {
+          throw py::value_error(e.what_without_backtrace());
+        }
+      },
+      py::arg("nq"), py::arg("ng"), py::arg("k"), py::arg("score_bytes"), py::arg("workspace_elements"),
+      py::arg("sm_count"), py::arg("smem_optin"), py::arg("fast") = false,
+      "The CUDA cosine_topk's launch plan for these sizes and device limits. Runs without a GPU.");
+  m.def(
+      "ap_rank_plan",
+      [](int64_t max_relevant, int64_t score_bytes, int64_t smem_optin) {
+        const int64_t cap = sdml::ap::rank_capacity(max_relevant, score_bytes, smem_optin);
+        py::dict out;
+        out["capacity"] = cap;
+        out["smem"] = sdml::ap::rank_smem_bytes(cap, score_bytes);
+        out["threads"] = sdml::ap::kRankThreads;
+        return out;
+      },
+      py::arg("max_relevant"), py::arg("score_bytes"), py::arg("smem_optin"),
+      "The CUDA AP kernel's relevant-item capacity per row and shared memory. Runs without a GPU.");
+  m.def("topk_default_workspace", &sdml::topk::default_workspace_elements, py::arg("free_bytes"),
+        py::arg("score_bytes"), "Scores per workspace tile for this much free device memory.");
 }

@@ -6,7 +6,9 @@
 
 TORCH_LIBRARY_FRAGMENT(sdml, m) {
   // The k most similar gallery items per query: scores [Nq, k] (input dtype), indices [Nq, k] int64.
-  m.def("cosine_topk(Tensor query, Tensor gallery, int k, bool exclude_self=False) -> (Tensor scores, Tensor indices)");
+  // precision: how candidates are scored ("exact", or on tensor cores: "tf32", "bf16"; the
+  // candidates are re-scored exactly, so every mode returns the same ids).
+  m.def("cosine_topk(Tensor query, Tensor gallery, int k, bool exclude_self=False, str precision=\"exact\") -> (Tensor scores, Tensor indices)");
   // Per-query AP@k [Nq] float64 (k=None: all items); NaN marks a skipped query (empty="skip").
   m.def(
       "average_precision(Tensor query, Tensor gallery, Tensor query_labels, Tensor gallery_labels, "

@@ -48,7 +48,9 @@ class TopK(NamedTuple):
     indices: Tensor
 
 
-def cosine_topk(query: Tensor, gallery: Tensor, k: int, *, exclude_self: bool = False) -> TopK:
+def cosine_topk(
+    query: Tensor, gallery: Tensor, k: int, *, exclude_self: bool = False, precision: str = "exact"
+) -> TopK:
     """The k gallery items most cosine-similar to each query, best first.
 
     Args:
@@ -57,10 +59,19 @@ def cosine_topk(query: Tensor, gallery: Tensor, k: int, *, exclude_self: bool = 
         k: 1 <= k <= Ng (Ng - 1 under ``exclude_self``).
         exclude_self: query i and gallery item i are the same sample (same-modality retrieval,
             Nq == Ng): item i is never returned for query i.
+        precision: how candidates are scored on CUDA. ``"exact"`` (default): float32 GEMM
+            without TF32 (float64 for float64 inputs). ``"tf32"`` / ``"bf16"``: candidates on
+            tensor cores, then every candidate within a rigorous rounding margin of the k-th is
+            re-scored exactly, so the ids are those of ``"exact"``. CPU: ``"exact"`` only.
 
-    Equal scores are ordered by ascending gallery index.
+    Equal scores are ordered by ascending gallery index. On CUDA every mode ranks by one
+    deterministic score, the float64 dot product of the normalized rows (so exact duplicate
+    rows tie), and returns it rounded to the input dtype; the modes differ only in how fast
+    they find the candidates. The margin is a worst-case bound (Cauchy-Schwarz on the rounding
+    of each format), so a mode can differ from ``"exact"`` only if cuBLAS rounds worse than
+    those bounds (it cannot for IEEE arithmetic; TF32 conversion is bounded as truncation).
     """
-    return TopK(*torch.ops.sdml.cosine_topk.default(query, gallery, int(k), bool(exclude_self)))
+    return TopK(*torch.ops.sdml.cosine_topk.default(query, gallery, int(k), bool(exclude_self), str(precision)))
 
 
 def average_precision(
@@ -214,8 +225,16 @@ def _check_labels(query, gallery, query_labels, gallery_labels):
                            lambda: "query_labels and gallery_labels must have the same positive number of classes")
 
 
+#: The precision modes of cosine_topk.
+TOPK_PRECISIONS = ("exact", "tf32", "bf16")
+
+
 @torch.library.register_fake("sdml::cosine_topk")
-def _cosine_topk_fake(query, gallery, k, exclude_self=False):
+def _cosine_topk_fake(query, gallery, k, exclude_self=False, precision="exact"):
+    torch._check_value(precision in TOPK_PRECISIONS,
+                       lambda: f'precision must be "exact", "tf32" or "bf16", got "{precision}"')
+    torch._check_value(precision == "exact" or query.device.type != "cpu",
+                       lambda: f'on CPU precision must be "exact", got "{precision}"')
     _check_embeddings(query, gallery, exclude_self)
     ranked = gallery.shape[0] - (1 if exclude_self else 0)
     torch._check_value(0 < k <= ranked, lambda: f"k = {k} must lie in [1, {ranked}] (the items each query ranks)")
