@@ -6,7 +6,9 @@
 
 TORCH_LIBRARY_FRAGMENT(sdml, m) {
   // The k most similar gallery items per query: scores [Nq, k] (input dtype), indices [Nq, k] int64.
-  m.def("cosine_topk(Tensor query, Tensor gallery, int k, bool exclude_self=False) -> (Tensor scores, Tensor indices)");
+  // precision: "exact", "bf16" or "tf32" (fast modes that return the exact mode's ids where the
+  // device has the units, and run as exact elsewhere; see sdml/topk_precision.h).
+  m.def("cosine_topk(Tensor query, Tensor gallery, int k, bool exclude_self=False, str precision=\"exact\") -> (Tensor scores, Tensor indices)");
   // Per-query AP@k [Nq] float64 (k=None: all items); NaN marks a skipped query (empty="skip").
   m.def(
       "average_precision(Tensor query, Tensor gallery, Tensor query_labels, Tensor gallery_labels, "

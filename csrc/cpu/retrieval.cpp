@@ -44,6 +44,7 @@
 #include "sdml/cpu_blas.h"
 #include "sdml/host_buffers.h"
 #include "sdml/retrieval.h"
+#include "sdml/topk_precision.h"
 
 namespace sdml {
 namespace {
@@ -283,8 +284,9 @@ int64_t gallery_ranges(int64_t tiles, int64_t blocks) {
 }
 
 std::tuple<at::Tensor, at::Tensor> cosine_topk_cpu(const at::Tensor& query_in, const at::Tensor& gallery_in,
-                                                   int64_t k, bool exclude_self) {
+                                                   int64_t k, bool exclude_self, c10::string_view precision) {
   constexpr const char* op = "cosine_topk";
+  if (use_cpu_bf16_topk(op, query_in, precision)) return cosine_topk_bf16_cpu(query_in, gallery_in, k, exclude_self);
   const auto [query, raw_gallery, gallery_norms] = embeddings_with_gallery_norms(op, query_in, gallery_in, exclude_self);
   check_cpu_dtype(op, query);
   const int64_t nq = query.size(0), ng = raw_gallery.size(0), d = query.size(1);

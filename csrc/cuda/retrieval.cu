@@ -30,6 +30,7 @@
 
 #include "sdml/checks.h"
 #include "sdml/retrieval.h"
+#include "sdml/topk_precision.h"
 
 namespace sdml {
 namespace {
@@ -71,8 +72,9 @@ at::Tensor sorted_order(at::Tensor scores, int64_t q0, bool exclude_self, at::Te
 }
 
 std::tuple<at::Tensor, at::Tensor> cosine_topk_cuda(const at::Tensor& query_in, const at::Tensor& gallery_in,
-                                                    int64_t k, bool exclude_self) {
+                                                    int64_t k, bool exclude_self, c10::string_view precision) {
   constexpr const char* op = "cosine_topk";
+  parse_topk_precision(op, precision);  // every mode runs the exact kernel here so far
   const c10::cuda::CUDAGuard guard(query_in.device());
   auto [query, gallery] = normalized_embeddings(op, query_in, gallery_in, exclude_self);
   const int64_t nq = query.size(0), ng = gallery.size(0);

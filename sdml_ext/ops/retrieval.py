@@ -48,7 +48,12 @@ class TopK(NamedTuple):
     indices: Tensor
 
 
-def cosine_topk(query: Tensor, gallery: Tensor, k: int, *, exclude_self: bool = False) -> TopK:
+TOPK_PRECISIONS = ("exact", "bf16", "tf32")
+
+
+def cosine_topk(
+    query: Tensor, gallery: Tensor, k: int, *, exclude_self: bool = False, precision: str = "exact"
+) -> TopK:
     """The k gallery items most cosine-similar to each query, best first.
 
     Args:
@@ -57,10 +62,17 @@ def cosine_topk(query: Tensor, gallery: Tensor, k: int, *, exclude_self: bool = 
         k: 1 <= k <= Ng (Ng - 1 under ``exclude_self``).
         exclude_self: query i and gallery item i are the same sample (same-modality retrieval,
             Nq == Ng): item i is never returned for query i.
+        precision: ``"exact"`` (float32/float64 GEMM scores); ``"bf16"``: candidates scored in
+            bf16 on the CPU's bf16 units (AMX, AVX512-BF16), then every item within a proven
+            error margin of the k-th best re-scored like the exact mode: the exact mode's ids and
+            scores, faster. On a CPU without bf16 units it runs the exact mode and warns once
+            (``sdml_ext.build_info()["cpu_bf16"]`` says which); float64 inputs and fewer than 3
+            queries run the exact mode. ``"tf32"``: a GPU mode; on the CPU it runs the exact mode
+            and warns once.
 
     Equal scores are ordered by ascending gallery index.
     """
-    return TopK(*torch.ops.sdml.cosine_topk.default(query, gallery, int(k), bool(exclude_self)))
+    return TopK(*torch.ops.sdml.cosine_topk.default(query, gallery, int(k), bool(exclude_self), str(precision)))
 
 
 def average_precision(
@@ -214,8 +226,16 @@ def _check_labels(query, gallery, query_labels, gallery_labels):
                            lambda: "query_labels and gallery_labels must have the same positive number of classes")
 
 
+def _check_precision(precision):
+    torch._check_value(
+        precision in TOPK_PRECISIONS,
+        lambda: f'cosine_topk: precision must be "exact", "bf16" or "tf32", got "{precision}"',
+    )
+
+
 @torch.library.register_fake("sdml::cosine_topk")
-def _cosine_topk_fake(query, gallery, k, exclude_self=False):
+def _cosine_topk_fake(query, gallery, k, exclude_self=False, precision="exact"):
+    _check_precision(precision)
     _check_embeddings(query, gallery, exclude_self)
     ranked = gallery.shape[0] - (1 if exclude_self else 0)
     torch._check_value(0 < k <= ranked, lambda: f"k = {k} must lie in [1, {ranked}] (the items each query ranks)")
