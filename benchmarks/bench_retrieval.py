@@ -1,5 +1,5 @@
-"""Retrieval ops against the alternatives, interleaved in one process: cosine top-k (sdml vs torch
-mm+topk vs faiss IndexFlatIP), mAP@all (sdml vs the GEMM alone: torch.mm of the same normalized
+"""Retrieval ops against the alternatives, interleaved in one process: cosine top-k (sdml exact and
+precision="bf16" vs torch mm+topk vs faiss IndexFlatIP), mAP@all (sdml vs the GEMM alone: torch.mm of the same normalized
 matrices in 1,024-row blocks into a preallocated output), and both directions of a modality pair
 (sdml's one-GEMM pair op vs two one-direction calls).
 
@@ -147,6 +147,8 @@ def topk_case(nq, ng, ks, device, rounds):
         alts = {"sdml": lambda: cosine_topk(query, gallery, k), "torch_mm_topk": lambda: torch_topk(query, gallery, k)}
         if index is not None:
             alts["faiss_flat_ip"] = lambda: faiss_topk(index, query, k)
+        if device == "cpu":  # runs the exact mode (and says so) where the CPU has no bf16 units
+            alts["sdml_bf16"] = lambda: cosine_topk(query, gallery, k, precision="bf16")
         # Correctness first: the k best scores agree with torch's (float32 rounding aside).
         check = slice(0, 100)
         want, _ = torch_topk(query[check], gallery, k)
@@ -154,6 +156,9 @@ def topk_case(nq, ng, ks, device, rounds):
             got_scores, got_idx = fn()
             assert got_idx.shape == (nq, k), name
             torch.testing.assert_close(got_scores[check].float().cpu(), want.cpu(), rtol=0, atol=2e-5)
+        if "sdml_bf16" in alts:  # the bf16 mode's contract: the exact mode's ids and scores, all queries
+            exact, fast = cosine_topk(query, gallery, k), alts["sdml_bf16"]()
+            assert torch.equal(exact.indices, fast.indices) and torch.equal(exact.scores, fast.scores)
         results[f"topk {device} {nq}x{ng} d{D} k{k}"] = dict(
             interleaved(alts, rounds, device), gemm_GFLOP=2.0 * nq * ng * D / 1e9
         )
@@ -272,8 +277,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--large", action="store_true", default=LARGE, help="the full sizes (SDML_BENCH_LARGE=1)")
-    parser.add_argument("--only", default="", choices=["", "topk", "small", "mAP"],
-                        help="run only these cases: topk (large batches), small (1, 8, 64 queries), mAP")
+    parser.add_argument("--only", default="", choices=["", "topk", "small", "mAP", "bf16"],
+                        help="run only these cases: topk (large batches), small (1, 8, 64 queries), mAP, "
+                             "bf16 (top-k 4,000 x 100,000 at k = 10, 50, 1000: the bf16 mode's target case)")
     parser.add_argument("--targets", action="store_true",
                         help="the sizes the CPU targets are stated for: top-k 4,000 x 100,000 at k = 10, 50, "
                              "1000 and mAP@all 23,661² single-label (minutes on 2 cores)")
@@ -297,6 +303,9 @@ def main(argv=None) -> int:
             for nq, ng, ks in sizes:
                 results.update(topk_case(nq, ng, ks, device, args.rounds))
                 print(table(results, gemm_rate), flush=True)
+        if args.only == "bf16":
+            results.update(topk_case(4000, 100000, [10, 50, 1000], device, args.rounds))
+            print(table(results, gemm_rate), flush=True)
         if args.only in ("", "small"):
             results.update(small_query_case(100000 if args.large else 20000, [1, 8, 64], 10, device,
                                             max(args.rounds, 5)))

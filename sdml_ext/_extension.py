@@ -80,7 +80,8 @@ def build_info() -> dict:
     (``how``: measured, cached, or the ``SDML_CPU_GEMM`` override; ``measured_gflops``: both
     libraries' rates; the cache file). The choice is made on the first call (a measurement of a
     few tens of ms, or the cache); ``python -m sdml_ext.info`` prints all this. Raises ValueError
-    for a bad ``SDML_CPU_GEMM``.
+    for a bad ``SDML_CPU_GEMM``. ``cpu_bf16``: this CPU's bf16 units, as
+    ``cosine_topk(..., precision="bf16")`` uses them, in one line.
     """
     archs = [a for a in _config.CUDA_ARCHS.replace(",", ";").split(";") if a]
     return {
@@ -90,6 +91,7 @@ def build_info() -> dict:
         "cuda_archs": archs if _C.with_cuda else [],
         "cuda_available": torch.cuda.is_available(),
         "cpu_gemm": _C.cpu_gemm_choice(),
+        "cpu_bf16": _C.cpu_bf16_status(),
     }
 
 

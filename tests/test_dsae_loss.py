@@ -197,22 +197,29 @@ def test_torch_compile_fullgraph(device):
         assert torch.allclose(a, p.grad)
 
 
-def test_deterministic_and_thread_count_independent():
-    x_hat, x, h, P, y = make_inputs(257, 301, 64, 10, torch.float32, "cpu", seed=9, unlabelled=[3])
-    h.requires_grad_()
-    first = dsae_loss(x_hat, x, h, P, y)
-    first.loss.backward()
-    grad = h.grad.clone()
-    threads = torch.get_num_threads()
+def _loss_and_grads(inputs, threads):
+    """Forward outputs and the gradients of x_hat and h (rows weighted), run on ``threads`` threads."""
+    x_hat, x, h, P, y = (t.clone().requires_grad_(i in (0, 2)) for i, t in enumerate(inputs))
+    before = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
-        h.grad = None
-        second = dsae_loss(x_hat, x, h, P, y)
-        second.loss.backward()
-    finally:
         torch.set_num_threads(threads)
-    assert all(torch.equal(a, b) for a, b in zip(first, second))
-    assert torch.equal(grad, h.grad)
+        out = dsae_loss(x_hat, x, h, P, y, lam=0.3)
+        w = torch.linspace(0.5, 1.5, x_hat.shape[0])
+        (out.loss + (w * out.row_rec).sum() + (w.flip(0) * out.row_sup).sum()).backward()
+    finally:
+        torch.set_num_threads(before)
+    return [t.detach() for t in out] + [x_hat.grad, h.grad]
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_deterministic_and_thread_count_independent(dtype):
+    # Rows split across threads and several projection tiles (64 rows each) with a ragged last one.
+    inputs = make_inputs(257, 301, 64, 10, dtype, "cpu", seed=9, unlabelled=[3, 200], exact_rows=[5])
+    one = _loss_and_grads(inputs, 1)
+    assert torch.isfinite(one[-1]).all() and one[-1].abs().sum() > 0
+    for threads in (2, 3, 1):
+        other = _loss_and_grads(inputs, threads)
+        assert all(torch.equal(a, b) for a, b in zip(one, other)), f"{threads} threads differ from 1"
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])

@@ -10,6 +10,7 @@
 #include "sdml/dsae_loss.h"
 #include "sdml/ap_plan.h"
 #include "sdml/host_buffers.h"
+#include "sdml/topk_precision.h"
 #include "sdml/topk_plan.h"
 
 namespace py = pybind11;
@@ -25,6 +26,8 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("with_cuda") = false;
 #endif
+  m.def("cpu_bf16_status", &sdml::cpu_bf16_status,
+        "This CPU's bf16 units as cosine_topk's precision=\"bf16\" sees them, in one line.");
   m.def("release_cached_host_buffers", &sdml::release_cached_host_buffers,
         "Frees the CPU blocks cached for large kernel outputs; returns the bytes released.");
   m.def(

@@ -59,10 +59,16 @@ def cosine_topk(
         k: 1 <= k <= Ng (Ng - 1 under ``exclude_self``).
         exclude_self: query i and gallery item i are the same sample (same-modality retrieval,
             Nq == Ng): item i is never returned for query i.
-        precision: how candidates are scored on CUDA. ``"exact"`` (default): float32 GEMM
-            without TF32 (float64 for float64 inputs). ``"tf32"`` / ``"bf16"``: candidates on
-            tensor cores, then every candidate within a rigorous rounding margin of the k-th is
-            re-scored exactly, so the ids are those of ``"exact"``. CPU: ``"exact"`` only.
+        precision: how candidates are scored. ``"exact"`` (default): float32 GEMM (float64
+            for float64 inputs), the reference every mode answers to. The fast modes find
+            candidates in low precision, then re-score every candidate within a proven rounding
+            margin of the k-th best exactly, so they return the exact mode's ids.
+            On CUDA, ``"tf32"`` / ``"bf16"`` score candidates on tensor cores.
+            On the CPU, ``"bf16"`` scores them on the CPU's bf16 units (AMX, AVX512-BF16) and
+            returns the exact mode's ids and scores; on a CPU without bf16 units it runs the exact
+            mode and warns once (``sdml_ext.build_info()["cpu_bf16"]`` says which); float64
+            inputs and fewer than 3 queries run the exact mode. ``"tf32"`` on the CPU runs the
+            exact mode and warns once.
 
     Equal scores are ordered by ascending gallery index. On CUDA every mode ranks by one
     deterministic score, the float64 dot product of the normalized rows (so exact duplicate
@@ -233,8 +239,6 @@ TOPK_PRECISIONS = ("exact", "tf32", "bf16")
 def _cosine_topk_fake(query, gallery, k, exclude_self=False, precision="exact"):
     torch._check_value(precision in TOPK_PRECISIONS,
                        lambda: f'precision must be "exact", "tf32" or "bf16", got "{precision}"')
-    torch._check_value(precision == "exact" or query.device.type != "cpu",
-                       lambda: f'on CPU precision must be "exact", got "{precision}"')
     _check_embeddings(query, gallery, exclude_self)
     ranked = gallery.shape[0] - (1 if exclude_self else 0)
     torch._check_value(0 < k <= ranked, lambda: f"k = {k} must lie in [1, {ranked}] (the items each query ranks)")
