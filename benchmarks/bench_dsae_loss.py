@@ -1,10 +1,18 @@
 """Fused DSAE loss vs the eager composition vs torch.compile of it: forward + backward.
 
 Run: .venv/bin/python -m pytest benchmarks/bench_dsae_loss.py --benchmark-group-by=group
+ or: .venv/bin/python -P benchmarks/bench_dsae_loss.py [--rounds 7]   # B = D = 4096: fused vs eager
+     interleaved, with the floor from the copy bandwidth measured in every round
 Each case checks that the three agree before it times them. ``extra_info`` carries the
 bytes-moved floor: every input read once and every gradient written once, over the measured
 copy bandwidth.
 """
+
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,3 +82,41 @@ def test_dsae_loss_fwd_bwd(benchmark, shape, device, impl, copy_bandwidth):
         benchmark.extra_info["floor_ms"] = 1e3 * floor_seconds(inputs, copy_bandwidth)
         benchmark.extra_info["copy_GBps"] = copy_bandwidth / 1e9
     benchmark.pedantic(run, rounds=15 if shape[0] >= 4096 else 50, warmup_rounds=2)
+
+
+def main(argv=None) -> int:
+    """Fused vs eager forward + backward at B = D = 4096 (d 512, c 10), alternating each round, with
+    the floor from the copy bandwidth measured in the same round; medians of the rounds' best of 3."""
+    import argparse
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from common import measured_copy_bandwidth
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args(argv)
+    inputs = make_case(4096, 4096, 512, 10, "cpu")
+    for a, b in zip(fwd_bwd(fused, *inputs), fwd_bwd(eager, *inputs)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    res = {"eager": [], "fused": [], "floor": [], "load1": []}
+    for r in range(args.rounds):
+        res["load1"].append(round(os.getloadavg()[0], 2))
+        res["floor"].append(floor_seconds(inputs, measured_copy_bandwidth()))
+        order = [("eager", eager), ("fused", fused)]
+        for name, fn in order[r % 2 :] + order[: r % 2]:
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                fwd_bwd(fn, *inputs)
+                times.append(time.perf_counter() - t0)
+            res[name].append(min(times))
+    m = {k: statistics.median(v) for k, v in res.items() if k != "load1"}
+    print(f"threads {torch.get_num_threads()}, load1 per round {res['load1']}")
+    print(f"fused {m['fused'] * 1e3:.1f} ms, eager {m['eager'] * 1e3:.1f} ms -> {m['eager'] / m['fused']:.2f}x eager "
+          f"(target >= 5x); floor {m['floor'] * 1e3:.1f} ms -> fused at {m['fused'] / m['floor']:.2f}x it (target <= 1.5x)")
+    print("rounds (ms):", {k: [round(x * 1e3, 1) for x in v] for k, v in res.items() if k != "load1"})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,5 +1,5 @@
-"""Retrieval ops against the alternatives, interleaved in one process: cosine top-k (sdml vs torch
-mm+topk vs faiss IndexFlatIP), mAP@all (sdml vs the GEMM alone: torch.mm of the same normalized
+"""Retrieval ops against the alternatives, interleaved in one process: cosine top-k (sdml exact and
+precision="bf16" vs torch mm+topk vs faiss IndexFlatIP), mAP@all (sdml vs the GEMM alone: torch.mm of the same normalized
 matrices in 1,024-row blocks into a preallocated output), and both directions of a modality pair
 (sdml's one-GEMM pair op vs two one-direction calls).
 
@@ -30,7 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import measured_gemm_rate  # noqa: E402
+from common import measured_copy_bandwidth, measured_gemm_rate  # noqa: E402
+import sdml_ext  # noqa: E402
 from sdml_ext.ops import average_precision, average_precision_pair, cosine_topk  # noqa: E402
 
 try:
@@ -146,6 +147,8 @@ def topk_case(nq, ng, ks, device, rounds):
         alts = {"sdml": lambda: cosine_topk(query, gallery, k), "torch_mm_topk": lambda: torch_topk(query, gallery, k)}
         if index is not None:
             alts["faiss_flat_ip"] = lambda: faiss_topk(index, query, k)
+        if device == "cpu":  # runs the exact mode (and says so) where the CPU has no bf16 units
+            alts["sdml_bf16"] = lambda: cosine_topk(query, gallery, k, precision="bf16")
         # Correctness first: the k best scores agree with torch's (float32 rounding aside).
         check = slice(0, 100)
         want, _ = torch_topk(query[check], gallery, k)
@@ -153,6 +156,9 @@ def topk_case(nq, ng, ks, device, rounds):
             got_scores, got_idx = fn()
             assert got_idx.shape == (nq, k), name
             torch.testing.assert_close(got_scores[check].float().cpu(), want.cpu(), rtol=0, atol=2e-5)
+        if "sdml_bf16" in alts:  # the bf16 mode's contract: the exact mode's ids and scores, all queries
+            exact, fast = cosine_topk(query, gallery, k), alts["sdml_bf16"]()
+            assert torch.equal(exact.indices, fast.indices) and torch.equal(exact.scores, fast.scores)
         results[f"topk {device} {nq}x{ng} d{D} k{k}"] = dict(
             interleaved(alts, rounds, device), gemm_GFLOP=2.0 * nq * ng * D / 1e9
         )
@@ -245,24 +251,61 @@ def test_retrieval_interleaved(benchmark, kind, device):
     benchmark.extra_info["results"] = results
 
 
+def machine_line() -> str:
+    """The machine the figures come from: CPU model, ISA, threads, measured fp32 GEMM rate and copy
+    bandwidth, the load, and the CPU tile GEMM sdml_ext chose (python -m sdml_ext.info)."""
+    model, flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and model == "unknown CPU":
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    isa = ",".join(f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in flags) or "?"
+    gemm = sdml_ext.build_info()["cpu_gemm"]
+    rates = gemm.get("measured_gflops", {})
+    return (f"machine: {model}; ISA {isa}; {torch.get_num_threads()} threads; fp32 GEMM "
+            f"{measured_gemm_rate() / 1e9:.0f} GFLOP/s (2048², torch); copy {measured_copy_bandwidth() / 1e9:.1f} GB/s; "
+            f"load1 {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; sdml tile GEMM: {gemm['gemm']} ({gemm['how']}"
+            + (f", blas {rates['blas']:.0f} / onednn {rates['onednn']:.0f} GFLOP/s" if rates else "") + ")")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--large", action="store_true", default=LARGE, help="the full sizes (SDML_BENCH_LARGE=1)")
-    parser.add_argument("--only", default="", choices=["", "topk", "small", "mAP"],
-                        help="run only these cases: topk (large batches), small (1, 8, 64 queries), mAP")
+    parser.add_argument("--only", default="", choices=["", "topk", "small", "mAP", "bf16"],
+                        help="run only these cases: topk (large batches), small (1, 8, 64 queries), mAP, "
+                             "bf16 (top-k 4,000 x 100,000 at k = 10, 50, 1000: the bf16 mode's target case)")
+    parser.add_argument("--targets", action="store_true",
+                        help="the sizes the CPU targets are stated for: top-k 4,000 x 100,000 at k = 10, 50, "
+                             "1000 and mAP@all 23,661² single-label (minutes on 2 cores)")
     parser.add_argument("--json", type=Path, help="write the raw results here")
     args = parser.parse_args(argv)
     if args.rounds < 3:
         parser.error("--rounds must be at least 3 (the median of fewer says little on a shared machine)")
+    print(machine_line(), flush=True)
     gemm_rate = measured_gemm_rate()
     results = {}
-    for device in DEVICES:
+    if args.targets:
+        if args.only in ("", "topk"):
+            results.update(topk_case(4000, 100000, [10, 50, 1000], "cpu", args.rounds))
+            print(table(results, gemm_rate), flush=True)
+        if args.only in ("", "mAP"):
+            results.update(map_case(23661, 10, False, "cpu", args.rounds))
+            print(table(results, gemm_rate), flush=True)
+    for device in ([] if args.targets else DEVICES):
         if args.only in ("", "topk"):
             sizes = [(10000, 100000, [10, 50, 1000]), (1000, 1000000, [50])] if args.large else [(2000, 20000, [10, 50, 1000])]
             for nq, ng, ks in sizes:
                 results.update(topk_case(nq, ng, ks, device, args.rounds))
                 print(table(results, gemm_rate), flush=True)
+        if args.only == "bf16":
+            results.update(topk_case(4000, 100000, [10, 50, 1000], device, args.rounds))
+            print(table(results, gemm_rate), flush=True)
         if args.only in ("", "small"):
             results.update(small_query_case(100000 if args.large else 20000, [1, 8, 64], 10, device,
                                             max(args.rounds, 5)))

@@ -7,8 +7,11 @@
 # 2. runs the CUDA test cases (they compare against the CPU kernels and float64 references);
 # 3. runs the parts of benchmarks/gpu_check_parts.py (strategies give the same models on CUDA; a
 #    4,096-d epoch against plain PyTorch; 5 XMedia-like modalities on streams against serial; 200
-#    Wikipedia-size epochs; the fused loss against its bandwidth floor; top-k at 10k x 1M) and
-#    benchmarks/gpu_check_retrieval.py (top-k 10k x 100k, mAP@all at 23,661^2 and 30,137^2);
+#    Wikipedia-size epochs), of benchmarks/gpu_check_kernels.py (the fused loss against eager,
+#    torch.compile and its bandwidth floor; top-k at 10k x 1M in every precision mode; mAP@all
+#    against its GEMM) and benchmarks/gpu_check_retrieval.py (top-k 10k x 100k, mAP@all at
+#    23,661^2 and 30,137^2); on request (SDML_GPU_CHECK_STEPS naming them) `memcheck` runs the
+#    kernels' CUDA tests under compute-sanitizer and `ncu` profiles the top-k and mAP kernels;
 # 4. runs the rest of the test suite (the CPU cases) with the time left;
 # 5. writes $OUT (default ./gpu_check_out) -- at most 8 files: gpu_check.json (every number and
 #    each step's status), report.txt (the short report, also printed), build.log, tests.log,
@@ -21,20 +24,24 @@
 # in order of importance, so a slow step costs the least important ones (the CPU test cases) first.
 #   step         estimate  limit
 #   build           ~60 s   240 s  (45 s clean on 2 cores for sm_90; a slow build may eat the budget)
-#   tests_cuda      ~60 s   120 s
+#   tests_cuda      ~90 s   180 s  (the kernels add ~75 cases against float64 references)
 #   strategies      ~15 s    60 s
-#   loss             ~5 s    30 s
 #   epoch           ~10 s    45 s
 #   wiki200         ~50 s    90 s
 #   streams         ~15 s    60 s
-#   topk            ~30 s    90 s
+#   loss            ~45 s   120 s  (torch.compile of the eager expression, two shapes: ~20 s each)
+#   topk            ~40 s   150 s  (9 timed configurations of a 10 TFLOP top-k, torch mm+topk, a CPU check)
+#   map             ~20 s    90 s
 #   retrieval       ~60 s   120 s  (its own estimate: about a minute)
 #   tests_cpu      ~120 s   what is left
+#   memcheck        ~90 s   180 s  (only when asked: the kernels' CUDA tests under compute-sanitizer)
+#   ncu             ~90 s   180 s  (only when asked: ncu of the top-k and mAP kernels -> ncu.log)
 # Expected total ~7 minutes; the run ends itself by ~7.7 minutes (budget, a step's 10 s kill grace,
 # the report), so give the command a limit of at least 480 s.
 #
 # A rerun after a fix need not repeat everything: SDML_GPU_CHECK_STEPS="build tests_cuda topk" (any
-# of build tests_cuda strategies loss epoch wiki200 streams topk retrieval tests_cpu) runs only those
+# of build tests_cuda strategies epoch wiki200 streams loss topk map retrieval tests_cpu, and the
+# on-request memcheck ncu) runs only those
 # (the build dir build/gpu-check is kept, so a rebuild recompiles only what changed).
 #
 # SDML_GPU_CHECK_DRY=1: a dry run for a machine without a GPU (tests/test_gpu_check.py runs it):
@@ -47,7 +54,7 @@ py=${PYTHON:-python3}
 dry=${SDML_GPU_CHECK_DRY:-0}
 budget=${SDML_GPU_CHECK_BUDGET_S:-450}
 reserve=15  # seconds kept for the report
-steps=${SDML_GPU_CHECK_STEPS:-build tests_cuda strategies loss epoch wiki200 streams topk retrieval tests_cpu}
+steps=${SDML_GPU_CHECK_STEPS:-build tests_cuda strategies epoch wiki200 streams loss topk map retrieval tests_cpu}
 export SDML_GPU_CHECK_DRY=$dry PYTHONUNBUFFERED=1 SDML_SHARED_DATA=${SDML_SHARED_DATA:-}
 mkdir -p "$out"
 work=$(mktemp -d)
@@ -125,11 +132,11 @@ if [ "$built" = 1 ]; then
   elif [ "$has_cuda" != 1 ]; then
     skip tests_cuda "no CUDA"
   elif wanted tests_cuda; then
-    step tests_cuda 120 "$work/tests_cuda.log" "$py" -P -m pytest tests -v -p no:cacheprovider -m cuda
+    step tests_cuda 180 "$work/tests_cuda.log" "$py" -P -m pytest tests -v -p no:cacheprovider -m cuda
     grep -E "^(FAILED|ERROR)|passed|failed" "$work/tests_cuda.log" | tail -n 15
   fi
 
-  parts="strategies:60 loss:30 epoch:45 wiki200:90 streams:60 topk:90"
+  parts="strategies:60 epoch:45 wiki200:90 streams:60"
   if [ "$dry" = 1 ]; then  # one process for all: a torch import and CPU worker start-up, not six
     SHOW=1 step parts 120 "$out/checks.log" "$py" -P benchmarks/gpu_check_parts.py \
       $(for p in $parts; do echo "${p%%:*}"; done) --work "$work"
@@ -139,6 +146,37 @@ if [ "$built" = 1 ]; then
       SHOW=1 step "${part%%:*}" "${part##*:}" "$out/checks.log" \
         "$py" -P benchmarks/gpu_check_parts.py "${part%%:*}" --work "$work"
     done
+  fi
+
+  # The kernels: fused loss, top-k, mAP (benchmarks/gpu_check_kernels.py), each against its
+  # alternatives and its floor.
+  kernel_parts="loss:120 topk:150 map:90"
+  if [ "$dry" = 1 ]; then
+    SHOW=1 step kernels 120 "$out/checks.log" "$py" -P benchmarks/gpu_check_kernels.py \
+      $(for p in $kernel_parts; do echo "${p%%:*}"; done) --work "$work"
+  else
+    for part in $kernel_parts; do
+      wanted "${part%%:*}" || continue
+      SHOW=1 step "${part%%:*}" "${part##*:}" "$out/checks.log" \
+        "$py" -P benchmarks/gpu_check_kernels.py "${part%%:*}" --work "$work"
+    done
+  fi
+
+  # On request only: the kernels' CUDA tests under compute-sanitizer memcheck (into tests.log),
+  # and an ncu profile of the top-k and mAP kernels (ncu.log; --clock-control none: the clocks
+  # stay as they are).
+  if [[ " $steps " == *" memcheck "* ]] && [ "$has_cuda" = 1 ]; then
+    step memcheck 180 "$work/tests_memcheck.log" compute-sanitizer --tool memcheck --error-exitcode 9 \
+      "$py" -P -m pytest tests/test_retrieval.py tests/test_dsae_loss.py -q -p no:cacheprovider -m cuda \
+      -k "cuda_topk or fast_modes or ranks_only or average_precision_matches or split_rows or shared_memory"
+    grep -E "ERROR SUMMARY|passed|failed" "$work/tests_memcheck.log" | tail -n 5
+  fi
+  if [[ " $steps " == *" ncu "* ]] && [ "$has_cuda" = 1 ]; then
+    step ncu 180 "$out/ncu.log" ncu --clock-control none --target-processes all \
+      --kernel-name "regex:select_segments|merge_lists|ap_ranks|count_relevant|dsae_" --launch-count 12 \
+      --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+      --section WarpStateStats \
+      "$py" -P benchmarks/gpu_check_kernels.py profile --work "$work"
   fi
 
   if [ "$has_cuda" != 1 ]; then

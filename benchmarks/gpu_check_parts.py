@@ -17,10 +17,9 @@ clock on the CPU) around a synchronized call, warm-up first, median of the round
 
 Expected H200 times (conservative guesses: no CUDA run has happened yet; each includes ~5 s of
 Python/torch import and CUDA context start), against the per-part limits in gpu_check.sh:
-  strategies ~15 s (4 CUDA runs of 3 epochs, one CPU run) · loss ~5 s · epoch ~10 s ·
+  strategies ~15 s (4 CUDA runs of 3 epochs, one CPU run) · epoch ~10 s ·
   wiki200 ~50 s (5 runs of 200 epochs: 8,400 steps at ~1 ms of Python and kernel launches each, if
-  launch-bound) · streams ~15 s · topk ~30 s (8 calls of a 10 TFLOP GEMM plus ranking, and a CPU
-  check on 64 queries).
+  launch-bound) · streams ~15 s. The kernel parts (loss, topk, map) are in gpu_check_kernels.py.
 """
 
 from __future__ import annotations
@@ -351,85 +350,20 @@ def part_wiki200() -> dict:
     }
 
 
-def part_loss() -> dict:
-    """Fused loss forward + backward at B = D = 4,096 against its bandwidth floor."""
-    need_cuda()
-    from bench_dsae_loss import eager, floor_seconds, fused, fwd_bwd, make_case
-
-    B, D, d, c = (64, 256, 16, 10) if DRY else (4096, 4096, 512, 10)
-    inputs = make_case(B, D, d, c, DEVICE)
-    want, got = fwd_bwd(eager, *inputs), fwd_bwd(fused, *inputs)
-    ok = all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(got, want))
-    rounds = 3 if DRY else 25
-    t = {name: timed(lambda fn=fn: fwd_bwd(fn, *inputs), rounds=rounds, warmup=3) for name, fn in
-         (("fused", fused), ("eager", eager))}
-    # Device copy bandwidth, measured: bytes read + written per second of a 1 GiB copy.
-    src = torch.ones((1 << 28) if not DRY else (1 << 20), device=DEVICE)
-    dst = torch.empty_like(src)
-    copy = timed(lambda: dst.copy_(src), rounds=5, warmup=2)["median_s"]
-    bandwidth = 2 * src.numel() * 4 / copy
-    del src, dst
-    floor = floor_seconds(inputs, H200_BANDWIDTH)
-    ratio = t["fused"]["median_s"] / floor
-    return {
-        "status": "ok" if ok else "failed", "device": DEVICE, "shape": [B, D, d, c], "matches_eager": ok,
-        "fused": t["fused"], "eager": t["eager"], "floor_s_at_4.8TBps": floor,
-        "measured_copy_Bps": bandwidth, "floor_s_at_measured": floor_seconds(inputs, bandwidth), "fused_over_floor": ratio,
-        "summary": f"loss fwd+bwd B{B} D{D} on {DEVICE}: fused {1e3 * t['fused']['median_s']:.3f} ms, eager "
-                   f"{1e3 * t['eager']['median_s']:.3f} ms, floor {1e3 * floor:.3f} ms at 4.8 TB/s -> {ratio:.2f}x "
-                   f"(target <= 2x: {verdict(ratio, 2.0, 'lower')}); copy {bandwidth / 1e12:.2f} TB/s measured"
-                   f"{'' if ok else '; MISMATCH against eager'}",
-    }
+PARTS = {"strategies": part_strategies, "epoch": part_epoch, "wiki200": part_wiki200, "streams": part_streams}
+# The kernel parts (benchmarks/gpu_check_kernels.py: the fused loss, top-k, mAP), in the report too.
+KERNEL_PART_NAMES = ("loss", "topk", "map")
+REPORT_PARTS = (*PARTS, *KERNEL_PART_NAMES)
 
 
-def part_topk() -> dict:
-    """cosine_topk against torch mm + topk at 10,000 x 1,000,000 (d = 512), k = 50 and 1000."""
-    need_cuda()
-    from bench_retrieval import torch_topk
-    from sdml_ext.ops import cosine_topk
-
-    nq, ng, d, ks = (200, 5000, 64, (5, 50)) if DRY else (10_000, 1_000_000, 512, (50, 1000))
-    gen = torch.Generator(device=DEVICE).manual_seed(0)
-    q = torch.randn(nq, d, device=DEVICE, generator=gen)
-    g = torch.randn(ng, d, device=DEVICE, generator=gen)
-    g_cpu, q_cpu = g.cpu(), q[:64].cpu()
-    cases = []
-    for k in ks:
-        ours = cosine_topk(q[:64], g, k)
-        cpu = cosine_topk(q_cpu, g_cpu, k)
-        check = bool(torch.allclose(ours.scores.cpu(), cpu.scores, rtol=0, atol=1e-5))
-        same_ids = float((ours.indices.cpu() == cpu.indices).float().mean())
-        if CUDA:
-            torch.cuda.reset_peak_memory_stats()
-        t = timed(lambda: cosine_topk(q, g, k))
-        peak = torch.cuda.max_memory_allocated() / 2**20 if CUDA else None
-        alt = timed(lambda: torch_topk(q, g, k))
-        ratio = alt["median_s"] / t["median_s"]
-        cases.append({"k": k, "check_vs_cpu": check, "same_indices_as_cpu": same_ids, "sdml": t, "torch_mm_topk": alt,
-                      "torch_over_sdml": ratio, "sdml_GFLOPps": 2 * nq * ng * d / t["median_s"] / 1e9,
-                      "peak_MiB_with_inputs": peak})
-        save_partial({"summary": f"top-k: only k in {[c['k'] for c in cases]} finished", "cases": cases})
-    ok = all(c["check_vs_cpu"] for c in cases)
-    return {
-        "status": "ok" if ok else "failed", "device": DEVICE, "nq": nq, "ng": ng, "d": d, "cases": cases,
-        "summary": f"top-k {nq}x{ng} d{d} on {DEVICE}: " + "; ".join(
-            f"k={c['k']} sdml {c['sdml']['median_s']:.3f} s, torch {c['torch_mm_topk']['median_s']:.3f} s -> "
-            f"{c['torch_over_sdml']:.2f}x (target >= 1.0x: {verdict(c['torch_over_sdml'], 1.0, 'higher')})"
-            for c in cases) + ("" if ok else "; MISMATCH against the CPU op"),
-    }
-
-
-PARTS = {"strategies": part_strategies, "loss": part_loss, "epoch": part_epoch, "wiki200": part_wiki200,
-         "streams": part_streams, "topk": part_topk}
-
-
-def run_part(name: str, path: Path) -> int:
-    """Runs one part, writes its result to `path` and prints its summary; 1 if it failed."""
+def run_part(name: str, path: Path, parts: dict | None = None) -> int:
+    """Runs one part (of `parts`, default PARTS), writes its result to `path` and prints its
+    summary; 1 if it failed."""
     global _partial_path
     _partial_path = path
     start = time.perf_counter()
     try:
-        result = PARTS[name]()
+        result = (parts or PARTS)[name]()
     except Skipped as why:
         result = {"status": "skipped", "summary": f"skipped: {why}"}
     except Exception as exc:  # reported, and the next part still runs
@@ -471,9 +405,10 @@ def report(work: Path, out: Path) -> int:
         lines.append(f"installed sdml_ext: {data['build_info']}")
     failed = []
     part_lines = []
-    for name in PARTS:
+    for name in REPORT_PARTS:
         file = work / f"part_{name}.json"
-        step = steps.get(name, steps.get("parts"))  # the dry run has one step for all parts
+        # The dry run has one step for all parts of each script.
+        step = steps.get(name, steps.get("parts" if name in PARTS else "kernels"))
         if file.exists():
             part = json.loads(file.read_text())
             if part["status"] == "incomplete":  # killed by its time limit after saving some numbers
@@ -490,12 +425,16 @@ def report(work: Path, out: Path) -> int:
             failed.append(name)
     for name, step in steps.items():
         rc, note = step["rc"], step["note"]
-        if name in PARTS or name == "parts":
+        if name in REPORT_PARTS or name in ("parts", "kernels"):
             lines += part_lines  # in the place the parts ran
             part_lines = []
             continue
         if name.startswith("tests"):
             note = pytest_summary(work / f"{name}.log") or note
+        elif name == "memcheck" and (work / "tests_memcheck.log").exists():
+            text = (work / "tests_memcheck.log").read_text(errors="replace")
+            errors = [ln.strip() for ln in text.splitlines() if "ERROR SUMMARY" in ln]
+            note = "; ".join(filter(None, [pytest_summary(work / "tests_memcheck.log"), errors[-1] if errors else None]))
         elif name == "retrieval" and (work / "retrieval" / "retrieval_gpu.json").exists():
             data["retrieval"] = json.loads((work / "retrieval" / "retrieval_gpu.json").read_text())
             try:

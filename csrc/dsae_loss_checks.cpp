@@ -2,6 +2,7 @@
 // allocation, the finite check and the CUDA launch limits.
 #include "sdml/dsae_loss.h"
 
+#include <algorithm>
 #include <cmath>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -129,16 +130,16 @@ void check_dsae_loss_finite(const at::Tensor& rec, const at::Tensor& sup, const 
                    " although every input is finite; scale the inputs down or use a wider dtype");
 }
 
-int64_t check_dsae_loss_cuda_limits(const DsaeSizes& s, at::ScalarType input_dtype) {
+DsaeCudaPlan check_dsae_loss_cuda_limits(const DsaeSizes& s, int64_t sm_count) {
   SDML_CHECK_VALUE(s.B <= kDsaeCudaMaxRows, "dsae_loss: on CUDA x_hat must have at most ",
-                   kDsaeCudaMaxRows, " rows (one thread block per row), got ", s.B);
-  const int64_t acc_size = at::elementSize(dsae_acc_dtype(input_dtype));
-  const int64_t scratch_bytes = (kDsaeCudaThreads / 32) * acc_size;
-  const int64_t max_d_plus_c = (kDsaeCudaSharedBytes - scratch_bytes) / acc_size;
-  SDML_CHECK_VALUE(s.d + s.c <= max_d_plus_c, "dsae_loss: on CUDA d + c must be at most ",
-                   max_d_plus_c, " for ", input_dtype, " inputs (h_j and P^T h_j - y_j are staged in ",
-                   kDsaeCudaSharedBytes, " bytes of shared memory per block), got d = ", s.d, ", c = ", s.c);
-  return (s.d + s.c) * acc_size;
+                   kDsaeCudaMaxRows, " rows (a grid row of thread blocks per row), got ", s.B);
+  const int64_t target = kDsaeCudaBlocksPerSm * std::max<int64_t>(sm_count, 1);
+  const int64_t wanted = (target + s.B - 1) / s.B;
+  const int64_t most = std::max<int64_t>(1, s.D / kDsaeCudaMinSlice);  // each split reads >= kDsaeCudaMinSlice
+  const int64_t splits = std::min(wanted, most);
+  const int64_t slice = (s.D + splits - 1) / splits;
+  const int64_t aligned = (slice + 7) / 8 * 8;
+  return {(s.D + aligned - 1) / aligned, aligned};
 }
 
 at::Tensor rows_contiguous(const at::Tensor& t) {

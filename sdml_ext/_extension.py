@@ -74,8 +74,14 @@ def build_info() -> dict:
 
     Returns a dict with ``torch_version`` (the torch it was compiled against), ``torch_cuda``
     (that torch's CUDA version, or None), ``cuda_kernels`` (whether CUDA kernels were compiled
-    in), ``cuda_archs`` (list of compute capabilities, e.g. ``["90"]``), and ``cuda_available``
-    (whether a CUDA device is usable now).
+    in), ``cuda_archs`` (list of compute capabilities, e.g. ``["90"]``), ``cuda_available``
+    (whether a CUDA device is usable now), and ``cpu_gemm``: the library that runs the CPU
+    kernels' float32 tile GEMMs in this process (``gemm``: ``"blas"`` or ``"onednn"``) and why
+    (``how``: measured, cached, or the ``SDML_CPU_GEMM`` override; ``measured_gflops``: both
+    libraries' rates; the cache file). The choice is made on the first call (a measurement of a
+    few tens of ms, or the cache); ``python -m sdml_ext.info`` prints all this. Raises ValueError
+    for a bad ``SDML_CPU_GEMM``. ``cpu_bf16``: this CPU's bf16 units, as
+    ``cosine_topk(..., precision="bf16")`` uses them, in one line.
     """
     archs = [a for a in _config.CUDA_ARCHS.replace(",", ";").split(";") if a]
     return {
@@ -84,6 +90,8 @@ def build_info() -> dict:
         "cuda_kernels": bool(_C.with_cuda),
         "cuda_archs": archs if _C.with_cuda else [],
         "cuda_available": torch.cuda.is_available(),
+        "cpu_gemm": _C.cpu_gemm_choice(),
+        "cpu_bf16": _C.cpu_bf16_status(),
     }
 
 

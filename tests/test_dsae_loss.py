@@ -197,22 +197,29 @@ def test_torch_compile_fullgraph(device):
         assert torch.allclose(a, p.grad)
 
 
-def test_deterministic_and_thread_count_independent():
-    x_hat, x, h, P, y = make_inputs(257, 301, 64, 10, torch.float32, "cpu", seed=9, unlabelled=[3])
-    h.requires_grad_()
-    first = dsae_loss(x_hat, x, h, P, y)
-    first.loss.backward()
-    grad = h.grad.clone()
-    threads = torch.get_num_threads()
+def _loss_and_grads(inputs, threads):
+    """Forward outputs and the gradients of x_hat and h (rows weighted), run on ``threads`` threads."""
+    x_hat, x, h, P, y = (t.clone().requires_grad_(i in (0, 2)) for i, t in enumerate(inputs))
+    before = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
-        h.grad = None
-        second = dsae_loss(x_hat, x, h, P, y)
-        second.loss.backward()
-    finally:
         torch.set_num_threads(threads)
-    assert all(torch.equal(a, b) for a, b in zip(first, second))
-    assert torch.equal(grad, h.grad)
+        out = dsae_loss(x_hat, x, h, P, y, lam=0.3)
+        w = torch.linspace(0.5, 1.5, x_hat.shape[0])
+        (out.loss + (w * out.row_rec).sum() + (w.flip(0) * out.row_sup).sum()).backward()
+    finally:
+        torch.set_num_threads(before)
+    return [t.detach() for t in out] + [x_hat.grad, h.grad]
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_deterministic_and_thread_count_independent(dtype):
+    # Rows split across threads and several projection tiles (64 rows each) with a ragged last one.
+    inputs = make_inputs(257, 301, 64, 10, dtype, "cpu", seed=9, unlabelled=[3, 200], exact_rows=[5])
+    one = _loss_and_grads(inputs, 1)
+    assert torch.isfinite(one[-1]).all() and one[-1].abs().sum() > 0
+    for threads in (2, 3, 1):
+        other = _loss_and_grads(inputs, threads)
+        assert all(torch.equal(a, b) for a, b in zip(one, other)), f"{threads} threads differ from 1"
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -421,24 +428,37 @@ def test_mixed_devices():
         dsae_loss(**args)
 
 
-# ---- CUDA launch limits: checked by host code compiled into every build -----------------------
+# ---- CUDA launch plan and limits: host code compiled into every build ---------------------------
 
-# The largest d + c per accumulation dtype (float32, or float64 for float64 inputs): 48 KiB of
-# shared memory per block, less a reduction scratch of one value per warp (8 warps); and the most
-# rows (one block per row: gridDim.x).
-MAX_D_PLUS_C = {False: (48 * 1024 - 8 * 4) // 4, True: (48 * 1024 - 8 * 8) // 8}
+# The most rows (a grid row of thread blocks per row: gridDim.x). The kernels keep no row data in
+# shared memory, so d + c has no limit.
 MAX_ROWS = 2**31 - 1
 
 
-@pytest.mark.parametrize("float64", [False, True])
-def test_cuda_limits_at_and_past_the_bounds(float64):
+@pytest.mark.parametrize("B, D, sms", [(4096, 4096, 132), (100, 4096, 132), (1, 100_000, 132), (7, 9, 132), (3, 40_000, 1)])
+def test_cuda_plan_fills_the_device_with_aligned_slices(B, D, sms):
+    plan = _extension._C.check_dsae_loss_cuda_limits(B, D, 16, 3, sms)
+    splits, slice_ = plan["splits"], plan["slice"]
+    assert slice_ % 8 == 0  # 16 bytes of the narrowest dtype: every slice of an aligned row is aligned
+    assert splits * slice_ >= D and (splits - 1) * slice_ < D  # the slices cover the row, none empty
+    min_slice = 8 * plan["threads"]
+    if D >= 2 * min_slice:
+        assert slice_ >= min_slice - 8  # long enough to be worth a block
+    # Enough blocks for every multiprocessor (4 each) unless D is too short to split further.
+    assert B * splits >= min(4 * sms, B * max(1, D // min_slice))
+
+
+def test_cuda_plan_for_the_training_and_benchmark_batches():
+    assert _extension._C.check_dsae_loss_cuda_limits(4096, 4096, 64, 10)["splits"] == 1
+    small = _extension._C.check_dsae_loss_cuda_limits(100, 4096, 64, 10)
+    assert small["splits"] == 2 and 100 * small["splits"] >= 132
+
+
+def test_cuda_limits_past_the_bounds():
     check = _extension._C.check_dsae_loss_cuda_limits
-    top = MAX_D_PLUS_C[float64]
-    assert check(MAX_ROWS, 5, top - 1, 1, float64) == top * (8 if float64 else 4)
-    with pytest.raises(ValueError, match=f"on CUDA d \\+ c must be at most {top} .*got d = {top}, c = 1"):
-        check(7, 5, top, 1, float64)
+    assert check(MAX_ROWS, 5, 20_000, 19_000)["splits"] == 1  # no d + c limit
     with pytest.raises(ValueError, match=f"on CUDA x_hat must have at most {MAX_ROWS} rows"):
-        check(MAX_ROWS + 1, 5, 8, 2, float64)
+        check(MAX_ROWS + 1, 5, 8, 2)
 
 
 def _fake_cuda_call(B, d, c, dtype):
@@ -450,24 +470,50 @@ def _fake_cuda_call(B, d, c, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_cuda_limits_reached_through_the_fake_implementation(dtype):
     """A CUDA call past the limits fails while tracing (fake CUDA tensors need no GPU)."""
-    top = MAX_D_PLUS_C[dtype == torch.float64]
-    assert _fake_cuda_call(2, top - 1, 1, dtype).row_rec.shape == (2,)
-    with pytest.raises(ValueError, match=f"d \\+ c must be at most {top}"):
-        _fake_cuda_call(2, top - 1, 2, dtype)
+    assert _fake_cuda_call(2, 13_000, 12_000, dtype).row_rec.shape == (2,)
     with pytest.raises(ValueError, match="at most 2147483647 rows"):
         _fake_cuda_call(MAX_ROWS + 1, 4, 2, dtype)
 
 
 @requires_cuda
-def test_cuda_kernel_refuses_past_the_limits():
-    top = MAX_D_PLUS_C[False]
-    x_hat, x, h, P, y = make_inputs(2, 3, top - 1, 2, torch.float32, "cuda")
-    with pytest.raises(ValueError, match=f"d \\+ c must be at most {top}"):
-        dsae_loss(x_hat, x, h, P, y)
-    h_top = h[:, :-1].clone().requires_grad_()  # d + c = top: both kernels launch
-    out = dsae_loss(x_hat, x, h_top, P[:-1], y)
-    out.loss.backward()
-    assert torch.isfinite(out.loss) and torch.isfinite(h_top.grad).all()
+def test_cuda_kernel_has_no_shared_memory_limit_on_d_plus_c():
+    """d + c past the old 48 KiB shared-memory bound (12,280 float32 values): both kernels run and
+    agree with the CPU kernel (the case that crashed the old kernels at the bound)."""
+    inputs = make_inputs(3, 5, 12_279, 2, torch.float32, "cpu", seed=21)
+    for d_cut in (12_278, 12_279):  # d + c at the old bound and past it
+        cpu_in = [t.clone() for t in inputs]
+        cpu_in[2] = cpu_in[2][:, :d_cut].clone().requires_grad_()
+        cpu_in[3] = cpu_in[3][:d_cut].clone()
+        gpu_in = [t.cuda() for t in cpu_in]
+        gpu_in[2] = gpu_in[2].detach().requires_grad_()
+        cpu_out, gpu_out = dsae_loss(*cpu_in), dsae_loss(*gpu_in)
+        cpu_out.loss.backward()
+        gpu_out.loss.backward()
+        assert rel_err(gpu_out.loss, cpu_out.loss) <= 1e-5
+        assert rel_err(gpu_in[2].grad, cpu_in[2].grad) <= 1e-5
+
+
+@requires_cuda
+@pytest.mark.parametrize("B, D, offset", [(100, 4096, 0), (100, 4096, 1), (1, 9, 0), (5, 4099, 3), (257, 2048, 0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_cuda_split_rows_and_unaligned_rows_match_cpu(B, D, offset, dtype):
+    """Rows split over several blocks (B = 100), 16-byte loads (offset 0) and the scalar path
+    (rows starting off a 16-byte boundary) against the CPU kernel in float64."""
+    base = make_inputs(B, D + offset, 32, 5, torch.float64, "cpu", seed=B + D, unlabelled=[0])
+    ref = [base[0][:, offset:], base[1][:, offset:], base[2], base[3], base[4]]
+    ref = [t.clone().requires_grad_(i in (0, 1, 2)) for i, t in enumerate(ref)]
+    cuda_full = [t.to("cuda", dtype) for t in base]
+    gpu = [cuda_full[0][:, offset:], cuda_full[1][:, offset:], cuda_full[2], cuda_full[3], cuda_full[4]]
+    gpu = [t.detach().requires_grad_(i in (0, 1, 2)) for i, t in enumerate(gpu)]
+    want, got = dsae_loss(*ref), dsae_loss(*gpu)
+    (want.loss + 0.3 * want.row_rec.sum()).backward()
+    (got.loss + 0.3 * got.row_rec.sum()).backward()
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 5e-3}[dtype]
+    for a, b in zip(got[:5], want[:5]):
+        assert rel_err(a, b) <= tol
+    assert int(got.n_labelled) == int(want.n_labelled)
+    for a, b in zip(gpu[:3], ref[:3]):
+        assert rel_err(a.grad, b.grad) <= tol
 
 
 # ---- the module --------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ def test_dry_run_passes_and_reports_every_part(dry_run):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     data = json.loads((out / "gpu_check.json").read_text())
     assert data["dry_run"] and not data["failed"]
-    assert set(data["parts"]) == {"strategies", "loss", "epoch", "wiki200", "streams", "topk"}
+    assert set(data["parts"]) == {"strategies", "loss", "epoch", "wiki200", "streams", "topk", "map"}
     assert all(p["status"] == "ok" for p in data["parts"].values()), data["parts"]
     report = (out / "report.txt").read_text()
     assert report.splitlines()[-1] == "GPU CHECK: OK"
@@ -48,7 +48,9 @@ def test_dry_run_checks_what_it_claims(dry_run):
     # The plain PyTorch loop is the same recipe: same start, same first-epoch loss.
     assert parts["epoch"]["first_epoch_loss"]["rel_diff"] < 1e-3
     assert parts["loss"]["matches_eager"] and parts["loss"]["fused_over_floor"] > 0
-    assert all(c["check_vs_cpu"] for c in parts["topk"]["cases"])
+    assert all(c["check_vs_cpu"] and c["exact_ids_equal_exact"] for c in parts["topk"]["cases"])
+    assert all(c["check_vs_cpu"] and 0 < c["mAP"] <= 1 for c in parts["map"]["cases"])
+    assert all(c["matches_eager"] for c in parts["loss"]["cases"])
     assert parts["streams"]["parallel_vs_serial_models"]["close_rtol1e-4_atol1e-6"]
     assert all(len(t) >= 1 for t in parts["wiki200"]["times_s"].values())
 

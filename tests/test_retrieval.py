@@ -626,3 +626,329 @@ def test_mixed_devices():
         cosine_topk(args["query"], args["gallery"].cuda(), 2)
     with pytest.raises(ValueError, match="gallery_labels is on cuda:0 but query is on cpu"):
         average_precision(**_with(gallery_labels=args["gallery_labels"].cuda()))
+
+
+# ---- the CUDA top-k that selects and the AP that ranks only relevant items ---------------------
+# Host pieces (precision argument, margins, launch plans) run here; the kernels on a GPU host.
+
+from sdml_ext import _extension  # noqa: E402
+
+U32, U64 = 2.0**-24, 2.0**-53
+H200 = dict(sm_count=132, smem_optin=232448)  # its multiprocessors and per-block opt-in shared memory
+
+
+def test_topk_precision_argument():
+    q, g = torch.randn(5, 8, dtype=torch.float64), torch.randn(9, 8, dtype=torch.float64)
+    assert torch.equal(cosine_topk(q, g, 3, precision="exact").indices, cosine_topk(q, g, 3).indices)
+    with pytest.raises(ValueError, match='precision must be "exact", "tf32" or "bf16", got "fp8"'):
+        cosine_topk(q, g, 3, precision="fp8")
+    with FakeTensorMode():
+        fq, fg = torch.empty(5, 8, device="cuda"), torch.empty(9, 8, device="cuda")
+        assert cosine_topk(fq, fg, 3, precision="bf16").indices.shape == (5, 3)
+        with pytest.raises(ValueError, match="precision must be"):
+            cosine_topk(fq, fg, 3, precision="fp8")
+
+
+def _gamma(n, u):
+    return n * u / (1 - n * u)
+
+
+@pytest.mark.parametrize("d", [1, 3, 512, 4096])
+def test_topk_margin_formula(d):
+    m = _extension._C.topk_margin
+    nu = U32 + _gamma(d + 2, U32)
+    norms = (1 + nu) ** 2
+    exact = m("exact", "float32", d)
+    assert exact["delta_low"] == pytest.approx(_gamma(d + 1, U32) * norms, rel=1e-12)
+    assert exact["delta_det"] == pytest.approx(_gamma(d + 1, U64) * norms, rel=1e-12)
+    assert exact["margin"] == pytest.approx(2 * (exact["delta_low"] + exact["delta_det"]) * 1.001 + 4 * U32, rel=1e-12)
+    ub = 2.0**-8
+    bf = m("bf16", "float32", d)
+    assert bf["delta_low"] == pytest.approx((2 * ub + ub * ub + _gamma(d + 1, 2 * U32) * (1 + ub) ** 2) * norms, rel=1e-12)
+    assert exact["margin"] < m("tf32", "float32", d)["margin"] < bf["margin"]
+    assert m("exact", "float64", d)["margin"] < 1e-9  # a float64 GEMM: candidates within ~d ulps
+    with pytest.raises(ValueError, match='precision must be "exact", "tf32" or "bf16"'):
+        m("fp16", "float32", d)
+
+
+def _near_tie_data(nq, ng, d, gap, seed):
+    """Unit queries; each has a block of gallery items whose cosines to it step down by `gap`
+    (far below bfloat16's resolution at 1, ~4e-3, far above float32 rounding), among noise."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.nn.functional.normalize(torch.randn(nq, d, generator=gen, dtype=torch.float64), dim=1)
+    g = torch.randn(ng, d, generator=gen, dtype=torch.float64)
+    g = torch.nn.functional.normalize(g, dim=1)
+    per = ng // (2 * nq)
+    for i in range(nq):
+        other = torch.randn(d, generator=gen, dtype=torch.float64)
+        other = torch.nn.functional.normalize(other - (other @ q[i]) * q[i], dim=0)  # orthogonal to q[i]
+        cos = 0.9 - gap * torch.arange(per, dtype=torch.float64)
+        rows = cos[:, None] * q[i] + torch.sqrt(1 - cos**2)[:, None] * other
+        slots = torch.randperm(ng, generator=gen)[:per]
+        g[slots] = rows
+    return q, g
+
+
+def test_margin_keeps_every_true_top_k_item_under_bfloat16_rounding():
+    """The rule of the fast mode, emulated on CPU: bfloat16-rounded rows, products summed in
+    float32, candidates = low score >= k-th low score - margin. Every item of the float64 top-k
+    must be a candidate, on data whose near-ties bfloat16 cannot resolve."""
+    q, g = _near_tie_data(6, 3000, 64, gap=2e-4, seed=3)
+    d, k = q.shape[1], 20
+    margin = _extension._C.topk_margin("bf16", "float64", d)["margin"]
+    low = (q.bfloat16().float() @ g.bfloat16().float().T).double()
+    exact = q @ g.T
+    assert (low - exact).abs().max() <= _extension._C.topk_margin("bf16", "float64", d)["delta_low"]
+    kth = low.topk(k, dim=1).values[:, -1:]
+    candidates = low >= kth - margin
+    truth = exact.topk(k, dim=1).indices
+    assert bool(candidates.gather(1, truth).all())
+    assert int(candidates.sum(1).max()) < 40 * k  # and the margin stays a small multiple of k
+    # The low scores alone would misorder the top k: the near-ties are real.
+    assert not torch.equal(low.topk(k, dim=1).indices, truth)
+
+
+@pytest.mark.parametrize(
+    "nq, ng, k, score_bytes",
+    [(10_000, 1_000_000, 10, 4), (10_000, 1_000_000, 1000, 4), (1, 1_000_000, 50, 4), (10_000, 100_000, 2048, 4),
+     (3, 7, 7, 8), (2**20, 2**30, 5, 4), (1, 1, 1, 4)],
+)
+def test_topk_plan_invariants(nq, ng, k, score_bytes):
+    W = 2**28
+    p = _extension._C.topk_plan(nq, ng, k, score_bytes, W, **H200)
+    assert not p["fallback"]
+    assert p["tile_rows"] >= 1 and p["tile_rows"] * p["ld"] <= max(W, p["sweep"])  # memory bounded by the tile
+    assert p["ld"] % (16 // score_bytes) == 0 and p["ld"] >= p["block_cols"]  # 16-byte aligned rows
+    assert p["sweep"] == 256 * (16 // score_bytes)
+    assert p["buffer"] & (p["buffer"] - 1) == 0 and p["cap"] == p["buffer"] - p["sweep"] and p["cap"] >= 2 * k
+    assert p["segment_cols"] % p["sweep"] == 0  # segments start 16-byte aligned
+    assert p["segments"] * p["segment_cols"] >= p["block_cols"] > (p["segments"] - 1) * p["segment_cols"]
+    assert p["select_smem"] == p["buffer"] * (score_bytes + 4)
+    assert p["merge_smem"] == p["buffer"] * (score_bytes + 12) <= H200["smem_optin"] - 1024
+    assert p["fallback_rows"] >= 1
+
+
+@pytest.mark.parametrize("k", [1, 10, 1000, 2048])
+@pytest.mark.parametrize("score_bytes", [4, 8])
+def test_topk_plan_of_the_fast_modes_keeps_more_candidates(k, score_bytes):
+    exact = _extension._C.topk_plan(100, 10**6, k, score_bytes, 2**28, **H200)
+    fast = _extension._C.topk_plan(100, 10**6, k, score_bytes, 2**28, **H200, fast=True)
+    assert not fast["fallback"] and fast["buffer"] <= 8192 and fast["cap"] >= exact["cap"]
+    assert fast["cap"] >= min(4 * k, 8192 - fast["sweep"])
+    assert fast["merge_smem"] <= H200["smem_optin"] - 1024
+
+
+def test_topk_plan_shapes_of_the_benchmark():
+    W = 2**28
+    big = _extension._C.topk_plan(10_000, 1_000_000, 10, 4, W, **H200)
+    assert big["block_cols"] == 1_000_000 and big["tile_rows"] == 268  # a 268 x 1M GEMM per tile
+    one = _extension._C.topk_plan(1, 1_000_000, 10, 4, W, **H200)
+    assert one["segments"] >= 100  # a single query still spreads over the multiprocessors
+    huge = _extension._C.topk_plan(64, 2**31 - 2, 10, 4, W, **H200)
+    assert huge["block_cols"] < 2**31 - 2  # gallery blocks, merged through the running list
+
+
+def test_topk_plan_fallbacks_and_limits():
+    W = 2**28
+    assert _extension._C.topk_plan(10, 100_000, 2049, 4, W, **H200)["fallback"]  # k > 2048
+    assert _extension._C.topk_plan(10, 100_000, 2048, 8, W, sm_count=132, smem_optin=49152)["fallback"]  # small GPU
+    with pytest.raises(ValueError, match="fewer than 2\\^31 - 1 rows"):
+        _extension._C.topk_plan(1, 2**31, 5, 4, W, **H200)
+    assert _extension._C.topk_default_workspace(2**40, 4) == 2**28
+    assert _extension._C.topk_default_workspace(2**30, 4) == 2**26
+    assert _extension._C.topk_default_workspace(0, 4) == 2**16
+
+
+def test_ap_rank_plan():
+    plan = _extension._C.ap_rank_plan
+    assert plan(2400, 4, H200["smem_optin"])["capacity"] == 4096
+    assert plan(2400, 4, H200["smem_optin"])["smem"] == 4096 * 12 + 4
+    assert plan(10**6, 4, H200["smem_optin"])["capacity"] == 16384  # the largest that fits: rows above sort
+    assert plan(10**6, 8, H200["smem_optin"])["capacity"] == 8192
+    assert plan(1, 8, 1000)["capacity"] == 0
+
+
+# -- on a GPU host --
+
+
+def _reference_topk(q, g, k, exclude_self=False):
+    """The CUDA op's contract: rows normalized on the device in the input dtype (as the op does),
+    ranked by their float64 dot products, ties by ascending index."""
+    qc, gc = q.cuda(), g.cuda()
+    qn = (qc / torch.linalg.vector_norm(qc, dim=1, keepdim=True)).double().cpu().numpy()
+    gn = (gc / torch.linalg.vector_norm(gc, dim=1, keepdim=True)).double().cpu().numpy()
+    scores = np.stack([(gn * row).sum(axis=1) for row in qn])
+    return ref.topk(scores, k, exclude_self)
+
+
+def _cuda_topk_vs_reference(q, g, k, exclude_self=False, precisions=("exact", "tf32", "bf16")):
+    want_scores, want_idx = _reference_topk(q, g, k, exclude_self)
+    cpu = cosine_topk(q.cpu(), g.cpu(), k, exclude_self=exclude_self) if q.dtype == torch.float64 else None
+    for precision in precisions:
+        got = cosine_topk(q.cuda(), g.cuda(), k, exclude_self=exclude_self, precision=precision)
+        assert got.indices.dtype == torch.int64 and got.scores.dtype == q.dtype
+        assert np.array_equal(got.indices.cpu().numpy(), want_idx), precision
+        if cpu is not None:
+            assert torch.equal(got.indices.cpu(), cpu.indices), precision
+        tol = {torch.float64: 1e-12, torch.float32: 1e-6}.get(q.dtype, 1e-2)
+        np.testing.assert_allclose(got.scores.double().cpu().numpy(), want_scores, rtol=0, atol=tol)
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("nq, ng, d, k", [(1, 7, 3, 1), (1, 7, 3, 7), (13, 33, 5, 5), (64, 1000, 10, 10),
+                                          (257, 3001, 17, 50), (3, 20_000, 8, 2048)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_cuda_topk_matches_cpu_and_float64(nq, ng, d, k, dtype, exclude_self):
+    if exclude_self:
+        nq = ng = min(ng, 3001)
+        k = min(k, ng - 1)
+    gen = torch.Generator().manual_seed(nq + ng + k)
+    q = torch.randn(nq, d, generator=gen, dtype=torch.float64).to(dtype)
+    g = torch.randn(ng, d, generator=gen, dtype=torch.float64).to(dtype)
+    _cuda_topk_vs_reference(q, g, k, exclude_self)
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_topk_half_inputs_rank_their_normalized_rows(dtype):
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(40, 24, generator=gen).to(dtype).cuda()
+    g = torch.randn(3000, 24, generator=gen).to(dtype).cuda()
+    # The rows as the op normalizes them (in the input dtype), ranked in float64.
+    qn = q / torch.linalg.vector_norm(q, dim=1, keepdim=True)
+    gn = g / torch.linalg.vector_norm(g, dim=1, keepdim=True)
+    _, want = ref.topk((qn.double() @ gn.double().T).cpu().numpy(), 25)
+    for precision in ("exact", "tf32", "bf16"):
+        got = cosine_topk(q, g, 25, precision=precision)
+        assert got.scores.dtype == dtype and np.array_equal(got.indices.cpu().numpy(), want), precision
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("k", [1, 9, 30])
+def test_cuda_fast_modes_return_the_exact_ids_on_near_ties(k):
+    q, g = _near_tie_data(8, 6000, 64, gap=2e-4, seed=11)
+    _cuda_topk_vs_reference(q.float(), g.float(), k)
+    _cuda_topk_vs_reference(q, g, k)
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_cuda_topk_duplicates_and_massive_ties():
+    """Exact duplicate rows tie in ascending index order; 3000 identical rows all within the
+    margin overflow the candidate buffers and take the fallback, with the same contract."""
+    gen = torch.Generator().manual_seed(6)
+    g = torch.randn(5000, 16, generator=gen, dtype=torch.float64)
+    g[[4000, 17, 2500, 3]] = g[1234]  # duplicates before and after their first row
+    g[100:3100] = g[99]  # a block of 3000 identical rows
+    q = torch.cat([g[[1234, 99]] + 1e-3 * torch.randn(2, 16, generator=gen, dtype=torch.float64),
+                   torch.randn(5, 16, generator=gen, dtype=torch.float64)])
+    for dtype in (torch.float64, torch.float32):
+        _cuda_topk_vs_reference(q.to(dtype), g.to(dtype), 10)
+        got = cosine_topk(q.to(dtype).cuda(), g.to(dtype).cuda(), 10)
+        assert got.indices[0, :5].tolist() == [3, 17, 1234, 2500, 4000]
+        assert len(set(got.scores[0, :5].tolist())) == 1  # identical rows, identical scores
+        assert got.indices[1].tolist() == list(range(99, 109))
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_cuda_topk_fallback_for_large_k_and_non_contiguous_inputs():
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(9, 40, generator=gen, dtype=torch.float64)[:, ::2]  # non-contiguous
+    g = torch.randn(20, 9000, generator=gen, dtype=torch.float64).t()
+    assert not q.is_contiguous() and not g.is_contiguous()
+    _cuda_topk_vs_reference(q, g, 2500)  # k > 2048: torch.topk for the k-th, then the re-score
+    _cuda_topk_vs_reference(q.float(), g.float(), 4000, precisions=("exact", "bf16"))
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_cuda_topk_several_tiles_and_gallery_blocks(monkeypatch):
+    """A small workspace forces several query tiles and gallery blocks (the running list)."""
+    monkeypatch.setenv("SDML_CUDA_TOPK_WORKSPACE", str(3 * 4096))
+    gen = torch.Generator().manual_seed(8)
+    q = torch.randn(70, 12, generator=gen)
+    g = torch.randn(30_001, 12, generator=gen)
+    for k in (1, 17, 300):
+        _cuda_topk_vs_reference(q, g, k)
+    _cuda_topk_vs_reference(q[:60], g[:60], 7, exclude_self=True)
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("kind", LABEL_KINDS)
+@pytest.mark.parametrize("cap", [None, "4", "0"])
+def test_cuda_average_precision_ranks_only_relevant_items(kind, cap, monkeypatch):
+    """AP from the relevant items' ranks against the float64 reference (ties, duplicates, empty
+    label rows, exclude_self, AP@k, both divisors); cap 4 sends most rows through the sort path,
+    cap 0 all of them."""
+    if cap:
+        monkeypatch.setenv("SDML_CUDA_AP_MAX_CAPACITY", cap)
+    q, g, ql, gl = class_structured(300, 700, 6, kind, seed=31)
+    g[50:60] = g[7]  # duplicates tie
+    g[200:205] = g[201]
+    scores, rel = ref.cosine_scores(q, g), ref.relevance(ql, gl)
+    for k, divisor, empty in [(None, "retrieved", "zero"), (25, "relevant", "skip"), (1, "retrieved", "skip")]:
+        want = ref.average_precision(scores, rel, k, divisor, empty)
+        got = average_precision(q.cuda(), g.cuda(), ql.cuda(), gl.cuda(), k, divisor=divisor, empty=empty)
+        np.testing.assert_allclose(got.cpu().numpy(), want, rtol=0, atol=1e-12, equal_nan=True)
+    sq, sl = q[:300], ql[:300]
+    want = ref.average_precision(ref.cosine_scores(sq, sq), ref.relevance(sl, sl), exclude_self=True)
+    got = average_precision(sq.cuda(), sq.cuda(), sl.cuda(), sl.cuda(), exclude_self=True)
+    np.testing.assert_allclose(got.cpu().numpy(), want, rtol=0, atol=1e-12)
+    a_to_b, b_to_a = average_precision_pair(q.cuda(), g.cuda(), ql.cuda(), gl.cuda())
+    np.testing.assert_allclose(a_to_b.cpu().numpy(), ref.average_precision(scores, rel), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(b_to_a.cpu().numpy(), ref.average_precision(scores.T, rel.T), rtol=0, atol=1e-12)
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_average_precision_matches_cpu_kernel_in_one_row_and_odd_sizes(dtype):
+    for nq, ng in [(1, 1), (1, 9), (7, 1), (33, 517)]:
+        q, g, ql, gl = class_structured(nq, ng, 5, "class_ids", seed=nq * ng)
+        want = average_precision(q.to(dtype).double(), g.to(dtype).double(), ql, gl)
+        got = average_precision(q.to(dtype).cuda(), g.to(dtype).cuda(), ql.cuda(), gl.cuda()).cpu()
+        if dtype == torch.float32:  # float32 rounding can swap a rare near-tie: AP moves by little
+            np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=0, atol=1e-3)
+        else:  # float16 scores tie where float64 ones do not: close on average
+            assert abs(float(got.mean()) - float(want.mean())) < 0.02
+
+
+def _duplicates_reference(g):
+    dup, rep, first = [], [], {}
+    for i, row in enumerate((g + 0).tolist()):  # -0 + 0 = +0
+        key = tuple(row)
+        if key in first:
+            dup.append(i)
+            rep.append(first[key])
+        else:
+            first[key] = i
+    return dup, rep
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d", [1, 7, 1500])  # 1500 float64 columns: three hash chunks of 1024 words
+def test_hashed_duplicate_rows_find_what_the_exact_search_finds(dtype, d):
+    """The CUDA metric kernels' duplicate search: a hash pass answers "none" without the exact
+    row sort; when two rows are equal (-0 equal to +0) the exact search gives the pairs."""
+    op = torch.ops.sdml._duplicate_rows_hashed
+    gen = torch.Generator().manual_seed(d)
+    g = torch.randn(60, d, generator=gen).to(dtype)
+    g[:, 0] = torch.arange(1, 61, dtype=dtype)  # distinct non-zero rows even in 16-bit formats at d = 1
+    dup, rep = op(g)
+    assert dup.numel() == 0 and rep.numel() == 0
+    if dtype in (torch.float16, torch.bfloat16):
+        return  # the exact search runs on CUDA for these (the CPU one takes float32 / float64)
+    g[[31, 45, 59]] = g[4].clone()
+    g[20] = 0.0
+    g[50] = 0.0
+    g[50, 0] = -0.0
+    g[7] = g[8].clone()
+    dup, rep = op(g)
+    want_dup, want_rep = _duplicates_reference(g)
+    assert dup.tolist() == want_dup == [8, 31, 45, 50, 59] and rep.tolist() == want_rep

@@ -9,7 +9,7 @@ The layers, bottom-up (a module may import its own layer and the ones below):
   2 eval         eval (metrics, evaluation, plots), metrics (the public alias of eval.metrics)
   3 engine       engine (training, strategies, distributed, checkpoints, run directories, flows)
   4 search       search
-  5 cli          cli, the entry modules train, evaluate and launch, search.__main__
+  5 cli          cli, the entry modules train, evaluate, launch and info, search.__main__
   6 api          the package itself (sdml_ext/__init__.py re-exports the public names)
 
 Every import counts, at module level or inside a function, except those under
@@ -31,7 +31,7 @@ LAYERS = [  # (layer name, module prefixes), bottom-up; the longest matching pre
     ("eval", ["eval", "metrics"]),
     ("engine", ["engine"]),
     ("search", ["search"]),
-    ("cli", ["cli", "train", "evaluate", "launch", "search.__main__"]),
+    ("cli", ["cli", "train", "evaluate", "launch", "info", "search.__main__"]),
     ("api", [""]),
 ]
 

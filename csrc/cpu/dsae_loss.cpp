@@ -1,6 +1,17 @@
-// CPU kernel of the fused SDML loss: rows in parallel (at::parallel_for), each row one pass over
-// x_hat and x with vectorized accumulation. P^T h is formed for a tile of rows at a time by a
-// GEMM into a small per-thread buffer (GEMM rate; the [B, c] product is never materialized).
+// CPU kernel of the fused SDML loss, on every core (at::parallel_for; this file is compiled with
+// -fopenmp, see CMakeLists.txt). Two kinds of parallel work, each split so that no result depends
+// on how many threads run it:
+//  - row work (||x_hat_j - x_j||, the gradient rows of x_hat): one row at a time, the row's
+//    reduction in a fixed lane order (kLanes partial sums), so any split of the rows gives the
+//    same bits;
+//  - projection work (P^T h_j, and P e_j for the gradient of h): fixed tiles of kTileRows rows,
+//    one single-threaded GEMM per tile into a per-thread buffer (the [B, c] product is never
+//    materialized); tile boundaries do not move with the thread count, so neither do the GEMMs.
+// The batch sums are taken afterwards, serially in row order in double.
+//
+// OpenMP's worker threads do not inherit the caller's thread-local dispatch state (the
+// below-autograd guard of the entry point), so the tensors the tiles hand to ATen are detached
+// first and each task sets the guard again.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
@@ -22,16 +33,33 @@ namespace {
 using namespace dsae;
 
 // Elements per parallel task: enough work to amortize scheduling, small enough that B = 100
-// still splits across both cores.
+// still splits across the cores.
 constexpr int64_t kGrainElements = 16384;
+
+// Partial sums per row reduction: element i goes to lane i % kLanes, lanes are added in a fixed
+// order. Wide enough for two AVX-512 (four AVX2) accumulators in flight, and the same bits for
+// every vector width of the clones below.
+constexpr int64_t kLanes = 32;
+
+// Sum of kLanes partial sums, pairwise in a fixed order.
+template <typename A>
+A sum_lanes(A* lane) {
+  for (int64_t width = kLanes / 2; width >= 1; width /= 2)
+    for (int64_t l = 0; l < width; ++l) lane[l] += lane[l + width];
+  return lane[0];
+}
 
 // sum_i (a_i - b_i)^2
 template <typename T, typename A>
 SDML_CPU_CLONES A row_sq_dist(const T* a, const T* b, int64_t n) {
-  A acc = 0;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < n; ++i) acc += sq(A(a[i]) - A(b[i]));
-  return acc;
+  A lane[kLanes] = {};
+  const int64_t full = n / kLanes * kLanes;
+  for (int64_t i = 0; i < full; i += kLanes) {
+#pragma omp simd
+    for (int64_t l = 0; l < kLanes; ++l) lane[l] += sq(A(a[i + l]) - A(b[i + l]));
+  }
+  for (int64_t i = full; i < n; ++i) lane[i - full] += sq(A(a[i]) - A(b[i]));
+  return sum_lanes(lane);
 }
 
 // out_i = coef * (a_i - b_i)
@@ -48,14 +76,14 @@ bool row_labelled(const T* y, int64_t c) {
   return false;
 }
 
-// Rows whose projection residuals are formed by one GEMM: the buffer stays in cache.
-constexpr int64_t kTileRows = 256;
+// Rows whose projection residuals are formed by one GEMM: the buffer stays in cache, and B = 100
+// still gives two tiles. A constant: tiles must not move with the thread count.
+constexpr int64_t kTileRows = 64;
 
 // e = e - y in place for one row (e holds P^T h); returns ||e||^2.
 template <typename T, typename A>
-SDML_CPU_CLONES A subtract_labels(T* e, const T* y, int64_t c) {
+A subtract_labels(T* e, const T* y, int64_t c) {
   A norm2 = 0;
-#pragma omp simd reduction(+ : norm2)
   for (int64_t col = 0; col < c; ++col) {
     e[col] = T(A(e[col]) - A(y[col]));
     norm2 += sq(A(e[col]));
@@ -63,22 +91,21 @@ SDML_CPU_CLONES A subtract_labels(T* e, const T* y, int64_t c) {
   return norm2;
 }
 
-// Residuals E[i] = P^T h_{row0+i} for n rows of h, into the first n rows of the tile buffer.
-at::Tensor project_tile(const at::Tensor& h, const at::Tensor& P, at::Tensor& tile, int64_t row0, int64_t n) {
-  at::Tensor E = tile.narrow(0, 0, n);
-  at::mm_out(E, h.narrow(0, row0, n), P);
-  return E;
-}
-
 int64_t grain_rows(int64_t per_row) { return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(per_row, 1)); }
 
+// Tiles of the projection work, and a grain that gives each task about kGrainElements of it.
+int64_t num_tiles(int64_t B) { return (B + kTileRows - 1) / kTileRows; }
+int64_t grain_tiles(int64_t per_row) { return std::max<int64_t>(1, grain_rows(per_row) / kTileRows); }
+
 // The row-major views of one call that the row loops read: x_hat, x, y with rows unit-stride
-// (copies only where they are not); h and P as given (the tile GEMMs take any strides).
+// (copies only where they are not); h and P as given (the tile GEMMs take any strides). All
+// detached: the tile GEMMs run on OpenMP threads, outside the caller's autograd guard.
 struct Rows {
   at::Tensor x_hat, x, h, P, y;
   Rows(const at::Tensor& x_hat_in, const at::Tensor& x_in, const at::Tensor& h_in, const at::Tensor& P_in,
        const at::Tensor& y_in)
-      : x_hat(rows_contiguous(x_hat_in)), x(rows_contiguous(x_in)), h(h_in), P(P_in), y(rows_contiguous(y_in)) {}
+      : x_hat(rows_contiguous(x_hat_in).detach()), x(rows_contiguous(x_in).detach()), h(h_in.detach()),
+        P(P_in.detach()), y(rows_contiguous(y_in).detach()) {}
 };
 
 // Raw row pointers and row strides of x_hat, x, y.
@@ -91,26 +118,45 @@ struct RowPtrs {
         sxh(r.x_hat.stride(0)), sx(r.x.stride(0)), sy(r.y.stride(0)) {}
 };
 
-// Forward, phase 1: row_rec[j], row_sup[j] and whether row j is labelled, rows in parallel.
+// Runs body(row0, n, E) for the projection tiles [tile_begin, tile_end): E [n, c] holds
+// P^T h for rows row0 .. row0 + n - 1, in a buffer of this task.
+template <typename Body>
+void for_projection_tiles(const Rows& r, int64_t B, int64_t tile_begin, int64_t tile_end, Body&& body) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // not inherited by OpenMP threads
+  const SingleThreadedBlas one_thread;
+  at::Tensor buffer = at::empty({std::min(kTileRows, B), r.P.size(1)}, r.h.options());
+  for (int64_t t = tile_begin; t < tile_end; ++t) {
+    const int64_t row0 = t * kTileRows, n = std::min(kTileRows, B - row0);
+    at::Tensor E = buffer.narrow(0, 0, n);
+    at::mm_out(E, r.h.narrow(0, row0, n), r.P);
+    body(row0, n, E);
+  }
+}
+
+// Forward, row work: row_rec[j] and whether row j is labelled.
 template <typename T, typename A>
-void forward_row_norms(const Rows& r, const DsaeSizes& s, A* rr, A* rs, uint8_t* labelled) {
-  const RowPtrs<T> p(r);
-  at::parallel_for(0, s.B, grain_rows(s.D + s.d * s.c), [&](int64_t begin, int64_t end) {
-    const SingleThreadedBlas one_thread;
-    at::Tensor tile = at::empty({std::min(kTileRows, end - begin), s.c}, r.h.options());
-    for (int64_t row0 = begin; row0 < end; row0 += kTileRows) {
-      const int64_t n = std::min(kTileRows, end - row0);
-      T* e = project_tile(r.h, r.P, tile, row0, n).mutable_data_ptr<T>();
-      for (int64_t j = row0; j < row0 + n; ++j, e += s.c) {
-        rr[j] = std::sqrt(row_sq_dist<T, A>(p.xh + j * p.sxh, p.x + j * p.sx, s.D));
-        labelled[j] = row_labelled(p.y + j * p.sy, s.c);
-        rs[j] = labelled[j] ? std::sqrt(subtract_labels<T, A>(e, p.y + j * p.sy, s.c)) : A(0);
-      }
+void forward_rec_rows(const RowPtrs<T>& p, const DsaeSizes& s, A* rr, uint8_t* labelled) {
+  at::parallel_for(0, s.B, grain_rows(s.D + s.c), [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      rr[j] = std::sqrt(row_sq_dist<T, A>(p.xh + j * p.sxh, p.x + j * p.sx, s.D));
+      labelled[j] = row_labelled(p.y + j * p.sy, s.c);
     }
   });
 }
 
-// Forward, phase 2: loss, rec, sup, n_labelled from the row norms. Serial, in row order, in
+// Forward, projection work: row_sup[j] (0 on unlabelled rows).
+template <typename T, typename A>
+void forward_sup_rows(const Rows& r, const RowPtrs<T>& p, const DsaeSizes& s, const uint8_t* labelled, A* rs) {
+  at::parallel_for(0, num_tiles(s.B), grain_tiles(s.d * s.c), [&](int64_t begin, int64_t end) {
+    for_projection_tiles(r, s.B, begin, end, [&](int64_t row0, int64_t n, at::Tensor& E) {
+      T* e = E.mutable_data_ptr<T>();
+      for (int64_t j = row0; j < row0 + n; ++j, e += s.c)
+        rs[j] = labelled[j] ? std::sqrt(subtract_labels<T, A>(e, p.y + j * p.sy, s.c)) : A(0);
+    });
+  });
+}
+
+// Forward, batch sums: loss, rec, sup, n_labelled from the row norms. Serial, in row order, in
 // double: deterministic and accurate for any thread count.
 template <typename T, typename A>
 void forward_reduce(const A* rr, const A* rs, const uint8_t* labelled, int64_t B, double lam, const DsaeForward& out) {
@@ -143,8 +189,10 @@ DsaeForward dsae_loss_cpu(const at::Tensor& x_hat_in, const at::Tensor& x_in, co
   std::vector<uint8_t> labelled(s.B);
   AT_DISPATCH_FLOATING_TYPES(r.x_hat.scalar_type(), "dsae_loss_cpu", [&] {
     using A = acc_t<scalar_t>;
+    const RowPtrs<scalar_t> p(r);
     A *rr = std::get<3>(out).mutable_data_ptr<A>(), *rs = std::get<4>(out).mutable_data_ptr<A>();
-    forward_row_norms<scalar_t, A>(r, s, rr, rs, labelled.data());
+    forward_rec_rows<scalar_t, A>(p, s, rr, labelled.data());
+    forward_sup_rows<scalar_t, A>(r, p, s, labelled.data(), rs);
     forward_reduce<scalar_t, A>(rr, rs, labelled.data(), s.B, lam, out);
   });
   if (check_finite) check_dsae_loss_finite(std::get<1>(out), std::get<2>(out), x_hat_in, x_in, h_in, P_in, y_in);
@@ -163,38 +211,38 @@ struct RowWeights {
   A beta(int64_t j) const { return w_sup + (g_row_sup ? g_row_sup[j] : A(0)); }
 };
 
-// Backward, phase 1: grad_x_hat rows = alpha_j (x_hat_j - x_j) / r_j for rows [begin, end).
+// Backward, row work: grad_x_hat rows = alpha_j (x_hat_j - x_j) / r_j.
 template <typename T, typename A>
-void input_grad_rows(const RowPtrs<T>& p, const A* rr, const RowWeights<A>& w, int64_t D, T* gxh,
-                     int64_t begin, int64_t end) {
-  for (int64_t j = begin; j < end; ++j)
-    row_scaled_diff<T, A>(p.xh + j * p.sxh, p.x + j * p.sx, gxh + j * D, w.alpha(j) * inv_norm_or_zero(rr[j]), D);
+void input_grad_rows(const RowPtrs<T>& p, const A* rr, const RowWeights<A>& w, int64_t B, int64_t D, T* gxh) {
+  at::parallel_for(0, B, grain_rows(D), [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j)
+      row_scaled_diff<T, A>(p.xh + j * p.sxh, p.x + j * p.sx, gxh + j * D, w.alpha(j) * inv_norm_or_zero(rr[j]), D);
+  });
 }
 
-// Backward, phase 2: grad_h rows = (beta_j / s_j) e_j P^T for rows [begin, end): the residual
-// rows of a tile are formed and scaled in the tile buffer, then one GEMM writes the tile's rows.
+// Backward, projection work: grad_h rows = (beta_j / s_j) e_j P^T: a tile's residual rows are
+// formed and scaled in its buffer, then one GEMM writes the tile's rows of grad_h.
 template <typename T, typename A>
-void code_grad_rows(const Rows& r, const RowPtrs<T>& p, const A* rs, const RowWeights<A>& w, int64_t c,
-                    at::Tensor& grad_h, int64_t begin, int64_t end) {
-  const SingleThreadedBlas one_thread;
-  at::Tensor tile = at::empty({std::min(kTileRows, end - begin), c}, r.h.options());
-  for (int64_t row0 = begin; row0 < end; row0 += kTileRows) {
-    const int64_t n = std::min(kTileRows, end - row0);
-    at::Tensor E = project_tile(r.h, r.P, tile, row0, n);
-    T* e = E.mutable_data_ptr<T>();
-    for (int64_t j = row0; j < row0 + n; ++j, e += c) {
-      const T* y_j = p.y + j * p.sy;
-      if (!row_labelled(y_j, c)) {
-        std::fill_n(e, c, T(0));
-        continue;
+void code_grad_rows(const Rows& r, const RowPtrs<T>& p, const A* rs, const RowWeights<A>& w, const DsaeSizes& s,
+                    at::Tensor& grad_h) {
+  const at::Tensor grad_h_rows = grad_h.detach();
+  at::parallel_for(0, num_tiles(s.B), grain_tiles(2 * s.d * s.c), [&](int64_t begin, int64_t end) {
+    for_projection_tiles(r, s.B, begin, end, [&](int64_t row0, int64_t n, at::Tensor& E) {
+      T* e = E.mutable_data_ptr<T>();
+      for (int64_t j = row0; j < row0 + n; ++j, e += s.c) {
+        const T* y_j = p.y + j * p.sy;
+        if (!row_labelled(y_j, s.c)) {
+          std::fill_n(e, s.c, T(0));
+          continue;
+        }
+        subtract_labels<T, A>(e, y_j, s.c);
+        const A coef = w.beta(j) * inv_norm_or_zero(rs[j]);
+        for (int64_t col = 0; col < s.c; ++col) e[col] = T(coef * A(e[col]));
       }
-      subtract_labels<T, A>(e, y_j, c);
-      const A coef = w.beta(j) * inv_norm_or_zero(rs[j]);
-      for (int64_t col = 0; col < c; ++col) e[col] = T(coef * A(e[col]));
-    }
-    at::Tensor out = grad_h.narrow(0, row0, n);
-    at::mm_out(out, E, r.P.t());
-  }
+      at::Tensor out = grad_h_rows.narrow(0, row0, n);
+      at::mm_out(out, E, r.P.t());
+    });
+  });
 }
 
 DsaeBackward dsae_loss_backward_cpu(
@@ -228,12 +276,8 @@ DsaeBackward dsae_loss_backward_cpu(
                           g_row_rec.defined() ? g_row_rec.const_data_ptr<A>() : nullptr,
                           g_row_sup.defined() ? g_row_sup.const_data_ptr<A>() : nullptr};
     const A *rr = row_rec.const_data_ptr<A>(), *rs = row_sup.const_data_ptr<A>();
-    scalar_t* gxh = need_input_grad ? grad_x_hat.mutable_data_ptr<scalar_t>() : nullptr;
-    const int64_t per_row_work = (need_input_grad ? s.D : 0) + (need_code_grad ? 2 * s.d * s.c : 0);
-    at::parallel_for(0, s.B, grain_rows(per_row_work), [&](int64_t begin, int64_t end) {
-      if (gxh) input_grad_rows<scalar_t, A>(p, rr, w, s.D, gxh, begin, end);
-      if (need_code_grad) code_grad_rows<scalar_t, A>(r, p, rs, w, s.c, grad_h, begin, end);
-    });
+    if (need_input_grad) input_grad_rows<scalar_t, A>(p, rr, w, s.B, s.D, grad_x_hat.mutable_data_ptr<scalar_t>());
+    if (need_code_grad) code_grad_rows<scalar_t, A>(r, p, rs, w, s, grad_h);
   });
   return grads;
 }

@@ -6,6 +6,7 @@
 //   duplicate_scores.h  exact duplicates of a gallery row get their first row's score
 //   running_topk.h      the best k of one query's scores so far (cosine_topk)
 //   topk.h              cosine_topk over tiles and gallery ranges
+//   topk_bf16.cpp       cosine_topk's precision="bf16": bf16 candidates, re-scored exactly
 //   relevance.h         which gallery items are relevant to a query (class ids or label bits)
 //   relevant_ranker.h   the exact ranks of a query's relevant items, without a full sort
 //   query_ranks.h       tiles scored and ranked, per query (the metric ops)
@@ -25,6 +26,7 @@
 #include "sdml/checks.h"
 #include "sdml/host_buffers.h"
 #include "sdml/retrieval.h"
+#include "sdml/topk_precision.h"
 
 namespace sdml {
 namespace {
@@ -38,11 +40,12 @@ void check_cpu_dtype(const char* op, const at::Tensor& query) {
 }
 
 std::tuple<at::Tensor, at::Tensor> cosine_topk_cpu(const at::Tensor& query_in, const at::Tensor& gallery_in,
-                                                   int64_t k, bool exclude_self) {
+                                                   int64_t k, bool exclude_self, c10::string_view precision) {
   constexpr const char* op = "cosine_topk";
   const RetrievalSizes sizes = retrieval_prologue(op, query_in, gallery_in, exclude_self);
   check_cpu_dtype(op, query_in);
   check_topk_k(op, k, sizes.ranked, exclude_self);
+  if (use_cpu_bf16_topk(op, query_in, precision)) return cosine_topk_bf16_cpu(query_in, gallery_in, k, exclude_self);
   const auto [query, raw_gallery, gallery_norms] = embeddings_with_gallery_norms(op, query_in, gallery_in, exclude_self);
   const DuplicateScores duplicates(duplicate_rows(gallery_in));
   at::Tensor scores = at::empty({sizes.nq, k}, query.options());

@@ -1,7 +1,8 @@
-// CUDA kernels of the retrieval ops, launched on the current stream. A tile of query rows is
+// CUDA kernels of the ranking metrics, launched on the current stream (cosine_topk, which
+// selects instead of sorting, is in topk/cosine_topk.cu). A tile of query rows is
 // scored with one GEMM (at::mm) and each row is ordered with a stable descending sort (equal
 // scores keep ascending gallery index); under exclude_self the query's own item scores -inf,
-// so it sorts last and is left out. cosine_topk keeps the first k of each sorted row. The
+// so it sorts last and is left out. The
 // ranking metrics come from one kernel, a thread block per query row: it scans the row's
 // relevance in rank order (a block-wide prefix sum gives the hit count h at each rank p) and
 // accumulates AP@k, P@K and the precision of every relevant item for the interpolated PR
@@ -15,6 +16,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/index_select.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/nonzero.h>
 #include <ATen/ops/sort.h>
 #include <ATen/ops/tensor.h>
 #include <c10/cuda/CUDAException.h>
@@ -25,10 +27,15 @@
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 
+#include <cstdlib>
 #include <limits>
 #include <vector>
 
+#include "ap/ap_ranks.cuh"
+#include "launch.cuh"
+#include "relevance.cuh"
 #include "sdml/checks.h"
+#include "sdml/duplicate_hash.h"
 #include "sdml/retrieval.h"
 
 namespace sdml {
@@ -70,50 +77,6 @@ at::Tensor sorted_order(at::Tensor scores, int64_t q0, bool exclude_self, at::Te
   return order;
 }
 
-std::tuple<at::Tensor, at::Tensor> cosine_topk_cuda(const at::Tensor& query_in, const at::Tensor& gallery_in,
-                                                    int64_t k, bool exclude_self) {
-  constexpr const char* op = "cosine_topk";
-  const RetrievalSizes sizes = retrieval_prologue(op, query_in, gallery_in, exclude_self);
-  check_topk_k(op, k, sizes.ranked, exclude_self);
-  const c10::cuda::CUDAGuard guard(query_in.device());
-  auto [query, gallery] = normalized_embeddings(op, query_in, gallery_in, exclude_self);
-  const int64_t nq = sizes.nq, ng = sizes.ng;
-  const DuplicateRows duplicates = duplicate_rows(gallery_in);
-  at::Tensor scores = at::empty({nq, k}, query.options());
-  at::Tensor indices = at::empty({nq, k}, query.options().dtype(at::kLong));
-  const int64_t rows = tile_rows(nq, ng);
-  for (int64_t q0 = 0; q0 < nq; q0 += rows) {
-    const int64_t n = std::min(rows, nq - q0);
-    at::Tensor values;
-    const at::Tensor order = sorted_order(score_tile(query, gallery, duplicates, q0, n), q0, exclude_self, &values);
-    scores.narrow(0, q0, n).copy_(values.narrow(1, 0, k));
-    indices.narrow(0, q0, n).copy_(order.narrow(1, 0, k));
-  }
-  return {scores, indices};
-}
-
-// ---- relevance on the device ---------------------------------------------------------------
-
-struct ClassIds {
-  const int64_t* query;
-  const int64_t* gallery;
-  __device__ bool operator()(int64_t qi, int64_t gi) const {
-    const int64_t c = query[qi];
-    return c >= 0 && gallery[gi] == c;
-  }
-};
-
-struct LabelBits {
-  const int64_t* query;
-  const int64_t* gallery;
-  int64_t words;
-  __device__ bool operator()(int64_t qi, int64_t gi) const {
-    int64_t any = 0;
-    for (int64_t w = 0; w < words; ++w) any |= query[qi * words + w] & gallery[gi * words + w];
-    return any != 0;
-  }
-};
-
 // What the metrics kernel computes; a null output is skipped.
 struct MetricArgs {
   int64_t q0, ng, ranked, cutoff;  // cutoff: k of AP@k
@@ -128,6 +91,7 @@ struct MetricArgs {
   double* patk;       // [Nq, n_ks]
   double* pr;         // [Nq, n_levels]
   double* precision;  // [rows, ranked] scratch for pr: precision of the h-th relevant item
+  const int64_t* rows;  // [rows] the query of each sorted row; null: q0, q0 + 1, ...
 };
 
 using Max = cub::BlockReduce<double, kThreads>;
@@ -161,7 +125,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ typename Sum::TempStorage sum_storage;
   __shared__ int64_t chunk_hits, hits_at[kMaxPoints];
   __shared__ double best;
-  const int64_t row = blockIdx.x, qi = a.q0 + row, self = a.exclude_self ? qi : -1;
+  const int64_t row = blockIdx.x, qi = a.rows ? a.rows[row] : a.q0 + row, self = a.exclude_self ? qi : -1;
   const int64_t* ranked_order = order + row * a.ng;
   double* precision = a.precision ? a.precision + row * a.ranked : nullptr;
   for (int64_t j = threadIdx.x; j < a.n_ks; j += blockDim.x) hits_at[j] = -1;
@@ -223,6 +187,85 @@ void launch_metrics(const at::Tensor& order, const RetrievalLabels& labels, bool
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// AP by ranking only the relevant items (ap/ap_ranks.cuh): the relevant counts of every query,
+// sized once per call, and the per-tile launch; rows with more relevant items than fit a block's
+// shared memory go through the sort-based kernel.
+struct ApRanking {
+  at::Tensor relevant;  // [queries] int64
+  int64_t capacity = 0, max_relevant = 0, smem = 0;
+};
+
+template <typename Fn>
+void with_relevance(const RetrievalLabels& labels, bool swapped, Fn&& fn) {
+  const int64_t* ql = (swapped ? labels.gallery : labels.query).const_data_ptr<int64_t>();
+  const int64_t* gl = (swapped ? labels.query : labels.gallery).const_data_ptr<int64_t>();
+  if (labels.multi_hot) {
+    fn(LabelBits{ql, gl, labels.words()});
+  } else {
+    fn(ClassIds{ql, gl});
+  }
+}
+
+ApRanking prepare_ap_ranking(const RetrievalLabels& labels, bool swapped, int64_t nq, int64_t ng, bool exclude_self,
+                             at::ScalarType score_dtype) {
+  ApRanking out;
+  out.relevant = at::empty({nq}, labels.query.options().dtype(at::kLong));
+  if (nq == 0) return out;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  with_relevance(labels, swapped, [&](auto relevance) {
+    ap::count_relevant_kernel<<<nq, ap::kRankThreads, 0, stream>>>(relevance, ng, exclude_self,
+                                                                    out.relevant.mutable_data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  out.max_relevant = out.relevant.max().item<int64_t>();
+  const int64_t key_bytes = score_dtype == at::kDouble ? 8 : 4;
+  out.capacity = ap::rank_capacity(std::max<int64_t>(out.max_relevant, 1), key_bytes, cuda::device_limits().smem_optin);
+  // Tests lower the capacity to send rows through the sort-based kernel on small inputs.
+  if (const char* env = std::getenv("SDML_CUDA_AP_MAX_CAPACITY")) {
+    int64_t most = 1;  // a power of two (the bitonic sort's size)
+    while (most * 2 <= std::atoll(env)) most *= 2;
+    out.capacity = std::min<int64_t>(out.capacity, std::atoll(env) < 1 ? 0 : most);
+  }
+  out.smem = ap::rank_smem_bytes(out.capacity, key_bytes);
+  return out;
+}
+
+// AP of queries q0 .. q0 + n from the tile's scores [n, ng] (a.ng columns).
+void ap_of_tile(const at::Tensor& tile, const RetrievalLabels& labels, bool swapped, const MetricArgs& a,
+                const ApRanking& ranking) {
+  const int64_t n = tile.size(0);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor scores = tile.contiguous();
+  if (ranking.capacity > 0) {
+    const ap::RankArgs args{a.q0, a.ng, a.cutoff, ranking.capacity, a.exclude_self, a.divisor, a.empty,
+                            ranking.relevant.const_data_ptr<int64_t>(), a.ap};
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "ap_ranks", [&] {
+      with_relevance(labels, swapped, [&](auto relevance) {
+        auto kernel = ap::ap_ranks_kernel<scalar_t, decltype(relevance)>;
+        cuda::allow_dynamic_smem(kernel, ranking.smem);
+        kernel<<<n, ap::kRankThreads, ranking.smem, stream>>>(scores.const_data_ptr<scalar_t>(), relevance, args);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+    if (ranking.max_relevant <= ranking.capacity) return;
+  }
+  // Rows beyond the capacity: a stable sort of those rows only, then the sort-based kernel.
+  // (Capacity 0: the kernel did not run, every row is sorted, those without relevant items too.)
+  const at::Tensor relevant = ranking.relevant.narrow(0, a.q0, n);
+  const at::Tensor local = at::nonzero(ranking.capacity > 0 ? relevant.gt(ranking.capacity) : relevant.ge(0)).view({-1});
+  if (local.size(0) == 0) return;
+  at::Tensor sub = scores.index_select(0, local);
+  const at::Tensor queries = local.add(a.q0);
+  if (a.exclude_self) {
+    sub.view({-1}).index_fill_(0, at::arange(local.size(0), local.options()).mul(a.ng).add(queries),
+                               -std::numeric_limits<double>::infinity());
+  }
+  const at::Tensor order = std::get<1>(at::sort(sub, /*stable=*/true, /*dim=*/1, /*descending=*/true));
+  MetricArgs b = a;
+  b.rows = queries.const_data_ptr<int64_t>();
+  launch_metrics(order, labels, swapped, b);
+}
+
 // The common path of the metric ops: checks, tiles, sort, kernel.
 void ranking_metrics_cuda(const char* op, const at::Tensor& query_in, const at::Tensor& gallery_in,
                           const at::Tensor& query_labels, const at::Tensor& gallery_labels, bool exclude_self,
@@ -230,7 +273,7 @@ void ranking_metrics_cuda(const char* op, const at::Tensor& query_in, const at::
   const c10::cuda::CUDAGuard guard(query_in.device());
   auto [query, gallery] = normalized_embeddings(op, query_in, gallery_in, exclude_self);
   const RetrievalLabels labels = prepare_labels(op, query_labels, gallery_labels, query, gallery);
-  const DuplicateRows duplicates = duplicate_rows(gallery_in);
+  const DuplicateRows duplicates = duplicate_rows_hashed(gallery_in);
   SDML_CHECK_VALUE(int64_t(ks.size()) <= kMaxPoints && int64_t(levels.size()) <= kMaxPoints, op,
                    ": on CUDA at most ", kMaxPoints, " cut-offs or recall levels");
   const int64_t nq = query.size(0), ng = gallery.size(0);
@@ -248,11 +291,19 @@ void ranking_metrics_cuda(const char* op, const at::Tensor& query_in, const at::
   at::Tensor precision;
   if (args.pr) precision = at::empty({rows, args.ranked}, device.dtype(at::kDouble));
   args.precision = args.pr ? precision.mutable_data_ptr<double>() : nullptr;
+  // AP alone: rank the relevant items only (no sort of the rows).
+  const bool ap_only = args.ap && !args.patk && !args.pr;
+  ApRanking ranking;
+  if (ap_only) ranking = prepare_ap_ranking(labels, /*swapped=*/false, nq, ng, exclude_self, query.scalar_type());
   for (int64_t q0 = 0; q0 < nq; q0 += rows) {
     const int64_t n = std::min(rows, nq - q0);
     args.q0 = q0;
-    launch_metrics(sorted_order(score_tile(query, gallery, duplicates, q0, n), q0, exclude_self, nullptr), labels,
-                   /*swapped=*/false, args);
+    const at::Tensor tile = score_tile(query, gallery, duplicates, q0, n);
+    if (ap_only) {
+      ap_of_tile(tile, labels, /*swapped=*/false, args, ranking);
+    } else {
+      launch_metrics(sorted_order(tile, q0, exclude_self, nullptr), labels, /*swapped=*/false, args);
+    }
   }
 }
 
@@ -292,7 +343,7 @@ std::tuple<at::Tensor, at::Tensor> average_precision_pair_cuda(const at::Tensor&
   auto [a, b] = normalized_embeddings(op, a_in, b_in, /*exclude_self=*/false);
   const RetrievalLabels labels = prepare_labels(op, a_labels, b_labels, a, b);
   const int64_t na = sizes.nq, nb = sizes.ng;
-  const DuplicateRows b_duplicates = duplicate_rows(b_in), a_duplicates = duplicate_rows(a_in);
+  const DuplicateRows b_duplicates = duplicate_rows_hashed(b_in), a_duplicates = duplicate_rows_hashed(a_in);
   at::Tensor ap_ab = at::empty({na}, a.options().dtype(at::kDouble));
   at::Tensor ap_ba = at::empty({nb}, a.options().dtype(at::kDouble));
   at::Tensor scores_ba = at::empty({nb, na}, a.options());
@@ -301,12 +352,13 @@ std::tuple<at::Tensor, at::Tensor> average_precision_pair_cuda(const at::Tensor&
   x.cutoff = resolve_k(op, k, nb);
   x.ap = ap_ab.mutable_data_ptr<double>();
   const int64_t rows_a = tile_rows(na, nb);
+  const ApRanking ranking_ab = prepare_ap_ranking(labels, /*swapped=*/false, na, nb, false, a.scalar_type());
   for (int64_t q0 = 0; q0 < na; q0 += rows_a) {
     const int64_t n = std::min(rows_a, na - q0);
     const at::Tensor tile = score_tile(a, b, b_duplicates, q0, n);
     scores_ba.narrow(1, q0, n).copy_(tile.t());
     x.q0 = q0;
-    launch_metrics(sorted_order(tile, q0, false, nullptr), labels, /*swapped=*/false, x);
+    ap_of_tile(tile, labels, /*swapped=*/false, x, ranking_ab);
   }
   // b's queries against a; duplicates of a's rows take their first row's score.
   if (a_duplicates.size() > 0)
@@ -316,10 +368,11 @@ std::tuple<at::Tensor, at::Tensor> average_precision_pair_cuda(const at::Tensor&
   y.cutoff = resolve_k(op, k, na);
   y.ap = ap_ba.mutable_data_ptr<double>();
   const int64_t rows_b = tile_rows(nb, na);
+  const ApRanking ranking_ba = prepare_ap_ranking(labels, /*swapped=*/true, nb, na, false, a.scalar_type());
   for (int64_t q0 = 0; q0 < nb; q0 += rows_b) {
     const int64_t n = std::min(rows_b, nb - q0);
     y.q0 = q0;
-    launch_metrics(sorted_order(scores_ba.narrow(0, q0, n), q0, false, nullptr), labels, /*swapped=*/true, y);
+    ap_of_tile(scores_ba.narrow(0, q0, n), labels, /*swapped=*/true, y, ranking_ba);
   }
   return {ap_ab, ap_ba};
 }
@@ -358,7 +411,6 @@ at::Tensor precision_recall_curve_cuda(const at::Tensor& query, const at::Tensor
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sdml, CUDA, m) {
-  m.impl("cosine_topk", &cosine_topk_cuda);
   m.impl("average_precision", &average_precision_cuda);
   m.impl("average_precision_pair", &average_precision_pair_cuda);
   m.impl("precision_at_k", &precision_at_k_cuda);

@@ -6,8 +6,12 @@
 
 #include <string>
 
+#include "sdml/cpu_gemm.h"
 #include "sdml/dsae_loss.h"
+#include "sdml/ap_plan.h"
 #include "sdml/host_buffers.h"
+#include "sdml/topk_precision.h"
+#include "sdml/topk_plan.h"
 
 namespace py = pybind11;
 
@@ -22,19 +26,120 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("with_cuda") = false;
 #endif
+  m.def("cpu_bf16_status", &sdml::cpu_bf16_status,
+        "This CPU's bf16 units as cosine_topk's precision=\"bf16\" sees them, in one line.");
   m.def("release_cached_host_buffers", &sdml::release_cached_host_buffers,
         "Frees the CPU blocks cached for large kernel outputs; returns the bytes released.");
   m.def(
-      "check_dsae_loss_cuda_limits",
-      [](int64_t B, int64_t D, int64_t d, int64_t c, bool float64) {
+      "cpu_gemm_choice",
+      []() {
         try {
-          return sdml::check_dsae_loss_cuda_limits({B, D, d, c}, float64 ? at::kDouble : at::kFloat);
+          const sdml::CpuGemmChoice& c = sdml::cpu_gemm_choice();
+          py::dict d;
+          d["gemm"] = sdml::cpu_gemm_name(c.gemm);
+          d["gemm_into_rows"] = sdml::cpu_gemm_name(c.gemm_into_rows);
+          d["how"] = c.how;
+          if (c.blas_gflops > 0) {
+            d["measured_gflops"] =
+                py::dict(py::arg("blas") = c.blas_gflops, py::arg("onednn") = c.onednn_gflops,
+                         py::arg("blas_into_rows") = c.blas_into_rows_gflops,
+                         py::arg("onednn_into_rows") = c.onednn_into_rows_gflops);
+            d["measured_shape"] = c.shape;
+          }
+          d["threads"] = c.threads;
+          d["machine"] = c.machine;
+          d["cache_file"] = c.cache_file.empty() ? py::object(py::none()) : py::object(py::str(c.cache_file));
+          d["cache"] = c.cache_note;
+          return d;
         } catch (const c10::ValueError& e) {
           throw py::value_error(e.what_without_backtrace());
         }
       },
-      py::arg("B"), py::arg("D"), py::arg("d"), py::arg("c"), py::arg("float64"),
+      "The libraries running the CPU kernels' float32 tile GEMMs in this process (gemm: blocks with "
+      "their own output, cosine_topk; gemm_into_rows: blocks of a wider buffer, the metric ops) and "
+      "why (made on the first call: SDML_CPU_GEMM, the cache file, or a measurement of tens of ms).");
+  m.def(
+      "check_dsae_loss_cuda_limits",
+      [](int64_t B, int64_t D, int64_t d, int64_t c, int64_t sm_count) {
+        try {
+          const sdml::DsaeCudaPlan p = sdml::check_dsae_loss_cuda_limits({B, D, d, c}, sm_count);
+          py::dict out;
+          out["splits"] = p.splits;
+          out["slice"] = p.slice;
+          out["threads"] = sdml::kDsaeCudaThreads;
+          return out;
+        } catch (const c10::ValueError& e) {
+          throw py::value_error(e.what_without_backtrace());
+        }
+      },
+      py::arg("B"), py::arg("D"), py::arg("d"), py::arg("c"), py::arg("sm_count") = 132,
       "Raises the ValueError the CUDA dsae_loss kernels raise for these sizes (x_hat [B, D], h [B, d], "
-      "P [d, c]; float64 inputs or not), or returns the shared memory bytes a block needs. Runs "
-      "without a GPU.");
+      "P [d, c]), or returns their launch plan (blocks per row, columns per block) on a device with "
+      "sm_count multiprocessors. Runs without a GPU.");
+  m.def(
+      "topk_margin",
+      [](const std::string& precision, const std::string& input, int64_t d) {
+        using namespace sdml::topk;
+        const InputKind kinds[] = {InputKind::Float64, InputKind::Float32, InputKind::Float16, InputKind::BFloat16};
+        const char* names[] = {"float64", "float32", "float16", "bfloat16"};
+        InputKind kind = InputKind::Float32;
+        bool found = false;
+        for (int i = 0; i < 4; ++i)
+          if (input == names[i]) kind = kinds[i], found = true;
+        if (!found) throw py::value_error("topk_margin: input must be float64, float32, float16 or bfloat16");
+        try {
+          const Margin m = candidate_margin(parse_precision("cosine_topk", precision), kind, d);
+          py::dict out;
+          out["delta_low"] = m.delta_low;
+          out["delta_det"] = m.delta_det;
+          out["margin"] = m.margin;
+          return out;
+        } catch (const c10::ValueError& e) {
+          throw py::value_error(e.what_without_backtrace());
+        }
+      },
+      py::arg("precision"), py::arg("input"), py::arg("d"),
+      "The CUDA cosine_topk's rounding bounds and candidate margin (see csrc/include/sdml/topk_plan.h).");
+  m.def(
+      "topk_plan",
+      [](int64_t nq, int64_t ng, int64_t k, int64_t score_bytes, int64_t workspace_elements, int64_t sm_count,
+         int64_t smem_optin, bool fast) {
+        try {
+          const sdml::topk::Plan p = sdml::topk::plan_topk(nq, ng, k, score_bytes, workspace_elements, sm_count,
+                                                           smem_optin, fast);
+          py::dict out;
+          out["tile_rows"] = p.tile_rows;
+          out["block_cols"] = p.block_cols;
+          out["ld"] = p.ld;
+          out["segments"] = p.segments;
+          out["segment_cols"] = p.segment_cols;
+          out["sweep"] = p.sweep;
+          out["buffer"] = p.buffer;
+          out["cap"] = p.cap;
+          out["select_smem"] = p.select_smem;
+          out["merge_smem"] = p.merge_smem;
+          out["fallback"] = p.fallback;
+          out["fallback_rows"] = sdml::topk::fallback_rows(nq, ng, workspace_elements);
+          return out;
+        } catch (const c10::ValueError& e) {
+          throw py::value_error(e.what_without_backtrace());
+        }
+      },
+      py::arg("nq"), py::arg("ng"), py::arg("k"), py::arg("score_bytes"), py::arg("workspace_elements"),
+      py::arg("sm_count"), py::arg("smem_optin"), py::arg("fast") = false,
+      "The CUDA cosine_topk's launch plan for these sizes and device limits. Runs without a GPU.");
+  m.def(
+      "ap_rank_plan",
+      [](int64_t max_relevant, int64_t score_bytes, int64_t smem_optin) {
+        const int64_t cap = sdml::ap::rank_capacity(max_relevant, score_bytes, smem_optin);
+        py::dict out;
+        out["capacity"] = cap;
+        out["smem"] = sdml::ap::rank_smem_bytes(cap, score_bytes);
+        out["threads"] = sdml::ap::kRankThreads;
+        return out;
+      },
+      py::arg("max_relevant"), py::arg("score_bytes"), py::arg("smem_optin"),
+      "The CUDA AP kernel's relevant-item capacity per row and shared memory. Runs without a GPU.");
+  m.def("topk_default_workspace", &sdml::topk::default_workspace_elements, py::arg("free_bytes"),
+        py::arg("score_bytes"), "Scores per workspace tile for this much free device memory.");
 }

@@ -6,7 +6,10 @@
 
 TORCH_LIBRARY_FRAGMENT(sdml, m) {
   // The k most similar gallery items per query: scores [Nq, k] (input dtype), indices [Nq, k] int64.
-  m.def("cosine_topk(Tensor query, Tensor gallery, int k, bool exclude_self=False) -> (Tensor scores, Tensor indices)");
+  // precision: how candidates are scored: "exact", or the fast modes "tf32" / "bf16" (tensor
+  // cores on CUDA, bf16 units on the CPU), whose candidates are re-scored exactly, so every mode
+  // returns the exact mode's ids; a mode the device lacks runs as "exact" (sdml/topk_precision.h).
+  m.def("cosine_topk(Tensor query, Tensor gallery, int k, bool exclude_self=False, str precision=\"exact\") -> (Tensor scores, Tensor indices)");
   // Per-query AP@k [Nq] float64 (k=None: all items); NaN marks a skipped query (empty="skip").
   m.def(
       "average_precision(Tensor query, Tensor gallery, Tensor query_labels, Tensor gallery_labels, "

@@ -197,6 +197,10 @@ class ModalityTrainer:
         self.cpu_s = 0.0  # CPU seconds of this process (all its threads) meanwhile
         self._perm: Tensor | None = None
         self._sums: Tensor | None = None
+        # Every step's batch is gathered into these (every batch has batch_size rows: the last
+        # incomplete one is dropped), so a step allocates no input tensors.
+        self._batch_x = self.train_x.new_empty((opts.batch_size, self.train_x.shape[1]))
+        self._batch_y = self.train_y.new_empty((opts.batch_size, self.train_y.shape[1]))
 
     def _to_device(self, x: np.ndarray, y: np.ndarray, c: int) -> tuple[Tensor, Tensor]:
         """Preprocessed features [n, D] and label rows [n, c], float32 on the device."""
@@ -225,9 +229,9 @@ class ModalityTrainer:
         with self._clock():
             b = self.task.options.batch_size
             idx = self._perm[j * b : (j + 1) * b]
-            x = self.train_x.index_select(0, idx)
+            x = torch.index_select(self.train_x, 0, idx, out=self._batch_x)
             h, x_hat = self.model(x)
-            out = self.loss(x_hat, x, h, self.train_y.index_select(0, idx))
+            out = self.loss(x_hat, x, h, torch.index_select(self.train_y, 0, idx, out=self._batch_y))
             self.optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             self.optimizer.step()

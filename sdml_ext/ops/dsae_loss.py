@@ -54,8 +54,7 @@ def dsae_loss(
             not finite. Free on CPU; on CUDA it reads one value back (a stream sync).
 
     All tensors share one device and one dtype: float32/float64 on CPU; float32, float64,
-    float16 or bfloat16 on CUDA (accumulating in float32, float64 for float64). On CUDA,
-    d + c <= 12280 (6136 for float64): a row's h and P^T h - y live in a block's shared memory.
+    float16 or bfloat16 on CUDA (accumulating in float32, float64 for float64).
 
     Raises:
         ValueError / TypeError naming the argument for a bad shape, dtype, device or ``lam``, also
@@ -127,7 +126,7 @@ def _check_args(x_hat, x, h, P, y, lam):
     elif x_hat.device.type == "cuda" and all(isinstance(n, int) for n in (B, D, d, c)):
         # The CUDA kernels' launch limits, from the C++ that enforces them (symbolic sizes are
         # left to the kernel: reading them here would specialize the compiled graph).
-        _extension._C.check_dsae_loss_cuda_limits(B, D, d, c, x_hat.dtype == torch.float64)
+        _extension._C.check_dsae_loss_cuda_limits(B, D, d, c)
     return B, D, d, c
 
 

@@ -48,7 +48,9 @@ class TopK(NamedTuple):
     indices: Tensor
 
 
-def cosine_topk(query: Tensor, gallery: Tensor, k: int, *, exclude_self: bool = False) -> TopK:
+def cosine_topk(
+    query: Tensor, gallery: Tensor, k: int, *, exclude_self: bool = False, precision: str = "exact"
+) -> TopK:
     """The k gallery items most cosine-similar to each query, best first.
 
     Args:
@@ -57,10 +59,25 @@ def cosine_topk(query: Tensor, gallery: Tensor, k: int, *, exclude_self: bool = 
         k: 1 <= k <= Ng (Ng - 1 under ``exclude_self``).
         exclude_self: query i and gallery item i are the same sample (same-modality retrieval,
             Nq == Ng): item i is never returned for query i.
+        precision: how candidates are scored. ``"exact"`` (default): float32 GEMM (float64
+            for float64 inputs), the reference every mode answers to. The fast modes find
+            candidates in low precision, then re-score every candidate within a proven rounding
+            margin of the k-th best exactly, so they return the exact mode's ids.
+            On CUDA, ``"tf32"`` / ``"bf16"`` score candidates on tensor cores.
+            On the CPU, ``"bf16"`` scores them on the CPU's bf16 units (AMX, AVX512-BF16) and
+            returns the exact mode's ids and scores; on a CPU without bf16 units it runs the exact
+            mode and warns once (``sdml_ext.build_info()["cpu_bf16"]`` says which); float64
+            inputs and fewer than 3 queries run the exact mode. ``"tf32"`` on the CPU runs the
+            exact mode and warns once.
 
-    Equal scores are ordered by ascending gallery index.
+    Equal scores are ordered by ascending gallery index. On CUDA every mode ranks by one
+    deterministic score, the float64 dot product of the normalized rows (so exact duplicate
+    rows tie), and returns it rounded to the input dtype; the modes differ only in how fast
+    they find the candidates. The margin is a worst-case bound (Cauchy-Schwarz on the rounding
+    of each format), so a mode can differ from ``"exact"`` only if cuBLAS rounds worse than
+    those bounds (it cannot for IEEE arithmetic; TF32 conversion is bounded as truncation).
     """
-    return TopK(*torch.ops.sdml.cosine_topk.default(query, gallery, int(k), bool(exclude_self)))
+    return TopK(*torch.ops.sdml.cosine_topk.default(query, gallery, int(k), bool(exclude_self), str(precision)))
 
 
 def average_precision(
@@ -214,8 +231,14 @@ def _check_labels(query, gallery, query_labels, gallery_labels):
                            lambda: "query_labels and gallery_labels must have the same positive number of classes")
 
 
+#: The precision modes of cosine_topk.
+TOPK_PRECISIONS = ("exact", "tf32", "bf16")
+
+
 @torch.library.register_fake("sdml::cosine_topk")
-def _cosine_topk_fake(query, gallery, k, exclude_self=False):
+def _cosine_topk_fake(query, gallery, k, exclude_self=False, precision="exact"):
+    torch._check_value(precision in TOPK_PRECISIONS,
+                       lambda: f'precision must be "exact", "tf32" or "bf16", got "{precision}"')
     _check_embeddings(query, gallery, exclude_self)
     ranked = gallery.shape[0] - (1 if exclude_self else 0)
     torch._check_value(0 < k <= ranked, lambda: f"k = {k} must lie in [1, {ranked}] (the items each query ranks)")

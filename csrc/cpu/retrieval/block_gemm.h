@@ -1,35 +1,28 @@
 #pragma once
 // The GEMM of one block of scores, q_tile [rows, d] times g_block [cols, d] transposed, run
-// single-threaded on the calling thread (the kernels parallelise over tiles).
-//
-// The float32 GEMM goes through oneDNN (torch's mkldnn::_linear_pointwise op) where torch has
-// it: oneDNN picks its kernels by CPU feature, while MKL runs its AVX2 code on AMD CPUs, at half
-// the rate on AVX-512 machines such as AMD Zen 5 (measured: ~100 vs ~220 GFLOP/s per core at
-// these block shapes). float64, or SDML_CPU_GEMM=blas, uses at::mm_out (MKL / OpenBLAS).
+// single-threaded on the calling thread (the kernels parallelise over tiles). float32 runs on the
+// library measured fastest on this machine (sdml/cpu_gemm.h: MKL/BLAS or oneDNN, SDML_CPU_GEMM
+// overrides); float64 on BLAS.
 #include <ATen/core/Tensor.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 
-#include <optional>
+#include "sdml/cpu_gemm.h"
 
 namespace sdml::cpu_retrieval {
 
 class BlockGemm {
  public:
+  // Makes the process's GEMM choice on first use (it may time both libraries): construct it
+  // outside parallel regions, once per call, and share it with the threads.
   explicit BlockGemm(at::ScalarType dtype);
 
   // The scores, in `out` [rows, cols] (any row stride) or in a fresh contiguous tensor.
   at::Tensor scores(const at::Tensor& q_tile, const at::Tensor& g_block, at::Tensor& out) const;
 
-  // As scores(), always into `out`.
+  // As scores(), always into `out` (a block of a wider buffer: the library measured fastest so).
   void scores_into(const at::Tensor& q_tile, const at::Tensor& g_block, at::Tensor& out) const;
 
  private:
-  using LinearFn = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                              c10::string_view, c10::List<std::optional<at::Scalar>>,
-                              std::optional<c10::string_view>);
-  static std::optional<c10::TypedOperatorHandle<LinearFn>> find_onednn();
-
-  const c10::TypedOperatorHandle<LinearFn>* linear_ = nullptr;
+  CpuGemm gemm_ = CpuGemm::Blas, gemm_into_rows_ = CpuGemm::Blas;
 };
 
 }  // namespace sdml::cpu_retrieval

@@ -25,6 +25,12 @@ namespace sdml::cpu_retrieval {
 // the candidate buffers (2k items per row, mostly untouched) outside the L2 cache.
 constexpr int64_t kCandidateBytes = 16 << 20;
 
+// Query rows per tile of topk_tiles: fewer for a very large k (kCandidateBytes; Scored<T> is 16
+// bytes for float and double). The bf16 mode (topk_bf16.cpp) mirrors the GEMM calls this makes.
+inline int64_t topk_tile_rows(int64_t nq, int64_t k, size_t elem) {
+  return std::min(tile_rows(nq, kBlockCols, elem), std::max<int64_t>(kMinTileRows, kCandidateBytes / (2 * k * 16)));
+}
+
 // The k best gallery items of every query, best first, into scores [nq, k] and indices [nq, k]
 // (row-major). query [nq, d]: L2-normalized rows; raw_gallery [ng, d] and gallery_norms [ng, 1]:
 // the gallery as given and its row norms (gallery rows are normalized here, once or per block);
@@ -34,9 +40,7 @@ void topk_tiles(const at::Tensor& query, const at::Tensor& raw_gallery, const at
                 const DuplicateScores& duplicates, int64_t k, bool exclude_self, T* scores, int64_t* indices) {
   const int64_t nq = query.size(0), ng = raw_gallery.size(0), d = query.size(1);
 
-  // Fewer rows for a very large k (kCandidateBytes); Scored<T> is 16 bytes for float and double.
-  const int64_t rows = std::min(tile_rows(nq, kBlockCols, sizeof(T)),
-                                std::max<int64_t>(kMinTileRows, kCandidateBytes / (2 * k * 16)));
+  const int64_t rows = topk_tile_rows(nq, k, sizeof(T));
   const int64_t tiles = (nq + rows - 1) / rows, blocks = (ng + kBlockCols - 1) / kBlockCols;
   const int64_t ranges = gallery_ranges(tiles, blocks);
   // One range per tile: the gallery normalized once. Several (few queries, where this per-call

@@ -52,16 +52,26 @@ void check_dsae_loss_finite(const at::Tensor& rec, const at::Tensor& sup, const 
                             const at::Tensor& x, const at::Tensor& h, const at::Tensor& P,
                             const at::Tensor& y);
 
-// Limits of the CUDA kernels: one block of kDsaeCudaThreads threads per row (a grid of at most
-// kDsaeCudaMaxRows blocks). A block's shared memory, static and dynamic together, is at most
-// kDsaeCudaSharedBytes (the limit without an opt-in): a reduction scratch of one accumulation-dtype
-// value per warp (static), and h_j and P^T h_j - y_j, (d + c) values (dynamic).
+// Launch plan of the CUDA kernels. A grid of (B, splits) blocks of kDsaeCudaThreads threads:
+// block (j, s) reads x_hat_j and x_j over columns [s * slice, (s + 1) * slice) with 16-byte loads
+// where the rows are aligned, so that a small batch still fills every multiprocessor (at least
+// kDsaeCudaBlocksPerSm blocks per SM when D allows); block (j, 0) also forms P^T h_j - y_j (a warp
+// per column of P, h_j read through the L1 cache) and, in the backward, the row's code gradient
+// (the residual through a global [B, c] scratch, so no shared memory scales with d or c: the
+// kernels have no limit on d + c). The partial sums are added in a fixed order by the finalize
+// kernel (deterministic, no float atomics).
 constexpr int kDsaeCudaThreads = 256;
 constexpr int64_t kDsaeCudaMaxRows = 2147483647;  // gridDim.x
-constexpr int64_t kDsaeCudaSharedBytes = 48 * 1024;
-// Raises a ValueError naming the size when a call of these sizes and dtype exceeds the limits;
-// returns the dynamic shared memory bytes a block needs.
-int64_t check_dsae_loss_cuda_limits(const DsaeSizes& s, at::ScalarType input_dtype);
+constexpr int64_t kDsaeCudaBlocksPerSm = 4;
+// Columns per block at least this (a few 16-byte loads per thread), a multiple of 8 (16 bytes
+// of the narrowest dtype), so every slice of an aligned row starts aligned.
+constexpr int64_t kDsaeCudaMinSlice = 8 * kDsaeCudaThreads;
+struct DsaeCudaPlan {
+  int64_t splits, slice;
+};
+// Raises a ValueError naming the size when a call of these sizes exceeds the limits (the rows:
+// gridDim.x); returns the plan for a device of sm_count multiprocessors.
+DsaeCudaPlan check_dsae_loss_cuda_limits(const DsaeSizes& s, int64_t sm_count);
 
 // A copy only when rows are not unit-stride in their last dimension.
 at::Tensor rows_contiguous(const at::Tensor& t);

@@ -1,0 +1,328 @@
+// The float32 tile GEMM of the CPU kernels: MKL/BLAS or oneDNN, chosen by timing both on this
+// machine (see sdml/cpu_gemm.h), with a per-process and an on-disk cache.
+//
+// at::parallel_for runs the calibration on every thread, as the kernels run their tiles: this
+// file is compiled with -fopenmp (CMakeLists.txt).
+#include "sdml/cpu_gemm.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <mutex>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <string_view>
+#include <unistd.h>
+#include <vector>
+
+#include "sdml/cpu_blas.h"
+
+namespace sdml {
+namespace {
+
+namespace fs = std::filesystem;
+
+using LinearFn = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, c10::string_view,
+                            c10::List<std::optional<at::Scalar>>, std::optional<c10::string_view>);
+
+// torch's oneDNN linear op (y = x w^T), where this torch has it for CPU tensors.
+const c10::TypedOperatorHandle<LinearFn>* onednn_linear() {
+  static const std::optional<c10::TypedOperatorHandle<LinearFn>> handle =
+      []() -> std::optional<c10::TypedOperatorHandle<LinearFn>> {
+    const auto op = c10::Dispatcher::singleton().findOp({"mkldnn::_linear_pointwise", ""});
+    if (!op || !op->hasKernelForDispatchKey(c10::DispatchKey::CPU)) return std::nullopt;
+    return op->typed<LinearFn>();
+  }();
+  return handle ? &*handle : nullptr;
+}
+
+// The calibrated GEMM: a query tile of the kernels' largest size against one gallery block, at an
+// embedding size typical of the models (the rates' order, not their values, is what is used).
+constexpr int64_t kRows = 256, kCols = 1024, kDepth = 256;
+constexpr int kRounds = 3;        // interleaved rounds; each library keeps its best
+constexpr int kGemmsPerThread = 2;  // per round (~1-3 ms per GEMM and thread)
+constexpr std::string_view kHeader = "sdml_ext cpu gemm calibration v1";
+constexpr std::string_view kFileName = "cpu_gemm_v1.txt";
+
+std::string cpu_model() {
+  std::ifstream in("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("model name", 0) == 0) {
+      const auto colon = line.find(':');
+      if (colon != std::string::npos) return line.substr(line.find_first_not_of(" \t", colon + 1));
+    }
+  }
+  return "unknown CPU";
+}
+
+std::string isa() {
+  std::string out;
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  for (const auto& [name, has] : {std::pair<const char*, bool>{"avx2", __builtin_cpu_supports("avx2")},
+                                  {"fma", __builtin_cpu_supports("fma")},
+                                  {"avx512f", __builtin_cpu_supports("avx512f")},
+                                  {"avx512bf16", __builtin_cpu_supports("avx512bf16")}}) {
+    if (has) out += (out.empty() ? "" : ",") + std::string(name);
+  }
+#endif
+  return out.empty() ? "baseline" : out;
+}
+
+// What a cached result depends on: a line without '\n'.
+std::string machine_key(int threads) {
+  std::ostringstream key;
+  key << "cpu=" << cpu_model() << ";isa=" << isa() << ";torch=" << SDML_TORCH_VERSION << ";onednn="
+      << (onednn_linear() ? 1 : 0) << ";threads=" << threads;
+  std::string s = key.str();
+  std::replace(s.begin(), s.end(), '\n', ' ');
+  return s;
+}
+
+std::optional<fs::path> cache_dir() {
+  if (const char* dir = std::getenv("SDML_CACHE_DIR"); dir && *dir) {
+    if (std::string_view(dir) == "off") return std::nullopt;
+    return fs::path(dir);
+  }
+  if (const char* xdg = std::getenv("XDG_CACHE_HOME"); xdg && *xdg) return fs::path(xdg) / "sdml_ext";
+  if (const char* home = std::getenv("HOME"); home && *home) return fs::path(home) / ".cache" / "sdml_ext";
+  return std::nullopt;
+}
+
+std::string gflops_text(double rate) {
+  std::ostringstream out;
+  out.precision(6);
+  out << rate;
+  return out.str();
+}
+
+// Reads a cached choice for `key`; nullopt with `why` when the file is missing or unusable.
+std::optional<CpuGemmChoice> read_cache(const fs::path& file, const std::string& key, std::string& why) {
+  std::error_code ec;
+  if (!fs::exists(file, ec)) {
+    why = "none yet";
+    return std::nullopt;
+  }
+  std::ifstream in(file, std::ios::binary);
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  if (!in.good() && !in.eof()) {
+    why = "ignored: unreadable";
+    return std::nullopt;
+  }
+  std::istringstream lines(text);
+  std::string line;
+  std::vector<std::pair<std::string, std::string>> fields;
+  if (!std::getline(lines, line) || line != kHeader) {
+    why = "ignored: not a calibration file of this version";
+    return std::nullopt;
+  }
+  while (std::getline(lines, line)) {
+    const auto eq = line.find('=');
+    if (eq == std::string::npos) {
+      why = "ignored: corrupt";
+      return std::nullopt;
+    }
+    fields.emplace_back(line.substr(0, eq), line.substr(eq + 1));
+  }
+  const auto field = [&](const char* name) -> std::optional<std::string> {
+    for (const auto& [k, v] : fields)
+      if (k == name) return v;
+    return std::nullopt;
+  };
+  const auto number = [&](const char* name) -> double {
+    const auto v = field(name);
+    if (!v || v->empty()) return NAN;
+    char* end = nullptr;
+    const double x = std::strtod(v->c_str(), &end);
+    return end && *end == '\0' ? x : NAN;
+  };
+  const auto machine = field("machine"), gemm = field("gemm"), gemm_rows = field("gemm_into_rows"),
+             shape = field("shape");
+  const double blas = number("blas_gflops"), onednn = number("onednn_gflops");
+  const double blas_rows = number("blas_into_rows_gflops"), onednn_rows = number("onednn_into_rows_gflops");
+  const auto rate_ok = [](double r, bool positive) { return std::isfinite(r) && (positive ? r > 0 : r >= 0); };
+  const auto name_ok = [](const std::optional<std::string>& g) { return g && (*g == "blas" || *g == "onednn"); };
+  if (!machine || !shape || !name_ok(gemm) || !name_ok(gemm_rows) || !rate_ok(blas, true) || !rate_ok(onednn, false) ||
+      !rate_ok(blas_rows, true) || !rate_ok(onednn_rows, false)) {
+    why = "ignored: corrupt";
+    return std::nullopt;
+  }
+  if (*machine != key) {
+    why = "ignored: written for another machine, torch or thread count";
+    return std::nullopt;
+  }
+  CpuGemmChoice choice;
+  choice.gemm = *gemm == "onednn" ? CpuGemm::OneDnn : CpuGemm::Blas;
+  choice.gemm_into_rows = *gemm_rows == "onednn" ? CpuGemm::OneDnn : CpuGemm::Blas;
+  if ((choice.gemm == CpuGemm::OneDnn && !(onednn > 0 && onednn_linear())) ||
+      (choice.gemm_into_rows == CpuGemm::OneDnn && !(onednn_rows > 0 && onednn_linear()))) {
+    why = "ignored: corrupt";
+    return std::nullopt;
+  }
+  choice.blas_gflops = blas;
+  choice.onednn_gflops = onednn;
+  choice.blas_into_rows_gflops = blas_rows;
+  choice.onednn_into_rows_gflops = onednn_rows;
+  choice.shape = *shape;
+  return choice;
+}
+
+// Writes the choice atomically (a temporary file renamed over the old one); returns what happened.
+std::string write_cache(const fs::path& file, const CpuGemmChoice& choice) {
+  std::error_code ec;
+  fs::create_directories(file.parent_path(), ec);
+  const fs::path tmp = file.string() + ".tmp." + std::to_string(::getpid());
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    out << kHeader << "\nmachine=" << choice.machine << "\ngemm=" << cpu_gemm_name(choice.gemm)
+        << "\ngemm_into_rows=" << cpu_gemm_name(choice.gemm_into_rows)
+        << "\nblas_gflops=" << gflops_text(choice.blas_gflops) << "\nonednn_gflops=" << gflops_text(choice.onednn_gflops)
+        << "\nblas_into_rows_gflops=" << gflops_text(choice.blas_into_rows_gflops)
+        << "\nonednn_into_rows_gflops=" << gflops_text(choice.onednn_into_rows_gflops) << "\nshape=" << choice.shape
+        << "\n";
+    out.close();
+    if (!out) {
+      fs::remove(tmp, ec);
+      return "not written: cannot write to " + file.parent_path().string();
+    }
+  }
+  fs::rename(tmp, file, ec);
+  if (ec) {
+    fs::remove(tmp, ec);
+    return "not written: " + ec.message();
+  }
+  return "written";
+}
+
+// Deterministic values in [-1, 1) (the global RNG is the user's and stays untouched).
+at::Tensor filled(int64_t rows, int64_t cols, uint64_t seed) {
+  at::Tensor t = at::empty({rows, cols}, at::kFloat);
+  float* p = t.mutable_data_ptr<float>();
+  uint64_t x = seed;
+  for (int64_t i = 0; i < rows * cols; ++i) {
+    x = x * 6364136223846793005ull + 1442695040888963407ull;
+    p[i] = float(int32_t(x >> 32)) * (1.0f / 2147483648.0f);
+  }
+  return t;
+}
+
+// Best aggregate rate (GFLOP/s) of each library and use over kRounds interleaved rounds, every
+// thread running kGemmsPerThread tile GEMMs per round; the oneDNN rates are 0 without oneDNN.
+void measure(CpuGemmChoice& choice) {
+  const int threads = at::get_num_threads();
+  const at::Tensor a = filled(kRows, kDepth, 1), b = filled(kCols, kDepth, 2);
+  std::vector<at::Tensor> outs, wide;
+  for (int t = 0; t < threads; ++t) {
+    outs.push_back(at::empty({kRows, kCols}, at::kFloat));
+    wide.push_back(at::empty({kRows, 4 * kCols}, at::kFloat));  // a block of a wider tile
+  }
+  const auto seconds = [&](CpuGemm gemm, bool into_rows, int gemms) {
+    const auto t0 = std::chrono::steady_clock::now();
+    at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+      const SingleThreadedBlas one_thread;
+      for (int64_t t = begin; t < end; ++t) {
+        at::Tensor block = wide[t].narrow(1, kCols, kCols);
+        for (int i = 0; i < gemms; ++i) {
+          if (!into_rows) {
+            cpu_gemm_nt(gemm, a, b, outs[t]);
+          } else if (const at::Tensor s = cpu_gemm_nt(gemm, a, b, block); !s.is_same(block)) {
+            block.copy_(s);
+          }
+        }
+      }
+    });
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  };
+  std::vector<CpuGemm> gemms{CpuGemm::Blas};
+  if (onednn_linear()) gemms.push_back(CpuGemm::OneDnn);
+  for (const CpuGemm gemm : gemms) seconds(gemm, false, 1);  // warm-up: oneDNN builds its kernel here
+  const double flops = 2.0 * kRows * kCols * kDepth * kGemmsPerThread * threads;
+  for (int round = 0; round < kRounds; ++round) {
+    for (const bool into_rows : {false, true}) {
+      for (const CpuGemm gemm : gemms) {
+        const double rate = flops / seconds(gemm, into_rows, kGemmsPerThread) / 1e9;
+        double& best = gemm == CpuGemm::Blas ? (into_rows ? choice.blas_into_rows_gflops : choice.blas_gflops)
+                                             : (into_rows ? choice.onednn_into_rows_gflops : choice.onednn_gflops);
+        best = std::max(best, rate);
+      }
+    }
+  }
+  choice.gemm = choice.onednn_gflops > choice.blas_gflops ? CpuGemm::OneDnn : CpuGemm::Blas;
+  choice.gemm_into_rows =
+      choice.onednn_into_rows_gflops > choice.blas_into_rows_gflops ? CpuGemm::OneDnn : CpuGemm::Blas;
+  choice.shape = std::to_string(kRows) + " x " + std::to_string(kCols) + " x " + std::to_string(kDepth);
+}
+
+CpuGemmChoice decide() {
+  const char* env = std::getenv("SDML_CPU_GEMM");
+  const std::string mode = env && *env ? env : "auto";
+  TORCH_CHECK_VALUE(mode == "auto" || mode == "measure" || mode == "blas" || mode == "onednn",
+                    "SDML_CPU_GEMM must be auto, measure, blas or onednn, got \"", mode, "\"");
+  CpuGemmChoice choice;
+  choice.threads = at::get_num_threads();
+  choice.machine = machine_key(choice.threads);
+  if (mode == "blas" || mode == "onednn") {
+    choice.gemm = choice.gemm_into_rows = mode == "onednn" && onednn_linear() ? CpuGemm::OneDnn : CpuGemm::Blas;
+    choice.how = "SDML_CPU_GEMM=" + mode + (mode == "onednn" && !onednn_linear() ? " (this torch has no oneDNN: blas)" : "");
+    choice.cache_note = "not used";
+    return choice;
+  }
+  const std::optional<fs::path> dir = cache_dir();
+  if (dir) choice.cache_file = (*dir / kFileName).string();
+  if (dir && mode == "auto") {
+    std::string why;
+    if (std::optional<CpuGemmChoice> cached = read_cache(choice.cache_file, choice.machine, why)) {
+      cached->how = "cached";
+      cached->threads = choice.threads;
+      cached->machine = choice.machine;
+      cached->cache_file = choice.cache_file;
+      cached->cache_note = "read";
+      return *cached;
+    }
+    choice.cache_note = why;
+  }
+  measure(choice);
+  choice.how = "measured";
+  if (dir) {
+    const std::string written = write_cache(choice.cache_file, choice);
+    choice.cache_note = choice.cache_note.empty() ? written : choice.cache_note + "; " + written;
+  } else {
+    choice.cache_note = "off";
+  }
+  return choice;
+}
+
+}  // namespace
+
+const char* cpu_gemm_name(CpuGemm gemm) { return gemm == CpuGemm::OneDnn ? "onednn" : "blas"; }
+
+const CpuGemmChoice& cpu_gemm_choice() {
+  // A function-local static: initialised once, by the first caller, others wait; an exception
+  // (a bad SDML_CPU_GEMM) leaves it uninitialised, so every call reports it.
+  static const CpuGemmChoice choice = decide();
+  return choice;
+}
+
+at::Tensor cpu_gemm_nt(CpuGemm gemm, const at::Tensor& a, const at::Tensor& b, at::Tensor& out) {
+  if (gemm == CpuGemm::OneDnn && a.scalar_type() == at::kFloat) {
+    if (const auto* linear = onednn_linear())
+      return linear->call(a, b, std::nullopt, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
+  }
+  at::mm_out(out, a, b.t());
+  return out;
+}
+
+}  // namespace sdml
