@@ -42,6 +42,7 @@ from torch import Tensor
 
 from ._files import publish as _publish
 from ._files import read_directory_manifest
+from .devices import ready_device
 from .errors import BundleError
 from .locking import exclusive
 from .model import DSAE, tensor_checksum
@@ -401,7 +402,7 @@ class Bundle:
 
     def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu"):
         self.path: Path | None = Path(path)
-        self.device = torch.device(device)
+        self.device = ready_device(device)  # checked (a bad name or a missing GPU: ValueError) and initialised
         self.manifest = read_manifest(self.path)  # schema checked: the fields below exist
         proj = self.manifest["projection"]
         P = self._load_tensors(proj["file"], None)
