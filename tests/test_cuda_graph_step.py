@@ -1,0 +1,230 @@
+"""The graph path of training (sdml_ext.cuda_graph_step): its host-side logic on the CPU, where the
+step and validation functions it captures on a GPU run as plain calls (warm-up and write-back
+included), and the captured path itself on CUDA.
+
+On the CPU the graph path must give the eager path's models bit for bit: the same permutations,
+the same batches, the same ops in the same order, and warm-up steps that leave no trace. On CUDA
+the captured graphs are held to the eager CUDA path within float tolerance (bitwise is reported
+by the GPU check, not required), and to themselves bit for bit across a checkpoint."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import CUDA_REASON
+from sdml_ext.checkpoint import Checkpoints
+from sdml_ext.cuda_graph_step import ENV, StaticBatches, graphs_enabled, split_losses
+from sdml_ext.data import make_synthetic
+from sdml_ext.model import make_projection
+from sdml_ext.strategies import train_tasks
+from sdml_ext.training import ModalityTrainer, TrainOptions, make_tasks
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_REASON)
+
+
+def make_task(n_train=230, n_val=37, dim=21, epochs=4, multilabel=False, seed=3):
+    ds = make_synthetic(1, dims=[dim], n_train=n_train, n_val=n_val, n_test=10, n_classes=4, seed=seed)
+    opts = TrainOptions(hidden=(24, 24), code_dim=8, batch_size=20, epochs=epochs, seed=seed)
+    task = make_tasks(ds, make_projection(opts.code_dim, ds.num_classes, opts.seed), opts)[0]
+    if multilabel:  # multi-hot rows, some unlabelled (all-zero)
+        rng = np.random.default_rng(seed)
+        task.train_y = (rng.random((n_train, 4)) < 0.4).astype(np.float32)
+        task.val_y = (rng.random((n_val, 4)) < 0.4).astype(np.float32)
+    return task
+
+
+def train(trainer, epochs=None, checkpoints=None):
+    epochs = epochs or trainer.task.options.epochs
+    while trainer.epoch < epochs:
+        trainer.begin_epoch()
+        for j in range(trainer.steps_per_epoch):
+            trainer.step(j)
+        trainer.end_epoch()
+        if checkpoints is not None:
+            checkpoints.after_epoch(trainer)
+    return trainer
+
+
+def assert_same_training(a: ModalityTrainer, b: ModalityTrainer, exact=True):
+    check = torch.equal if exact else (lambda x, y: torch.allclose(x, y, rtol=1e-4, atol=1e-6))
+    for (name, x), (_, y) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert check(x.cpu(), y.cpu()), name
+    for pa, pb in zip(a.model.parameters(), b.model.parameters()):
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert check(a.optimizer.state[pa][key].cpu(), b.optimizer.state[pb][key].cpu()), key
+    ha = [(s.train_loss, s.train_rec, s.train_sup, s.val_loss, s.val_rec, s.val_sup, s.best) for s in a.history]
+    hb = [(s.train_loss, s.train_rec, s.train_sup, s.val_loss, s.val_rec, s.val_sup, s.best) for s in b.history]
+    if exact:  # NaN (no labelled validation rows) equals NaN here
+        np.testing.assert_array_equal(np.array(ha, dtype=float), np.array(hb, dtype=float))
+    else:
+        np.testing.assert_allclose(np.array(ha, dtype=float), np.array(hb, dtype=float), rtol=2e-3)
+    assert a.best_epoch == b.best_epoch
+
+
+# ---- the host-side logic, on the CPU ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("multilabel", [False, True])
+def test_graph_path_gives_the_eager_models_bit_for_bit(multilabel):
+    task = make_task(multilabel=multilabel)
+    eager = train(ModalityTrainer(task, "cpu", graphs=False))
+    graph = train(ModalityTrainer(task, "cpu", graphs=True))
+    assert graph._graph is not None and graph._graph.captures == 1 and eager._graph is None
+    assert_same_training(eager, graph)
+    r_eager, r_graph = eager.result(), graph.result()
+    assert all(np.array_equal(r_eager.state[k], r_graph.state[k]) for k in r_eager.state)
+
+
+def test_without_a_validation_split_the_last_epoch_is_kept():
+    task = make_task(n_val=0, epochs=2)
+    eager = train(ModalityTrainer(task, "cpu", graphs=False))
+    graph = train(ModalityTrainer(task, "cpu", graphs=True))
+    assert graph._graph._val is None and graph.best_epoch == 2
+    assert_same_training(eager, graph)
+
+
+def test_warm_up_leaves_no_trace_in_weights_or_adam_state():
+    task = make_task()
+    trainer = ModalityTrainer(task, "cpu", graphs=True)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer._graph.capture()  # two warm-up steps and a validation pass, then the write-back
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    for p in trainer.model.parameters():  # Adam's state as a first step would create it
+        assert all(not bool(v.any()) for v in trainer.optimizer.state[p].values())
+    assert not bool(trainer._graph.sums.any()) and int(trainer._graph.batches.counter) == 0
+    # Later, with Adam state from real steps: the warm-up of a recapture puts it back too.
+    train(trainer, epochs=1)
+    saved = [{k: v.clone() for k, v in trainer.optimizer.state[p].items()} for p in trainer.model.parameters()]
+    weights = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer._graph.capture()
+    for p, w, s in zip(trainer.model.parameters(), weights, saved):
+        assert torch.equal(p, w) and all(torch.equal(trainer.optimizer.state[p][k], v) for k, v in s.items())
+
+
+def test_static_batches_take_the_permutations_rows_in_order():
+    batches = StaticBatches(n=23, batch=5, device=torch.device("cpu"))
+    perm = torch.randperm(23, generator=torch.Generator().manual_seed(1))
+    batches.load(perm)
+    for j in range(4):  # 23 // 5 steps; the last 3 rows are dropped, as the eager path does
+        assert torch.equal(batches.rows(), perm[j * 5 : (j + 1) * 5])
+    assert int(batches.counter) == 4
+    batches.load(perm.flip(0))  # a new epoch starts from its first batch
+    assert int(batches.counter) == 0 and torch.equal(batches.rows(), perm.flip(0)[:5])
+    with pytest.raises(ValueError, match=r"permutation must be \[23\] int64"):
+        batches.load(perm[:20])
+    with pytest.raises(ValueError, match="permutation must be"):
+        batches.load(perm.int())
+
+
+def test_steps_must_come_in_order():
+    trainer = ModalityTrainer(make_task(), "cpu", graphs=True)
+    with pytest.raises(RuntimeError, match="step before begin_epoch"):
+        trainer.step(0)
+    trainer.begin_epoch()
+    trainer.step(0)
+    with pytest.raises(RuntimeError, match="step 2 requested, but the next step is 1"):
+        trainer.step(2)
+
+
+def test_interleaved_trainers_step_independently():
+    """The joint strategy's order: step j of every modality, then j + 1."""
+    tasks = [make_task(seed=3), make_task(n_train=150, dim=9, seed=4)]
+    alone = [train(ModalityTrainer(t, "cpu", graphs=False)) for t in tasks]
+    together = [ModalityTrainer(t, "cpu", graphs=True) for t in tasks]
+    for _ in range(tasks[0].options.epochs):
+        for t in together:
+            t.begin_epoch()
+        for j in range(max(t.steps_per_epoch for t in together)):
+            for t in together:
+                if j < t.steps_per_epoch:
+                    t.step(j)
+        for t in together:
+            t.end_epoch()
+    for a, b in zip(alone, together):
+        assert_same_training(a, b)
+
+
+def test_checkpoint_round_trip_continues_bit_for_bit(tmp_path):
+    task = make_task(epochs=5)
+    straight = train(ModalityTrainer(task, "cpu", graphs=True))
+    checkpoints = Checkpoints(str(tmp_path), every_s=0)
+    train(ModalityTrainer(task, "cpu", graphs=True), epochs=2, checkpoints=checkpoints)
+    resumed = ModalityTrainer(task, "cpu", graphs=True)
+    train(resumed, epochs=1)  # graphs captured, then the state is replaced under them
+    assert resumed._graph.captures == 1
+    assert Checkpoints(str(tmp_path), every_s=0).restore(resumed) and resumed.epoch == 2
+    train(resumed)
+    assert resumed._graph.captures == 2  # captured again over the restored optimizer state
+    assert_same_training(straight, resumed)
+    # A checkpoint of the eager path continues on the graph path to the same models, and back.
+    eager_dir = tmp_path / "eager"
+    train(ModalityTrainer(task, "cpu", graphs=False), epochs=3, checkpoints=Checkpoints(str(eager_dir), every_s=0))
+    crossed = ModalityTrainer(task, "cpu", graphs=True)
+    assert Checkpoints(str(eager_dir), every_s=0).restore(crossed)
+    assert_same_training(straight, train(crossed))
+
+
+def test_split_losses_form_the_eager_means():
+    assert split_losses(3.0, 2.0, 4, 6, 0.5) == (0.5 * 0.5 + 0.5 * 0.5, 0.5, 0.5)
+    loss, rec, sup = split_losses(3.0, 0.0, 0, 6, 0.5)
+    assert rec == 0.5 and np.isnan(sup) and np.isnan(loss)
+    assert all(np.isnan(v) for v in split_losses(0.0, 0.0, 0, 0, 0.5))
+    trainer = train(ModalityTrainer(make_task(), "cpu", graphs=True), epochs=1)
+    assert trainer._graph.validate() == trainer.evaluate_split(trainer.val_x, trainer.val_y)
+
+
+def test_selection_of_the_graph_path(monkeypatch):
+    monkeypatch.delenv(ENV, raising=False)
+    assert graphs_enabled(torch.device("cuda", 0)) and not graphs_enabled(torch.device("cpu"))
+    assert graphs_enabled(torch.device("cpu"), True) and not graphs_enabled(torch.device("cuda", 0), False)
+    monkeypatch.setenv(ENV, "0")
+    assert not graphs_enabled(torch.device("cuda", 0))
+    monkeypatch.setenv(ENV, "sometimes")
+    with pytest.raises(ValueError, match=f"{ENV} must be 1"):
+        graphs_enabled(torch.device("cuda", 0))
+    assert ModalityTrainer(make_task(), "cpu")._graph is None  # never chosen on the CPU by itself
+
+
+# ---- the captured path, on CUDA ---------------------------------------------------------------------
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("multilabel", [False, True])
+def test_cuda_graphs_give_the_eager_cuda_models(multilabel):
+    task = make_task(multilabel=multilabel, n_train=430, dim=300)
+    eager = train(ModalityTrainer(task, "cuda:0", graphs=False))
+    graph = train(ModalityTrainer(task, "cuda:0"))  # the default on CUDA
+    assert graph._graph is not None and graph._graph._step.graph is not None
+    assert_same_training(eager, graph, exact=False)
+    cpu = train(ModalityTrainer(task, "cpu"))
+    assert_same_training(cpu, graph, exact=False)
+
+
+@cuda
+@pytest.mark.cuda
+def test_cuda_graph_checkpoint_round_trip_is_bitwise(tmp_path):
+    task = make_task(epochs=5, n_train=430, dim=300)
+    straight = train(ModalityTrainer(task, "cuda:0"))
+    train(ModalityTrainer(task, "cuda:0"), epochs=2, checkpoints=Checkpoints(str(tmp_path), every_s=0))
+    resumed = ModalityTrainer(task, "cuda:0")
+    assert Checkpoints(str(tmp_path), every_s=0).restore(resumed)
+    assert_same_training(straight, train(resumed))
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("strategy", ["serial", "joint", "parallel"])
+def test_cuda_graph_strategies_match_eager(strategy, monkeypatch):
+    """Every strategy on graphs against the eager CUDA path (parallel: one stream and thread per
+    modality, each capturing its own graphs)."""
+    ds = make_synthetic(3, dims=[300, 40, 29], n_train=[430, 250, 200], n_val=40, n_test=20, n_classes=5, seed=4)
+    opts = TrainOptions(hidden=(64, 64), code_dim=16, batch_size=50, epochs=3)
+    tasks = make_tasks(ds, make_projection(opts.code_dim, ds.num_classes, opts.seed), opts)
+    graphs = train_tasks(tasks, strategy, devices=["cuda:0"])
+    monkeypatch.setenv(ENV, "0")
+    eager = train_tasks(tasks, strategy, devices=["cuda:0"])
+    for a, b in zip(eager.modalities, graphs.modalities):
+        assert a.best_epoch == b.best_epoch
+        for key in a.state:
+            np.testing.assert_allclose(b.state[key], a.state[key], rtol=1e-4, atol=1e-6, err_msg=f"{strategy} {key}")
