@@ -236,15 +236,16 @@ class GraphTraining:
             self._val = _Captured(self._val_body, None) if has_val else None
             self.captures += 1
             return
-        for group in t.optimizer.param_groups:
-            group["capturable"] = True  # fused Adam: the same arithmetic; lets step() run in a capture
         with torch.cuda.device(self.device):
             side, current = self._stream, torch.cuda.current_stream(self.device)
             side.wait_stream(current)
+            # Warm-up on the stream the capture will use (cuBLAS keeps a workspace per stream).
+            self._set_capturable(False)  # uncaptured steps with capturable=True draw a warning
             with torch.cuda.stream(side):
                 self._warm_up()
                 self._write_back(snapshot)
             current.wait_stream(side)
+            self._set_capturable(True)  # fused Adam: the same arithmetic; lets step() run in a capture
             t.optimizer.zero_grad(set_to_none=True)  # the captured backward allocates the grads
             with _CAPTURE_LOCK:
                 step = torch.cuda.CUDAGraph()
@@ -259,6 +260,10 @@ class GraphTraining:
         self._step = _Captured(self._step_body, step)
         self._val = _Captured(self._val_body, val) if val is not None else None
         self.captures += 1
+
+    def _set_capturable(self, value: bool) -> None:
+        for group in self.trainer.optimizer.param_groups:
+            group["capturable"] = value
 
     def invalidate(self) -> None:
         """Drop the graphs (after the trainer's state was replaced by a restore)."""
