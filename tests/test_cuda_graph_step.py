@@ -7,6 +7,8 @@ the same batches, the same ops in the same order, and warm-up steps that leave n
 the captured graphs are held to the eager CUDA path within float tolerance (bitwise is reported
 by the GPU check, not required), and to themselves bit for bit across a checkpoint."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -183,6 +185,112 @@ def test_selection_of_the_graph_path(monkeypatch):
     with pytest.raises(ValueError, match=f"{ENV} must be 1"):
         graphs_enabled(torch.device("cuda", 0))
     assert ModalityTrainer(make_task(), "cpu")._graph is None  # never chosen on the CPU by itself
+
+
+class FakeGraphs:
+    """torch.cuda's graph API as the CUDA branch of GraphTraining.capture uses it, recording the
+    order of events. A real capture records its body without running it: the fake runs it and
+    then puts back everything it changed (weights, Adam state, counter, sums), and a replay runs
+    the recorded body, so the branch's bookkeeping is checked end to end on the CPU."""
+
+    def __init__(self, gt):
+        self.gt, self.events, self.last_body = gt, [], None
+        fake = self
+
+        class Graph:
+            def __init__(self):
+                self.body = None
+
+            def pool(self):
+                return ("pool", id(self))
+
+            def replay(self):
+                self.body()
+
+        class Capture:
+            def __init__(self, graph, pool=None, stream=None, capture_error_mode="global"):
+                assert stream is gt._stream and capture_error_mode == "thread_local"
+                self.graph, self.pool = graph, pool
+
+            def __enter__(self):
+                groups = gt.trainer.optimizer.param_groups
+                grads = "none" if all(p.grad is None for p in gt.trainer.model.parameters()) else "set"
+                fake.events.append(f"capture capturable={all(g['capturable'] for g in groups)} grads={grads} "
+                                   f"pool={'shared' if self.pool else 'own'}")
+                self.snapshot = gt._snapshot()
+
+            def __exit__(self, *exc):
+                gt._write_back(self.snapshot)  # a real capture changes nothing
+                self.graph.body = fake.bodies[fake.last_body]
+                return False
+
+        self.Graph, self.Capture = Graph, Capture
+
+    def install(self, monkeypatch):
+        gt, fake = self.gt, self
+
+        def wrap(name, body):
+            def run():
+                fake.last_body = name
+                capturable = all(g["capturable"] for g in gt.trainer.optimizer.param_groups)
+                fake.events.append(f"{name} capturable={capturable}")
+                body()
+            return run
+
+        self.bodies = {"step": wrap("step", gt._step_body), "val": wrap("val", gt._val_body)}
+        monkeypatch.setattr(gt, "_step_body", self.bodies["step"])
+        monkeypatch.setattr(gt, "_val_body", self.bodies["val"])
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", self.Graph)
+        monkeypatch.setattr(torch.cuda, "graph", self.Capture)
+        monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: gt._current)
+        monkeypatch.setattr(torch.cuda, "stream", lambda s: _record(fake.events, f"on {s.name}"))
+        gt._stream, gt._current = _Stream("side", self.events), _Stream("current", self.events)
+        gt.cuda = True
+        # The CPU cannot pin memory: the permutation is uploaded as on the CPU.
+        monkeypatch.setattr(gt.batches, "device", torch.device("cpu"))
+
+
+class _Stream:
+    def __init__(self, name, events):
+        self.name, self.events = name, events
+
+    def wait_stream(self, other):
+        self.events.append(f"{self.name} waits for {other.name}")
+
+
+@contextlib.contextmanager
+def _record(events, what):
+    events.append(what)
+    yield
+    events.append(f"end {what}")
+
+
+def test_the_cuda_capture_sequence(monkeypatch):
+    """The CUDA branch of the capture: warm-up on the capture's side stream with capturable off,
+    the snapshot written back, grads cleared, the step captured with capturable on, the
+    validation pass captured into the step's pool; replays of what was captured then train the
+    eager path's model bit for bit. The arguments used are torch.cuda.graph's."""
+    import inspect
+
+    assert {"pool", "stream", "capture_error_mode"} <= inspect.signature(torch.cuda.graph).parameters.keys()
+    task = make_task(epochs=3)
+    reference = train(ModalityTrainer(task, "cpu", graphs=False))
+    trainer = ModalityTrainer(task, "cpu", graphs=True)
+    fake = FakeGraphs(trainer._graph)
+    fake.install(monkeypatch)
+    train(trainer)
+    events = fake.events
+    first = events.index("side waits for current")
+    assert events[first:first + 5] == ["side waits for current", "on side", "step capturable=False",
+                                       "step capturable=False", "val capturable=False"]
+    assert events[first + 5:first + 8] == ["end on side", "current waits for side",
+                                           "capture capturable=True grads=none pool=own"]
+    assert "capture capturable=True grads=set pool=shared" in events  # validation, after the step
+    assert events.count("side waits for current") == 1 and trainer._graph.captures == 1
+    steps = trainer.steps_per_epoch * task.options.epochs
+    assert events.count("step capturable=True") == 1 + steps  # the capture, then one replay per step
+    assert_same_training(reference, trainer)
 
 
 # ---- the captured path, on CUDA ---------------------------------------------------------------------
