@@ -69,6 +69,8 @@ all_steps="build tests_cuda readme_train readme_evaluate readme_search_build rea
 steps=$(echo ${SDML_GPU_CHECK_STEPS:-$all_steps})  # one line, single spaces
 export SDML_GPU_CHECK_DRY=$dry PYTHONUNBUFFERED=1 SDML_SHARED_DATA=${SDML_SHARED_DATA:-}
 mkdir -p "$out"
+out=$(cd "$out" && pwd)  # absolute: the README steps run in another directory
+case $py in /*) ;; */*) py=$(cd "$(dirname "$py")" && pwd)/$(basename "$py") ;; esac
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 : >"$work/status.tsv"

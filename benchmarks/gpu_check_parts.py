@@ -173,16 +173,21 @@ def plain_epoch(model, optimizer, x, y, P, perm, batch: int, lam: float) -> torc
 
 def compare_models(reference, other) -> dict:
     """Tensor-for-tensor comparison of two runs' kept states (ModalityResult lists)."""
-    bitwise, max_diff, close = True, 0.0, True
+    bitwise, max_diff, close, diff2, norm2 = True, 0.0, True, 0.0, 0.0
     for a, b in zip(reference, other):
         for key, value in a.state.items():
             w = b.state[key]
             bitwise &= bool(np.array_equal(value, w))
             if value.size:
                 max_diff = max(max_diff, float(np.abs(value.astype(np.float64) - w).max()))
+            diff2 += float(np.sum((value.astype(np.float64) - w) ** 2))
+            norm2 += float(np.sum(value.astype(np.float64) ** 2))
             close &= bool(np.allclose(w, value, rtol=1e-4, atol=1e-6))
         bitwise &= a.best_epoch == b.best_epoch
-    return {"bitwise_equal": bitwise, "max_abs_diff": max_diff, "close_rtol1e-4_atol1e-6": close}
+    # rel_l2: |other - reference| / |reference| over all tensors; tells rounding (~1e-7..1e-5)
+    # from a different model (~1e-2 and up) where a few weights fail the elementwise test.
+    return {"bitwise_equal": bitwise, "max_abs_diff": max_diff, "close_rtol1e-4_atol1e-6": close,
+            "rel_l2": (diff2 / norm2) ** 0.5 if norm2 else 0.0}
 
 
 def sameness(comparison: dict) -> str:
@@ -190,7 +195,7 @@ def sameness(comparison: dict) -> str:
     if comparison["bitwise_equal"]:
         return "bitwise equal"
     word = "close" if comparison["close_rtol1e-4_atol1e-6"] else "DIFFERENT"
-    return f"{word}, max |diff| {comparison['max_abs_diff']:.1e}"
+    return f"{word}, max |diff| {comparison['max_abs_diff']:.1e}, relative L2 {comparison['rel_l2']:.1e}"
 
 
 # ---- parts ----------------------------------------------------------------------------------------

@@ -47,20 +47,44 @@ def train(trainer, epochs=None, checkpoints=None):
     return trainer
 
 
+def _distance(pairs) -> tuple[float, float]:
+    """(|a - b|, |a|) over all tensor pairs, in float64."""
+    diff = norm = 0.0
+    for x, y in pairs:
+        x, y = x.detach().cpu().double(), y.detach().cpu().double()
+        diff += float(((x - y) ** 2).sum())
+        norm += float((x**2).sum())
+    return diff**0.5, norm**0.5
+
+
 def assert_same_training(a: ModalityTrainer, b: ModalityTrainer, exact=True):
-    check = torch.equal if exact else (lambda x, y: torch.allclose(x, y, rtol=1e-4, atol=1e-6))
-    for (name, x), (_, y) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
-        assert check(x.cpu(), y.cpu()), name
-    for pa, pb in zip(a.model.parameters(), b.model.parameters()):
-        for key in ("exp_avg", "exp_avg_sq", "step"):
-            assert check(a.optimizer.state[pa][key].cpu(), b.optimizer.state[pb][key].cpu()), key
+    """Bit for bit (exact), or the same training to float rounding: the weights' distance under
+    1% of the distance training moved them (Adam turns a rounding difference on a weight whose
+    gradient is ~0 into an update of up to the learning rate, so an elementwise tolerance would
+    fail on a handful of weights), Adam's moments likewise, the same step counts, losses to 2e-3."""
+    weights = list(zip(a.model.state_dict().values(), b.model.state_dict().values()))
+    adam = {key: [(a.optimizer.state[pa][key], b.optimizer.state[pb][key])
+                  for pa, pb in zip(a.model.parameters(), b.model.parameters())] for key in ("exp_avg", "exp_avg_sq", "step")}
     ha = [(s.train_loss, s.train_rec, s.train_sup, s.val_loss, s.val_rec, s.val_sup, s.best) for s in a.history]
     hb = [(s.train_loss, s.train_rec, s.train_sup, s.val_loss, s.val_rec, s.val_sup, s.best) for s in b.history]
-    if exact:  # NaN (no labelled validation rows) equals NaN here
-        np.testing.assert_array_equal(np.array(ha, dtype=float), np.array(hb, dtype=float))
-    else:
-        np.testing.assert_allclose(np.array(ha, dtype=float), np.array(hb, dtype=float), rtol=2e-3)
     assert a.best_epoch == b.best_epoch
+    if exact:
+        for name, (x, y) in zip(a.model.state_dict(), weights):
+            assert torch.equal(x.cpu(), y.cpu()), name
+        for key, pairs in adam.items():
+            assert all(torch.equal(x.cpu(), y.cpu()) for x, y in pairs), key
+        # NaN (no labelled validation rows) equals NaN here
+        np.testing.assert_array_equal(np.array(ha, dtype=float), np.array(hb, dtype=float))
+        return
+    init = ModalityTrainer(a.task, "cpu", graphs=False).model.state_dict().values()
+    diff, _ = _distance(weights)
+    moved, _ = _distance((x, i) for (x, _), i in zip(weights, init))
+    assert moved > 0 and diff <= 1e-2 * moved, f"weights {diff:.2e} apart, training moved them {moved:.2e}"
+    for key in ("exp_avg", "exp_avg_sq"):
+        diff, norm = _distance(adam[key])
+        assert diff <= 1e-2 * norm, f"{key}: {diff:.2e} apart, norm {norm:.2e}"
+    assert all(torch.equal(x.cpu(), y.cpu()) for x, y in adam["step"])
+    np.testing.assert_allclose(np.array(ha, dtype=float), np.array(hb, dtype=float), rtol=2e-3)
 
 
 # ---- the host-side logic, on the CPU ----------------------------------------------------------------
@@ -334,5 +358,6 @@ def test_cuda_graph_strategies_match_eager(strategy, monkeypatch):
     eager = train_tasks(tasks, strategy, devices=["cuda:0"])
     for a, b in zip(eager.modalities, graphs.modalities):
         assert a.best_epoch == b.best_epoch
-        for key in a.state:
-            np.testing.assert_allclose(b.state[key], a.state[key], rtol=1e-4, atol=1e-6, err_msg=f"{strategy} {key}")
+        pairs = [(torch.from_numpy(a.state[k]), torch.from_numpy(b.state[k])) for k in a.state]
+        diff, norm = _distance(pairs)
+        assert diff <= 1e-4 * norm, f"{strategy} {a.name}: graphs' weights {diff:.2e} from eager's (norm {norm:.2e})"
