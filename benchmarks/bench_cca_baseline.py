@@ -5,7 +5,7 @@ Run: .venv/bin/python benchmarks/bench_cca_baseline.py BUNDLE [--components 10]
 For every unordered pair (a, b) a CCA is fitted on the paired training rows of a and b (the
 embedded digits' views are paired by sample; SDML itself never uses the pairing), both test
 splits are projected into its shared space, and mAP@all is scored both ways with the same
-metric as the bundle (cosine, sdml_ext.metrics). Prints the CCA table, the bundle's table and
+metric as the bundle (cosine, sdml_ext.eval.metrics). Prints the CCA table, the bundle's table and
 both averages over the ordered pairs.
 """
 
@@ -21,8 +21,8 @@ from sklearn.cross_decomposition import CCA
 
 import sdml_ext
 from sdml_ext.data import load_dataset
-from sdml_ext.evaluation import encode_split, evaluate
-from sdml_ext.metrics import CrossModalMAP, mean_average_precision
+from sdml_ext.eval.evaluation import encode_split, evaluate
+from sdml_ext.eval.metrics import CrossModalMAP, mean_average_precision
 
 
 def cca_table(dataset, names, components: int) -> CrossModalMAP:

@@ -38,10 +38,10 @@ MODES = {
 
 def one_checkpoint_s(repeats: int = 5) -> float:
     """Median seconds of one checkpoint of the widest digits modality after one epoch."""
-    from sdml_ext.checkpoint import Checkpoints
+    from sdml_ext.engine.checkpoint import Checkpoints
     from sdml_ext.data import load_dataset
     from sdml_ext.model import make_projection
-    from sdml_ext.training import ModalityTrainer, TrainOptions, make_tasks
+    from sdml_ext.engine.training import ModalityTrainer, TrainOptions, make_tasks
 
     ds = load_dataset("mfeat")
     m = max(ds, key=lambda m: m.dim)
@@ -90,7 +90,7 @@ def main() -> None:
     cost = one_checkpoint_s()
     print(f"\none checkpoint of the widest digits modality: {cost * 1000:.0f} ms")
     if "parallel" in median:
-        from sdml_ext.checkpoint import DEFAULT_EVERY_S
+        from sdml_ext.engine.checkpoint import DEFAULT_EVERY_S
 
         # At most one periodic checkpoint per cadence of each worker's training, plus one at the
         # end of each of the 6 modalities.

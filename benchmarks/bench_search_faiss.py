@@ -24,13 +24,13 @@ import numpy as np
 import torch
 
 import sdml_ext
-from sdml_ext.bundle import save_bundle
+from sdml_ext.store.bundle import save_bundle
 from sdml_ext.data import make_synthetic
 from sdml_ext.model import make_projection
 from sdml_ext.search import IndexWriter, load_index, to_faiss
 from sdml_ext.search.index import source_of
-from sdml_ext.strategies import train_tasks
-from sdml_ext.training import TrainOptions, make_tasks
+from sdml_ext.engine.strategies import train_tasks
+from sdml_ext.engine.training import TrainOptions, make_tasks
 
 D = 512
 

@@ -137,11 +137,11 @@ def child(argv: list[str]) -> None:
 
 def prepare(work: Path, rows: int) -> None:
     """A tiny trained bundle and `rows` raw features on disk (written in chunks)."""
-    from sdml_ext.bundle import save_bundle
+    from sdml_ext.store.bundle import save_bundle
     from sdml_ext.data import make_synthetic
     from sdml_ext.model import make_projection
-    from sdml_ext.strategies import train_tasks
-    from sdml_ext.training import TrainOptions, make_tasks
+    from sdml_ext.engine.strategies import train_tasks
+    from sdml_ext.engine.training import TrainOptions, make_tasks
 
     opts = TrainOptions(hidden=(64, 64), code_dim=CODE_DIM, batch_size=100, epochs=1, seed=0)
     ds = make_synthetic(2, n_train=400, n_val=100, n_test=100, n_classes=10, dims=FEATURE_DIM, seed=0)

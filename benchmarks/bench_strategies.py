@@ -27,8 +27,8 @@ def one(args) -> None:
     """Child mode: train once with args.one and print the report as JSON."""
     from sdml_ext.data import load_dataset
     from sdml_ext.model import make_projection
-    from sdml_ext.strategies import train_tasks
-    from sdml_ext.training import TrainOptions, make_tasks
+    from sdml_ext.engine.strategies import train_tasks
+    from sdml_ext.engine.training import TrainOptions, make_tasks
 
     ds = load_dataset(args.dataset, args.data)
     names = args.modalities.split(",") if args.modalities else ds.modality_names

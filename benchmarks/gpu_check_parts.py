@@ -41,6 +41,9 @@ from torch import nn
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # helpers: the task builder
+
+from helpers import tasks_for  # noqa: E402
 
 DRY = os.environ.get("SDML_GPU_CHECK_DRY") == "1"
 CUDA = torch.cuda.is_available()
@@ -116,14 +119,6 @@ def synthetic(dims, n_train, n_val=0, n_classes=10, seed=0):
 
     return make_synthetic(len(dims), dims=list(dims), n_train=n_train, n_val=n_val, n_test=0, n_classes=n_classes,
                           seed=seed)
-
-
-def tasks_for(ds, **options):
-    from sdml_ext.model import make_projection
-    from sdml_ext.training import TrainOptions, make_tasks
-
-    opts = TrainOptions(**options)
-    return make_tasks(list(ds), make_projection(opts.code_dim, ds.num_classes, opts.seed), opts)
 
 
 def small_net() -> dict:
@@ -204,7 +199,7 @@ def sameness(comparison: dict) -> str:
 def part_strategies() -> dict:
     """joint, serial, parallel (streams) and parallel over ["cuda:0", "cuda:0"] give the same models."""
     need_cuda()
-    from sdml_ext.strategies import train_tasks
+    from sdml_ext.engine.strategies import train_tasks
 
     if DRY:
         ds = synthetic([40, 24, 8], [250, 150, 200], n_val=40, n_classes=5, seed=2)
@@ -257,7 +252,7 @@ def part_epoch() -> dict:
     and on eager steps against the plain PyTorch loop of the same recipe, all started from the
     same weights and permutations, timed interleaved."""
     need_cuda()
-    from sdml_ext.training import ModalityTrainer
+    from sdml_ext.engine.training import ModalityTrainer
 
     D, n, batch, rounds = (64, 230, 10, 3) if DRY else (4096, 2173, 100, 7)
     task = tasks_for(synthetic([D], n, seed=5), epochs=1000, batch_size=batch, **small_net())[0]
@@ -309,7 +304,7 @@ def part_graphs() -> dict:
     """Graphs give the eager path's models: a Wikipedia-shape pair of modalities (4,096-d and
     300-d, 2,173 rows, 231 validation rows), trained a few epochs each way from the same seed."""
     need_cuda()
-    from sdml_ext.training import ModalityTrainer
+    from sdml_ext.engine.training import ModalityTrainer
 
     if DRY:
         ds, epochs = synthetic([64, 30], 230, n_val=23, seed=8), 3
@@ -342,7 +337,7 @@ def part_graphs() -> dict:
 def part_streams() -> dict:
     """Five modalities of XMedia-like widths: parallel on streams against serial (and joint)."""
     need_cuda()
-    from sdml_ext.strategies import train_tasks
+    from sdml_ext.engine.strategies import train_tasks
 
     widths, n, rounds = ((64, 30, 29, 70, 64), 120, 1) if DRY else ((4096, 300, 29, 4700, 4096), 2173, 3)
     batch = 10 if DRY else 100
@@ -376,7 +371,7 @@ def part_streams() -> dict:
 def part_wiki200() -> dict:
     """200 epochs of a Wikipedia-size run (4,096-d + 300-d, 2,173 rows, 231 validation rows)."""
     need_cuda()
-    from sdml_ext.strategies import train_tasks
+    from sdml_ext.engine.strategies import train_tasks
 
     if DRY:
         ds, epochs = synthetic([64, 30], 230, n_val=23, seed=7), 3

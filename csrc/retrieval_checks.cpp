@@ -181,9 +181,9 @@ EmbeddingsWithGalleryNorms embeddings_with_gallery_norms(const char* op, const a
   return {q, g, row_norms(op, "gallery", g)};
 }
 
-RetrievalLabels prepare_labels(const char* op, const at::Tensor& query_labels,
-                               const at::Tensor& gallery_labels, const at::Tensor& query,
-                               const at::Tensor& gallery) {
+// The labels' devices, ranks and row counts, for checked embeddings query and gallery.
+static void check_label_shapes(const char* op, const at::Tensor& query_labels, const at::Tensor& gallery_labels,
+                               const at::Tensor& query, const at::Tensor& gallery) {
   SDML_CHECK_DEVICE(op, query_labels, query);
   SDML_CHECK_DEVICE(op, gallery_labels, query);
   const int64_t qd = query_labels.dim(), gd = gallery_labels.dim();
@@ -196,6 +196,28 @@ RetrievalLabels prepare_labels(const char* op, const at::Tensor& query_labels,
   SDML_CHECK_VALUE(gallery_labels.size(0) == gallery.size(0), op,
                    ": gallery_labels must have one entry per gallery row (", gallery.size(0),
                    "), got shape ", gallery_labels.sizes());
+}
+
+RetrievalSizes retrieval_prologue(const char* op, const at::Tensor& query, const at::Tensor& gallery,
+                                  bool exclude_self) {
+  check_embeddings(op, query, gallery, exclude_self);
+  const int64_t ng = gallery.size(0);
+  return {query.size(0), ng, query.size(1), ranked_items(ng, exclude_self)};
+}
+
+RetrievalSizes retrieval_prologue(const char* op, const at::Tensor& query, const at::Tensor& gallery,
+                                  const at::Tensor& query_labels, const at::Tensor& gallery_labels,
+                                  bool exclude_self) {
+  const RetrievalSizes sizes = retrieval_prologue(op, query, gallery, exclude_self);
+  check_label_shapes(op, query_labels, gallery_labels, query, gallery);
+  return sizes;
+}
+
+RetrievalLabels prepare_labels(const char* op, const at::Tensor& query_labels,
+                               const at::Tensor& gallery_labels, const at::Tensor& query,
+                               const at::Tensor& gallery) {
+  check_label_shapes(op, query_labels, gallery_labels, query, gallery);
+  const int64_t qd = query_labels.dim();
   check_label_values(op, "query_labels", query_labels);
   check_label_values(op, "gallery_labels", gallery_labels);
   if (qd == 1) return {false, query_labels.to(at::kLong).contiguous(), gallery_labels.to(at::kLong).contiguous()};

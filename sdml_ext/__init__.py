@@ -4,11 +4,12 @@ Fused C++/CUDA kernels registered as torch ops (``torch.ops.sdml.*``, Python fac
 :mod:`sdml_ext.ops`) and the modules built on them.
 """
 
+from . import ops
 from ._extension import build_info, release_cached_host_buffers
-from . import metrics, ops
-from .ops import DSAELossOutput, dsae_loss
+from . import metrics
 from .loss import DSAELoss
-from .bundle import Bundle, load
+from .ops import DSAELossOutput, dsae_loss
+from .store.bundle import Bundle, load
 
 __version__ = "0.1.0"
 

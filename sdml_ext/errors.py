@@ -1,5 +1,5 @@
-"""The errors sdml_ext raises on purpose, in one place that every layer (bundle, training
-strategies, command-line tools) can import without pulling in the others.
+"""The errors sdml_ext raises on purpose, in one place that every layer (storage, data, training
+strategies, search, command-line tools) can import without pulling in the others.
 
 User errors (bad input, a bundle that is not one, a modality whose data or settings make it
 fail) are ValueErrors or carry a message meant for the user; the command-line tools print them
@@ -12,6 +12,26 @@ from __future__ import annotations
 
 class BundleError(ValueError):
     """A bundle path that is missing, not a bundle, corrupt, or cannot be written."""
+
+
+class MissingKeyError(KeyError, ValueError):
+    """A required key is absent from a data file (a KeyError and a ValueError)."""
+
+    def __str__(self) -> str:  # KeyError would print the repr of the message
+        return str(self.args[0]) if self.args else ""
+
+
+class LockedError(OSError):
+    """Another process holds the lock (of a bundle or a run directory)."""
+
+
+class SearchIndexError(ValueError):
+    """An index path that is missing, not an index, corrupt, tampered with, or from another model."""
+
+
+class InputTypeError(TypeError, ValueError):
+    """An argument of the wrong type or dtype (a TypeError, and a ValueError like other bad input,
+    so the command line reports it in one line)."""
 
 
 class WorkerError(RuntimeError):
@@ -34,3 +54,18 @@ class WorkerCrash(WorkerError):
     def __init__(self, message: str, detail: str = ""):
         super().__init__(message)
         self.detail = detail
+
+
+class JobStopped(RuntimeError):
+    """This rank of a distributed job stops because the job failed (a rank failed or vanished).
+
+    message: the one line to print for the whole job, or None where another rank prints it.
+    The command line exits with status 1 and leaves the run directory as it is (the other ranks
+    and a restarted job still use it).
+    """
+
+    exit_status = 1
+
+    def __init__(self, message: str | None):
+        super().__init__(message or "the distributed job stopped")
+        self.message = message

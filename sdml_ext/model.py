@@ -15,6 +15,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .store.files import tensor_checksum  # noqa: F401  (the projection's checksum; its home is the store)
+
 DEFAULT_CODE_DIM = 512
 DEFAULT_HIDDEN = (1024, 1024)
 
@@ -40,14 +42,6 @@ def make_projection(d: int, c: int, seed: int) -> Tensor:
     # LAPACK build.
     q = q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, torch.ones(()))
     return q.to(torch.float32).contiguous()
-
-
-def tensor_checksum(t: Tensor) -> str:
-    """sha256 hex digest of a tensor's dtype, shape and raw bytes (CPU, contiguous)."""
-    t = t.detach().cpu().contiguous()
-    digest = hashlib.sha256(f"{t.dtype}:{tuple(t.shape)}:".encode())
-    digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
 
 
 def _mlp(widths: Sequence[int]) -> nn.Sequential:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .bundle import _file_sha256
+from .store.files import sha256_file
 
 ORTHONORMAL_TOLERANCE = 1e-4
 """Largest |PᵀP - I| entry accepted for the c columns used."""
@@ -116,7 +116,7 @@ def load_projection(path: str | os.PathLike, d: int, c: int, key: str | None = N
     source = {
         "file": path,
         "key": name,
-        "sha256": _file_sha256(Path(path)),
+        "sha256": sha256_file(Path(path)),
         "columns": int(c),
         "of_columns": int(cols),
         "orthonormality_error": error,

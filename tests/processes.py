@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import load_file
-from conftest import run_config
+from helpers import run_config
 
 TRAIN = [sys.executable, "-m", "sdml_ext.train"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]

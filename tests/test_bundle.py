@@ -9,13 +9,14 @@ import pytest
 import torch
 
 import sdml_ext
-from sdml_ext import bundle as bundle_mod
-from sdml_ext.bundle import BundleError, add_to_bundle, save_bundle
+from sdml_ext.store import bundle as bundle_mod
+from sdml_ext.store.bundle import BundleError, add_to_bundle, save_bundle
 from sdml_ext.data import make_synthetic
 from sdml_ext.model import DSAE, make_projection, tensor_checksum
 from sdml_ext.preprocess import Preprocessor
-from sdml_ext.strategies import train_tasks
-from sdml_ext.training import TrainOptions, make_tasks
+from sdml_ext.store.files import sha256_file
+from sdml_ext.engine.strategies import train_tasks
+from sdml_ext.engine.training import TrainOptions, make_tasks
 
 OPTS = TrainOptions(hidden=(32, 32), code_dim=16, batch_size=50, epochs=2, seed=7)
 
@@ -238,7 +239,7 @@ def _rewrite_modality_file(path, index, change):
     tensors = load_file(str(file))
     change(tensors)
     save_file(tensors, str(file))
-    _tamper(path, _set("modalities", index, "sha256", bundle_mod._file_sha256(file)))
+    _tamper(path, _set("modalities", index, "sha256", sha256_file(file)))
 
 
 def test_preprocess_tensors_of_the_wrong_length_are_refused(tmp_path, trained):
@@ -302,7 +303,7 @@ def test_unsaved_bundle_encodes_like_the_written_one(tmp_path, trained):
 
 
 def test_permissions_follow_the_umask_which_is_never_changed(tmp_path, trained, monkeypatch):
-    from sdml_ext._files import current_umask
+    from sdml_ext.store.files import current_umask
     from sdml_ext.data import save_npz
 
     def forbidden(*args):

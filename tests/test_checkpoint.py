@@ -7,18 +7,18 @@ import numpy as np
 import pytest
 import torch
 
-from test_train_strategies import make as make_strategy_tasks
+from helpers import small_tasks
 
-from sdml_ext.checkpoint import Checkpoints, default_every_s
+from sdml_ext.engine.checkpoint import Checkpoints, default_every_s
 from sdml_ext.data import make_synthetic
-from sdml_ext.strategies import train_tasks
-from sdml_ext.training import ModalityTrainer
+from sdml_ext.engine.strategies import train_tasks
+from sdml_ext.engine.training import ModalityTrainer
 
 EPOCHS = 4
 
 
 def make(ds, **options):
-    return make_strategy_tasks(ds, **{"epochs": EPOCHS, **options})
+    return small_tasks(ds, **{"epochs": EPOCHS, **options})
 
 
 @pytest.fixture(scope="module")

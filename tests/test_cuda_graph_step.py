@@ -1,4 +1,4 @@
-"""The graph path of training (sdml_ext.cuda_graph_step): its host-side logic on the CPU, where the
+"""The graph path of training (sdml_ext.engine.cuda_graph_step): its host-side logic on the CPU, where the
 step and validation functions it captures on a GPU run as plain calls (warm-up and write-back
 included), and the captured path itself on CUDA.
 
@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CUDA_REASON
-from sdml_ext.checkpoint import Checkpoints
-from sdml_ext.cuda_graph_step import ENV, StaticBatches, graphs_enabled, split_losses
+from helpers import CUDA_REASON
+from sdml_ext.engine.checkpoint import Checkpoints
+from sdml_ext.engine.cuda_graph_step import ENV, StaticBatches, graphs_enabled, split_losses
 from sdml_ext.data import make_synthetic
 from sdml_ext.model import make_projection
-from sdml_ext.strategies import train_tasks
-from sdml_ext.training import ModalityTrainer, TrainOptions, make_tasks
+from sdml_ext.engine.strategies import train_tasks
+from sdml_ext.engine.training import ModalityTrainer, TrainOptions, make_tasks
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_REASON)
 

@@ -27,12 +27,12 @@ import torch
 from safetensors.numpy import load_file
 
 import sdml_ext
-from conftest import CUDA_REASON, run_config
+from helpers import CUDA_REASON, run_config
 from processes import EVERY_EPOCH, TORCHRUN, TRAIN, Run, assert_same_bundle
 from sdml_ext.data import make_synthetic, save_npz
 from sdml_ext.model import DSAE, make_projection
-from sdml_ext.strategies import STRATEGIES, train_tasks
-from sdml_ext.training import TrainOptions, make_tasks
+from sdml_ext.engine.strategies import STRATEGIES, train_tasks
+from sdml_ext.engine.training import TrainOptions, make_tasks
 
 GPU = "cuda:0"
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_REASON)]

@@ -9,9 +9,10 @@ import pytest
 import scipy.io
 import scipy.sparse
 
+from data_files import XMEDIA, assert_same_dataset, authors_h5, views_cell, write_matlab_v73, xmedia_arrays
+
 from sdml_ext.data import (
     AUTHORS_H5_TEST_ROWS,
-    Dataset,
     MissingKeyError,
     detect_layout,
     load_dataset,
@@ -23,52 +24,6 @@ from sdml_ext.data import (
     split_paired_views,
     to_arrays,
 )
-
-XMEDIA = {  # modality: keys, feature width, train rows, test rows
-    "image": (("I_tr_CNN", "I_te_CNN", "trImgCat", "teImgCat"), 6, 8, 6),
-    "text": (("T_tr_BOW", "T_te_BOW", "trTxtCat", "teTxtCat"), 5, 7, 4),
-    "audio": (("A_tr", "A_te", "trAudCat", "teAudCat"), 3, 5, 2),
-    "3d": (("d3_tr", "d3_te", "tr3dCat", "te3dCat"), 4, 4, 2),
-    "video": (("V_tr_CNN", "V_te_CNN", "trVidCat", "teVidCat"), 6, 6, 3),
-}
-
-
-def _xmedia_arrays(c=4, seed=0):
-    rng = np.random.default_rng(seed)
-    arrays = {}
-    for keys, dim, n_tr, n_te in XMEDIA.values():
-        arrays[keys[0]] = rng.standard_normal((n_tr, dim))
-        arrays[keys[1]] = rng.standard_normal((n_te, dim))
-        arrays[keys[2]] = (np.arange(n_tr) % c + 1).reshape(-1, 1).astype(float)  # 1-based column
-        arrays[keys[3]] = (np.arange(n_te) % c + 1).reshape(-1, 1).astype(float)
-    return arrays
-
-
-def _write_matlab_v73(path, arrays):
-    """Mimic MATLAB -v7.3: HDF5 with a 512-byte user block, column-major (transposed) arrays,
-    MATLAB_class attributes, cells as object references, sparse as data/ir/jc groups."""
-    with h5py.File(path, "w", userblock_size=512) as f:
-        refs = f.create_group("#refs#")
-
-        def put(group, name, value):
-            if scipy.sparse.issparse(value):
-                csc = scipy.sparse.csc_matrix(value)
-                g = group.create_group(name)
-                g.attrs["MATLAB_class"] = np.bytes_("double")
-                g.attrs["MATLAB_sparse"] = np.uint64(csc.shape[0])
-                g["data"], g["ir"], g["jc"] = csc.data, csc.indices.astype(np.uint64), csc.indptr.astype(np.uint64)
-            elif isinstance(value, np.ndarray) and value.dtype == object:
-                ref_array = np.empty(value.shape[::-1], dtype=h5py.ref_dtype)
-                for i, cell in enumerate(value.reshape(-1)):
-                    put(refs, f"cell{name}{i}", cell)
-                    ref_array.reshape(-1)[i] = refs[f"cell{name}{i}"].ref
-                group.create_dataset(name, data=ref_array).attrs["MATLAB_class"] = np.bytes_("cell")
-            else:
-                value = np.atleast_2d(value)
-                group.create_dataset(name, data=value.T).attrs["MATLAB_class"] = np.bytes_("double")
-
-        for name, value in arrays.items():
-            put(f, name, value)
 
 
 # --- XMedia ---------------------------------------------------------------------------------
@@ -88,7 +43,7 @@ def _check_xmedia(ds, arrays):
 
 
 def test_xmedia_mat_v5_with_sparse_text(tmp_path):
-    arrays = _xmedia_arrays()
+    arrays = xmedia_arrays()
     stored = dict(arrays, T_tr_BOW=scipy.sparse.csc_matrix(np.abs(arrays["T_tr_BOW"]) > 1))
     arrays["T_tr_BOW"] = (np.abs(arrays["T_tr_BOW"]) > 1).astype(float)
     path = tmp_path / "xmedia.mat"
@@ -100,14 +55,14 @@ def test_xmedia_mat_v5_with_sparse_text(tmp_path):
 
 
 def test_xmedia_mat_v73_is_transposed_back(tmp_path):
-    arrays = _xmedia_arrays(seed=1)
+    arrays = xmedia_arrays(seed=1)
     path = tmp_path / "xmedia73.mat"
-    _write_matlab_v73(path, arrays)
+    write_matlab_v73(path, arrays)
     _check_xmedia(load_dataset("xmedia", path), arrays)
 
 
 def test_xmedia_missing_key_and_mismatched_rows(tmp_path):
-    arrays = _xmedia_arrays()
+    arrays = xmedia_arrays()
     del arrays["teAudCat"]
     path = tmp_path / "broken.mat"
     scipy.io.savemat(path, arrays)
@@ -115,12 +70,12 @@ def test_xmedia_missing_key_and_mismatched_rows(tmp_path):
         load_dataset("xmedia", path)
     message = str(info.value)
     assert "'teAudCat'" in message and "broken.mat" in message and "keys present:" in message and "A_te" in message
-    arrays = _xmedia_arrays()
+    arrays = xmedia_arrays()
     arrays["trVidCat"] = arrays["trVidCat"][:-1]
     scipy.io.savemat(path, arrays)
     with pytest.raises(ValueError, match=r"broken.mat: features key 'V_tr_CNN' has shape \(6, 6\) but labels key 'trVidCat' has 5"):
         load_xmedia(path)
-    arrays = _xmedia_arrays()
+    arrays = xmedia_arrays()
     arrays["trImgCat"][0] = 0
     scipy.io.savemat(path, arrays)
     with pytest.raises(ValueError, match="1-based"):
@@ -130,23 +85,9 @@ def test_xmedia_missing_key_and_mismatched_rows(tmp_path):
 # --- authors' HDF5 --------------------------------------------------------------------------
 
 
-def _authors_h5(path, n_train=12, n_test=240, labels=None, seed=0):
-    rng = np.random.default_rng(seed)
-    labels = labels or (lambda n: (np.arange(n) % 10 + 1).reshape(-1, 1))  # 1-based, (n, 1)
-    with h5py.File(path, "w") as f:
-        f["train_imgs_deep"] = rng.standard_normal((n_train, 8)).astype(np.float32)
-        f["train_imgs_labels"] = labels(n_train)
-        f["train_text"] = rng.standard_normal((n_train + 3, 5)).astype(np.float32)
-        f["train_texts_labels"] = labels(n_train + 3)
-        f["test_imgs_deep"] = rng.standard_normal((n_test, 8)).astype(np.float32)
-        f["test_imgs_labels"] = labels(n_test)
-        f["test_text"] = rng.standard_normal((n_test, 5)).astype(np.float32)
-        f["test_texts_labels"] = labels(n_test)
-
-
 def test_authors_h5_wikipedia_split(tmp_path):
     path = tmp_path / "wiki.h5"
-    _authors_h5(path)
+    authors_h5(path)
     ds = load_dataset("wikipedia", path)
     assert ds.name == "wikipedia" and ds.modality_names == ["image", "text"] and not ds.multilabel
     assert ds.num_classes == 10 and ds.class_names[0] == "1"
@@ -171,7 +112,7 @@ def test_authors_h5_wikipedia_split(tmp_path):
 def test_authors_h5_mscoco_multi_hot(tmp_path):
     rng = np.random.default_rng(2)
     path = tmp_path / "coco.h5"
-    _authors_h5(path, n_train=20, n_test=30, labels=lambda n: (rng.random((n, 7)) < 0.3).astype(np.float64))
+    authors_h5(path, n_train=20, n_test=30, labels=lambda n: (rng.random((n, 7)) < 0.3).astype(np.float64))
     ds = load_dataset("mscoco", path, n_val=10)
     assert ds.multilabel and ds.num_classes == 7
     assert ds["image"].train.labels.shape == (20, 7) and ds["text"].test.labels.shape == (20, 7)
@@ -180,7 +121,7 @@ def test_authors_h5_mscoco_multi_hot(tmp_path):
 
 def test_authors_h5_missing_key(tmp_path):
     path = tmp_path / "partial.h5"
-    _authors_h5(path)
+    authors_h5(path)
     with h5py.File(path, "a") as f:
         del f["test_texts_labels"]
     with pytest.raises(MissingKeyError, match=r"partial.h5: missing key 'test_texts_labels'; keys present: test_imgs_deep, "):
@@ -190,20 +131,13 @@ def test_authors_h5_missing_key(tmp_path):
 # --- multi-view .mat ------------------------------------------------------------------------
 
 
-def _views_cell(*views):
-    cell = np.empty((1, len(views)), dtype=object)
-    for i, v in enumerate(views):
-        cell[0, i] = v
-    return cell
-
-
 def test_multiview_mat_orientation_sparse_and_split(tmp_path):
     rng = np.random.default_rng(0)
     y = np.repeat([3, 5, 9], 10)  # arbitrary label values -> classes 0, 1, 2 named "3", "5", "9"
     a = rng.standard_normal((30, 4))
     b = scipy.sparse.random(7, 30, density=0.3, random_state=1, format="csc")  # features x samples
     path = tmp_path / "views.mat"
-    scipy.io.savemat(path, {"X": _views_cell(a, b), "Y": y.reshape(-1, 1)})
+    scipy.io.savemat(path, {"X": views_cell(a, b), "Y": y.reshape(-1, 1)})
     ds = load_multiview_mat(path, modality_names=["dense", "sparse"], seed=2)
     assert ds.name == "views" and ds.class_names == ["3", "5", "9"]
     assert [m.dim for m in ds] == [4, 7] and ds["sparse"].train.features.dtype == np.float32
@@ -222,7 +156,7 @@ def test_multiview_mat_v73_cells_and_sparse(tmp_path):
     a = rng.standard_normal((12, 3))
     b = scipy.sparse.random(12, 5, density=0.5, random_state=2, format="csc")
     path = tmp_path / "views73.mat"
-    _write_matlab_v73(path, {"fea": _views_cell(a, b), "gt": y.reshape(-1, 1).astype(float)})
+    write_matlab_v73(path, {"fea": views_cell(a, b), "gt": y.reshape(-1, 1).astype(float)})
     ds = load_dataset("multiview-mat", path)
     assert ds.modality_names == ["view1", "view2"] and [m.dim for m in ds] == [3, 5]
     total = np.concatenate([ds["view2"].train.features, ds["view2"].val.features, ds["view2"].test.features])
@@ -231,29 +165,19 @@ def test_multiview_mat_v73_cells_and_sparse(tmp_path):
 
 def test_multiview_mat_bad_input(tmp_path):
     path = tmp_path / "bad.mat"
-    scipy.io.savemat(path, {"views": _views_cell(np.zeros((4, 2))), "gt": np.arange(4)})
+    scipy.io.savemat(path, {"views": views_cell(np.zeros((4, 2))), "gt": np.arange(4)})
     with pytest.raises(KeyError, match=r"bad.mat: no views key \(looked for fea, X\); keys present: views, gt"):
         load_multiview_mat(path)
-    scipy.io.savemat(path, {"fea": _views_cell(np.ones((4, 4))), "gt": np.arange(4)})
+    scipy.io.savemat(path, {"fea": views_cell(np.ones((4, 4))), "gt": np.arange(4)})
     with pytest.raises(ValueError, match=r"view fea\{1\} has shape \(4, 4\) and there are 4 labels: cannot tell.*samples_as_rows"):
         load_multiview_mat(path)
     assert load_multiview_mat(path, samples_as_rows=True, fractions=(0.5, 0.25, 0.25))["view1"].dim == 4
-    scipy.io.savemat(path, {"fea": _views_cell(np.ones((5, 3))), "gt": np.arange(4)})
+    scipy.io.savemat(path, {"fea": views_cell(np.ones((5, 3))), "gt": np.arange(4)})
     with pytest.raises(ValueError, match=r"bad.mat: view fea\{1\} has 5 samples but there are 4 labels"):
         load_multiview_mat(path, samples_as_rows=True)
 
 
 # --- generic layout -------------------------------------------------------------------------
-
-
-def _assert_same(a: Dataset, b: Dataset):
-    assert (a.name, a.modality_names, a.class_names, a.multilabel, a.source) == (
-        b.name, b.modality_names, b.class_names, b.multilabel, b.source)
-    for ma, mb in zip(a, b):
-        for (name, sa), (_, sb) in zip(ma.splits(), mb.splits()):
-            np.testing.assert_array_equal(sa.features, sb.features, err_msg=f"{ma.name} {name}")
-            np.testing.assert_array_equal(sa.labels, sb.labels, err_msg=f"{ma.name} {name}")
-            assert sa.labels.shape == sb.labels.shape
 
 
 @pytest.fixture(scope="module")
@@ -275,8 +199,8 @@ def test_save_npz_round_trip_is_atomic(tmp_path, request, which):
     path.write_bytes(b"old content")  # replaced, not appended to
     save_npz(ds, path)
     assert sorted(os.listdir(tmp_path)) == ["set.npz"]  # no temporary file left behind
-    _assert_same(load_dataset("npz", path), ds)
-    _assert_same(load_dataset(None, str(path)), ds)
+    assert_same_dataset(load_dataset("npz", path), ds)
+    assert_same_dataset(load_dataset(None, str(path)), ds)
 
 
 def test_unknown_loader_options_are_named(tmp_path, small):
@@ -296,15 +220,15 @@ def test_generic_h5_mat_and_directory_round_trip(tmp_path, small, small_multi):
         with h5py.File(h5, "w") as f:
             for key, value in arrays.items():
                 f[key] = value.astype("S") if value.dtype.kind == "U" else value
-        _assert_same(load_dataset("h5", h5), ds)
+        assert_same_dataset(load_dataset("h5", h5), ds)
         mat = tmp_path / f"{ds.name}{ds.multilabel}.mat"
         scipy.io.savemat(mat, arrays)
-        _assert_same(load_dataset("auto", mat), ds)
+        assert_same_dataset(load_dataset("auto", mat), ds)
         folder = tmp_path / f"dir{ds.multilabel}"
         folder.mkdir()
         for key, value in arrays.items():
             np.save(folder / f"{key}.npy", value)
-        _assert_same(load_dataset("dir", folder), ds)
+        assert_same_dataset(load_dataset("dir", folder), ds)
 
 
 def test_generic_minimal_file_defaults(tmp_path):
@@ -420,24 +344,24 @@ def test_detect_layout_of_every_readable_kind(tmp_path, small):
         np.save(folder / f"{k}.npy", v)
     assert [detect_layout(generic / n) for n in ("g.npz", "g.h5", "g.mat", "npy")] == ["npz", "h5", "mat", "dir"]
     for file in ("g.npz", "g.h5", "g.mat", "npy"):
-        _assert_same(load_dataset(None, generic / file), load_dataset(detect_layout(generic / file), generic / file))
+        assert_same_dataset(load_dataset(None, generic / file), load_dataset(detect_layout(generic / file), generic / file))
 
     xmedia = tmp_path / "XMediaFeatures.mat"
-    scipy.io.savemat(xmedia, _xmedia_arrays())
+    scipy.io.savemat(xmedia, xmedia_arrays())
     assert detect_layout(xmedia) == "xmedia"
 
     for name, rows in AUTHORS_H5_TEST_ROWS.items():  # told apart by the size of the test set
         path = tmp_path / f"{name}.h5"
-        _authors_h5(path, n_test=rows)
+        authors_h5(path, n_test=rows)
         assert detect_layout(path) == name
     wiki = load_dataset(None, tmp_path / "wikipedia.h5")
     assert wiki.name == "wikipedia" and wiki["image"].val.n == 231  # the published split
     odd = tmp_path / "odd.h5"
-    _authors_h5(odd, n_test=50)
+    authors_h5(odd, n_test=50)
     assert detect_layout(odd, n_val=5) == "authors-h5"
 
     views = tmp_path / "views.mat"
-    scipy.io.savemat(views, {"fea": _views_cell(np.ones((6, 2)), np.ones((6, 3))), "gt": np.arange(6) % 2})
+    scipy.io.savemat(views, {"fea": views_cell(np.ones((6, 2)), np.ones((6, 3))), "gt": np.arange(6) % 2})
     assert detect_layout(views) == "multiview-mat"
 
 

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 import sdml_ext
-from sdml_ext import strategies
+from sdml_ext.engine import strategies
 from sdml_ext.data import make_synthetic
 from sdml_ext.devices import parse_device, ready_device, ready_devices
 from sdml_ext.model import make_projection
-from sdml_ext.strategies import STRATEGIES, train_tasks
-from sdml_ext.training import ModalityTrainer, TrainOptions, make_tasks
+from sdml_ext.engine.strategies import STRATEGIES, train_tasks
+from sdml_ext.engine.training import ModalityTrainer, TrainOptions, make_tasks
 
 
 class FakeCuda:

@@ -9,10 +9,11 @@ import socket
 import numpy as np
 import pytest
 
+from helpers import small_tasks
 from processes import EVERY_EPOCH, SMALL_RUN, TORCHRUN, TRAIN, Run, assert_same_bundle, free_port, pymp_dirs
 
 from sdml_ext.data import load_dataset
-from sdml_ext.distributed import assign_ranks, decode_result, encode_result
+from sdml_ext.engine.distributed import assign_ranks, decode_result, encode_result
 
 
 @pytest.fixture(scope="module")
@@ -101,12 +102,12 @@ def test_a_rank_reads_only_its_own_modalities(workdir, reference, npz_run, tmp_p
     # No shared filesystem: node 1's copy of the data lacks the features of m0 (rank 0's
     # modality): their headers are intact, their data is missing, so reading them fails. Rank 1
     # plans from the headers and reads m1 and m2 only.
-    from test_data_selective import _write
+    from data_files import write_generic
 
     nodes = [tmp_path / "node0", tmp_path / "node1"]
     for node, unreadable in zip(nodes, ([], [k for k in npz_run if k.startswith("m0_") and k.endswith("_x")])):
         node.mkdir()
-        _write("npz", node / "data.npz", npz_run, unreadable=unreadable)
+        write_generic("npz", node / "data.npz", npz_run, unreadable=unreadable)
     results = two_nodes(workdir, nodes, config="npz.toml")
     assert "rank 0: m0, rank 1: m1, m2" in results[0][1]
     with pytest.raises(ValueError, match="cannot read key 'm0_train_x'"):  # node 1's copy bites
@@ -174,13 +175,11 @@ def test_a_failing_rank_fails_the_job_with_one_message(workdir):
 
 
 def test_assignment_is_longest_first_and_results_travel_as_safetensors(tmp_path):
-    from test_checkpoint import make
-
     from sdml_ext.data import make_synthetic
-    from sdml_ext.training import ModalityTrainer, training_cost
+    from sdml_ext.engine.training import ModalityTrainer, training_cost
 
     ds = make_synthetic(4, dims=[400, 10, 10, 10], n_train=100, n_val=10, n_test=10, n_classes=3)
-    tasks = make(ds)
+    tasks = small_tasks(ds, epochs=4)
     costs = [(t.index, t.cost()) for t in tasks]
     assert costs[1][1] == training_cost(100, 10, tasks[1].options)  # the plan needs only shapes
     assert assign_ranks(costs, 2) == {0: 0, 1: 1, 2: 1, 3: 1}

@@ -9,7 +9,7 @@ from sdml_ext import _extension
 from sdml_ext.loss import DSAELoss
 from sdml_ext.ops import dsae_loss
 
-from conftest import DEVICES
+from helpers import DEVICES, requires_cuda
 
 # (B, D, d, c): single row, single column, c = 1, c = d, odd sizes, the paper's shapes.
 SHAPES = [(1, 1, 1, 1), (1, 7, 5, 3), (5, 13, 16, 1), (4, 9, 6, 6), (33, 129, 64, 10), (100, 300, 512, 80)]
@@ -216,8 +216,7 @@ def test_deterministic_and_thread_count_independent():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@requires_cuda
 def test_cuda_low_precision_within_eager_error(dtype):
     """Our error vs float64 must not exceed (2x + eps) that of the eager composition run in ``dtype``."""
     inputs = make_inputs(64, 513, 512, 20, torch.float64, "cuda", seed=4, unlabelled=[7])
@@ -236,8 +235,7 @@ def test_cuda_low_precision_within_eager_error(dtype):
         assert rel_err(a.grad, b.grad) <= 2 * rel_err(e.grad, b.grad) + 4 * eps
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@requires_cuda
 def test_cuda_matches_cpu_kernel_and_runs_on_current_stream():
     inputs = make_inputs(50, 77, 64, 7, torch.float64, "cpu", seed=8, unlabelled=[1, 2])
     cpu = dsae_loss(*inputs)
@@ -415,8 +413,7 @@ def test_cpu_rejects_half(mode):
         _call(mode, dsae_loss, args)
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@requires_cuda
 def test_mixed_devices():
     args = _good()
     args["h"] = args["h"].cuda()
@@ -461,8 +458,7 @@ def test_cuda_limits_reached_through_the_fake_implementation(dtype):
         _fake_cuda_call(MAX_ROWS + 1, 4, 2, dtype)
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@requires_cuda
 def test_cuda_kernel_refuses_past_the_limits():
     top = MAX_D_PLUS_C[False]
     x_hat, x, h, P, y = make_inputs(2, 3, top - 1, 2, torch.float32, "cuda")

@@ -2,7 +2,6 @@
 worker that crashes or dies is not (exit 1, traceback only with SDML_DEBUG). And the error and
 record types live where readers of results reach them without the training machinery."""
 
-import dataclasses
 import multiprocessing as mp
 import os
 import signal
@@ -12,20 +11,19 @@ import sys
 import numpy as np
 import pytest
 
+from helpers import tasks_for
+
 from sdml_ext import cli
 from sdml_ext.data import make_synthetic
 from sdml_ext.errors import BundleError, ModalityError, WorkerCrash, WorkerError
-from sdml_ext.model import make_projection
-from sdml_ext.strategies import train_tasks
-from sdml_ext.training import TrainOptions, make_tasks
+from sdml_ext.engine.strategies import train_tasks
 
-OPTS = TrainOptions(hidden=(16,), code_dim=8, batch_size=20, epochs=2)
+TINY = {"hidden": (16,), "code_dim": 8, "batch_size": 20, "epochs": 2}
 
 
 def tasks(**options):
     ds = make_synthetic(2, dims=[12, 10], n_train=60, n_val=20, n_test=20, n_classes=4, seed=5)
-    opts = dataclasses.replace(OPTS, **options)
-    return make_tasks(ds, make_projection(opts.code_dim, ds.num_classes, opts.seed), opts)
+    return tasks_for(ds, **{**TINY, **options})
 
 
 @pytest.mark.parametrize("strategy", ["serial", "parallel"])
@@ -83,10 +81,12 @@ def test_cli_exit_codes_by_blame(capsys, monkeypatch):
 
 
 def test_evaluating_needs_no_training_machinery(tmp_path):
-    code = ("import sys, sdml_ext.evaluate, sdml_ext.bundle; "
+    code = ("import sys, sdml_ext.evaluate, sdml_ext.store.bundle; "
             "print(' '.join(m for m in sys.modules if m.startswith(('sdml_ext.', 'multiprocessing'))))")
     # cwd outside the repository: import the installed package, not the source tree.
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             cwd=tmp_path).stdout.split()
-    assert "sdml_ext.evaluate" in loaded and "sdml_ext.records" in loaded
-    assert not {"sdml_ext.strategies", "sdml_ext.training", "sdml_ext.config"} & set(loaded)
+    assert {"sdml_ext.evaluate", "sdml_ext.eval.evaluation", "sdml_ext.store.bundle"} <= set(loaded)
+    engine = {"sdml_ext.engine.strategies", "sdml_ext.engine.training", "sdml_ext.engine.config",
+              "sdml_ext.engine.records", "sdml_ext.engine.flows", "sdml_ext.engine.distributed"}
+    assert not engine & set(loaded)

@@ -1,4 +1,4 @@
-"""sdml_ext.metrics: the cross-modal mAP table and the per-pair curves, against the references."""
+"""sdml_ext.eval.metrics: the cross-modal mAP table and the per-pair curves, against the references."""
 
 import math
 
@@ -9,7 +9,7 @@ import torch
 from sdml_ext import metrics
 
 import retrieval_reference as ref
-from test_retrieval import class_structured
+from helpers import class_structured
 
 
 def three_modalities(kind, seed=0):

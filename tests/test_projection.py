@@ -10,9 +10,10 @@ import torch
 from safetensors.numpy import save_file
 
 import sdml_ext
-from sdml_ext import cli, train
+from sdml_ext import cli
+from sdml_ext import train
 from sdml_ext.projection import ORTHONORMAL_TOLERANCE, load_projection
-from conftest import run_config
+from helpers import run_config
 
 
 def _orthogonal(n, seed=0):

@@ -5,8 +5,10 @@ from pathlib import Path
 
 import numpy as np
 
-from sdml_ext import cli, train
-from conftest import run_config
+from sdml_ext import cli
+
+from sdml_ext import train
+from helpers import run_config
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

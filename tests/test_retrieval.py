@@ -10,9 +10,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from sdml_ext.ops import average_precision, average_precision_pair, cosine_topk, precision_at_k, precision_recall_curve
 
 import retrieval_reference as ref
-from conftest import CUDA_REASON, DEVICES
-
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_REASON)
+from helpers import DEVICES, class_structured, requires_cuda
 
 # (Nq, Ng, d): single query, single gallery item, d = 1, Ng < k, and sizes that the CPU kernel's
 # query tiles (16-256 rows, depending on the thread count) and gallery blocks (1024 columns) do
@@ -21,27 +19,6 @@ SIZES = [(1, 1, 1), (1, 7, 3), (5, 1, 4), (3, 4, 1), (300, 50, 8), (40, 5000, 16
 CPU_DTYPES = [torch.float32, torch.float64]
 LABEL_KINDS = ["class_ids", "multi_hot", "multi_hot_wide"]  # wide: 80 classes, two label words
 LEVELS = [0.0, 0.1, 0.25, 0.3, 0.5, 0.7, 1.0]
-
-
-def class_structured(nq, ng, d, kind, seed, dtype=torch.float64, device="cpu"):
-    """Embeddings near per-class centers; labels with unlabelled (-1 / all-zero) entries."""
-    gen = torch.Generator().manual_seed(seed)
-    classes = {"class_ids": 5, "multi_hot": 7, "multi_hot_wide": 80}[kind]
-    centers = torch.randn(classes, d, generator=gen, dtype=torch.float64)
-
-    def side(n):
-        if kind == "class_ids":
-            labels = torch.randint(0, classes, (n,), generator=gen)
-            emb = centers[labels] + 1.5 * torch.randn(n, d, generator=gen, dtype=torch.float64)
-            labels[torch.rand(n, generator=gen) < 0.1] = -1
-        else:
-            labels = (torch.rand(n, classes, generator=gen) < 2.0 / classes).long()
-            labels[torch.rand(n, generator=gen) < 0.1] = 0
-            emb = labels.double() @ centers + 1.5 * torch.randn(n, d, generator=gen, dtype=torch.float64)
-        return emb.to(dtype=dtype, device=device), labels.to(device)
-
-    (q, ql), (g, gl) = side(nq), side(ng)
-    return q, g, ql, gl
 
 
 def tied(nq, ng, seed, dtype, device, d=16, classes=3):
@@ -514,7 +491,6 @@ def _all_ops(q, g, ql, gl, exclude_self=False):
     ]
 
 
-@pytest.mark.cuda
 @requires_cuda
 @pytest.mark.parametrize("kind", LABEL_KINDS)
 @pytest.mark.parametrize("exclude_self", [False, True])
@@ -530,7 +506,6 @@ def test_cuda_matches_cpu_kernel_on_current_stream(exclude_self, kind):
         torch.testing.assert_close(b.cpu(), a, rtol=0, atol=1e-12, equal_nan=True)
 
 
-@pytest.mark.cuda
 @requires_cuda
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["class_ids", "multi_hot_wide"])
@@ -543,7 +518,6 @@ def test_cuda_several_tiles_match_cpu(kind):
     assert torch.equal(gpu[1].cpu(), cpu[1])
 
 
-@pytest.mark.cuda
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_low_precision_close_to_float64(dtype):
@@ -645,8 +619,7 @@ def test_bad_options():
         cosine_topk(args["query"], args["query"], 4, exclude_self=True)
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@requires_cuda
 def test_mixed_devices():
     args = _good()
     with pytest.raises(ValueError, match="gallery is on cuda:0 but query is on cpu"):

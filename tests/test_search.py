@@ -17,9 +17,10 @@ import sdml_ext
 from sdml_ext import cli
 from safetensors.numpy import save_file
 
-from sdml_ext.bundle import _file_sha256, save_bundle
+from sdml_ext.store.bundle import save_bundle
+from sdml_ext.store.files import sha256_file
 from sdml_ext.data import make_synthetic, save_npz
-from sdml_ext.metrics import mean_average_precision
+from sdml_ext.eval.metrics import mean_average_precision
 from sdml_ext.model import make_projection
 from sdml_ext.ops import precision_at_k
 from sdml_ext.search import (
@@ -31,12 +32,12 @@ from sdml_ext.search import (
     load_index,
     read_index_manifest,
 )
-from sdml_ext.search import cli as search_cli
+from sdml_ext.cli import search as search_cli
 from sdml_ext.search.index import source_of
-from sdml_ext.strategies import train_tasks
-from sdml_ext.training import TrainOptions, make_tasks
+from sdml_ext.engine.strategies import train_tasks
+from sdml_ext.engine.training import TrainOptions, make_tasks
 
-from conftest import DEVICES
+from helpers import DEVICES
 import retrieval_reference as ref
 
 OPTS = TrainOptions(hidden=(32, 32), code_dim=16, batch_size=50, epochs=2, seed=7)
@@ -364,7 +365,7 @@ def test_corrupt_or_tampered_index_files(small_index, bundle):
         file = path / "shard-00002.safetensors"
         save_file({"codes": np.zeros((10, D - 1), np.float32), "labels": np.zeros(10, np.int64)}, str(file),
                   metadata={"first_row": "50"})
-        _edit_manifest(path, lambda m: m["shards"][2].update(sha256=_file_sha256(file)))
+        _edit_manifest(path, lambda m: m["shards"][2].update(sha256=sha256_file(file)))
 
     cases = [
         (lambda: _flip_byte(path / "shard-00001.safetensors"), "shard-00001.safetensors does not match its checksum"),

@@ -6,17 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import small_tasks
+
 from sdml_ext.data import make_synthetic
-from sdml_ext.model import DSAE, make_projection
-from sdml_ext.training import ModalityTrainer, TrainOptions, make_tasks
+from sdml_ext.model import DSAE
+from sdml_ext.engine.training import ModalityTrainer, TrainOptions
 
-SMALL = dict(hidden=(48, 48), code_dim=16, batch_size=50)
-
-
-def tasks_for(ds, **options):
-    opts = TrainOptions(**{**SMALL, **options})
-    P = make_projection(opts.code_dim, ds.num_classes, opts.seed)
-    return make_tasks(ds, P, opts)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +28,7 @@ def test_recipe_defaults():
 
 
 def test_run_config_is_the_train_options_plus_the_run():
-    from sdml_ext.config import RunConfig, resolve_config
+    from sdml_ext.engine.config import RunConfig, resolve_config
 
     config = resolve_config({"lr": [1e-3, 2e-3], "epochs": 5, "hidden": [8, 8], "dataset": "synthetic"})
     assert isinstance(config, TrainOptions) and config.lr_for(3) == 2e-3
@@ -45,7 +40,7 @@ def test_run_config_is_the_train_options_plus_the_run():
 
 
 def test_trainer_uses_fused_adam_and_per_modality_lr(data):
-    tasks = tasks_for(data, epochs=1, lr=(1e-3, 5e-4))
+    tasks = small_tasks(data, epochs=1, lr=(1e-3, 5e-4))
     trainers = [ModalityTrainer(t) for t in tasks[:2]]
     assert [t.optimizer.param_groups[0]["lr"] for t in trainers] == [1e-3, 5e-4]
     assert all(t.optimizer.defaults["fused"] for t in trainers)
@@ -54,7 +49,7 @@ def test_trainer_uses_fused_adam_and_per_modality_lr(data):
 
 
 def test_training_reduces_the_loss_and_keeps_the_best_validation_epoch(data):
-    trainer = ModalityTrainer(tasks_for(data, epochs=8, lr=(1e-3,))[0])
+    trainer = ModalityTrainer(small_tasks(data, epochs=8, lr=(1e-3,))[0])
     result = trainer.run()
     history = result.history
     assert len(history) == 8 and [s.epoch for s in history] == list(range(1, 9))
@@ -72,16 +67,16 @@ def test_training_reduces_the_loss_and_keeps_the_best_validation_epoch(data):
 
 
 def test_same_seed_same_model_other_seed_or_index_differs(data):
-    a = ModalityTrainer(tasks_for(data, epochs=2)[1]).run()
-    b = ModalityTrainer(tasks_for(data, epochs=2)[1]).run()
-    c = ModalityTrainer(tasks_for(data, epochs=2, seed=5)[1]).run()
+    a = ModalityTrainer(small_tasks(data, epochs=2)[1]).run()
+    b = ModalityTrainer(small_tasks(data, epochs=2)[1]).run()
+    c = ModalityTrainer(small_tasks(data, epochs=2, seed=5)[1]).run()
     assert all(np.array_equal(a.state[k], b.state[k]) for k in a.state)
     assert not np.array_equal(a.state["encoder.0.weight"], c.state["encoder.0.weight"])
     assert TrainOptions().seed_for(0) != TrainOptions().seed_for(1)
 
 
 def test_reshuffles_every_epoch(data):
-    trainer = ModalityTrainer(tasks_for(data, epochs=2)[0])
+    trainer = ModalityTrainer(small_tasks(data, epochs=2)[0])
     trainer.begin_epoch()
     first = trainer._perm.clone()
     trainer.begin_epoch()
@@ -90,7 +85,7 @@ def test_reshuffles_every_epoch(data):
 
 def test_semi_supervised_and_no_validation_data():
     ds = make_synthetic(1, n_train=200, n_val=0, n_test=10, n_classes=4, unlabelled=0.5)
-    result = ModalityTrainer(tasks_for(ds, epochs=3)[0]).run()
+    result = ModalityTrainer(small_tasks(ds, epochs=3)[0]).run()
     assert result.best_epoch == 3 and result.selection.startswith("last epoch")
     assert all(math.isfinite(s.train_loss) and math.isnan(s.val_sup) for s in result.history)
 
@@ -98,7 +93,7 @@ def test_semi_supervised_and_no_validation_data():
 def test_fewer_samples_than_a_batch_is_a_clear_error():
     ds = make_synthetic(1, n_train=30, n_val=10, n_test=10, n_classes=3)
     with pytest.raises(ValueError, match="fewer than the batch size 50"):
-        ModalityTrainer(tasks_for(ds, epochs=1)[0])
+        ModalityTrainer(small_tasks(ds, epochs=1)[0])
 
 
 @pytest.mark.parametrize("bad", [dict(epochs=0), dict(lam=1.5), dict(lr=(-1e-4,)), dict(preprocess="zscore")])
@@ -111,7 +106,7 @@ def test_trainers_built_in_threads_get_their_own_initial_weights(data):
     # The CUDA parallel strategy builds one trainer per thread; seeding must not interleave.
     import threading
 
-    tasks = tasks_for(data, epochs=1) * 3
+    tasks = small_tasks(data, epochs=1) * 3
     expected = [ModalityTrainer(t).model.state_dict() for t in tasks]
     built = [None] * len(tasks)
 

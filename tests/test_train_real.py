@@ -6,12 +6,12 @@ import os
 import pytest
 import torch
 
-from sdml_ext.bundle import load, save_bundle
+from sdml_ext.store.bundle import load, save_bundle
 from sdml_ext.data import load_dataset
-from sdml_ext.evaluation import encode_split, evaluate
+from sdml_ext.eval.evaluation import encode_split, evaluate
 from sdml_ext.model import make_projection
-from sdml_ext.strategies import train_tasks
-from sdml_ext.training import TrainOptions, make_tasks
+from sdml_ext.engine.strategies import train_tasks
+from sdml_ext.engine.training import TrainOptions, make_tasks
 
 
 @pytest.fixture(scope="module")

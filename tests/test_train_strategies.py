@@ -6,16 +6,14 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import requires_cuda, small_tasks
+
 from sdml_ext.data import make_synthetic
-from sdml_ext.model import make_projection
-from sdml_ext.strategies import STRATEGIES, WorkerError, _assign_devices, _thread_share, train_tasks
-from sdml_ext.training import TrainOptions, make_tasks
+from sdml_ext.engine.strategies import STRATEGIES, WorkerError, _assign_devices, _thread_share, train_tasks
 
 
 def make(ds, **options):
-    opts = TrainOptions(**{"hidden": (48, 48), "code_dim": 16, "batch_size": 50, "epochs": 3, **options})
-    P = make_projection(opts.code_dim, ds.num_classes, opts.seed)
-    return make_tasks(ds, P, opts)
+    return small_tasks(ds, **{"epochs": 3, **options})
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +80,7 @@ def test_cores_are_shared_between_live_workers_never_oversubscribed():
     assert all(_thread_share(c, SimpleNamespace(value=n)) * n <= c for c in (2, 4, 16) for n in range(1, c + 1))
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@requires_cuda
 def test_cuda_strategies_match_the_cpu_models():
     ds = make_synthetic(3, n_train=200, n_val=40, n_test=40, n_classes=5, seed=4)
     tasks = make(ds)

@@ -73,10 +73,11 @@ at::Tensor sorted_order(at::Tensor scores, int64_t q0, bool exclude_self, at::Te
 std::tuple<at::Tensor, at::Tensor> cosine_topk_cuda(const at::Tensor& query_in, const at::Tensor& gallery_in,
                                                     int64_t k, bool exclude_self) {
   constexpr const char* op = "cosine_topk";
+  const RetrievalSizes sizes = retrieval_prologue(op, query_in, gallery_in, exclude_self);
+  check_topk_k(op, k, sizes.ranked, exclude_self);
   const c10::cuda::CUDAGuard guard(query_in.device());
   auto [query, gallery] = normalized_embeddings(op, query_in, gallery_in, exclude_self);
-  const int64_t nq = query.size(0), ng = gallery.size(0);
-  check_topk_k(op, k, ranked_items(ng, exclude_self), exclude_self);
+  const int64_t nq = sizes.nq, ng = sizes.ng;
   const DuplicateRows duplicates = duplicate_rows(gallery_in);
   at::Tensor scores = at::empty({nq, k}, query.options());
   at::Tensor indices = at::empty({nq, k}, query.options().dtype(at::kLong));
@@ -266,11 +267,12 @@ at::Tensor average_precision_cuda(const at::Tensor& query, const at::Tensor& gal
                                   const at::Tensor& gallery_labels, std::optional<int64_t> k,
                                   c10::string_view divisor, c10::string_view empty, bool exclude_self) {
   constexpr const char* op = "average_precision";
+  const RetrievalSizes sizes = retrieval_prologue(op, query, gallery, query_labels, gallery_labels, exclude_self);
   MetricArgs a = no_outputs();
   a.divisor = parse_divisor(op, divisor);
   a.empty = parse_empty(op, empty);
-  a.cutoff = resolve_k(op, k, ranked_items(gallery.size(0), exclude_self));
-  at::Tensor ap = at::empty({query.size(0)}, query.options().dtype(at::kDouble));
+  a.cutoff = resolve_k(op, k, sizes.ranked);
+  at::Tensor ap = at::empty({sizes.nq}, query.options().dtype(at::kDouble));
   a.ap = ap.mutable_data_ptr<double>();
   ranking_metrics_cuda(op, query, gallery, query_labels, gallery_labels, exclude_self, a, {}, {});
   return ap;
@@ -281,14 +283,15 @@ std::tuple<at::Tensor, at::Tensor> average_precision_pair_cuda(const at::Tensor&
                                                                std::optional<int64_t> k, c10::string_view divisor,
                                                                c10::string_view empty) {
   constexpr const char* op = "average_precision_pair";
+  const RetrievalSizes sizes = retrieval_prologue(op, a_in, b_in, a_labels, b_labels, /*exclude_self=*/false);
+  SDML_CHECK_VALUE(sizes.nq > 0, op, ": a has no rows (nothing to rank for b's queries)");
   const c10::cuda::CUDAGuard guard(a_in.device());
   MetricArgs x = no_outputs();
   x.divisor = parse_divisor(op, divisor);
   x.empty = parse_empty(op, empty);
   auto [a, b] = normalized_embeddings(op, a_in, b_in, /*exclude_self=*/false);
-  SDML_CHECK_VALUE(a.size(0) > 0, op, ": a has no rows (nothing to rank for b's queries)");
   const RetrievalLabels labels = prepare_labels(op, a_labels, b_labels, a, b);
-  const int64_t na = a.size(0), nb = b.size(0);
+  const int64_t na = sizes.nq, nb = sizes.ng;
   const DuplicateRows b_duplicates = duplicate_rows(b_in), a_duplicates = duplicate_rows(a_in);
   at::Tensor ap_ab = at::empty({na}, a.options().dtype(at::kDouble));
   at::Tensor ap_ba = at::empty({nb}, a.options().dtype(at::kDouble));
@@ -325,10 +328,11 @@ at::Tensor precision_at_k_cuda(const at::Tensor& query, const at::Tensor& galler
                                const at::Tensor& gallery_labels, at::IntArrayRef ks, c10::string_view empty,
                                bool exclude_self) {
   constexpr const char* op = "precision_at_k";
+  const RetrievalSizes sizes = retrieval_prologue(op, query, gallery, query_labels, gallery_labels, exclude_self);
   check_cutoffs(op, ks);
   MetricArgs a = no_outputs();
   a.empty = parse_empty(op, empty);
-  at::Tensor prec = at::empty({query.size(0), int64_t(ks.size())}, query.options().dtype(at::kDouble));
+  at::Tensor prec = at::empty({sizes.nq, int64_t(ks.size())}, query.options().dtype(at::kDouble));
   a.patk = prec.mutable_data_ptr<double>();
   ranking_metrics_cuda(op, query, gallery, query_labels, gallery_labels, exclude_self, a,
                        std::vector<int64_t>(ks.begin(), ks.end()), {});
@@ -340,10 +344,11 @@ at::Tensor precision_recall_curve_cuda(const at::Tensor& query, const at::Tensor
                                        at::ArrayRef<double> recall_levels, c10::string_view empty,
                                        bool exclude_self) {
   constexpr const char* op = "precision_recall_curve";
+  const RetrievalSizes sizes = retrieval_prologue(op, query, gallery, query_labels, gallery_labels, exclude_self);
   check_recall_levels(op, recall_levels);
   MetricArgs a = no_outputs();
   a.empty = parse_empty(op, empty);
-  at::Tensor prec = at::empty({query.size(0), int64_t(recall_levels.size())}, query.options().dtype(at::kDouble));
+  at::Tensor prec = at::empty({sizes.nq, int64_t(recall_levels.size())}, query.options().dtype(at::kDouble));
   a.pr = prec.mutable_data_ptr<double>();
   ranking_metrics_cuda(op, query, gallery, query_labels, gallery_labels, exclude_self, a, {},
                        std::vector<double>(recall_levels.begin(), recall_levels.end()));

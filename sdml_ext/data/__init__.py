@@ -7,7 +7,7 @@ loaders. Pure Python (numpy; scipy/h5py only when a .mat/.h5 file is read); need
     x, y = ds["fou"].train.features, ds["fou"].train.labels   # (n, 76) float32, (n,) int64
 """
 
-from ._io import MissingKeyError
+from ..errors import MissingKeyError
 from .dataset import Dataset, DatasetInfo, Modality, Split, default_class_names
 from .embedded import MFEAT_VIEWS, load_mfeat
 from .formats import AUTHORS_H5_N_VAL, load_authors_h5, load_multiview_mat, load_xmedia

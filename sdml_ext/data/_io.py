@@ -14,15 +14,10 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from ..errors import MissingKeyError
+
 FORMATS = ("npz", "h5", "mat", "dir")
 _EXTENSIONS = {".npz": "npz", ".h5": "h5", ".hdf5": "h5", ".mat": "mat"}
-
-
-class MissingKeyError(KeyError, ValueError):
-    """A required key is absent from a data file (a KeyError and a ValueError)."""
-
-    def __str__(self) -> str:  # KeyError would print the repr of the message
-        return str(self.args[0]) if self.args else ""
 
 
 def check_path(path: str | os.PathLike) -> str:

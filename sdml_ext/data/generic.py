@@ -32,8 +32,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .._files import publish
-from ._io import ArrayFile, MissingKeyError, naming_file, strings
+from ..errors import MissingKeyError
+from ..store.files import write_atomic
+from ._io import ArrayFile, naming_file, strings
 from .dataset import SPLIT_NAMES, Dataset, DatasetInfo, Modality, Split, default_class_names
 
 _KEY = re.compile(r"^(?P<modality>.+)_(?P<split>train|val|test)_(?P<part>x|y)$")
@@ -171,24 +172,14 @@ def to_arrays(dataset: Dataset) -> dict[str, np.ndarray]:
 def save_npz(dataset: Dataset, path: str | os.PathLike) -> None:
     """Write `dataset` to `path` as a compressed .npz in this layout, atomically.
 
-    The archive is written to a temporary file in the target directory and moved over `path`
-    with os.replace, so readers never see a partial file. `path` is used as given (no ".npz" is
+    The archive replaces `path` atomically (sdml_ext.store.files.write_atomic), so readers never
+    see a partial file. `path` is used as given (no ".npz" is
     appended).
     """
     path = os.fspath(path)
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **to_arrays(dataset))
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(buffer.getvalue())
-        publish(tmp, 0o666)  # mkstemp creates 0600; a plain create would give 0666 less the umask
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_atomic(path, buffer.getbuffer())
 
 
 def _read_split(f: ArrayFile, modality: str, split: str) -> tuple[np.ndarray, np.ndarray] | None:

@@ -1,5 +1,5 @@
 """Python faces of the compiled ops (``torch.ops.sdml.*``), one module per op family, each with
-its fake (meta) implementations and autograd. Schemas are declared in ``python/registration*.cpp``;
+its fake (meta) implementations and autograd. Schemas are declared in ``csrc/registration/*.cpp``;
 kernels live in ``csrc/``.
 """
 

@@ -1,6 +1,6 @@
 """The fused SDML loss op: Python face, fake (meta) implementation and autograd.
 
-The schemas are declared once in ``python/registration_dsae_loss.cpp``; kernels live in ``csrc/``.
+The schemas are declared once in ``csrc/registration/dsae_loss.cpp``; kernels live in ``csrc/``.
 The fake implementations run the same argument checks as the kernels (``csrc/dsae_loss_checks.cpp``,
 same messages), so a bad call fails under ``torch.compile`` tracing and ``FakeTensorMode`` too, and a
 meta tensor mixed with real ones is refused instead of returning uninitialized memory.

@@ -1,6 +1,6 @@
 """Retrieval ops: cosine top-k and ranking metrics (AP, precision@K, precision-recall).
 
-Schemas are declared in ``python/registration_retrieval.cpp``; kernels live in ``csrc/``. Every op
+Schemas are declared in ``csrc/registration/retrieval.cpp``; kernels live in ``csrc/``. Every op
 ranks the gallery for each query by descending cosine similarity, equal scores by ascending
 gallery index, without ever holding the full [Nq, Ng] similarity matrix. Inputs need not be
 normalized. The metric ops return per-query values (float64); NaN marks a query left out under

@@ -17,18 +17,12 @@ approximate faiss IVF/HNSW index for galleries past an exact-search budget. The 
 ``python -m sdml_ext.search``.
 """
 
+from ..errors import InputTypeError, SearchIndexError
 from .faiss_export import export_faiss, to_faiss
-from .index import (
-    Hits,
-    IndexWriter,
-    InputTypeError,
-    SearchIndex,
-    SearchIndexError,
-    build_index,
-    hit_quality,
-    load_index,
-    read_index_manifest,
-)
+from .format import read_index_manifest
+from .index import Hits, SearchIndex, build_index, load_index
+from .quality import hit_quality
+from .writer import IndexWriter
 
 __all__ = [
     "Hits",

@@ -1,8 +1,8 @@
-"""``python -m sdml_ext.search``: see :mod:`sdml_ext.search.cli`."""
+"""``python -m sdml_ext.search``: see :mod:`sdml_ext.cli.search`."""
 
 import sys
 
-from .. import cli
-from .cli import main
+from ..cli import run
+from ..cli.search import main
 
-sys.exit(cli.run(main))
+sys.exit(run(main))

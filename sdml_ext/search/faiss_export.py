@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .index import SearchIndex, write_new_file
+from ..store.files import write_new_file
+from .index import SearchIndex
 
 KINDS = ("ivf", "hnsw")
 

@@ -24,20 +24,18 @@ bounds) before a byte is mapped; opening a shard per block keeps nothing mapped 
 so pages already searched do not accumulate in the process's resident memory.
 
 Writes are atomic and never replace anything (an index is assembled in a temporary sibling
-directory and renamed into place). Loading reads JSON and safetensors only (never pickle) and
+directory and renamed into place: :mod:`sdml_ext.search.writer`). Loading reads JSON and safetensors only (never pickle) and
 verifies every file's sha256 (``verify=False`` skips that pass over the files of a huge trusted
 index). An index knows the bundle it came from and refuses a bundle with another P or another
-network for the gallery modality: codes from another model live in another space.
+network for the gallery modality: codes from another model live in another space (the format
+and its checks: :mod:`sdml_ext.search.format`; argument checks: :mod:`sdml_ext.search.checks`;
+P@k / mAP@k of hits: :mod:`sdml_ext.search.quality`).
 """
 
 from __future__ import annotations
 
-import datetime as _dt
-import json
 import mmap
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -45,35 +43,28 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.numpy import save_file
 from torch import Tensor
 
-from .._files import read_directory_manifest
-from ..bundle import Bundle, _file_sha256, _fsync_write_json, _publish, check_new_bundle_path, load, versions
+from ..errors import InputTypeError, SearchIndexError  # noqa: F401  (re-exported)
 from ..ops.retrieval import TopK, cosine_topk
-
-FORMAT = "sdml-search-index"
-FORMAT_VERSION = 1
-MANIFEST = "index.json"
-#: Default block and shard sizes, in bytes of float32 codes. A search holds one block (plus a
-#: copy on its way from the file); a build one encode block and one shard (plus the copy that
-#: safetensors serialises), so both stay at a few hundred MiB whatever the gallery.
-DEFAULT_BLOCK_BYTES = 32 << 20
-DEFAULT_SHARD_BYTES = 64 << 20
-ID_KINDS = ("position", "int", "str")
-#: Storage dtypes of the codes: float16 halves the files and the bytes a search reads, at the
-#: cost of rounding each stored code (searches compute in float32 either way).
-CODE_DTYPES = {"float32": (np.float32, "F32"), "float16": (np.float16, "F16")}
-LABEL_KINDS = ("class_ids", "multi_hot")
-
-
-class SearchIndexError(ValueError):
-    """An index path that is missing, not an index, corrupt, tampered with, or from another model."""
-
-
-class InputTypeError(TypeError, ValueError):
-    """An argument of the wrong type or dtype (a TypeError, and a ValueError like other bad input,
-    so the command line reports it in one line)."""
+from ..store.bundle import Bundle, load
+from .checks import check_features, check_ids, check_k, check_labels
+from .format import (  # noqa: F401  (re-exported: the format's names)
+    CODE_DTYPES,
+    DEFAULT_BLOCK_BYTES,
+    DEFAULT_SHARD_BYTES,
+    FORMAT,
+    FORMAT_VERSION,
+    ID_KINDS,
+    LABEL_KINDS,
+    MANIFEST,
+    check_bundle,
+    check_shard,
+    read_index_manifest,
+    rows_for_bytes,
+    source_of,
+)
+from .writer import IndexWriter, normalize_
 
 
 class Hits(NamedTuple):
@@ -86,76 +77,6 @@ class Hits(NamedTuple):
 
     scores: Tensor
     ids: Tensor | np.ndarray
-
-
-def normalize_(codes: Tensor) -> Tensor:
-    """L2-normalise the rows of codes [n, d] in place (F.normalize's arithmetic, without its
-    copy); the one normalisation every stored code goes through."""
-    return codes.div_(codes.norm(dim=1, keepdim=True).clamp_min(1e-12))
-
-
-def rows_for_bytes(nbytes: int, dim: int) -> int:
-    """Rows of float32 codes of width `dim` that fit in `nbytes` (at least 1)."""
-    return max(1, int(nbytes) // (4 * max(int(dim), 1)))
-
-
-def source_of(bundle: Bundle, modality: str) -> dict:
-    """The provenance an index records for codes of `modality` encoded by `bundle`."""
-    entry = next((m for m in bundle.manifest["modalities"] if m["name"] == modality), None)
-    if entry is None:
-        raise ValueError(f"bundle has no modality {modality!r}; it has: {', '.join(bundle.modality_names)}")
-    return {
-        "bundle": os.path.abspath(bundle.path),
-        "projection_sha256": bundle.manifest["projection"]["sha256"],
-        "modality": modality,
-        "network_sha256": entry["sha256"],
-    }
-
-
-def check_bundle(source: dict, bundle: Bundle) -> None:
-    """Raise SearchIndexError unless `bundle` is the model the index's codes came from (same P and the
-    same network for the gallery modality; the path may differ, e.g. after a move)."""
-    theirs = bundle.manifest["projection"]["sha256"]
-    if theirs != source["projection_sha256"]:
-        raise SearchIndexError(
-            f"bundle {bundle.path} has another projection P than the bundle the index was built with "
-            f"({source['bundle']}): its codes live in another space"
-        )
-    entry = next((m for m in bundle.manifest["modalities"] if m["name"] == source["modality"]), None)
-    if entry is None or entry["sha256"] != source["network_sha256"]:
-        raise SearchIndexError(
-            f"bundle {bundle.path} does not hold the {source['modality']!r} network the index was built with "
-            f"({source['bundle']}): use that bundle"
-        )
-
-
-# ---- argument checks ------------------------------------------------------------------------------
-
-
-def check_features(x, name: str = "features"):
-    """A 2-D real array (numpy, including a memory map, or a CPU/CUDA tensor) without grad.
-
-    Returns it unchanged (no copy: a memory-mapped gallery stays on disk); values are checked for
-    NaN/Inf block by block where they are encoded.
-    """
-    if isinstance(x, Tensor):
-        if x.requires_grad:
-            raise ValueError(f"{name} requires grad; pass {name}.detach() (search is not differentiable)")
-        dtype_ok = x.is_floating_point() or x.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
-        dtype = x.dtype
-    else:
-        if not isinstance(x, np.ndarray):
-            try:
-                x = np.asarray(x)
-            except (TypeError, ValueError) as exc:
-                raise InputTypeError(f"{name} is not a numeric array ({exc})") from None
-        dtype_ok = np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)
-        dtype = x.dtype
-    if not dtype_ok:
-        raise InputTypeError(f"{name} must hold real numbers, got dtype {dtype}")
-    if x.ndim != 2:
-        raise ValueError(f"{name} must be 2-D [n, D], got shape {tuple(x.shape)}")
-    return x
 
 
 def encode_blocks(bundle: Bundle, modality: str, x, block_rows: int) -> Iterator[tuple[int, Tensor]]:
@@ -175,210 +96,6 @@ def encode_blocks(bundle: Bundle, modality: str, x, block_rows: int) -> Iterator
         if mapping is not None and hasattr(mapping, "madvise"):
             mapping.madvise(mmap.MADV_DONTNEED)
         yield start, bundle.encode(modality, rows)
-
-
-def check_ids(ids, n: int) -> tuple[str, np.ndarray | list[str] | None]:
-    """(kind, values): ids given at build time for n gallery items; kind is one of ID_KINDS."""
-    if ids is None:
-        return "position", None
-    if isinstance(ids, Tensor):
-        ids = ids.detach().cpu().numpy()
-    arr = np.asarray(ids) if not isinstance(ids, np.ndarray) else ids
-    if arr.ndim != 1 or arr.shape[0] != n:
-        raise ValueError(f"ids must be a sequence of {n} ids (one per gallery item), got shape {arr.shape}")
-    if np.issubdtype(arr.dtype, np.integer):
-        return "int", arr.astype(np.int64, copy=False)
-    if arr.dtype.kind == "U" or (arr.dtype == object and all(isinstance(v, str) for v in arr)):
-        return "str", arr
-    raise InputTypeError(f"ids must be all integers or all strings, got dtype {arr.dtype}")
-
-
-def check_labels(labels, n: int) -> tuple[str | None, np.ndarray | None]:
-    """(kind, array): class ids [n] int64 (-1 = unlabelled) or multi-hot [n, c] uint8."""
-    if labels is None:
-        return None, None
-    if isinstance(labels, Tensor):
-        labels = labels.detach().cpu().numpy()
-    y = np.asarray(labels)
-    if y.ndim not in (1, 2) or y.shape[0] != n:
-        raise ValueError(f"labels must be [{n}] class ids or [{n}, c] multi-hot rows, got shape {y.shape}")
-    if not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating) or y.dtype == np.bool_):
-        raise InputTypeError(f"labels must be numeric, got dtype {y.dtype}")
-    if y.ndim == 2:
-        if not np.isin(y, (0, 1)).all():
-            raise ValueError("multi-hot labels must contain only 0 and 1")
-        return "multi_hot", y.astype(np.uint8)
-    if np.issubdtype(y.dtype, np.floating) and not (np.isfinite(y).all() and (y == np.round(y)).all()):
-        raise ValueError("labels must be integer class ids")
-    y = y.astype(np.int64)
-    if y.size and y.min() < -1:
-        raise ValueError(f"labels must be class ids >= -1 (-1 = unlabelled), got {int(y.min())}")
-    return "class_ids", y
-
-
-def check_k(k, n: int) -> int:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-        raise InputTypeError(f"k must be an int, got {type(k).__name__}")
-    if not 1 <= k <= n:
-        raise ValueError(f"k must be in [1, {n}] (the gallery has {n} items), got {k}")
-    return int(k)
-
-
-# ---- writing --------------------------------------------------------------------------------------
-
-
-def write_new_file(path, write) -> Path:
-    """Create the file `path` with ``write(tmp_path)``: written under a temporary name in the same
-    directory, then hard-linked into place, which fails (FileExistsError) rather than replace a
-    file that exists or appeared meanwhile; the temporary name is always removed."""
-    path = Path(path)
-    if path.exists():
-        raise FileExistsError(f"output {path} already exists; choose another path or remove it first")
-    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.tmp-")
-    os.close(fd)
-    try:
-        write(tmp)
-        _publish(Path(tmp), 0o666)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            raise FileExistsError(f"output {path} already exists; choose another path or remove it first") from None
-    finally:
-        os.unlink(tmp)
-    return path
-
-
-def _shard_name(i: int) -> str:
-    return f"shard-{i:05d}.safetensors"
-
-
-class IndexWriter:
-    """Append codes (with their ids and labels) to a new index directory, one shard at a time.
-
-    Use as a context manager; leaving the block without an exception commits the index (writes
-    index.json and renames the directory into place), an exception removes everything written.
-    Memory: one shard buffer of `shard_rows` rows.
-
-    Args:
-        path: the new index directory; must not exist (or be an empty directory).
-        source: provenance from :func:`source_of`.
-        dim: code width d.
-        shard_rows: rows per shard file (the last may hold fewer); default ~64 MiB of codes.
-        id_kind: one of ID_KINDS; label_kind: one of LABEL_KINDS or None; num_classes: the
-            multi-hot width.
-        dtype: storage dtype of the codes, a key of CODE_DTYPES.
-    """
-
-    def __init__(self, path, source: dict, dim: int, *, shard_rows: int | None = None, id_kind: str = "position",
-                 label_kind: str | None = None, num_classes: int | None = None, dtype: str = "float32"):
-        if dtype not in CODE_DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(CODE_DTYPES)}, got {dtype!r}")
-        self.dtype = dtype
-        if shard_rows is not None and (isinstance(shard_rows, bool) or int(shard_rows) < 1):
-            raise ValueError(f"shard_rows must be >= 1, got {shard_rows}")
-        self.path = check_new_bundle_path(path)
-        self.source, self.dim = dict(source), int(dim)
-        self.shard_rows = int(shard_rows) if shard_rows else rows_for_bytes(DEFAULT_SHARD_BYTES, dim)
-        self.id_kind, self.label_kind, self.num_classes = id_kind, label_kind, num_classes
-        self._tmp = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}.tmp-"))
-        _publish(self._tmp, 0o777)
-        self._shards: list[dict] = []
-        self._codes: np.ndarray | None = None  # the shard being filled, allocated once
-        self._pending: list[tuple[object, object]] = []  # its ids and labels
-        self._pending_rows = 0
-        self.rows = 0
-
-    def append(self, codes: Tensor, ids=None, labels=None, *, normalized: bool = False) -> None:
-        """Add rows: codes [r, d] (L2-normalised here unless `normalized` says they are: a second
-        normalisation may change the last bit), their ids [r] and labels ([r] or [r, c])."""
-        codes = codes.detach().to("cpu", torch.float32)
-        if not normalized:
-            codes = normalize_(codes.clone())
-        if codes.dim() != 2 or codes.shape[1] != self.dim:
-            raise ValueError(f"codes must be [r, {self.dim}], got {tuple(codes.shape)}")
-        start = 0
-        while start < codes.shape[0]:
-            take = min(codes.shape[0] - start, self.shard_rows - self._pending_rows)
-            cut = slice(start, start + take)
-            if self._codes is None:
-                self._codes = np.empty((self.shard_rows, self.dim), dtype=CODE_DTYPES[self.dtype][0])
-            self._codes[self._pending_rows:self._pending_rows + take] = codes[cut].numpy()
-            self._pending.append((None if ids is None else ids[cut], None if labels is None else labels[cut]))
-            self._pending_rows += take
-            start += take
-            if self._pending_rows == self.shard_rows:
-                self._flush()
-
-    def _flush(self) -> None:
-        if not self._pending_rows:
-            return
-        arrays = {"codes": self._codes[:self._pending_rows]}
-        if self.id_kind == "int":
-            arrays["ids"] = np.concatenate([i for i, _ in self._pending]).astype(np.int64)
-        elif self.id_kind == "str":
-            encoded = [str(s).encode("utf-8") for ids, _ in self._pending for s in ids]
-            arrays["id_offsets"] = np.concatenate([[0], np.cumsum([len(b) for b in encoded], dtype=np.int64)])
-            arrays["id_utf8"] = np.frombuffer(b"".join(encoded), dtype=np.uint8).copy()
-        if self.label_kind is not None:
-            arrays["labels"] = np.concatenate([y for _, y in self._pending])
-        name = _shard_name(len(self._shards))
-        file = self._tmp / name
-        # One metadata key (the format is in index.json): safetensors writes its metadata map in a
-        # random order, so a second key would make the same shard a different file from build to build.
-        save_file(arrays, str(file), metadata={"first_row": str(self.rows)})
-        with open(file, "rb+") as f:
-            os.fsync(f.fileno())
-        _publish(file, 0o666)
-        self._shards.append({"file": name, "rows": self._pending_rows, "sha256": _file_sha256(file)})
-        self.rows += self._pending_rows
-        self._pending, self._pending_rows = [], 0
-
-    def commit(self) -> Path:
-        self._flush()
-        self._codes = None
-        if self.rows == 0:
-            raise ValueError("the gallery is empty: an index needs at least one item")
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "versions": versions(),
-            "source": self.source,
-            "rows": self.rows,
-            "dim": self.dim,
-            "dtype": self.dtype,
-            "ids": self.id_kind,
-            "labels": self.label_kind,
-            "num_classes": self.num_classes,
-            "shards": self._shards,
-        }
-        _fsync_write_json(self._tmp / MANIFEST, manifest)
-        try:
-            os.rename(self._tmp, self.path)  # fails rather than replace a non-empty directory
-        except OSError as exc:
-            raise SearchIndexError(
-                f"cannot move the finished index into place at {self.path}: {exc.strerror or exc}"
-            ) from None
-        return self.path
-
-    def abort(self) -> None:
-        shutil.rmtree(self._tmp, ignore_errors=True)
-
-    def __enter__(self) -> IndexWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            try:
-                self.commit()
-            except BaseException:
-                self.abort()
-                raise
-        else:
-            self.abort()
-
-
-# ---- the index ------------------------------------------------------------------------------------
 
 
 class SearchIndex:
@@ -425,6 +142,11 @@ class SearchIndex:
         if value is not None and (isinstance(value, bool) or int(value) < 1):
             raise ValueError(f"block_rows must be >= 1, got {value}")
         self._block_rows = int(value) if value else rows_for_bytes(DEFAULT_BLOCK_BYTES, self.d)
+
+    @property
+    def shard_count(self) -> int:
+        """Shard files of an index on disk (0 for one built in memory)."""
+        return 0 if self._manifest is None else len(self._manifest["shards"])
 
     def __len__(self) -> int:
         return self.n
@@ -631,64 +353,6 @@ def build_index(bundle: Bundle | str | os.PathLike, modality: str, features, *, 
     return load_index(writer.path, bundle, block_rows=block_rows, verify=False)
 
 
-def read_index_manifest(path) -> dict:
-    """The index.json of the index at `path`; SearchIndexError if it is not a readable index."""
-    path = Path(path)
-    file = path / MANIFEST
-    manifest = read_directory_manifest(path, MANIFEST, "search index", SearchIndexError)
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise SearchIndexError(f"{file}: not an SDML search index (format is not {FORMAT!r})")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise SearchIndexError(f"{file}: index format version {manifest.get('format_version')} is not supported "
-                               f"(this sdml_ext reads version {FORMAT_VERSION})")
-    try:
-        shards = manifest["shards"]
-        ok = (isinstance(manifest["rows"], int) and isinstance(manifest["dim"], int) and manifest["ids"] in ID_KINDS
-              and manifest["dtype"] in CODE_DTYPES
-              and manifest["labels"] in (None, *LABEL_KINDS) and isinstance(shards, list) and shards
-              and sum(int(s["rows"]) for s in shards) == manifest["rows"]
-              and all(isinstance(s["file"], str) and "/" not in s["file"] and not s["file"].startswith(".") for s in shards)
-              and {"bundle", "projection_sha256", "modality", "network_sha256"} <= set(manifest["source"]))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise SearchIndexError(f"{file}: malformed index manifest ({exc})") from None
-    if not ok:
-        raise SearchIndexError(f"{file}: malformed index manifest (inconsistent rows, shards, ids or labels)")
-    return manifest
-
-
-def _check_shard(path: Path, shard: dict, first_row: int, manifest: dict, verify: bool) -> None:
-    """Raise SearchIndexError unless the shard file exists, matches its checksum (if `verify`),
-    holds the arrays index.json promises and starts at the row index.json places it at."""
-    file = path / shard["file"]
-    if not file.is_file():
-        raise SearchIndexError(f"index file missing: {file}")
-    if verify and _file_sha256(file) != shard["sha256"]:
-        raise SearchIndexError(f"{file} does not match its checksum in {MANIFEST} (corrupt or tampered with)")
-    rows, dim = int(shard["rows"]), int(manifest["dim"])
-    want = {"codes": ([rows, dim], CODE_DTYPES[manifest["dtype"]][1])}
-    if manifest["ids"] == "int":
-        want["ids"] = ([rows], "I64")
-    elif manifest["ids"] == "str":
-        want["id_offsets"] = ([rows + 1], "I64")
-    if manifest["labels"] == "class_ids":
-        want["labels"] = ([rows], "I64")
-    elif manifest["labels"] == "multi_hot":
-        want["labels"] = ([rows, manifest["num_classes"]], "U8")
-    try:
-        with safe_open(str(file), "np") as f:
-            stored = (f.metadata() or {}).get("first_row")
-            if stored != str(first_row):
-                raise SearchIndexError(f"{file} holds rows from {stored}, but {MANIFEST} places it at row {first_row}")
-            for key, (shape, dtype) in want.items():
-                s = f.get_slice(key)
-                if list(s.get_shape()) != shape or s.get_dtype() != dtype:
-                    raise SearchIndexError(f"{file}: {key!r} is {s.get_dtype()} {s.get_shape()}, expected {dtype} {shape}")
-    except SearchIndexError:
-        raise
-    except Exception as exc:  # safetensors raises its own error types for malformed files
-        raise SearchIndexError(f"{file}: unreadable safetensors file ({exc})") from None
-
-
 def load_index(path, bundle: Bundle | str | os.PathLike | None = None, *, in_memory: bool = False,
                device=None, block_rows: int | None = None, verify: bool = True) -> SearchIndex:
     """Open the index at `path`.
@@ -707,7 +371,7 @@ def load_index(path, bundle: Bundle | str | os.PathLike | None = None, *, in_mem
     manifest = read_index_manifest(path)
     first_row = 0
     for shard in manifest["shards"]:
-        _check_shard(path, shard, first_row, manifest, verify)
+        check_shard(path, shard, first_row, manifest, verify)
         first_row += int(shard["rows"])
     if bundle is None:
         bundle = manifest["source"]["bundle"]
@@ -729,37 +393,3 @@ def load_index(path, bundle: Bundle | str | os.PathLike | None = None, *, in_mem
     labels = None if index.label_kind is None else index._stored(rows, "labels")
     return SearchIndex(bundle, manifest["source"], codes=index.codes(), path=path, ids=ids, id_kind=index.id_kind,
                        labels=labels, label_kind=index.label_kind, block_rows=block_rows)
-
-
-def hit_quality(index: SearchIndex, top: TopK, query_labels) -> dict:
-    """P@k and mAP@k of queries from their top-k rows and labels (gallery labels from the index).
-
-    Relevant means the same class id (>= 0) or, for multi-hot rows, a shared class. AP@k divides
-    by the relevant items within k and a query without any scores 0 (the defaults of
-    :func:`sdml_ext.ops.average_precision`, which ranks a whole in-memory gallery and gives the same
-    values); computed from the hit list, so it works for a streamed gallery too.
-
-    Args:
-        top: TopK of :meth:`SearchIndex.search_codes`, indices [nq, k].
-        query_labels: [nq] class ids or [nq, c] multi-hot rows, the kind the index's labels are.
-    Returns: {"k", "queries", "precision_at_k", "map_at_k"}.
-    """
-    nq, k = top.indices.shape
-    if nq == 0:
-        raise ValueError("no queries to score")
-    kind, ql = check_labels(query_labels, nq)
-    if kind != index.label_kind:
-        raise ValueError(f"query labels are {kind} but the index's gallery labels are {index.label_kind}")
-    gl = index.labels_of(top.indices)
-    ql = torch.from_numpy(ql)
-    if kind == "class_ids":
-        rel = (gl == ql[:, None]) & (ql[:, None] >= 0)
-    else:
-        if gl.shape[-1] != ql.shape[1]:
-            raise ValueError(f"query labels have {ql.shape[1]} classes, the index's {gl.shape[-1]}")
-        rel = ((gl != 0) & (ql[:, None, :] != 0)).any(dim=2)
-    rel = rel.double()
-    hits = rel.sum(dim=1)
-    precision = rel.cumsum(dim=1) / torch.arange(1, k + 1, dtype=torch.float64)
-    ap = torch.where(hits > 0, (precision * rel).sum(dim=1) / hits.clamp(min=1), torch.zeros_like(hits))
-    return {"k": k, "queries": nq, "precision_at_k": float((hits / k).mean()), "map_at_k": float(ap.mean())}

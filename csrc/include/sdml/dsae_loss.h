@@ -1,6 +1,6 @@
 #pragma once
 // Host side of the fused SDML loss op, shared by the CPU and CUDA entry points: argument checks,
-// sizes, output allocation and the CUDA launch limits (schemas in python/registration_dsae_loss.cpp).
+// sizes, output allocation and the CUDA launch limits (schemas in csrc/registration/dsae_loss.cpp).
 // Compiled into every build, so the CUDA limit checks run (and are tested) without a GPU.
 #include <cstdint>
 #include <optional>

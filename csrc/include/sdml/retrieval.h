@@ -1,6 +1,6 @@
 #pragma once
 // Host entry points shared by the CPU and CUDA retrieval kernels (schemas in
-// python/registration_retrieval.cpp; metric math in sdml/retrieval_math.h).
+// csrc/registration/retrieval.cpp; metric math in sdml/retrieval_math.h).
 #include <optional>
 #include <string_view>
 #include <utility>
@@ -10,6 +10,25 @@
 #include "sdml/retrieval_math.h"
 
 namespace sdml {
+
+// The sizes of a retrieval call whose arguments passed retrieval_prologue.
+struct RetrievalSizes {
+  int64_t nq, ng, d;  // query rows, gallery rows, embedding size
+  int64_t ranked;     // items each query ranks: ng, less the query itself under exclude_self
+};
+
+// The first thing every retrieval entry point (CPU and CUDA) does, before it reads a size or
+// allocates an output: validates query [Nq, d] and gallery [Ng, d] (floating, one dtype and
+// device, 2-D, d > 0, Ng > 0; Nq == Ng > 1 under exclude_self) and, for the metric ops, the
+// labels' ranks, row counts and devices; then returns the sizes. A wrong rank (a 0-D tensor
+// included) raises a ValueError naming the argument, as the fake implementations do. The data
+// checks (finite values, zero norms, label values) follow in normalized_embeddings and
+// prepare_labels.
+RetrievalSizes retrieval_prologue(const char* op, const at::Tensor& query, const at::Tensor& gallery,
+                                  bool exclude_self);
+RetrievalSizes retrieval_prologue(const char* op, const at::Tensor& query, const at::Tensor& gallery,
+                                  const at::Tensor& query_labels, const at::Tensor& gallery_labels,
+                                  bool exclude_self);
 
 // Validates query [Nq, d] and gallery [Ng, d] (floating, one dtype and device, finite, no
 // zero-norm row; Nq == Ng when exclude_self) and returns contiguous L2-normalized copies,

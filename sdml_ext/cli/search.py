@@ -25,8 +25,11 @@ import numpy as np
 
 from ..data import DATASET_NAMES, load_dataset, save_npz
 from ..data._io import ArrayFile, check_path, strings
-from .faiss_export import KINDS, export_faiss
-from .index import CODE_DTYPES, build_index, hit_quality, load_index, write_new_file
+from ..search.faiss_export import KINDS, export_faiss
+from ..search.format import CODE_DTYPES
+from ..search.index import build_index, load_index
+from ..search.quality import hit_quality
+from ..store.files import write_new_file
 
 SPLITS = ("test", "val", "train")
 
@@ -161,7 +164,7 @@ def _positive(value, flag: str) -> None:
 def cmd_build(args) -> int:
     _positive(args.shard_rows, "--shard-rows")
     _positive(args.block_rows, "--block-rows")
-    from ..bundle import load
+    from ..store.bundle import load
 
     bundle = load(args.bundle, args.device)
     bundle.input_dim(args.modality)  # an unknown modality is named before any data is read
@@ -170,8 +173,7 @@ def cmd_build(args) -> int:
     labels = None if args.no_labels else source.labels
     index = build_index(bundle, args.modality, source.x, ids=ids, labels=labels, path=args.out,
                         shard_rows=args.shard_rows, block_rows=args.block_rows, dtype=args.dtype)
-    shards = len(index._manifest["shards"])
-    print(f"wrote {args.out}: {index.n} {args.modality!r} items, d={index.d}, {shards} shard(s), "
+    print(f"wrote {args.out}: {index.n} {args.modality!r} items, d={index.d}, {index.shard_count} shard(s), "
           f"{args.dtype}, ids: {index.id_kind}, labels: {index.label_kind or 'none'}")
     return 0
 

@@ -30,7 +30,7 @@ from .training import TrainOptions
 @dataclass(frozen=True)
 class RunConfig(TrainOptions):
     """Every setting of a training run (see ``python -m sdml_ext.train --help``): the training
-    hyper-parameters it inherits from :class:`~sdml_ext.training.TrainOptions` (one name and one
+    hyper-parameters it inherits from :class:`~sdml_ext.engine.training.TrainOptions` (one name and one
     default each) and what the run reads, where it trains and where it writes.
 
     Sequences are stored as tuples. Use ``dataclasses.replace`` to change a setting.

@@ -1,7 +1,8 @@
 """What the command-line tools share: user errors become one line on stderr and exit status 2,
 without a traceback (set SDML_DEBUG=1 to see it); a crashed training worker (not the input's
-fault) is one line and exit status 1; Ctrl-C exits with 130. Outputs are written atomically
-(see sdml_ext.bundle), so an interrupted or failed run leaves no half-written bundle."""
+fault) is one line and exit status 1, as is a distributed job that stopped because one of its
+ranks failed; Ctrl-C exits with 130. Only this module ends a process or chooses its exit status. Outputs are written atomically
+(see sdml_ext.store.bundle), so an interrupted or failed run leaves no half-written bundle."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import os
 import sys
 from collections.abc import Callable
 
-from .errors import BundleError, ModalityError, WorkerCrash
-from .signals import terminate_as_interrupt
+from ..engine.signals import terminate_as_interrupt
+from ..errors import BundleError, JobStopped, ModalityError, WorkerCrash
 
 # What bad input raises: data-layer ValueError/MissingKeyError, missing files, unreadable paths,
 # bundle problems and a modality that failed because of its data (ModalityError names it).
@@ -30,6 +31,12 @@ def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) 
         hint = getattr(exc, "resume_hint", None)
         print(f"{prog}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return getattr(exc, "exit_status", 130)
+    except JobStopped as exc:
+        if debug:
+            raise
+        if exc.message:
+            print(f"error: {exc.message}", file=sys.stderr, flush=True)
+        return exc.exit_status
     except WorkerCrash as exc:
         if debug:
             if exc.detail:
@@ -43,3 +50,12 @@ def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) 
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def stop_process(message: str | None) -> None:
+    """End this process at once with status 1, from any thread, after printing `message` (if
+    any) as one error line: a distributed rank whose job failed elsewhere, which may be inside a
+    computation or a collective that an exception would not interrupt."""
+    if message:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    os._exit(JobStopped.exit_status)

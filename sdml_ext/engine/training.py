@@ -3,7 +3,7 @@
 A :class:`ModalityTrainer` owns everything one modality needs: its network, its Adam optimizer,
 its data on the device and its own random generators, seeded from (run seed, modality index).
 Nothing is shared between modalities but the constant P, which is why the three strategies of
-:mod:`sdml_ext.strategies` (joint, serial, parallel) give the same models: they only differ in
+:mod:`sdml_ext.engine.strategies` (joint, serial, parallel) give the same models: they only differ in
 how the trainers' steps are interleaved in time and where they run (bitwise with the same thread
 count; a different count changes the GEMMs' summation order, so weights agree to float rounding).
 """
@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..data import Modality
+from ..loss import DSAELoss, label_targets
+from ..model import DEFAULT_CODE_DIM, DEFAULT_HIDDEN, DSAE
+from ..preprocess import PREPROCESS_MODES, Preprocessor
 from .cuda_graph_step import GraphTraining, graphs_enabled
-from .data import Modality
-from .loss import DSAELoss, label_targets
-from .model import DEFAULT_CODE_DIM, DEFAULT_HIDDEN, DSAE
-from .preprocess import PREPROCESS_MODES, Preprocessor
 from .records import EpochStats, ModalityResult
 
 DEFAULT_LRS = (1e-4, 2e-4)
@@ -44,7 +44,7 @@ _EVAL_CHUNK = 2048  # rows per forward pass when scoring a split, to bound activ
 @dataclass(frozen=True)
 class TrainOptions:
     """Hyper-parameters shared by all modalities of a run: the authors' recipe except for the
-    number of epochs (see DEFAULT_EPOCHS). :class:`sdml_ext.config.RunConfig`, the settings of a
+    number of epochs (see DEFAULT_EPOCHS). :class:`sdml_ext.engine.config.RunConfig`, the settings of a
     whole run, extends this class, so every setting has one name and one default.
 
     lr: learning rates by modality index; modalities past the end use the last value (a single
@@ -150,7 +150,7 @@ class ModalityTrainer:
     Args:
         task: the modality and the run's options.
         device: where to train ("cpu", "cuda:0", ...).
-        graphs: replay each step from a CUDA graph (:mod:`sdml_ext.cuda_graph_step`): None =
+        graphs: replay each step from a CUDA graph (:mod:`sdml_ext.engine.cuda_graph_step`): None =
             on CUDA devices unless SDML_CUDA_GRAPHS=0; False = eager steps (the reference);
             True on the CPU runs the graph path's steps uncaptured (for tests).
     """
@@ -293,7 +293,7 @@ class ModalityTrainer:
     def run(self, on_epoch: Callable[[EpochStats], None] | None = None, checkpoints=None) -> ModalityResult:
         """All epochs; ``on_epoch(stats)`` after each (progress, cancellation by raising).
 
-        checkpoints: a :class:`sdml_ext.checkpoint.Checkpoints`; training continues from this
+        checkpoints: a :class:`sdml_ext.engine.checkpoint.Checkpoints`; training continues from this
         modality's checkpoint there, if any (its past epochs are replayed to ``on_epoch``), and
         saves one at the end of epochs as the checkpoints' cadence says and after the last.
         """

@@ -15,12 +15,10 @@ import socket
 import threading
 from collections.abc import Iterator
 
+from ..errors import LockedError
+
 _held: dict[str, tuple[int, int]] = {}  # resolved path -> (fd, depth) held by this process
 _guard = threading.Lock()
-
-
-class LockedError(OSError):
-    """Another process holds the lock."""
 
 
 @contextlib.contextmanager

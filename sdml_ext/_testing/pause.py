@@ -6,7 +6,7 @@ test meanwhile signals or kills it, or removes the file to let it go on. Events:
 ``epoch:NAME:K`` (modality NAME finished epoch K and its checkpoint decision), ``bundle-save``
 (a new bundle's files are written, not yet renamed into place), ``bundle-add`` (an add-modality
 run holds the bundle's lock and is about to write into it). Without the variables this is a
-dictionary lookup.
+dictionary lookup: inert outside the tests.
 """
 
 from __future__ import annotations

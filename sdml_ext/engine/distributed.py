@@ -45,7 +45,8 @@ import torch.distributed as dist
 from safetensors.numpy import load as load_arrays
 from safetensors.numpy import save as save_arrays
 
-from .errors import WorkerCrash, WorkerError
+from ..errors import JobStopped, WorkerCrash, WorkerError
+from ..store.files import safetensors_metadata
 from .strategies import RunReport, _peak_rss_bytes, train_tasks, usable_cores
 from .training import EpochStats, ModalityResult, ModalityTask
 
@@ -83,8 +84,7 @@ def encode_result(result: ModalityResult) -> bytes:
 
 
 def decode_result(data: bytes) -> ModalityResult:
-    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
-    record = json.loads(header["__metadata__"]["result"])
+    record = json.loads(safetensors_metadata(data)["result"])
     record["history"] = [EpochStats(**s) for s in record["history"]]
     return ModalityResult(state=load_arrays(data), **record)
 
@@ -237,19 +237,21 @@ class Job:
         return finish
 
 
-def _abort(message: str, job: Job) -> None:
-    """Another rank failed: stop this one at once (rank 0 says why)."""
-    if job.is_main:
-        print(f"error: {message}", file=sys.stderr, flush=True)
-    os._exit(1)
+#: What ends this process at once, from any thread: called with the job's one-line failure
+#: message (None where another rank prints it). Supplied by the command line, which alone decides
+#: how a process exits (see sdml_ext.cli.stop_process).
+StopProcess = Callable[[str | None], None]
 
 
 def train_distributed(job: Job, names: Sequence[str], costs: dict[int, float], assignment: dict[int, int],
-                      mine: Sequence[ModalityTask], epochs: int, checkpoints, on_epoch) -> RunReport | None:
+                      mine: Sequence[ModalityTask], epochs: int, checkpoints, on_epoch,
+                      stop_process: StopProcess) -> RunReport | None:
     """Train this rank's tasks `mine` (its share of `names` under `assignment`, index -> rank,
     planned from `costs`, index -> training_cost); rank 0 gets every modality back in a
     RunReport (the other ranks get None). A failure anywhere ends every rank with one message
-    naming the rank, host and modality."""
+    naming the rank, host and modality: raised as JobStopped in this thread; when another rank
+    fails, the watch thread calls `stop_process` (this rank may be inside a long computation or
+    a collective that would not notice an exception)."""
     job.set_plan(names, assignment)
     if job.is_main:
         plan = ", ".join(f"rank {r}: {', '.join(job.plan[r]) or 'idle'}" for r in range(job.world_size))
@@ -261,7 +263,8 @@ def train_distributed(job: Job, names: Sequence[str], costs: dict[int, float], a
         with lock:
             on_epoch(stats)
 
-    finish_watch = job.watch(list(names), epochs, show if job.is_main else None, lambda message: _abort(message, job))
+    finish_watch = job.watch(list(names), epochs, show if job.is_main else None,
+                             lambda message: stop_process(message if job.is_main else None))
     device = job.device()
     start = time.perf_counter()
     report = None
@@ -274,7 +277,7 @@ def train_distributed(job: Job, names: Sequence[str], costs: dict[int, float], a
                 message = f"{job.where()}: {exc}"
                 job.fail(message)
                 if job.is_main:
-                    _abort(message, job)
+                    raise JobStopped(message) from None
                 _await_abort(message)
         payload = {
             "rank": job.rank,
@@ -328,9 +331,9 @@ def _check_same_plan(job: Job, names: Sequence[str], costs: dict[int, float]) ->
 
 
 def _report_lost_rank(job: Job) -> None:
-    """This rank was stopped, or lost a peer: if a rank of the job vanished, the lowest
-    surviving rank says which (rank, host, modalities) in one line and every survivor exits 1.
-    Returns when no rank vanished (the job was stopped on purpose)."""
+    """This rank was stopped, or lost a peer: if a rank of the job failed or vanished, raise
+    JobStopped (for a vanished rank, the lowest surviving rank's says which: rank, host,
+    modalities). Returns when no rank vanished (the job was stopped on purpose)."""
     previous = None
     with contextlib.suppress(ValueError):  # only the main thread sets handlers
         previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the launcher's SIGTERM: finish telling first
@@ -343,18 +346,16 @@ def _report_lost_rank(job: Job) -> None:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
         return
-    if lost and job.rank == min(r for r in range(job.world_size) if r not in lost):
-        print(f"error: {job.describe_lost(lost)}", file=sys.stderr, flush=True)
-    os._exit(1)
+    says = lost and job.rank == min(r for r in range(job.world_size) if r not in lost)
+    raise JobStopped(job.describe_lost(lost) if says else None) from None
 
 
 def _await_abort(message: str) -> None:
     """A failed rank other than 0: rank 0 prints the message and ends the job; if rank 0 is gone
-    already, print it here."""
+    already, this rank says it (JobStopped)."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # torchrun ending the job: no second message
     time.sleep(5 * _POLL_S)
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    os._exit(1)
+    raise JobStopped(message) from None
 
 
 def barrier() -> None:

@@ -15,7 +15,7 @@ epoch, time, memory), plus the run's report and metrics.
 Writes are atomic: a new bundle is assembled in a temporary sibling directory and renamed into
 place; adding a modality writes its file under a temporary name, renames it, and then replaces
 the manifest (os.replace), so a reader sees either the old bundle or the new one. Writers of an
-existing bundle hold its lock file ``.lock`` (see sdml_ext.locking), so concurrent writers never
+existing bundle hold its lock file ``.lock`` (see sdml_ext.store.locking), so concurrent writers never
 lose each other's changes: the later one fails at once. Loading reads JSON and safetensors only
 (never pickle), checks the manifest's schema once and verifies every checksum; a network is only
 built once its weights file is known to hold it.
@@ -24,31 +24,41 @@ built once its weights file is known to hold it.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
-import json
 import os
 import platform
 import re
-import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from safetensors.numpy import save as save_arrays
 from safetensors.numpy import save_file
 from safetensors.torch import load_file
 from torch import Tensor
 
-from ._files import publish as _publish
-from ._files import read_directory_manifest
-from .devices import ready_device
-from .errors import BundleError
+from ..devices import ready_device
+from .._testing.pause import pause_point
+from ..errors import BundleError
+from ..model import DSAE
+from ..preprocess import PREPROCESS_MODES, Preprocessor
+from .files import (
+    json_safe,
+    new_directory,
+    publish,
+    read_directory_manifest,
+    sha256_file,
+    tensor_checksum,
+    write_atomic,
+    write_json,
+    write_json_atomic,
+)
 from .locking import exclusive
-from .model import DSAE, tensor_checksum
-from .preprocess import PREPROCESS_MODES, Preprocessor
-from .records import ModalityResult
-from .testhooks import pause_point
+
+if TYPE_CHECKING:  # the bundle writer reads trained results; it needs no part of the engine
+    from ..engine.records import ModalityResult
 
 FORMAT = "sdml-bundle"
 FORMAT_VERSION = 1
@@ -61,7 +71,7 @@ def versions() -> dict:
     """Versions of what produced a bundle."""
     import safetensors
 
-    from . import __version__
+    from .. import __version__
 
     return {
         "sdml_ext": __version__,
@@ -70,41 +80,6 @@ def versions() -> dict:
         "safetensors": safetensors.__version__,
         "python": platform.python_version(),
     }
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _fsync_write_json(path: Path, data: dict) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, allow_nan=False, default=_json_default)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _json_default(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
-
-
-def json_safe(value):
-    """JSON has no NaN: NaN/Inf floats (e.g. a loss with no validation data) become None."""
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
 
 
 def check_new_bundle_path(path: str | os.PathLike) -> Path:
@@ -131,21 +106,16 @@ def _modality_file(index: int) -> str:
 
 
 def _write_modality(directory: Path, result: ModalityResult, final_name: str) -> dict:
-    """Write one modality's tensors (temporary name, then rename); return its manifest entry."""
-    tmp = directory / f".{final_name}.tmp"
+    """Write one modality's tensors (atomically, see sdml_ext.store.files); return its manifest entry."""
     arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in result.state.items()}
     # One metadata key: safetensors writes its metadata map in a random order, so two keys would
     # make the same weights a different file (and sha256) from one save to the next.
-    save_file(arrays, str(tmp), metadata={"format": FORMAT})
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    _publish(tmp, 0o666)
-    os.replace(tmp, directory / final_name)
+    write_atomic(directory / final_name, save_arrays(arrays, metadata={"format": FORMAT}))
     return {
         "name": result.name,
         "index": result.index,
         "file": final_name,
-        "sha256": _file_sha256(directory / final_name),
+        "sha256": sha256_file(directory / final_name),
         "input_dim": result.model_options["input_dim"],
         "model": result.model_options,
         "preprocess": result.preprocess,
@@ -183,11 +153,10 @@ def save_bundle(
         raise ValueError(f"modality indices must be 0..{len(results) - 1} in order, got {[r.index for r in results]}")
     if len(class_names) != P.shape[1]:
         raise ValueError(f"{len(class_names)} class names but P has {P.shape[1]} columns")
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    try:
-        _publish(tmp, 0o777)
+    with new_directory(path, error=BundleError, kind="bundle") as directory:
+        tmp = directory.tmp
         save_file({"P": P.detach().cpu().contiguous().numpy()}, str(tmp / PROJECTION_FILE), metadata={"format": FORMAT})
-        _publish(tmp / PROJECTION_FILE, 0o666)
+        publish(tmp / PROJECTION_FILE, 0o666)
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -207,15 +176,8 @@ def save_bundle(
             "runs": [json_safe(run)],
             "metrics": json_safe(metrics or {}),
         }
-        _fsync_write_json(tmp / MANIFEST, manifest)
+        write_json(tmp / MANIFEST, manifest)
         pause_point("bundle-save")
-        try:
-            os.rename(tmp, path)  # fails (ENOTEMPTY/EEXIST) rather than replace a non-empty dir
-        except OSError as exc:
-            raise BundleError(f"cannot move the finished bundle into place at {path}: {exc.strerror or exc}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
@@ -346,12 +308,6 @@ def check_manifest(manifest, where: str = MANIFEST) -> None:
         s.fail("modalities[*].file", f"names a file twice: {files}")
 
 
-def _write_manifest(path: Path, manifest: dict) -> None:
-    tmp = path / f".{MANIFEST}.tmp"
-    _fsync_write_json(tmp, manifest)
-    os.replace(tmp, path / MANIFEST)
-
-
 def bundle_lock(path: str | os.PathLike):
     """Context manager: hold the bundle's writer lock (LockedError, an OSError, if another
     process holds it). Nests within one process."""
@@ -389,7 +345,7 @@ def _add_locked(path: Path, results: Sequence[ModalityResult], run: dict, metric
     manifest["modalities"] += entries
     manifest["runs"].append(json_safe(run))
     manifest["metrics"].update(json_safe(metrics or {}))
-    _write_manifest(path, manifest)
+    write_json_atomic(path / MANIFEST, manifest)
 
 
 class Bundle:
@@ -448,6 +404,16 @@ class Bundle:
     def config(self) -> dict:
         return self.manifest.get("config", {})
 
+    @property
+    def projection_sha256(self) -> str | None:
+        """The checksum of P the manifest records (None for a bundle not yet written)."""
+        return self.manifest.get("projection", {}).get("sha256")
+
+    def network_sha256(self, modality: str) -> str | None:
+        """The checksum of the modality's weights file (None until it is written); ValueError
+        naming the bundle's modalities if it has no such modality."""
+        return self._entry(modality).get("sha256")
+
     def input_dim(self, modality: str) -> int:
         return int(self._entry(modality)["input_dim"])
 
@@ -462,7 +428,7 @@ class Bundle:
             raise BundleError(f"{file}: a link that leads outside the bundle directory ({file.resolve()}); refusing to read it")
         if not file.is_file():
             raise BundleError(f"bundle file missing: {file}")
-        if sha256 is not None and _file_sha256(file) != sha256:
+        if sha256 is not None and sha256_file(file) != sha256:
             raise BundleError(f"{file} does not match its checksum in the manifest (corrupt or replaced)")
         try:
             return load_file(str(file))

@@ -1,5 +1,5 @@
 """The paper's three ways to train m modality networks (SDML §4.6), which differ in time and
-memory only; every modality is trained by its own :class:`~sdml_ext.training.ModalityTrainer`.
+memory only; every modality is trained by its own :class:`~sdml_ext.engine.training.ModalityTrainer`.
 
 - ``joint`` (SDML-1): one loop; each iteration steps every modality once, on one device.
 - ``serial`` (SDML-2): one modality after another, on one device.
@@ -16,8 +16,8 @@ A failing modality stops the whole run: the other workers are ended and a
 :class:`~sdml_ext.errors.ModalityError` (bad data or settings, divergence) or a
 :class:`~sdml_ext.errors.WorkerCrash` (a bug, a dead worker) names the modality and the error.
 With ``checkpoints`` every strategy saves each modality's state as it trains and continues
-from it (see :mod:`sdml_ext.checkpoint`). Worker processes die with the run, whatever ends it
-(see :mod:`sdml_ext.signals`).
+from it (see :mod:`sdml_ext.engine.checkpoint`). Worker processes die with the run, whatever ends it
+(see :mod:`sdml_ext.engine.signals`).
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..devices import ready_device, ready_devices
+from ..errors import ModalityError, WorkerCrash, WorkerError  # noqa: F401 (WorkerError: both kinds)
 from .checkpoint import Checkpoints
-from .devices import ready_device, ready_devices
-from .errors import ModalityError, WorkerCrash, WorkerError  # noqa: F401 (WorkerError: both kinds)
 from .records import EpochStats, ModalityResult
 from .signals import bind_to_parent
 from .training import ModalityTask, ModalityTrainer
@@ -46,6 +46,22 @@ from .training import ModalityTask, ModalityTrainer
 STRATEGIES = ("joint", "serial", "parallel")
 
 OnEpoch = Callable[[EpochStats], None]
+
+
+@dataclass
+class StrategyResult:
+    """What one strategy hands back: the trained modalities, in task order, and how it ran.
+
+    device_peak_bytes: CUDA only, the peak allocated memory per device.
+    worker_peak_rss_bytes: the peak resident memory of the worker processes, summed (parallel
+        CPU; 0 where the modalities train in this process).
+    plan: how the work was laid out (workers, threads, order, device assignment), JSON-ready.
+    """
+
+    modalities: list[ModalityResult]
+    device_peak_bytes: dict[str, int] = field(default_factory=dict)
+    worker_peak_rss_bytes: int = 0
+    plan: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -133,7 +149,7 @@ def train_tasks(
     """Train every task with `strategy` and return the results in task order.
 
     Args:
-        tasks: the modalities (see :func:`sdml_ext.training.make_tasks`).
+        tasks: the modalities (see :func:`sdml_ext.engine.training.make_tasks`).
         strategy: one of STRATEGIES.
         devices: "cpu", or one or more CUDA devices ("cuda:0", ...). joint and serial use the
             first; parallel spreads modalities over all of them.
@@ -157,22 +173,22 @@ def train_tasks(
     if checkpoints is not None:
         checkpoints.remove_stale_temporaries()
     if strategy == "joint":
-        results, extra = _joint(tasks, devices[0], on_epoch, checkpoints)
+        done = _joint(tasks, devices[0], on_epoch, checkpoints)
     elif strategy == "serial":
-        results, extra = _serial(tasks, devices[0], on_epoch, checkpoints)
+        done = _serial(tasks, devices[0], on_epoch, checkpoints)
     elif devices[0] == "cpu":
-        results, extra = _parallel_cpu(tasks, on_epoch, cores or usable_cores(), checkpoints)
+        done = _parallel_cpu(tasks, on_epoch, cores or usable_cores(), checkpoints)
     else:
-        results, extra = _parallel_cuda(tasks, devices, on_epoch, checkpoints)
+        done = _parallel_cuda(tasks, devices, on_epoch, checkpoints)
     wall = time.perf_counter() - start
     return RunReport(
         strategy=strategy,
         devices=devices if strategy == "parallel" else devices[:1],
         wall_s=wall,
-        peak_rss_bytes=_peak_rss_bytes() + extra.pop("worker_peak_rss_bytes", 0),
-        modalities=results,
-        device_peak_bytes=extra.pop("device_peak_bytes", {}),
-        plan=extra,
+        peak_rss_bytes=_peak_rss_bytes() + done.worker_peak_rss_bytes,
+        modalities=done.modalities,
+        device_peak_bytes=done.device_peak_bytes,
+        plan=done.plan,
     )
 
 
@@ -195,7 +211,7 @@ def _blame(task: ModalityTask):
         raise ModalityError(f"modality {task.name!r} failed: {type(exc).__name__}: {exc}") from exc
 
 
-def _serial(tasks, device, on_epoch, checkpoints):
+def _serial(tasks, device, on_epoch, checkpoints) -> StrategyResult:
     results = []
     run_peak = 0
     for task in tasks:
@@ -207,10 +223,10 @@ def _serial(tasks, device, on_epoch, checkpoints):
             run_peak = max(run_peak, result.peak_memory_bytes)
         results.append(result)
     # The device's counter was reset for every modality: the run's peak is the largest of theirs.
-    return results, {"device_peak_bytes": {device: run_peak} if device.startswith("cuda") else {}}
+    return StrategyResult(results, device_peak_bytes={device: run_peak} if device.startswith("cuda") else {})
 
 
-def _joint(tasks, device, on_epoch, checkpoints):
+def _joint(tasks, device, on_epoch, checkpoints) -> StrategyResult:
     _reset_cuda_peaks([device])
     trainers = []
     for task in tasks:
@@ -243,7 +259,7 @@ def _joint(tasks, device, on_epoch, checkpoints):
         # attribute GPU time to a modality, so only the run's time is reported.
         for r in results:
             r.time_s = r.cpu_s = None
-    return results, {"device_peak_bytes": _cuda_peaks([device])}
+    return StrategyResult(results, device_peak_bytes=_cuda_peaks([device]))
 
 
 def _collect(events: queue.Queue, tasks, on_epoch, check_alive: Callable[[], None]) -> list[ModalityResult]:
@@ -317,7 +333,7 @@ def _worker_context():
     2-core machine over spawn, where every worker imports torch itself."""
     if "forkserver" in mp.get_all_start_methods():
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["sdml_ext.training"])
+        ctx.set_forkserver_preload(["sdml_ext.engine.training"])
         return ctx
     return mp.get_context("spawn")
 
@@ -365,7 +381,7 @@ def _stop_workers(workers, grace_s: float) -> None:
             w.join()
 
 
-def _parallel_cpu(tasks, on_epoch, cores, checkpoints):
+def _parallel_cpu(tasks, on_epoch, cores, checkpoints) -> StrategyResult:
     n_workers = max(1, min(len(tasks), cores))
     order = sorted(tasks, key=lambda t: -t.cost())
     ctx = _worker_context()
@@ -394,17 +410,16 @@ def _parallel_cpu(tasks, on_epoch, cores, checkpoints):
         _stop_workers(workers, grace_s=5 if ok else 0)  # finished workers exit by themselves
         task_queue.close()
         events.close()
-    return results, {
+    plan = {
         "workers": n_workers,
         "cores": cores,
         "threads_per_worker_at_start": max(1, cores // n_workers),
         "order": [t.name for t in order],
-        # Each result carries its worker's peak when it finished; a worker's last is its peak.
-        "worker_peak_rss_bytes": sum(
-            max(r.peak_memory_bytes for r in results if r.device == device)
-            for device in {r.device for r in results}
-        ),
     }
+    # Each result carries its worker's peak when it finished; a worker's last is its peak.
+    workers_peak = sum(max(r.peak_memory_bytes for r in results if r.device == device)
+                       for device in {r.device for r in results})
+    return StrategyResult(results, worker_peak_rss_bytes=workers_peak, plan=plan)
 
 
 def _assign_devices(tasks, devices) -> dict[int, str]:
@@ -422,7 +437,7 @@ class _Cancelled(Exception):
     pass
 
 
-def _parallel_cuda(tasks, devices, on_epoch, checkpoints):
+def _parallel_cuda(tasks, devices, on_epoch, checkpoints) -> StrategyResult:
     assignment = _assign_devices(tasks, devices)
     alone = {d: sum(1 for v in assignment.values() if v == d) == 1 for d in devices}
     events: queue.Queue = queue.Queue()
@@ -458,8 +473,5 @@ def _parallel_cuda(tasks, devices, on_epoch, checkpoints):
         stop.set()
         for t in threads:
             t.join()
-    return results, {
-        "streams": len(tasks),
-        "assignment": {t.name: assignment[t.index] for t in tasks},
-        "device_peak_bytes": _cuda_peaks(devices),
-    }
+    plan = {"streams": len(tasks), "assignment": {t.name: assignment[t.index] for t in tasks}}
+    return StrategyResult(results, device_peak_bytes=_cuda_peaks(devices), plan=plan)

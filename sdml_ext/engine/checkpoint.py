@@ -1,7 +1,7 @@
 """Checkpoints of modality trainers, so that a stopped run continues where it was.
 
 One file per modality, ``ckpt-NN.safetensors`` (NN = the modality's index), holding the
-trainer's tensors (see :meth:`sdml_ext.training.ModalityTrainer.state`) with the rest as JSON in
+trainer's tensors (see :meth:`sdml_ext.engine.training.ModalityTrainer.state`) with the rest as JSON in
 the safetensors header: nothing is pickled. A file is written under a temporary name in the same
 directory, fsynced, renamed over the old one and the directory fsynced, so a reader (the next
 run) finds either the previous checkpoint or the new one, whatever stopped the writer.
@@ -24,8 +24,8 @@ from pathlib import Path
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
-from .durable import fsync_dir, write_atomic
-from .testhooks import pause_point
+from .._testing.pause import pause_point
+from ..store.files import fsync_dir, safetensors_metadata, write_atomic
 
 DEFAULT_EVERY_S = 60.0
 FORMAT = "sdml-checkpoint"
@@ -163,10 +163,7 @@ class Checkpoints:
 
 def _header(data: bytes) -> dict:
     """The JSON record stored in a checkpoint's safetensors header."""
-    if len(data) < 8:
-        raise ValueError("truncated file")
-    n = int.from_bytes(data[:8], "little")
-    meta = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
+    meta = safetensors_metadata(data)
     if "sdml" not in meta:
         raise ValueError("no sdml record in the header")
     return json.loads(meta["sdml"])

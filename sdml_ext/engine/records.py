@@ -36,7 +36,7 @@ class ModalityResult:
     time_s: wall seconds spent training this modality (steps, validation); cpu_s: CPU seconds of
     the training process meanwhile, all its threads (cpu_s / time_s = cores it got). Strategies
     set them to None where another modality shares the same moments (see strategies).
-    state_bytes: see :meth:`sdml_ext.training.ModalityTrainer.state_bytes`; peak_memory_bytes: the peak RSS of the
+    state_bytes: see :meth:`sdml_ext.engine.training.ModalityTrainer.state_bytes`; peak_memory_bytes: the peak RSS of the
     worker process (parallel CPU) or the device's peak allocation (CUDA, one modality at a time).
     """
 

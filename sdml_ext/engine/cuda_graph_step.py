@@ -10,7 +10,7 @@ reads a value back to the host: the batch's rows come from the epoch's permutati
 counter that live on the device, so the host only launches replays; the epoch's losses are read
 once, at its end.
 
-Same seed, same model as the eager path (:class:`sdml_ext.training.ModalityTrainer` without
+Same seed, same model as the eager path (:class:`sdml_ext.engine.training.ModalityTrainer` without
 graphs, the reference and the CPU path), by construction:
 
 - the permutation is drawn by the trainer's own CPU generator, exactly as the eager path draws
@@ -23,7 +23,7 @@ graphs, the reference and the CPU path), by construction:
   in place afterwards, so they leave no trace in the model.
 
 Checkpoints: at an epoch boundary everything the graphs hold is either the trainer's state that
-:meth:`~sdml_ext.training.ModalityTrainer.state` saves (weights and Adam state, updated in place
+:meth:`~sdml_ext.engine.training.ModalityTrainer.state` saves (weights and Adam state, updated in place
 by the replays) or rebuilt at the next epoch (the permutation buffer, the step counter, the loss
 sums). A restored trainer drops its graphs (the optimizer's state tensors were replaced) and
 captures them again at its next step, so ``--resume`` continues bit for bit.
@@ -137,7 +137,7 @@ class _Captured:
 
 
 class GraphTraining:
-    """The graph path of one :class:`~sdml_ext.training.ModalityTrainer` (which creates it and
+    """The graph path of one :class:`~sdml_ext.engine.training.ModalityTrainer` (which creates it and
     routes begin_epoch / step / end_epoch's validation through it).
 
     Holds the static buffers (permutation, step counter, the epoch's loss sums, the validation

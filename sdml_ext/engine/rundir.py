@@ -3,8 +3,8 @@
     OUT.partial/
       run.json        what the run is (kind, resolved config, modalities, the bundle it extends):
                       ``--resume OUT.partial`` continues it with exactly these settings
-      checkpoints/    ckpt-NN.safetensors per modality (see sdml_ext.checkpoint)
-      lock            held while a process works on the run (see sdml_ext.locking)
+      checkpoints/    ckpt-NN.safetensors per modality (see sdml_ext.engine.checkpoint)
+      lock            held while a process works on the run (see sdml_ext.store.locking)
       owner.json      pid, host and multiprocessing temporary directory of the last process
 
 The directory exists from the moment training starts until the bundle is complete; then it is
@@ -25,9 +25,10 @@ import socket
 import sys
 from pathlib import Path
 
+from ..errors import JobStopped
+from ..store.files import write_atomic
+from ..store.locking import exclusive
 from .checkpoint import Checkpoints
-from .durable import write_atomic
-from .locking import exclusive
 from .signals import process_alive
 
 SUFFIX = ".partial"
@@ -48,18 +49,23 @@ class RunDir:
     """An open run directory (use :meth:`create` or :meth:`resume`, then ``with run:``).
 
     record: the content of run.json. output: the path the run finally writes (a new bundle, or
-    the bundle it extends). lock_name: one lock file per process that trains in the directory
+    the bundle it extends), as the record says. lock_name: one lock file per process that trains in the directory
     (distributed ranks sharing a host each take their own).
     """
 
-    def __init__(self, path: Path, record: dict, output: Path, lock_name: str = "lock"):
+    def __init__(self, path: Path, record: dict, lock_name: str = "lock"):
         self.path = path
         self.record = record
-        self.output = output
         self.lock_name = lock_name
         self.checkpoints = Checkpoints(str(path / "checkpoints"))
         self.uses_workers = True  # False: this process starts no worker processes (a distributed rank)
         self._stack = contextlib.ExitStack()
+
+    @property
+    def output(self) -> Path:
+        """The bundle the run writes (``config.out``) or extends (``into``, adding modalities)."""
+        record = self.record
+        return Path(record["into"] if record.get("kind") == "add-modality" else record["config"]["out"])
 
     @staticmethod
     def check_free(path: Path) -> None:
@@ -74,7 +80,7 @@ class RunDir:
             )
 
     @classmethod
-    def create(cls, path: Path, record: dict, output: Path, lock_name: str = "lock", exist_ok: bool = False) -> RunDir:
+    def create(cls, path: Path, record: dict, lock_name: str = "lock", exist_ok: bool = False) -> RunDir:
         """A new run directory holding `record` (exist_ok: take over one with the same record)."""
         if exist_ok and (path / RUN_FILE).exists():
             run = cls.resume(path, lock_name)
@@ -85,7 +91,7 @@ class RunDir:
             cls.check_free(path)
         path.mkdir(parents=True, exist_ok=exist_ok)
         write_atomic(path / RUN_FILE, (json.dumps(record, indent=1) + "\n").encode())
-        return cls(path, record, output, lock_name)
+        return cls(path, record, lock_name)
 
     @classmethod
     def resume(cls, path: str | os.PathLike, lock_name: str = "lock") -> RunDir:
@@ -99,8 +105,7 @@ class RunDir:
             raise ValueError(f"--resume {path}: no interrupted run there (no {RUN_FILE})") from None
         except (OSError, ValueError) as exc:
             raise ValueError(f"--resume {path}: unreadable {RUN_FILE} ({exc})") from None
-        output = Path(record["into"] if record.get("kind") == "add-modality" else record["config"]["out"])
-        return cls(path, record, output, lock_name)
+        return cls(path, record, lock_name)
 
     def __enter__(self) -> RunDir:
         self._stack.enter_context(exclusive(self.path / self.lock_name, f"run {self.path}"))
@@ -116,7 +121,9 @@ class RunDir:
 
     def __exit__(self, kind, exc, tb) -> None:
         try:
-            if exc is not None and not any(Path(self.checkpoints.directory).glob("ckpt-*")):
+            if isinstance(exc, JobStopped):
+                pass  # the other ranks, and the restarted job, still work in the directory
+            elif exc is not None and not any(Path(self.checkpoints.directory).glob("ckpt-*")):
                 # Stopped before anything was worth keeping: a later run starts afresh.
                 shutil.rmtree(self.path, ignore_errors=True)
             elif exc is not None:

@@ -1,5 +1,5 @@
 // The sdml_ext._C Python module. Loading it runs the static op registrations (the namespace here,
-// schemas in registration_<family>.cpp, kernels in csrc/); the module itself reports how it was
+// schemas in csrc/registration/<family>.cpp, kernels in csrc/); the module itself reports how it was
 // built and exposes the host-side checks that the fake implementations share with the kernels.
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
