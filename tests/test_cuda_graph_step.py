@@ -13,15 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import CUDA_REASON
+from helpers import requires_cuda
 from sdml_ext.engine.checkpoint import Checkpoints
 from sdml_ext.engine.cuda_graph_step import ENV, StaticBatches, graphs_enabled, split_losses
 from sdml_ext.data import make_synthetic
 from sdml_ext.model import make_projection
 from sdml_ext.engine.strategies import train_tasks
 from sdml_ext.engine.training import ModalityTrainer, TrainOptions, make_tasks
-
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_REASON)
 
 
 def make_task(n_train=230, n_val=37, dim=21, epochs=4, multilabel=False, seed=3):
@@ -320,8 +318,7 @@ def test_the_cuda_capture_sequence(monkeypatch):
 # ---- the captured path, on CUDA ---------------------------------------------------------------------
 
 
-@cuda
-@pytest.mark.cuda
+@requires_cuda
 @pytest.mark.parametrize("multilabel", [False, True])
 def test_cuda_graphs_give_the_eager_cuda_models(multilabel):
     task = make_task(multilabel=multilabel, n_train=430, dim=300)
@@ -333,8 +330,7 @@ def test_cuda_graphs_give_the_eager_cuda_models(multilabel):
     assert_same_training(cpu, graph, exact=False)
 
 
-@cuda
-@pytest.mark.cuda
+@requires_cuda
 def test_cuda_graph_checkpoint_round_trip_is_bitwise(tmp_path):
     task = make_task(epochs=5, n_train=430, dim=300)
     straight = train(ModalityTrainer(task, "cuda:0"))
@@ -344,8 +340,7 @@ def test_cuda_graph_checkpoint_round_trip_is_bitwise(tmp_path):
     assert_same_training(straight, train(resumed))
 
 
-@cuda
-@pytest.mark.cuda
+@requires_cuda
 @pytest.mark.parametrize("strategy", ["serial", "joint", "parallel"])
 def test_cuda_graph_strategies_match_eager(strategy, monkeypatch):
     """Every strategy on graphs against the eager CUDA path (parallel: one stream and thread per

@@ -27,7 +27,7 @@ import torch
 from safetensors.numpy import load_file
 
 import sdml_ext
-from helpers import CUDA_REASON, run_config
+from helpers import CUDA_MARKS, run_config
 from processes import EVERY_EPOCH, TORCHRUN, TRAIN, Run, assert_same_bundle
 from sdml_ext.data import make_synthetic, save_npz
 from sdml_ext.model import DSAE, make_projection
@@ -35,7 +35,7 @@ from sdml_ext.engine.strategies import STRATEGIES, train_tasks
 from sdml_ext.engine.training import TrainOptions, make_tasks
 
 GPU = "cuda:0"
-pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_REASON)]
+pytestmark = CUDA_MARKS  # every test here needs a GPU
 
 # 3 synthetic modalities, 4 epochs, small networks; classes well apart (low noise).
 DATA = {"n_train": 200, "n_val": 50, "n_test": 60, "n_classes": 5, "n_modalities": 3, "noise": 0.2}
