@@ -20,7 +20,7 @@ def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check") / "out"
     env = {**os.environ, "SDML_GPU_CHECK_DRY": "1", "OUT": str(out), "PYTHON": sys.executable}
     # The timeout only guards against a hang; nothing here is timed.
-    proc = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=900)
     return proc, out
 
 
@@ -29,7 +29,7 @@ def test_dry_run_passes_and_reports_every_part(dry_run):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     data = json.loads((out / "gpu_check.json").read_text())
     assert data["dry_run"] and not data["failed"]
-    assert set(data["parts"]) == {"strategies", "loss", "epoch", "wiki200", "streams", "topk", "map"}
+    assert set(data["parts"]) == {"strategies", "loss", "epoch", "wiki200", "streams", "topk", "map", "graphs"}
     assert all(p["status"] == "ok" for p in data["parts"].values()), data["parts"]
     report = (out / "report.txt").read_text()
     assert report.splitlines()[-1] == "GPU CHECK: OK"
@@ -53,12 +53,28 @@ def test_dry_run_checks_what_it_claims(dry_run):
     assert all(c["matches_eager"] for c in parts["loss"]["cases"])
     assert parts["streams"]["parallel_vs_serial_models"]["close_rtol1e-4_atol1e-6"]
     assert all(len(t) >= 1 for t in parts["wiki200"]["times_s"].values())
+    # The graph path's logic (uncaptured on the CPU) gives the eager path's models, bit for bit.
+    assert parts["graphs"]["graphs_vs_eager_models"]["bitwise_equal"] and parts["graphs"]["captures"] == [1, 1]
+    if not torch.cuda.is_available():
+        assert parts["epoch"]["first_epoch_loss"]["graphs_vs_eager_rel_diff"] == 0
+
+
+def test_dry_run_runs_the_readme_commands(dry_run):
+    """Training, evaluation, search build and query, and torchrun with two ranks, as typed (the
+    dry run adds --epochs 1), each a step of its own that passed."""
+    proc, out = dry_run
+    steps = json.loads((out / "gpu_check.json").read_text())["steps"]
+    names = ["readme_train", "readme_evaluate", "readme_search_build", "readme_search_query", "readme_torchrun"]
+    assert all(steps[n]["rc"] == "0" for n in names), {n: steps.get(n) for n in names}
+    report = (out / "report.txt").read_text()
+    assert all(f"{n}: ok" in report for n in names)
 
 
 def test_dry_run_skips_cuda_steps_with_a_reason_and_keeps_out_small(dry_run):
     proc, out = dry_run
     steps = json.loads((out / "gpu_check.json").read_text())["steps"]
     assert steps["build"]["rc"] == "skipped" and steps["tests_cuda"]["rc"] == "skipped"
+    assert steps["memcheck"]["rc"] == "skipped"
     if not torch.cuda.is_available():
         assert steps["retrieval"]["note"] == "no CUDA"
         assert "retrieval: skipped: no CUDA" in proc.stdout

@@ -4,7 +4,7 @@
 
 The layers, bottom-up (a module may import its own layer and the ones below):
 
-  0 foundation   errors, waitpolicy, wording, _testing, _extension, store.files, store.locking, data, ops
+  0 foundation   errors, devices, waitpolicy, wording, _testing, _extension, store.files, store.locking, data, ops
   1 model        model, loss, preprocess, projection, store.bundle (a bundle loads networks)
   2 eval         eval (metrics, evaluation, plots), metrics (the public alias of eval.metrics)
   3 engine       engine (training, strategies, distributed, checkpoints, run directories, flows)
@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "sdml_ext"
 LAYERS = [  # (layer name, module prefixes), bottom-up; the longest matching prefix decides
-    ("foundation", ["errors", "waitpolicy", "wording", "_testing", "_extension", "_build_config", "store",
+    ("foundation", ["errors", "devices", "waitpolicy", "wording", "_testing", "_extension", "_build_config", "store",
                     "store.files", "store.locking", "data", "ops"]),
     ("model", ["model", "loss", "preprocess", "projection", "store.bundle"]),
     ("eval", ["eval", "metrics"]),

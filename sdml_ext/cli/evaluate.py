@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="queries with no relevant item count as 0 (zero) or are left out (skip); default: zero "
                         "for single-label data, skip for multi-label (the authors' rule)")
     p.add_argument("--out", metavar="DIR", help="where metrics.json and the PNGs go (default: BUNDLE/evaluation)")
+    p.add_argument("--device", default="cpu", metavar="DEV",
+                   help="device of the networks that encode the split, e.g. cuda:0 (default: cpu; the mAP tables "
+                        "are computed on the CPU either way)")
     return p
 
 
@@ -47,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.k < 1:
         raise ValueError(f"--k must be >= 1, got {args.k}")
-    bundle = load(args.bundle)
+    bundle = load(args.bundle, args.device)
     config = bundle.config
     name = args.dataset or config.get("dataset", "mfeat")
     path = args.data if (args.data or args.dataset) else config.get("data")

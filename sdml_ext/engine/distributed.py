@@ -181,9 +181,11 @@ class Job:
         return self.rank == 0
 
     def device(self) -> str:
-        """cuda:LOCAL_RANK where this host has that GPU; else CPU with this rank's core share."""
-        if torch.cuda.is_available() and self.local_rank < torch.cuda.device_count():
-            return f"cuda:{self.local_rank}"
+        """cuda:(LOCAL_RANK mod the host's GPUs) on a host with GPUs (more ranks than GPUs share
+        them: SDML's ranks exchange no gradients, so two on one GPU only share its time); else
+        CPU with this rank's core share."""
+        if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+            return f"cuda:{self.local_rank % torch.cuda.device_count()}"
         torch.set_num_threads(max(1, usable_cores() // self.local_world_size))
         return "cpu"
 

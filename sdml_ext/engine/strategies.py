@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..devices import ready_device, ready_devices
 from ..errors import ModalityError, WorkerCrash, WorkerError  # noqa: F401 (WorkerError: both kinds)
 from . import semaphores
 from .checkpoint import Checkpoints
@@ -166,7 +167,7 @@ def train_tasks(
     if len(kinds) > 1 or kinds - {"cpu", "cuda"} or (kinds == {"cpu"} and len(devices) > 1):
         raise ValueError(f"devices must be 'cpu' or one or more CUDA devices, got {devices}")
     if kinds == {"cuda"}:
-        _check_cuda_devices(devices)
+        devices = ready_devices(devices)  # checked and initialised before any trainer touches them
     on_epoch = on_epoch or (lambda stats: None)
     start = time.perf_counter()
     if checkpoints is not None:
@@ -191,15 +192,6 @@ def train_tasks(
     )
 
 
-def _check_cuda_devices(devices: Sequence[str]) -> None:
-    if not torch.cuda.is_available():
-        raise ValueError(f"devices {devices} requested but CUDA is not available here; use --devices cpu")
-    count = torch.cuda.device_count()
-    bad = [d for d in devices if (torch.device(d).index or 0) >= count]
-    if bad:
-        raise ValueError(f"no such CUDA device {bad[0]}: this machine has {count}")
-
-
 def _cuda_peaks(devices: Sequence[str]) -> dict[str, int]:
     return {d: torch.cuda.max_memory_allocated(d) for d in devices if d.startswith("cuda")}
 
@@ -207,7 +199,7 @@ def _cuda_peaks(devices: Sequence[str]) -> dict[str, int]:
 def _reset_cuda_peaks(devices: Sequence[str]) -> None:
     for d in devices:
         if d.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats(d)
+            ready_device(d, reset_peak=True)
 
 
 @contextlib.contextmanager

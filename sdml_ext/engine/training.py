@@ -25,6 +25,7 @@ from ..data import Modality
 from ..loss import DSAELoss, label_targets
 from ..model import DEFAULT_CODE_DIM, DEFAULT_HIDDEN, DSAE
 from ..preprocess import PREPROCESS_MODES, Preprocessor
+from .cuda_graph_step import GraphTraining, graphs_enabled
 from .records import EpochStats, ModalityResult
 
 DEFAULT_LRS = (1e-4, 2e-4)
@@ -149,9 +150,12 @@ class ModalityTrainer:
     Args:
         task: the modality and the run's options.
         device: where to train ("cpu", "cuda:0", ...).
+        graphs: replay each step from a CUDA graph (:mod:`sdml_ext.engine.cuda_graph_step`): None =
+            on CUDA devices unless SDML_CUDA_GRAPHS=0; False = eager steps (the reference);
+            True on the CPU runs the graph path's steps uncaptured (for tests).
     """
 
-    def __init__(self, task: ModalityTask, device: str | torch.device = "cpu"):
+    def __init__(self, task: ModalityTask, device: str | torch.device = "cpu", graphs: bool | None = None):
         self.task = task
         opts = task.options
         self.device = torch.device(device)
@@ -201,6 +205,7 @@ class ModalityTrainer:
         # incomplete one is dropped), so a step allocates no input tensors.
         self._batch_x = self.train_x.new_empty((opts.batch_size, self.train_x.shape[1]))
         self._batch_y = self.train_y.new_empty((opts.batch_size, self.train_y.shape[1]))
+        self._graph = GraphTraining(self) if graphs_enabled(self.device, graphs) else None
 
     def _to_device(self, x: np.ndarray, y: np.ndarray, c: int) -> tuple[Tensor, Tensor]:
         """Preprocessed features [n, D] and label rows [n, c], float32 on the device."""
@@ -221,12 +226,19 @@ class ModalityTrainer:
     def begin_epoch(self) -> None:
         with self._clock():
             self.model.train()
+            if self._graph is not None:  # the same permutation, uploaded into the graphs' buffer
+                self._graph.begin_epoch(torch.randperm(self.train_x.shape[0], generator=self.shuffle))
+                self._perm, self._sums = self._graph.batches.perm, self._graph.sums
+                return
             self._perm = torch.randperm(self.train_x.shape[0], generator=self.shuffle).to(self.device)
             self._sums = torch.zeros(3, dtype=torch.float32, device=self.device)
 
     def step(self, j: int) -> None:
         """One Adam step on batch j of the current epoch's permutation."""
         with self._clock():
+            if self._graph is not None:
+                self._graph.step(j)
+                return
             b = self.task.options.batch_size
             idx = self._perm[j * b : (j + 1) * b]
             x = torch.index_select(self.train_x, 0, idx, out=self._batch_x)
@@ -247,7 +259,7 @@ class ModalityTrainer:
                     f"modality {self.task.name!r}: the training loss became {train[0]} in epoch "
                     f"{self.epoch}; lower the learning rate ({self.lr}) or check the input features"
                 )
-            val = self.evaluate_split(self.val_x, self.val_y)
+            val = self._graph.validate() if self._graph is not None else self.evaluate_split(self.val_x, self.val_y)
             # Without labelled validation rows there is nothing to select on: keep the last epoch.
             selectable = self.val_labelled > 0
             best = (val[2] < self.best_loss) if selectable else True
@@ -352,6 +364,8 @@ class ModalityTrainer:
         self.history = [EpochStats(**s) for s in record["history"]]
         self.busy_s = float(record["busy_s"])
         self.cpu_s = float(record["cpu_s"])
+        if self._graph is not None:
+            self._graph.invalidate()  # the optimizer's state tensors were replaced: capture again
 
     def state_bytes(self) -> int:
         """Bytes of the tensors this trainer holds: data, weights, gradients, Adam moments and

@@ -246,9 +246,9 @@ class SearchIndex:
     def ids_of(self, rows: Tensor) -> Tensor | np.ndarray:
         """The ids of gallery rows [...]: int64 tensor (int ids or rows) or numpy str array."""
         if self.id_kind == "position":
-            return rows.clone()
+            return rows.cpu().clone()
         if self.in_memory:
-            values = self._ids[rows.reshape(-1).numpy()]
+            values = self._ids[rows.reshape(-1).cpu().numpy()]  # rows may be on the index's device
         else:
             values = self._gather(rows, "ids")
         if self.id_kind == "int":
@@ -260,7 +260,7 @@ class SearchIndex:
         if self.label_kind is None:
             raise ValueError("the index has no gallery labels (give labels= when building it)")
         if self.in_memory:
-            values = self._labels[rows.reshape(-1).numpy()]
+            values = self._labels[rows.reshape(-1).cpu().numpy()]  # rows may be on the index's device
         else:
             values = self._gather(rows, "labels")
         return torch.from_numpy(np.asarray(values)).reshape(*rows.shape, *np.shape(values)[1:])

@@ -39,6 +39,7 @@ from safetensors.numpy import save_file
 from safetensors.torch import load_file
 from torch import Tensor
 
+from ..devices import ready_device
 from .._testing.pause import pause_point
 from ..errors import BundleError
 from ..model import DSAE
@@ -365,7 +366,7 @@ class Bundle:
 
     def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu"):
         self.path: Path | None = Path(path)
-        self.device = torch.device(device)
+        self.device = ready_device(device)  # checked (a bad name or a missing GPU: ValueError) and initialised
         self.manifest = read_manifest(self.path)  # schema checked: the fields below exist
         proj = self.manifest["projection"]
         P = self._load_tensors(proj["file"], None)
