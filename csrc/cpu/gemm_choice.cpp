@@ -53,8 +53,10 @@ const c10::TypedOperatorHandle<LinearFn>* onednn_linear() {
 constexpr int64_t kRows = 256, kCols = 1024, kDepth = 256;
 constexpr int kRounds = 3;        // interleaved rounds; each library keeps its best
 constexpr int kGemmsPerThread = 2;  // per round (~1-3 ms per GEMM and thread)
-constexpr std::string_view kHeader = "sdml_ext cpu gemm calibration v1";
-constexpr std::string_view kFileName = "cpu_gemm_v1.txt";
+constexpr std::string_view kHeader = "sdml_ext cpu gemm calibration v2";
+constexpr std::string_view kFileName = "cpu_gemm_v2.txt";  // v2: the top-k rule below
+// The top-k blocks run on oneDNN unless BLAS measures more than 1 / kOneDnnPreference faster.
+constexpr double kOneDnnPreference = 0.95;
 
 std::string cpu_model() {
   std::ifstream in("/proc/cpuinfo");
@@ -260,7 +262,10 @@ void measure(CpuGemmChoice& choice) {
       }
     }
   }
-  choice.gemm = choice.onednn_gflops > choice.blas_gflops ? CpuGemm::OneDnn : CpuGemm::Blas;
+  // Top-k blocks prefer oneDNN unless BLAS is clearly faster: oneDNN's fp32 kernels round a
+  // product the same wherever it lies in the output, so a query's top-k scores do not depend on
+  // its tile, and precision="bf16" can re-score its candidates to the exact mode's very bits.
+  choice.gemm = choice.onednn_gflops >= kOneDnnPreference * choice.blas_gflops ? CpuGemm::OneDnn : CpuGemm::Blas;
   choice.gemm_into_rows =
       choice.onednn_into_rows_gflops > choice.blas_into_rows_gflops ? CpuGemm::OneDnn : CpuGemm::Blas;
   choice.shape = std::to_string(kRows) + " x " + std::to_string(kCols) + " x " + std::to_string(kDepth);

@@ -5,7 +5,9 @@
 // AVX2 code on AMD CPUs (half the rate of oneDNN on an AVX-512 Zen 5), while on an Intel Xeon
 // with AVX-512 it may beat oneDNN at the tiles' shapes, and torch builds differ in what they
 // bundle. So on first use a process times both at a tile's shape with all its threads (a few tens
-// of milliseconds), keeps the faster for its lifetime, and stores the result in a small file in
+// of milliseconds), keeps the faster for its lifetime (for cosine_topk's blocks, oneDNN unless
+// BLAS is more than ~5% faster: its rounding does not depend on where a product lies in the
+// output, which keeps precision="bf16" bitwise equal to the exact mode), and stores the result in a small file in
 // the user's cache directory for the next process on the same machine, torch and thread count.
 //
 // SDML_CPU_GEMM overrides: "auto" (the default: the cached or measured choice), "measure"
