@@ -1,33 +1,34 @@
 // cosine_topk, precision="bf16", on the CPU: the exact mode's answer from a bf16 first pass.
 //
-// 1. Scores in bf16: each thread takes a tile of query rows and runs at::mm on bf16 copies of
-//    the normalized query tile and gallery blocks (oneDNN: AMX / AVX512-BF16 units), single-
-//    threaded inside the parallel region like the exact kernel's tiles.
-// 2. Candidates: per query, every ranked item whose bf16 score is >= kappa - 2 delta, where kappa
-//    is the k-th best bf16 score and delta = bf16_score_bound(d) bounds |s_bf16 - s_exact| for
-//    each item. Every item of the exact mode's top k is among them: the k items with the best
-//    bf16 scores have s_exact >= kappa - delta, so the exact k-th score is >= kappa - delta, and an
-//    item that reaches it has s_bf16 >= s_exact - delta >= kappa - 2 delta. A running kappa (which
-//    only rises) prunes the list as the blocks come.
-// 3. Re-scoring: the candidates of groups of kGroupRows queries are gathered and scored in float32
-//    by the same block GEMM as the exact mode (the library the process chose, sdml/cpu_gemm.h:
-//    oneDNN or MKL/BLAS), and ranked like the exact mode (higher score, then lower index).
+// 1. Scores in bf16: each thread takes a tile of query rows and runs at::mm on bf16 copies of the
+//    normalized query tile and gallery blocks (oneDNN: AMX / AVX512-BF16 units), single-threaded
+//    inside the parallel region like the exact kernel's tiles. The copies (bf16_rows.h) also give
+//    each row's rounding terms.
+// 2. Candidates (margin_candidates.h): per query, every ranked item whose bf16 score S reaches
+//    bf16_candidate_threshold(kappa, D), kappa the k-th best bf16 score and D the query's bound
+//    over the gallery (sdml/topk_precision.h, derived in topk_precision.cpp): |S - s| <= rho |S| +
+//    D for every item, so every item of the exact mode's top k is among them.
+// 3. Re-scoring, per tile, once its candidates are known: each candidate's exact float32 score.
+//    Where the exact kernel's GEMM follows the model of exact_dots.h (a probe compares it, bit
+//    for bit, at every call shape of this search), the score is computed pair by pair from the
+//    gallery row in place: 16 candidates of a query per vector, a gather per coordinate, the
+//    tile's groups in gallery order so that the rows a sweep needs stay in cache. Elsewhere (a
+//    GEMM the model does not reproduce, e.g. MKL's) the candidates of kGroupRows queries are
+//    gathered and scored by the same GEMM as the exact mode (oneDNN rounds a product the same
+//    wherever it sits in a call of >= 3 rows and >= 5 columns; MKL/BLAS by position, where an id
+//    can then differ between items whose float32 scores lie within the GEMM's rounding of each
+//    other at the k-th place, the exact mode's own order there being an artifact of its tiling).
+//    Then each query's candidates are ranked like the exact mode (higher score, lower index).
 //
-// Where the candidates would be dense (a large k in a crowded score range: more than Ng / 64 per
-// query on a probe), gathering them costs more than the exact GEMM, and the exact kernel runs.
+// The exact kernel's narrow calls (fewer than 3 rows or 5 columns) round differently, so they are
+// mirrored: a last gallery block of 1-4 items (Ng mod 1024) is re-scored in one call of that width,
+// and the queries of a last query tile of 1-2 rows are answered by the exact kernel itself (its
+// tiling: cpu_retrieval::kBlockCols, cpu_retrieval::topk_tile_rows in topk.h).
 //
-// When is the answer bitwise the exact mode's? Whenever the re-score rounds each product as the
-// exact kernel's GEMM did. oneDNN's fp32 kernels round a product the same wherever it sits in a
-// call, for calls of >= 3 rows and >= 5 columns; narrower calls take another path (measured; the
-// tests compare every mode on such shapes). So the re-score calls are padded to >= 4 x 8, and the
-// exact kernel's narrow calls are mirrored: a last gallery block of 1-4 items (Ng mod 1024) is
-// re-scored in one call of that width, and the queries of a last query tile of 1-2 rows are
-// answered by the exact kernel itself. This mirrors the exact kernel's tiling (cpu_retrieval::kBlockCols,
-// cpu_retrieval::topk_tile_rows in topk.h). Where the process's GEMM is MKL/BLAS
-// (measured faster, or SDML_CPU_GEMM=blas), it rounds by position: there an id can differ, but only between items whose float32
-// scores lie within the GEMM's rounding (<= d 2^-24) of each other at the k-th place, where the
-// exact mode's own order is an artifact of its tiling.
-#include <ATen/Dispatch.h>
+// Where the candidates would be many (a large k in a crowded score range), the exact kernel is
+// faster and runs instead: decided from the candidates of a sample of the search and, for the
+// pairwise re-score, the measured times of the three parts at the exact kernel's call shape.
+// SDML_CPU_BF16_RESCORE=auto|dots|gemm|exact forces a path (tests; the answer is the same).
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/div.h>
@@ -38,44 +39,72 @@
 
 #include <algorithm>
 #include <atomic>
-#include <functional>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <limits>
+#include <string_view>
 #include <vector>
 
+#include "bf16_rows.h"
+#include "exact_dots.h"
+#include "margin_candidates.h"
 #include "topk.h"
 
+#include "sdml/checks.h"
 #include "sdml/cpu_blas.h"
 #include "sdml/cpu_gemm.h"
-#include "sdml/macros.h"
 #include "sdml/retrieval.h"
 #include "sdml/topk_precision.h"
 
 namespace sdml {
 namespace {
 
+using cpu_retrieval::Bf16Rows;
+using cpu_retrieval::DotGroup;
+using cpu_retrieval::MarginCandidates;
+
 // Query rows per tile: many, so that oneDNN's reorder of each gallery block is paid for by a large
 // product; fewer when that would leave a thread without kTilesPerThread tiles.
 constexpr int64_t kMinTileRows = 16, kMaxTileRows = 512, kTilesPerThread = 2;
 // Gallery rows per bf16 GEMM block: its scores (rows x cols bf16) stay within a few MiB.
 constexpr int64_t kBlockCols = 4096;
-// Queries whose candidates are re-scored by one float32 GEMM (>= 3 rows: see the header).
-constexpr int64_t kGroupRows = 4;
-// Least columns of a re-score GEMM (>= 5: see the header); fewer candidates are padded.
-constexpr int64_t kMinGroupCols = 8;
-// Items per scan chunk: a chunk whose best score is below the threshold is skipped whole.
-constexpr int64_t kChunk = 32;
-
-// The exact kernel's GEMM calls round differently in calls of fewer than 3 rows or 5 columns, so
-// the re-score must know where it made such calls: its tiling is read from topk.h
-// (cpu_retrieval::kBlockCols, cpu_retrieval::topk_tile_rows).
+// GEMM re-score: queries per float32 GEMM (>= 3 rows: see the header), least columns (>= 5).
+constexpr int64_t kGroupRows = 4, kMinGroupCols = 8;
+// The exact kernel's GEMM calls round differently in calls of fewer than 3 rows or 5 columns.
 constexpr int64_t kSmallCallRows = 3, kSmallCallCols = 5;
+// The choice of the exact kernel: on a sample of kProbeQueries x kProbeItems (galleries of at
+// most kProbeItems always run in bf16: small, either way is cheap). The GEMM re-score reads each
+// candidate's row on its own, about the cost of scoring kDenseCandidates items by the exact
+// kernel's GEMM; the pairwise re-score is timed. kScanFactor: the bf16 pass costs its GEMM and
+// a scan of its scores, taken as this many times the GEMM.
+constexpr int64_t kProbeQueries = 32, kProbeItems = 16384, kDenseCandidates = 64;
+constexpr double kScanFactor = 1.5;
 
 int64_t tile_rows(int64_t nq) {
   const int64_t share = kTilesPerThread * at::get_num_threads();
   return std::clamp<int64_t>((nq + share - 1) / share, kMinTileRows, kMaxTileRows);
+}
+
+enum class Path { Auto, Dots, Gemm, Exact };
+
+Path forced_path() {
+  const char* v = std::getenv("SDML_CPU_BF16_RESCORE");
+  const std::string_view s = v ? v : "auto";
+  if (s == "auto" || s.empty()) return Path::Auto;
+  if (s == "dots") return Path::Dots;
+  if (s == "gemm") return Path::Gemm;
+  if (s == "exact") return Path::Exact;
+  SDML_CHECK_VALUE(false, "SDML_CPU_BF16_RESCORE must be auto, dots, gemm or exact, got \"", s, "\"");
+  return Path::Auto;
+}
+
+using ExactFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, int64_t, bool,
+                                                   c10::string_view);
+const c10::TypedOperatorHandle<ExactFn>& exact_op() {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("sdml::cosine_topk", "").typed<ExactFn>();
+  return op;
 }
 
 // The exact mode's block GEMM: the library the exact kernel's top-k blocks run on (the process's
@@ -83,105 +112,60 @@ int64_t tile_rows(int64_t nq) {
 class Fp32Gemm {
  public:
   Fp32Gemm() : gemm_(cpu_gemm_choice().gemm) {}  // constructed outside the parallel region
-  // a [m, d] times b [n, d] transposed: [m, n].
+  CpuGemm library() const { return gemm_; }
+  // a [m, d] times b [n, d] transposed: [m, n], contiguous.
   at::Tensor scores(const at::Tensor& a, const at::Tensor& b) const {
     at::Tensor out = at::empty({a.size(0), b.size(0)}, a.options());
-    return cpu_gemm_nt(gemm_, a, b, out);
+    return cpu_gemm_nt(gemm_, a, b, out).contiguous();
   }
 
  private:
   CpuGemm gemm_;
 };
 
-// The re-score reads each candidate's gallery row on its own (a gather), which costs about as
-// much as scoring kDenseCandidates items by the exact kernel's GEMM: where a query has more
-// candidates than Ng / kDenseCandidates (a large k in a crowded score range), the exact kernel is
-// faster and runs instead. Measured on a sample (kProbeQueries x kProbeItems) before the search;
-// galleries of at most kProbeItems are always searched in bf16 (small: either way is cheap).
-constexpr int64_t kDenseCandidates = 64;
-constexpr int64_t kProbeQueries = 32, kProbeItems = 16384;
+// How the exact kernel (topk.h) calls its GEMM for this search: its tile rows and last tile's,
+// the start of a last gallery block too narrow to mirror pairwise, and whether its GEMMs run
+// inside an active parallel region.
+struct ExactCalls {
+  int64_t rows, last_rows, tail0;
+  std::vector<int64_t> probe_rows, probe_cols;  // the call shapes re-scored pairwise
+  bool parallel_region;
+};
 
-inline float bf16_to_float(uint16_t bits) {
-  const uint32_t u = uint32_t(bits) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
+ExactCalls exact_calls(int64_t nq, int64_t ng, int64_t k) {
+  using namespace cpu_retrieval;
+  ExactCalls c;
+  c.rows = topk_tile_rows(nq, k, sizeof(float));
+  const int64_t tiles = (nq + c.rows - 1) / c.rows, blocks = (ng + kBlockCols - 1) / kBlockCols;
+  c.last_rows = nq - (tiles - 1) * c.rows;
+  const int64_t tail_width = ng % kBlockCols;
+  c.tail0 = (tail_width > 0 && tail_width < kSmallCallCols) ? ng - tail_width : ng;
+  c.parallel_region = std::min<int64_t>(tiles * gallery_ranges(tiles, blocks), at::get_num_threads()) > 1;
+  c.probe_rows.push_back(std::min(c.rows, nq));
+  if (c.last_rows != c.probe_rows[0] && c.last_rows >= kSmallCallRows) c.probe_rows.push_back(c.last_rows);
+  if (ng >= kBlockCols) c.probe_cols.push_back(kBlockCols);
+  if (tail_width >= kSmallCallCols) c.probe_cols.push_back(tail_width);
+  return c;
 }
 
-// The items of one query whose bf16 score is >= (running k-th best) - margin.
-class MarginCandidates {
- public:
-  MarginCandidates(int64_t k, float margin) : k_(k), margin_(margin) {}
-
-  void reset() {
-    items_.clear();
-    kth_ = -std::numeric_limits<float>::infinity();
-    cap_ = std::max<int64_t>(4 * k_, 256);
-  }
-  float threshold() const { return kth_ - margin_; }
-
-  // Offers bf16 scores s[0, n) of gallery items base, base + 1, ...; `self` is never a candidate.
-  SDML_CPU_CLONES void offer_block(const uint16_t* s, int64_t n, int64_t base, int64_t self) {
-    for (int64_t t0 = 0; t0 < n; t0 += kChunk) {
-      const int64_t len = std::min(kChunk, n - t0);
-      float m = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : m)
-      for (int64_t j = 0; j < len; ++j) m = std::max(m, bf16_to_float(s[t0 + j]));
-      const float thr = threshold();
-      if (m < thr) continue;
-      for (int64_t j = 0; j < len; ++j) {
-        const float v = bf16_to_float(s[t0 + j]);
-        if (v >= thr && base + t0 + j != self) items_.push_back({v, base + t0 + j});
-      }
-      if (int64_t(items_.size()) >= cap_) prune();
+// The chunk of the model (exact_dots.h) that reproduces every call shape of the exact kernel for
+// this search, or 0.
+int64_t model_chunk(const Fp32Gemm& fp32, const ExactCalls& calls, int64_t d) {
+  int64_t chunk = -1;
+  for (const int64_t r : calls.probe_rows)
+    for (const int64_t c : calls.probe_cols) {
+      const int64_t found = cpu_retrieval::probe_exact_dots(fp32.library(), r, c, d, calls.parallel_region, false).chunk;
+      if (found == 0 || (chunk > 0 && found != chunk)) return 0;
+      chunk = found;
     }
-  }
+  return std::max<int64_t>(chunk, 0);
+}
 
-  // Drops the items below (k-th best) - margin; the list then holds every candidate.
-  void prune() {
-    if (int64_t(items_.size()) >= k_) {
-      std::nth_element(items_.begin(), items_.begin() + (k_ - 1), items_.end(),
-                       [](const Item& a, const Item& b) { return a.score > b.score; });
-      kth_ = std::max(kth_, items_[k_ - 1].score);
-      const float thr = threshold();
-      items_.erase(std::remove_if(items_.begin(), items_.end(), [thr](const Item& it) { return it.score < thr; }),
-                   items_.end());
-    }
-    cap_ = std::max<int64_t>(cap_, 2 * int64_t(items_.size()));
-  }
-
-  // The candidates' gallery indices, ascending.
-  void indices(std::vector<int64_t>& out) {
-    prune();
-    out.clear();
-    for (const Item& it : items_) out.push_back(it.index);
-    std::sort(out.begin(), out.end());
-  }
-
- private:
-  struct Item {
-    float score;
-    int64_t index;
-  };
-  int64_t k_;
-  float margin_;
-  float kth_ = -std::numeric_limits<float>::infinity();
-  int64_t cap_ = 0;
-  std::vector<Item> items_;
-};
-
-struct Scored {
-  float score;
-  int64_t index;
-  bool operator<(const Scored& o) const { return score > o.score || (score == o.score && index < o.index); }
-};
-
-// Whether the candidates of this search would be dense (see kDenseCandidates): the bf16 scores
-// of the first kProbeQueries queries against the first kProbeItems items, and the share of those
-// items within `margin` of the k-th best, k scaled to the sample.
-bool dense_candidates(const at::Tensor& query_bf16, const at::Tensor& gallery_bf16, int64_t k, float margin) {
+// The share of (query, item) pairs that would be candidates, on the first kProbeQueries queries
+// and kProbeItems items, k scaled to the sample.
+double candidate_share(const at::Tensor& query_bf16, const at::Tensor& gallery_bf16, int64_t k,
+                       const std::vector<double>& D) {
   const int64_t ng = gallery_bf16.size(0);
-  if (ng <= kProbeItems) return false;
   const at::Tensor s = at::mm(query_bf16.narrow(0, 0, std::min(kProbeQueries, query_bf16.size(0))),
                               gallery_bf16.narrow(0, 0, kProbeItems).t()).to(at::kFloat).contiguous();
   const int64_t kk = std::max<int64_t>(1, k * kProbeItems / ng);
@@ -191,10 +175,75 @@ bool dense_candidates(const at::Tensor& query_bf16, const at::Tensor& gallery_bf
   for (int64_t i = 0; i < s.size(0); ++i) {
     std::copy(p + i * kProbeItems, p + (i + 1) * kProbeItems, row.begin());
     std::nth_element(row.begin(), row.begin() + (kk - 1), row.end(), std::greater<float>());
-    const float thr = row[kk - 1] - margin;
+    const float thr = bf16_candidate_threshold(row[kk - 1], D[i]);
     candidates += std::count_if(row.begin(), row.end(), [thr](float v) { return v >= thr; });
   }
-  return candidates * kDenseCandidates > s.size(0) * kProbeItems;
+  return double(candidates) / double(s.size(0) * kProbeItems);
+}
+
+struct Scored {
+  float score;
+  int64_t index;
+  bool operator<(const Scored& o) const { return score > o.score || (score == o.score && index < o.index); }
+};
+
+// The last query tile of the exact kernel, when it has fewer than kSmallCallRows rows, ran in
+// calls that narrow: those queries are answered by the exact kernel itself, on the same rows.
+void answer_last_rows_exactly(const at::Tensor& query_in, const at::Tensor& gallery_in, int64_t k, bool exclude_self,
+                              int64_t last_rows, at::Tensor& scores, at::Tensor& indices) {
+  const int64_t nq = query_in.size(0), ng = gallery_in.size(0), first = nq - last_rows;
+  if (!exclude_self) {
+    const auto [s, i] = exact_op().call(query_in.narrow(0, first, last_rows), gallery_in, k, false, "exact");
+    scores.narrow(0, first, last_rows).copy_(s);
+    indices.narrow(0, first, last_rows).copy_(i);
+    return;
+  }
+  // exclude_self needs Nq == Ng: these rows' results come from the same call as the exact mode's,
+  // on a query set whose last tile is the same rows (the full call would be the whole exact
+  // search); so rank them with self masked, as the exact kernel does, through the same narrow
+  // call shape: the exact kernel's scores of those rows (k + 1 best, self removed).
+  const int64_t kk = std::min(k + 1, ng);
+  const auto [s, i] = exact_op().call(query_in.narrow(0, first, last_rows), gallery_in, kk, false, "exact");
+  for (int64_t r = 0; r < last_rows; ++r) {
+    const int64_t self = first + r;
+    int64_t out = 0;
+    for (int64_t j = 0; j < kk && out < k; ++j) {
+      if (i[r][j].item<int64_t>() == self) continue;
+      scores[self][out] = s[r][j];
+      indices[self][out] = i[r][j];
+      ++out;
+    }
+  }
+}
+
+// One thread's working memory for its tiles.
+struct TileScratch {
+  TileScratch(int64_t rows, int64_t k, const at::Tensor& query_bf16, const at::Tensor& query)
+      : block_scores(at::empty({rows, kBlockCols}, query_bf16.options())),
+        cands(rows, MarginCandidates(k)),
+        idx(rows),
+        exact(rows),
+        gathered(at::empty({0, query.size(1)}, query.options())),
+        q_pad(at::empty({kGroupRows, query.size(1)}, query.options())) {}
+  at::Tensor block_scores;
+  std::vector<MarginCandidates> cands;
+  std::vector<std::vector<int64_t>> idx;  // per tile row: its candidates, ascending
+  std::vector<std::vector<float>> exact;  // their exact scores
+  std::vector<DotGroup> groups;
+  std::vector<int64_t> group_union;
+  std::vector<Scored> ranked;
+  at::Tensor gathered, q_pad;
+};
+
+// Rows r0 .. r0 + m - 1 of the tile (m <= kGroupRows), as a GEMM operand of kGroupRows rows:
+// the last row repeated (padding only; its scores are not read).
+at::Tensor group_rows(const at::Tensor& query, int64_t q0, int64_t m, at::Tensor& q_pad) {
+  if (m == kGroupRows) return query.narrow(0, q0, m);
+  const int64_t d = query.size(1);
+  float* qp = q_pad.mutable_data_ptr<float>();
+  for (int64_t i = 0; i < kGroupRows; ++i)
+    std::memcpy(qp + i * d, query.const_data_ptr<float>() + (q0 + std::min(i, m - 1)) * d, d * sizeof(float));
+  return q_pad;
 }
 
 }  // namespace
@@ -202,143 +251,149 @@ bool dense_candidates(const at::Tensor& query_bf16, const at::Tensor& gallery_bf
 std::tuple<at::Tensor, at::Tensor> cosine_topk_bf16_cpu(const at::Tensor& query_in, const at::Tensor& gallery_in,
                                                         int64_t k, bool exclude_self) {
   constexpr const char* op = "cosine_topk";
+  const Path forced = forced_path();
   // The exact mode's normalized rows (bit for bit), and their bf16 copies.
   const auto [query, raw_gallery, gallery_norms] = embeddings_with_gallery_norms(op, query_in, gallery_in, exclude_self);
   const at::Tensor gallery = at::div(raw_gallery, gallery_norms);
   const int64_t nq = query.size(0), ng = gallery.size(0), d = query.size(1);
   check_topk_k(op, k, ranked_items(ng, exclude_self), exclude_self);
-  TORCH_CHECK(query.scalar_type() == at::kFloat && nq >= kGroupRows - 1, op, ": the bf16 kernel needs float32 and >= 3 queries");
-  const at::Tensor query_bf16 = query.to(at::kBFloat16), gallery_bf16 = gallery.to(at::kBFloat16);
-  const float margin = static_cast<float>(2 * bf16_score_bound(d));
-  if (dense_candidates(query_bf16, gallery_bf16, k, margin)) {
-    static const auto exact_op = c10::Dispatcher::singleton()
-                                     .findSchemaOrThrow("sdml::cosine_topk", "")
-                                     .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                               int64_t, bool, c10::string_view)>();
-    return exact_op.call(query_in, gallery_in, k, exclude_self, "exact");
+  TORCH_CHECK(query.scalar_type() == at::kFloat && nq >= kSmallCallRows, op, ": the bf16 kernel needs float32 and >= 3 queries");
+  if (forced == Path::Exact) return exact_op().call(query_in, gallery_in, k, exclude_self, "exact");
+  const Bf16Rows query_bf16 = cpu_retrieval::bf16_rows(query), gallery_bf16 = cpu_retrieval::bf16_rows(gallery);
+  std::vector<double> D(nq);
+  bool finite = true;
+  for (int64_t i = 0; i < nq; ++i) {
+    D[i] = bf16_pair_bound(query_bf16.terms[i], gallery_bf16.max, d);
+    finite = finite && std::isfinite(D[i]);
   }
+  if (!finite) return exact_op().call(query_in, gallery_in, k, exclude_self, "exact");
+
   const Fp32Gemm fp32;
+  const ExactCalls calls = exact_calls(nq, ng, k);
+  const int64_t chunk = forced == Path::Gemm ? 0 : model_chunk(fp32, calls, d);
+  const bool dots = chunk > 0;
+  if (forced == Path::Auto && ng > kProbeItems) {
+    const double share = candidate_share(query_bf16.values, gallery_bf16.values, k, D);
+    bool dense = share * kDenseCandidates > 1;
+    if (dots) {
+      // The three parts per (query, item) pair at the exact kernel's main call shape, timed.
+      const auto t = cpu_retrieval::probe_exact_dots(fp32.library(), calls.probe_rows[0], calls.probe_cols[0], d,
+                                                     calls.parallel_region, true);
+      dense = kScanFactor * t.bf16_s + share * t.dots_s >= t.gemm_s;
+    }
+    if (dense) return exact_op().call(query_in, gallery_in, k, exclude_self, "exact");
+  }
+
   const int64_t rows = tile_rows(nq), tiles = (nq + rows - 1) / rows;
   at::Tensor scores = at::empty({nq, k}, query.options());
   at::Tensor indices = at::empty({nq, k}, query.options().dtype(at::kLong));
   float* out_scores = scores.mutable_data_ptr<float>();
   int64_t* out_indices = indices.mutable_data_ptr<int64_t>();
   const float* g = gallery.const_data_ptr<float>();
-  const int64_t tail_width = ng % cpu_retrieval::kBlockCols;
-  const int64_t tail0 = (tail_width > 0 && tail_width < kSmallCallCols) ? ng - tail_width : ng;
+  const float* qf = query.const_data_ptr<float>();
+  const int64_t tail0 = calls.tail0;
+  const at::Tensor& qb = query_bf16.values;
+  const at::Tensor& gb = gallery_bf16.values;
 
   std::atomic<int64_t> next{0};
   const int64_t workers = std::min<int64_t>(tiles, at::get_num_threads());
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;  // not inherited by OpenMP threads
     const SingleThreadedBlas one_thread;
-    at::Tensor block_scores = at::empty({rows, kBlockCols}, query_bf16.options());
-    std::vector<MarginCandidates> cands(rows, MarginCandidates(k, margin));
-    std::vector<std::vector<int64_t>> cand_idx(kGroupRows);
-    std::vector<int64_t> group_union;
-    std::vector<Scored> ranked;
-    at::Tensor gathered = at::empty({0, d}, query.options());
-    at::Tensor q_pad = at::empty({kGroupRows, d}, query.options());
+    TileScratch w(rows, k, qb, query);
     for (int64_t tile = next++; tile < tiles; tile = next++) {
       const int64_t q0 = tile * rows, nrows = std::min(rows, nq - q0);
-      const at::Tensor q_tile = query_bf16.narrow(0, q0, nrows);
-      for (int64_t i = 0; i < nrows; ++i) cands[i].reset();
+      // 1-2. The bf16 scores of the tile, block by block, and each query's candidates.
+      const at::Tensor q_tile = qb.narrow(0, q0, nrows);
+      for (int64_t i = 0; i < nrows; ++i) w.cands[i].reset(D[q0 + i]);
       for (int64_t g0 = 0; g0 < ng; g0 += kBlockCols) {
         const int64_t ncols = std::min(kBlockCols, ng - g0);
-        at::Tensor block = block_scores.narrow(0, 0, nrows).narrow(1, 0, ncols);
-        at::mm_out(block, q_tile, gallery_bf16.narrow(0, g0, ncols).t());
+        at::Tensor block = w.block_scores.narrow(0, 0, nrows).narrow(1, 0, ncols);
+        at::mm_out(block, q_tile, gb.narrow(0, g0, ncols).t());
         const auto* s = reinterpret_cast<const uint16_t*>(block.const_data_ptr<at::BFloat16>());
         const int64_t stride = block.stride(0);
-        for (int64_t i = 0; i < nrows; ++i)
-          cands[i].offer_block(s + i * stride, ncols, g0, exclude_self ? q0 + i : -1);
+        for (int64_t i = 0; i < nrows; ++i) w.cands[i].offer_block(s + i * stride, ncols, g0, exclude_self ? q0 + i : -1);
       }
-      // Re-score kGroupRows queries at a time: their candidates' union, one float32 GEMM.
+      for (int64_t i = 0; i < nrows; ++i) {
+        w.cands[i].finish(w.idx[i]);
+        w.exact[i].resize(w.idx[i].size());
+      }
+      // 3. Their exact scores: items before tail0 pairwise or by gathered GEMMs, the rest by one
+      // GEMM of the exact kernel's narrow last block per kGroupRows queries.
+      if (dots) {
+        w.groups.clear();
+        for (int64_t i = 0; i < nrows; ++i) {
+          const auto& idx = w.idx[i];
+          const int64_t n = std::lower_bound(idx.begin(), idx.end(), tail0) - idx.begin();
+          cpu_retrieval::append_dot_groups(qf + (q0 + i) * d, idx.data(), n, w.exact[i].data(), w.groups);
+        }
+        // In gallery order: the rows of neighbouring groups are read while in cache.
+        std::sort(w.groups.begin(), w.groups.end(),
+                  [](const DotGroup& a, const DotGroup& b) { return a.idx[0] < b.idx[0]; });
+        cpu_retrieval::exact_dot_groups(w.groups.data(), int64_t(w.groups.size()), g, d, chunk);
+      }
       for (int64_t r0 = 0; r0 < nrows; r0 += kGroupRows) {
         const int64_t m = std::min(kGroupRows, nrows - r0);
-        group_union.clear();
-        for (int64_t i = 0; i < m; ++i) {
-          cands[r0 + i].indices(cand_idx[i]);
-          group_union.insert(group_union.end(), cand_idx[i].begin(), cand_idx[i].end());
+        const at::Tensor q_group = group_rows(query, q0 + r0, m, w.q_pad);
+        if (!dots) {
+          // Their candidates' union, gathered, one float32 GEMM.
+          w.group_union.clear();
+          for (int64_t i = 0; i < m; ++i) {
+            const auto& idx = w.idx[r0 + i];
+            w.group_union.insert(w.group_union.end(), idx.begin(), std::lower_bound(idx.begin(), idx.end(), tail0));
+          }
+          std::sort(w.group_union.begin(), w.group_union.end());
+          w.group_union.erase(std::unique(w.group_union.begin(), w.group_union.end()), w.group_union.end());
+          const int64_t u = int64_t(w.group_union.size());
+          if (u > 0) {
+            const int64_t cols = std::max(u, kMinGroupCols);
+            if (w.gathered.size(0) < cols) w.gathered = at::empty({std::max(cols, 2 * w.gathered.size(0)), d}, query.options());
+            float* gp = w.gathered.mutable_data_ptr<float>();
+            for (int64_t c = 0; c < cols; ++c)
+              std::memcpy(gp + c * d, g + w.group_union[std::min(c, u - 1)] * d, d * sizeof(float));
+            const at::Tensor e = fp32.scores(q_group, w.gathered.narrow(0, 0, cols));
+            const float* ep = e.const_data_ptr<float>();
+            for (int64_t i = 0; i < m; ++i) {
+              const auto& idx = w.idx[r0 + i];
+              for (int64_t c = 0; c < int64_t(idx.size()) && idx[c] < tail0; ++c) {
+                const int64_t col = std::lower_bound(w.group_union.begin(), w.group_union.end(), idx[c]) - w.group_union.begin();
+                w.exact[r0 + i][c] = ep[i * cols + col];
+              }
+            }
+          }
         }
-        std::sort(group_union.begin(), group_union.end());
-        group_union.erase(std::unique(group_union.begin(), group_union.end()), group_union.end());
-        const int64_t u = int64_t(group_union.size()), cols = std::max(u, kMinGroupCols);
-        if (gathered.size(0) < cols) gathered = at::empty({std::max(cols, 2 * gathered.size(0)), d}, query.options());
-        float* gp = gathered.mutable_data_ptr<float>();
-        for (int64_t c = 0; c < cols; ++c) std::memcpy(gp + c * d, g + group_union[std::min(c, u - 1)] * d, d * sizeof(float));
-        // Rows: the group's queries, the last repeated up to kGroupRows (padding only).
-        at::Tensor q_group = query.narrow(0, q0 + r0, m);
-        if (m < kGroupRows) {
-          float* qp = q_pad.mutable_data_ptr<float>();
-          for (int64_t i = 0; i < kGroupRows; ++i)
-            std::memcpy(qp + i * d, query.const_data_ptr<float>() + (q0 + r0 + std::min(i, m - 1)) * d, d * sizeof(float));
-          q_group = q_pad;
-        }
-        const at::Tensor exact = fp32.scores(q_group, gathered.narrow(0, 0, cols)).contiguous();
-        const float* e = exact.const_data_ptr<float>();
         // The exact kernel scored a last gallery block of < kSmallCallCols items in a call that
         // narrow: those items are scored so too (the whole block, in one call).
-        at::Tensor tail_scores;
-        const float* te = nullptr;
-        if (tail0 < ng) {
-          tail_scores = fp32.scores(q_group, gallery.narrow(0, tail0, ng - tail0)).contiguous();
-          te = tail_scores.const_data_ptr<float>();
+        bool any_tail = false;
+        for (int64_t i = 0; i < m; ++i) any_tail = any_tail || (!w.idx[r0 + i].empty() && w.idx[r0 + i].back() >= tail0);
+        if (any_tail) {
+          const int64_t tw = ng - tail0;
+          const at::Tensor te = fp32.scores(q_group, gallery.narrow(0, tail0, tw));
+          const float* tp = te.const_data_ptr<float>();
+          for (int64_t i = 0; i < m; ++i) {
+            const auto& idx = w.idx[r0 + i];
+            for (int64_t c = std::lower_bound(idx.begin(), idx.end(), tail0) - idx.begin(); c < int64_t(idx.size()); ++c)
+              w.exact[r0 + i][c] = tp[i * tw + (idx[c] - tail0)];
+          }
         }
-        for (int64_t i = 0; i < m; ++i) {
-          ranked.clear();
-          for (const int64_t idx : cand_idx[i]) {
-            if (idx >= tail0) {
-              ranked.push_back({te[i * (ng - tail0) + (idx - tail0)], idx});
-              continue;
-            }
-            const int64_t c = std::lower_bound(group_union.begin(), group_union.end(), idx) - group_union.begin();
-            ranked.push_back({e[i * cols + c], idx});
-          }
-          // at least k candidates (the k best bf16 scores are among them)
-          std::nth_element(ranked.begin(), ranked.begin() + (k - 1), ranked.end());
-          std::sort(ranked.begin(), ranked.begin() + k);
-          const int64_t qi = q0 + r0 + i;
-          for (int64_t j = 0; j < k; ++j) {
-            out_scores[qi * k + j] = ranked[j].score;
-            out_indices[qi * k + j] = ranked[j].index;
-          }
+      }
+      // The k best of each query's candidates (at least k: the k best bf16 scores are among them).
+      for (int64_t i = 0; i < nrows; ++i) {
+        const auto& idx = w.idx[i];
+        w.ranked.resize(idx.size());
+        for (size_t c = 0; c < idx.size(); ++c) w.ranked[c] = {w.exact[i][c], idx[c]};
+        std::nth_element(w.ranked.begin(), w.ranked.begin() + (k - 1), w.ranked.end());
+        std::sort(w.ranked.begin(), w.ranked.begin() + k);
+        const int64_t qi = q0 + i;
+        for (int64_t j = 0; j < k; ++j) {
+          out_scores[qi * k + j] = w.ranked[j].score;
+          out_indices[qi * k + j] = w.ranked[j].index;
         }
       }
     }
   });
-  // The exact kernel's last query tile, when it has fewer than kSmallCallRows rows, ran in calls
-  // that narrow: those queries are answered by the exact kernel itself, on the same rows.
-  const int64_t exact_rows = cpu_retrieval::topk_tile_rows(nq, k, sizeof(float));
-  const int64_t last_rows = nq - (nq - 1) / exact_rows * exact_rows;
-  if (last_rows < kSmallCallRows) {
-    static const auto exact_op = c10::Dispatcher::singleton()
-                                     .findSchemaOrThrow("sdml::cosine_topk", "")
-                                     .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                               int64_t, bool, c10::string_view)>();
-    const int64_t first = nq - last_rows;
-    if (!exclude_self) {
-      const auto [s, i] = exact_op.call(query_in.narrow(0, first, last_rows), gallery_in, k, false, "exact");
-      scores.narrow(0, first, last_rows).copy_(s);
-      indices.narrow(0, first, last_rows).copy_(i);
-    } else {
-      // exclude_self needs Nq == Ng: these rows' results come from the same call as the exact
-      // mode's, on a query set whose last tile is the same rows (the full call would be the whole
-      // exact search); so rank them with self masked, as the exact kernel does, through the same
-      // narrow call shape: the exact kernel's scores of those rows (k + 1 best, self removed).
-      const int64_t kk = std::min(k + 1, ng);
-      const auto [s, i] = exact_op.call(query_in.narrow(0, first, last_rows), gallery_in, kk, false, "exact");
-      for (int64_t r = 0; r < last_rows; ++r) {
-        const int64_t self = first + r;
-        int64_t out = 0;
-        for (int64_t j = 0; j < kk && out < k; ++j) {
-          if (i[r][j].item<int64_t>() == self) continue;
-          scores[self][out] = s[r][j];
-          indices[self][out] = i[r][j];
-          ++out;
-        }
-      }
-    }
-  }
+  if (calls.last_rows < kSmallCallRows)
+    answer_last_rows_exactly(query_in, gallery_in, k, exclude_self, calls.last_rows, scores, indices);
   return {scores, indices};
 }
 

@@ -25,9 +25,24 @@ std::string cpu_bf16_status();
 // once per process when a requested fast mode runs as exact for want of hardware.
 bool use_cpu_bf16_topk(const char* op, const at::Tensor& query, std::string_view precision);
 
-// Bound on |bf16-mode score - exact-mode score| for one (query, item) pair of unit vectors of
-// width d (see the derivation in csrc/topk_precision.cpp).
-double bf16_score_bound(int64_t d);
+// The bf16 mode's error bound, per (query, item) pair (derived in csrc/topk_precision.cpp).
+// S is the bf16 mode's first score of the pair (bf16 copies of the normalized rows, products summed
+// in float32, the sum rounded to bf16), s the exact mode's float32 score. For every pair:
+//     |S - s| <= rho |S| + D(q, g),  rho = bf16_output_rounding(),  D = bf16_pair_bound(q, g, d),
+// from each row's rounding terms: its norm |x|, the norm of its bf16 rounding error |x~ - x|, and
+// the norm of its bf16 copy |x~| (upper bounds, computed from the rows themselves). D grows with
+// every term, so the gallery's largest terms bound D for every item at once.
+struct Bf16RowTerms {
+  double norm = 0, err = 0, norm_bf16 = 0;
+};
+double bf16_output_rounding();
+double bf16_pair_bound(const Bf16RowTerms& q, const Bf16RowTerms& g, int64_t d);
+
+// The least bf16 score an item needs to possibly be among a query's exact top k, where kappa is
+// the k-th best bf16 score among the query's ranked items and D the query's pair bound: every item
+// whose exact score can reach the exact k-th best has S >= this (rounded down to float). A kappa
+// that is a lower bound of the k-th best (a running one) gives a lower, still valid threshold.
+float bf16_candidate_threshold(float kappa, double D);
 
 // The bf16 kernel: (scores [Nq, k], indices [Nq, k]) as cosine_topk's exact mode returns them.
 // query [Nq, d] and gallery [Ng, d] float32, Nq >= 3.

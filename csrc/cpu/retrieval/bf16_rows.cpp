@@ -1,0 +1,72 @@
+#include "bf16_rows.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "sdml/macros.h"
+
+namespace sdml::cpu_retrieval {
+namespace {
+
+// x rounded to the nearest bf16 (ties to even), a subnormal result flushed to (signed) zero. x is
+// finite (the inputs are checked) and at most ~1 in magnitude (normalized rows): no overflow.
+inline uint16_t to_bf16(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  uint16_t b = static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+  if ((b & 0x7F80u) == 0) b &= 0x8000u;
+  return b;
+}
+
+inline float from_bf16(uint16_t b) {
+  const uint32_t bits = uint32_t(b) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// One row: its bf16 copy into out, and the sums of squares of x, x~ - x and x~ (exact products
+// of floats in double; the differences of two floats this close are exact in double).
+SDML_CPU_CLONES void convert_row(const float* x, int64_t d, uint16_t* out, double sums[3]) {
+  double xx = 0, ee = 0, bb = 0;
+  for (int64_t j = 0; j < d; ++j) {
+    const uint16_t b = to_bf16(x[j]);
+    out[j] = b;
+    const double v = x[j], w = from_bf16(b), e = w - v;
+    xx += v * v;
+    ee += e * e;
+    bb += w * w;
+  }
+  sums[0] = xx, sums[1] = ee, sums[2] = bb;
+}
+
+}  // namespace
+
+Bf16Rows bf16_rows(const at::Tensor& rows) {
+  const int64_t n = rows.size(0), d = rows.size(1);
+  Bf16Rows r{at::empty({n, d}, rows.options().dtype(at::kBFloat16)), std::vector<Bf16RowTerms>(n), {}};
+  const float* x = rows.const_data_ptr<float>();
+  auto* out = reinterpret_cast<uint16_t*>(r.values.mutable_data_ptr<at::BFloat16>());
+  // A double sum of d squares and its square root: relative error below (d + 2) 2^-53; rounded up.
+  const double up = 1 + (static_cast<double>(d) + 4) * std::ldexp(1.0, -52);
+  at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      double sums[3];
+      convert_row(x + i * d, d, out + i * d, sums);
+      r.terms[i] = {std::sqrt(sums[0]) * up, std::sqrt(sums[1]) * up, std::sqrt(sums[2]) * up};
+    }
+  });
+  for (const Bf16RowTerms& t : r.terms) {
+    r.max.norm = std::max(r.max.norm, t.norm);
+    r.max.err = std::max(r.max.err, t.err);
+    r.max.norm_bf16 = std::max(r.max.norm_bf16, t.norm_bf16);
+  }
+  return r;
+}
+
+}  // namespace sdml::cpu_retrieval
