@@ -31,9 +31,11 @@ inline float from_bf16(uint16_t b) {
 }
 
 // One row: its bf16 copy into out, and the sums of squares of x, x~ - x and x~ (exact products
-// of floats in double; the differences of two floats this close are exact in double).
+// of floats in double; the differences of two floats this close are exact in double), summed in
+// any order (the caller's rounding-up covers any).
 SDML_CPU_CLONES void convert_row(const float* x, int64_t d, uint16_t* out, double sums[3]) {
   double xx = 0, ee = 0, bb = 0;
+#pragma omp simd reduction(+ : xx, ee, bb)
   for (int64_t j = 0; j < d; ++j) {
     const uint16_t b = to_bf16(x[j]);
     out[j] = b;

@@ -181,11 +181,46 @@ double candidate_share(const at::Tensor& query_bf16, const at::Tensor& gallery_b
   return double(candidates) / double(s.size(0) * kProbeItems);
 }
 
-struct Scored {
-  float score;
-  int64_t index;
-  bool operator<(const Scored& o) const { return score > o.score || (score == o.score && index < o.index); }
-};
+// A candidate's place in the exact mode's order, as one integer (ascending = higher score first,
+// then lower gallery index): the score's order bits above the candidate's position in its
+// ascending index list. -0 counts as +0, as float comparison does.
+inline uint64_t rank_key(float score, int64_t position) {
+  uint32_t u;
+  std::memcpy(&u, &score, sizeof u);
+  if ((u & 0x7FFFFFFFu) == 0) u = 0;
+  const uint32_t ordered = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  return (uint64_t(~ordered) << 32) | uint64_t(position);
+}
+
+// Sorts keys ascending: a radix sort by bytes, least significant first, over the bytes that
+// differ between keys (a query's candidate scores share their leading bytes), for many keys; a
+// comparison sort of the k best for few.
+void sort_keys(std::vector<uint64_t>& keys, int64_t k, std::vector<uint64_t>& tmp) {
+  const size_t n = keys.size();
+  if (n < 512) {
+    std::nth_element(keys.begin(), keys.begin() + (k - 1), keys.end());
+    std::sort(keys.begin(), keys.begin() + k);
+    return;
+  }
+  uint64_t all_or = 0, all_and = ~uint64_t(0);
+  for (const uint64_t key : keys) all_or |= key, all_and &= key;
+  const uint64_t varying = all_or ^ all_and;
+  tmp.resize(n);
+  for (int b = 0; b < 8; ++b) {
+    const int shift = 8 * b;
+    if (((varying >> shift) & 0xFF) == 0) continue;
+    uint32_t count[256] = {};
+    for (const uint64_t key : keys) ++count[(key >> shift) & 0xFF];
+    uint32_t offset = 0;
+    for (uint32_t& c : count) {
+      const uint32_t here = c;
+      c = offset;
+      offset += here;
+    }
+    for (const uint64_t key : keys) tmp[count[(key >> shift) & 0xFF]++] = key;
+    keys.swap(tmp);
+  }
+}
 
 // The last query tile of the exact kernel, when it has fewer than kSmallCallRows rows, ran in
 // calls that narrow: those queries are answered by the exact kernel itself, on the same rows.
@@ -231,7 +266,7 @@ struct TileScratch {
   std::vector<std::vector<float>> exact;  // their exact scores
   std::vector<DotGroup> groups;
   std::vector<int64_t> group_union;
-  std::vector<Scored> ranked;
+  std::vector<uint64_t> ranked, sort_scratch;
   at::Tensor gathered, q_pad;
 };
 
@@ -258,7 +293,9 @@ std::tuple<at::Tensor, at::Tensor> cosine_topk_bf16_cpu(const at::Tensor& query_
   const int64_t nq = query.size(0), ng = gallery.size(0), d = query.size(1);
   check_topk_k(op, k, ranked_items(ng, exclude_self), exclude_self);
   TORCH_CHECK(query.scalar_type() == at::kFloat && nq >= kSmallCallRows, op, ": the bf16 kernel needs float32 and >= 3 queries");
-  if (forced == Path::Exact) return exact_op().call(query_in, gallery_in, k, exclude_self, "exact");
+  // Candidate lists hold int32 gallery indices and positions.
+  if (forced == Path::Exact || ng > std::numeric_limits<int32_t>::max())
+    return exact_op().call(query_in, gallery_in, k, exclude_self, "exact");
   const Bf16Rows query_bf16 = cpu_retrieval::bf16_rows(query), gallery_bf16 = cpu_retrieval::bf16_rows(gallery);
   std::vector<double> D(nq);
   bool finite = true;
@@ -381,13 +418,13 @@ std::tuple<at::Tensor, at::Tensor> cosine_topk_bf16_cpu(const at::Tensor& query_
       for (int64_t i = 0; i < nrows; ++i) {
         const auto& idx = w.idx[i];
         w.ranked.resize(idx.size());
-        for (size_t c = 0; c < idx.size(); ++c) w.ranked[c] = {w.exact[i][c], idx[c]};
-        std::nth_element(w.ranked.begin(), w.ranked.begin() + (k - 1), w.ranked.end());
-        std::sort(w.ranked.begin(), w.ranked.begin() + k);
+        for (size_t c = 0; c < idx.size(); ++c) w.ranked[c] = rank_key(w.exact[i][c], c);
+        sort_keys(w.ranked, k, w.sort_scratch);
         const int64_t qi = q0 + i;
         for (int64_t j = 0; j < k; ++j) {
-          out_scores[qi * k + j] = w.ranked[j].score;
-          out_indices[qi * k + j] = w.ranked[j].index;
+          const int64_t c = int64_t(w.ranked[j] & 0xFFFFFFFFu);
+          out_scores[qi * k + j] = w.exact[i][c];
+          out_indices[qi * k + j] = idx[c];
         }
       }
     }
