@@ -26,13 +26,16 @@ inline float bf16_to_float(uint16_t bits) {
   return f;
 }
 
-// A float that is a bf16 value (low 16 bits zero) as a 16-bit key ordered like the value
-// (-0 before +0, which the selection does not need to tell apart).
+// bf16 bits as a 16-bit key ordered like the value (-0 before +0, which the selection does not
+// need to tell apart), and back.
+inline uint32_t order_key(uint16_t bits) {
+  const uint32_t b = bits;
+  return (b & 0x8000u) ? (~b & 0xFFFFu) : (b | 0x8000u);
+}
 inline uint32_t order_key(float v) {
   uint32_t u;
   std::memcpy(&u, &v, sizeof u);
-  const uint32_t b = u >> 16;
-  return (b & 0x8000u) ? (~b & 0xFFFFu) : (b | 0x8000u);
+  return order_key(static_cast<uint16_t>(u >> 16));  // a bf16 value: the low 16 bits are zero
 }
 
 inline float key_value(uint32_t key) {
@@ -40,10 +43,11 @@ inline float key_value(uint32_t key) {
   return bf16_to_float(static_cast<uint16_t>(b));
 }
 
-// The k-th largest of v[0, n) (n >= k), by two byte-wise histograms of the order keys. Scores
-// crowd into a few buckets, so each histogram is kept as four interleaved copies: consecutive
-// items increment different counters instead of waiting on one another.
-float kth_largest(const float* v, int64_t n, int64_t k) {
+// The k-th largest of n bf16 values v[0, n) (n >= k), by two byte-wise histograms of their order
+// keys. Scores crowd into a few buckets, so each histogram is kept as four interleaved copies:
+// consecutive items increment different counters instead of waiting on one another.
+template <typename T>
+float kth_largest(const T* v, int64_t n, int64_t k) {
   uint32_t count[4][256] = {};
   int64_t i = 0;
   for (; i + 4 <= n; i += 4)
@@ -77,10 +81,14 @@ bool has_avx512f() {
 
 }  // namespace
 
-void MarginCandidates::reset(double D) {
+float kth_largest_bf16(const uint16_t* bits, int64_t n, int64_t k) { return kth_largest(bits, n, k); }
+
+void MarginCandidates::reset(double D, float guess) {
   D_ = D;
   size_ = 0;
-  kappa_ = threshold_ = -std::numeric_limits<float>::infinity();
+  guess_ = guess;
+  kappa_ = -std::numeric_limits<float>::infinity();
+  threshold_ = bf16_candidate_threshold(guess, D);
   reserve(std::max<int64_t>(2 * k_, 512));
 }
 
@@ -132,7 +140,11 @@ SDML_CPU_CLONES void MarginCandidates::offer_portable(const uint16_t* s, int64_t
 // (and their indices) compressed into the list's end.
 __attribute__((target("avx512f"))) void MarginCandidates::offer_avx512(const uint16_t* s, int64_t n, int64_t base,
                                                                         int64_t self) {
+  // Locals: the stores below may alias any member, which would be reloaded after each.
   __m512 thr = _mm512_set1_ps(threshold_);
+  float* score = score_.data();
+  int32_t* index = index_.data();
+  int64_t size = size_, cap = cap_;
   const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (int64_t j = 0; j < n; j += 16) {
     const __m512i bits = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + j))), 16);
@@ -140,16 +152,20 @@ __attribute__((target("avx512f"))) void MarginCandidates::offer_avx512(const uin
     __mmask16 pass = _mm512_cmp_ps_mask(v, thr, _CMP_GE_OQ);
     if (!pass) continue;
     const int64_t first = base + j;
-    if (self >= first && self < first + 16) pass &= static_cast<__mmask16>(~(1u << (self - first)));
-    const __m512i index = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(first)), lanes);
-    _mm512_storeu_ps(score_.data() + size_, _mm512_maskz_compress_ps(pass, v));
-    _mm512_storeu_si512(index_.data() + size_, _mm512_maskz_compress_epi32(pass, index));
-    size_ += __builtin_popcount(pass);
-    if (size_ >= cap_) {
+    if (self - first >= 0 && self - first < 16) pass &= static_cast<__mmask16>(~(1u << (self - first)));
+    _mm512_storeu_ps(score + size, _mm512_maskz_compress_ps(pass, v));
+    _mm512_storeu_si512(index + size,
+                        _mm512_maskz_compress_epi32(pass, _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(first)), lanes)));
+    size += __builtin_popcount(pass);
+    if (size >= cap) {
+      size_ = size;
       prune();
       thr = _mm512_set1_ps(threshold_);
+      score = score_.data(), index = index_.data();
+      size = size_, cap = cap_;
     }
   }
+  size_ = size;
 }
 #else
 void MarginCandidates::offer_avx512(const uint16_t* s, int64_t n, int64_t base, int64_t self) {
@@ -176,9 +192,11 @@ void MarginCandidates::prune() {
   reserve(std::max(cap_, 8 * size_));
 }
 
-void MarginCandidates::finish(std::vector<int64_t>& out) {
+bool MarginCandidates::finish(std::vector<int64_t>& out) {
   prune();
+  if (size_ < k_ || kappa_ < guess_) return false;
   out.assign(index_.begin(), index_.begin() + size_);
+  return true;
 }
 
 }  // namespace sdml::cpu_retrieval

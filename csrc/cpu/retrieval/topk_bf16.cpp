@@ -81,6 +81,9 @@ constexpr int64_t kSmallCallRows = 3, kSmallCallCols = 5;
 // a scan of its scores, taken as this many times the GEMM.
 constexpr int64_t kProbeQueries = 32, kProbeItems = 16384, kDenseCandidates = 64;
 constexpr double kScanFactor = 1.5;
+// The sample behind the guesses of kappa (GallerySample): every kSampleStride-th gallery row, for
+// galleries of at least kSampleMinGallery rows.
+constexpr int64_t kSampleStride = 16, kSampleMinGallery = 4 * kBlockCols;
 
 int64_t tile_rows(int64_t nq) {
   const int64_t share = kTilesPerThread * at::get_num_threads();
@@ -251,17 +254,40 @@ void answer_last_rows_exactly(const at::Tensor& query_in, const at::Tensor& gall
   }
 }
 
+// A guess of each query's final kappa (the k-th best bf16 score) starts its threshold high: the
+// kth-best of its bf16 scores against every kSampleStride-th gallery row, with kth above the
+// share of k that the sample holds on average (1.25 times it, plus four standard deviations of
+// a count), so that the guess is rarely above the final kappa; MarginCandidates checks it, and a
+// query whose guess was too high is searched again. Without it the threshold rises from nothing
+// as the blocks come, and a large k appends k ln(Ng / k) items on the way.
+struct GallerySample {
+  at::Tensor rows;  // [n, d] bf16 (n = 0: no guesses)
+  int64_t kth = 0;
+};
+
+GallerySample gallery_sample(const at::Tensor& gallery_bf16, int64_t k) {
+  const int64_t ng = gallery_bf16.size(0);
+  if (ng < kSampleMinGallery) return {gallery_bf16.narrow(0, 0, 0), 0};
+  const int64_t n = (ng + kSampleStride - 1) / kSampleStride;
+  const double expected = double(k) * double(n) / double(ng);
+  const int64_t kth = static_cast<int64_t>(std::ceil(1.25 * expected + 4 * std::sqrt(expected) + 2));
+  if (kth > n / 4) return {gallery_bf16.narrow(0, 0, 0), 0};  // a large share: the guess would save little
+  return {gallery_bf16.slice(0, 0, ng, kSampleStride).contiguous(), kth};
+}
+
 // One thread's working memory for its tiles.
 struct TileScratch {
-  TileScratch(int64_t rows, int64_t k, const at::Tensor& query_bf16, const at::Tensor& query)
+  TileScratch(int64_t rows, int64_t k, const at::Tensor& query_bf16, const at::Tensor& query, int64_t sample_rows)
       : block_scores(at::empty({rows, kBlockCols}, query_bf16.options())),
+        sample_scores(at::empty({rows, sample_rows}, query_bf16.options())),
         cands(rows, MarginCandidates(k)),
         idx(rows),
         exact(rows),
         gathered(at::empty({0, query.size(1)}, query.options())),
         q_pad(at::empty({kGroupRows, query.size(1)}, query.options())) {}
-  at::Tensor block_scores;
+  at::Tensor block_scores, sample_scores;
   std::vector<MarginCandidates> cands;
+  std::vector<int64_t> search;            // the tile rows being searched
   std::vector<std::vector<int64_t>> idx;  // per tile row: its candidates, ascending
   std::vector<std::vector<float>> exact;  // their exact scores
   std::vector<DotGroup> groups;
@@ -332,27 +358,60 @@ std::tuple<at::Tensor, at::Tensor> cosine_topk_bf16_cpu(const at::Tensor& query_
   const at::Tensor& qb = query_bf16.values;
   const at::Tensor& gb = gallery_bf16.values;
 
+  const GallerySample sample = gallery_sample(gb, k);
+  // The bf16 scores of the queries q_rows (rows w.search[j] of the tile at q0), block by block,
+  // offered to their candidate lists.
+  const auto scan = [&](const at::Tensor& q_rows, int64_t q0, TileScratch& w) {
+    const int64_t m = q_rows.size(0);
+    for (int64_t g0 = 0; g0 < ng; g0 += kBlockCols) {
+      const int64_t ncols = std::min(kBlockCols, ng - g0);
+      at::Tensor block = w.block_scores.narrow(0, 0, m).narrow(1, 0, ncols);
+      at::mm_out(block, q_rows, gb.narrow(0, g0, ncols).t());
+      const auto* s = reinterpret_cast<const uint16_t*>(block.const_data_ptr<at::BFloat16>());
+      const int64_t stride = block.stride(0);
+      for (int64_t j = 0; j < m; ++j) {
+        const int64_t i = w.search[j];
+        w.cands[i].offer_block(s + j * stride, ncols, g0, exclude_self ? q0 + i : -1);
+      }
+    }
+  };
+
   std::atomic<int64_t> next{0};
   const int64_t workers = std::min<int64_t>(tiles, at::get_num_threads());
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;  // not inherited by OpenMP threads
     const SingleThreadedBlas one_thread;
-    TileScratch w(rows, k, qb, query);
+    TileScratch w(rows, k, qb, query, sample.rows.size(0));
     for (int64_t tile = next++; tile < tiles; tile = next++) {
       const int64_t q0 = tile * rows, nrows = std::min(rows, nq - q0);
-      // 1-2. The bf16 scores of the tile, block by block, and each query's candidates.
+      // 1-2. Each query's guess of kappa from the sample, then the bf16 scores of the tile, block by
+      // block, and the candidates; queries whose guess proved too high again, without one.
       const at::Tensor q_tile = qb.narrow(0, q0, nrows);
-      for (int64_t i = 0; i < nrows; ++i) w.cands[i].reset(D[q0 + i]);
-      for (int64_t g0 = 0; g0 < ng; g0 += kBlockCols) {
-        const int64_t ncols = std::min(kBlockCols, ng - g0);
-        at::Tensor block = w.block_scores.narrow(0, 0, nrows).narrow(1, 0, ncols);
-        at::mm_out(block, q_tile, gb.narrow(0, g0, ncols).t());
-        const auto* s = reinterpret_cast<const uint16_t*>(block.const_data_ptr<at::BFloat16>());
-        const int64_t stride = block.stride(0);
-        for (int64_t i = 0; i < nrows; ++i) w.cands[i].offer_block(s + i * stride, ncols, g0, exclude_self ? q0 + i : -1);
+      if (sample.kth > 0) {
+        at::Tensor ss = w.sample_scores.narrow(0, 0, nrows);
+        at::mm_out(ss, q_tile, sample.rows.t());
+        const auto* p = reinterpret_cast<const uint16_t*>(ss.const_data_ptr<at::BFloat16>());
+        for (int64_t i = 0; i < nrows; ++i)
+          w.cands[i].reset(D[q0 + i], cpu_retrieval::kth_largest_bf16(p + i * ss.stride(0), ss.size(1), sample.kth));
+      } else {
+        for (int64_t i = 0; i < nrows; ++i) w.cands[i].reset(D[q0 + i]);
+      }
+      w.search.resize(nrows);
+      for (int64_t i = 0; i < nrows; ++i) w.search[i] = i;
+      scan(q_tile, q0, w);
+      w.search.clear();
+      for (int64_t i = 0; i < nrows; ++i)
+        if (!w.cands[i].finish(w.idx[i])) w.search.push_back(i);
+      if (!w.search.empty()) {
+        at::Tensor again = at::empty({int64_t(w.search.size())}, at::TensorOptions().dtype(at::kLong));
+        for (size_t j = 0; j < w.search.size(); ++j) {
+          again.mutable_data_ptr<int64_t>()[j] = q0 + w.search[j];
+          w.cands[w.search[j]].reset(D[q0 + w.search[j]]);
+        }
+        scan(qb.index_select(0, again), q0, w);
+        for (const int64_t i : w.search) w.cands[i].finish(w.idx[i]);  // no guess: always the candidates
       }
       for (int64_t i = 0; i < nrows; ++i) {
-        w.cands[i].finish(w.idx[i]);
         w.exact[i].resize(w.idx[i].size());
       }
       // 3. Their exact scores: items before tail0 pairwise or by gathered GEMMs, the rest by one
