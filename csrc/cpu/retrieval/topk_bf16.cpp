@@ -68,8 +68,9 @@ using cpu_retrieval::MarginCandidates;
 // Query rows per tile: many, so that oneDNN's reorder of each gallery block is paid for by a large
 // product; fewer when that would leave a thread without kTilesPerThread tiles.
 constexpr int64_t kMinTileRows = 16, kMaxTileRows = 512, kTilesPerThread = 2;
-// Gallery rows per bf16 GEMM block: its scores (rows x cols bf16) stay within a few MiB.
-constexpr int64_t kBlockCols = 4096;
+// Gallery rows per bf16 GEMM block: its scores (rows x cols bf16) stay within a few MiB. (The
+// exact kernel's blocks, whose calls the re-score mirrors, are cpu_retrieval::kBlockCols.)
+constexpr int64_t kBf16BlockCols = 4096;
 // GEMM re-score: queries per float32 GEMM (>= 3 rows: see the header), least columns (>= 5).
 constexpr int64_t kGroupRows = 4, kMinGroupCols = 8;
 // The exact kernel's GEMM calls round differently in calls of fewer than 3 rows or 5 columns.
@@ -78,12 +79,13 @@ constexpr int64_t kSmallCallRows = 3, kSmallCallCols = 5;
 // most kProbeItems always run in bf16: small, either way is cheap). The GEMM re-score reads each
 // candidate's row on its own, about the cost of scoring kDenseCandidates items by the exact
 // kernel's GEMM; the pairwise re-score is timed. kScanFactor: the bf16 pass costs its GEMM and
-// a scan of its scores, taken as this many times the GEMM.
+// a scan of its scores, taken as this many times the GEMM; kRescoreFactor: the timed pairs read
+// rows from the L2 cache, a search's mostly from further out (about twice as slow, measured).
 constexpr int64_t kProbeQueries = 32, kProbeItems = 16384, kDenseCandidates = 64;
-constexpr double kScanFactor = 1.5;
+constexpr double kScanFactor = 1.5, kRescoreFactor = 2;
 // The sample behind the guesses of kappa (GallerySample): every kSampleStride-th gallery row, for
 // galleries of at least kSampleMinGallery rows.
-constexpr int64_t kSampleStride = 16, kSampleMinGallery = 4 * kBlockCols;
+constexpr int64_t kSampleStride = 16, kSampleMinGallery = 4 * kBf16BlockCols;
 
 int64_t tile_rows(int64_t nq) {
   const int64_t share = kTilesPerThread * at::get_num_threads();
@@ -136,17 +138,17 @@ struct ExactCalls {
 };
 
 ExactCalls exact_calls(int64_t nq, int64_t ng, int64_t k) {
-  using namespace cpu_retrieval;
+  constexpr int64_t cols = cpu_retrieval::kBlockCols;  // the exact kernel's blocks, not this kernel's
   ExactCalls c;
-  c.rows = topk_tile_rows(nq, k, sizeof(float));
-  const int64_t tiles = (nq + c.rows - 1) / c.rows, blocks = (ng + kBlockCols - 1) / kBlockCols;
+  c.rows = cpu_retrieval::topk_tile_rows(nq, k, sizeof(float));
+  const int64_t tiles = (nq + c.rows - 1) / c.rows, blocks = (ng + cols - 1) / cols;
   c.last_rows = nq - (tiles - 1) * c.rows;
-  const int64_t tail_width = ng % kBlockCols;
+  const int64_t tail_width = ng % cols;
   c.tail0 = (tail_width > 0 && tail_width < kSmallCallCols) ? ng - tail_width : ng;
-  c.parallel_region = std::min<int64_t>(tiles * gallery_ranges(tiles, blocks), at::get_num_threads()) > 1;
+  c.parallel_region = std::min<int64_t>(tiles * cpu_retrieval::gallery_ranges(tiles, blocks), at::get_num_threads()) > 1;
   c.probe_rows.push_back(std::min(c.rows, nq));
   if (c.last_rows != c.probe_rows[0] && c.last_rows >= kSmallCallRows) c.probe_rows.push_back(c.last_rows);
-  if (ng >= kBlockCols) c.probe_cols.push_back(kBlockCols);
+  if (ng >= cols) c.probe_cols.push_back(cols);
   if (tail_width >= kSmallCallCols) c.probe_cols.push_back(tail_width);
   return c;
 }
@@ -278,7 +280,7 @@ GallerySample gallery_sample(const at::Tensor& gallery_bf16, int64_t k) {
 // One thread's working memory for its tiles.
 struct TileScratch {
   TileScratch(int64_t rows, int64_t k, const at::Tensor& query_bf16, const at::Tensor& query, int64_t sample_rows)
-      : block_scores(at::empty({rows, kBlockCols}, query_bf16.options())),
+      : block_scores(at::empty({rows, kBf16BlockCols}, query_bf16.options())),
         sample_scores(at::empty({rows, sample_rows}, query_bf16.options())),
         cands(rows, MarginCandidates(k)),
         idx(rows),
@@ -342,7 +344,7 @@ std::tuple<at::Tensor, at::Tensor> cosine_topk_bf16_cpu(const at::Tensor& query_
       // The three parts per (query, item) pair at the exact kernel's main call shape, timed.
       const auto t = cpu_retrieval::probe_exact_dots(fp32.library(), calls.probe_rows[0], calls.probe_cols[0], d,
                                                      calls.parallel_region, true);
-      dense = kScanFactor * t.bf16_s + share * t.dots_s >= t.gemm_s;
+      dense = kScanFactor * t.bf16_s + kRescoreFactor * share * t.dots_s >= t.gemm_s;
     }
     if (dense) return exact_op().call(query_in, gallery_in, k, exclude_self, "exact");
   }
@@ -363,8 +365,8 @@ std::tuple<at::Tensor, at::Tensor> cosine_topk_bf16_cpu(const at::Tensor& query_
   // offered to their candidate lists.
   const auto scan = [&](const at::Tensor& q_rows, int64_t q0, TileScratch& w) {
     const int64_t m = q_rows.size(0);
-    for (int64_t g0 = 0; g0 < ng; g0 += kBlockCols) {
-      const int64_t ncols = std::min(kBlockCols, ng - g0);
+    for (int64_t g0 = 0; g0 < ng; g0 += kBf16BlockCols) {
+      const int64_t ncols = std::min(kBf16BlockCols, ng - g0);
       at::Tensor block = w.block_scores.narrow(0, 0, m).narrow(1, 0, ncols);
       at::mm_out(block, q_rows, gb.narrow(0, g0, ncols).t());
       const auto* s = reinterpret_cast<const uint16_t*>(block.const_data_ptr<at::BFloat16>());
