@@ -1,5 +1,6 @@
 """What the tests (and the benchmarks' GPU check) share: the device axis and the CUDA marker,
-the small run configs of the command-line tests, and the builders of training tasks.
+the small run configs of the command-line tests, the builders of training tasks, and the
+contract of cosine_topk's CPU precision modes.
 
 Test files import it as ``helpers`` (pytest puts tests/ on the path); no test file imports
 another test file or conftest.
@@ -115,3 +116,72 @@ def class_structured(nq, ng, d, kind, seed, dtype=torch.float64, device="cpu"):
 
     (q, ql), (g, gl) = side(nq), side(ng)
     return q, g, ql, gl
+
+
+# ---- cosine_topk's precision modes on the CPU -----------------------------------------------------
+
+
+def topk_gemm() -> str:
+    """The library of the exact mode's top-k blocks in this process (sdml/cpu_gemm.h): oneDNN
+    rounds a product the same wherever it lies in the output, so "bf16" re-scores to the exact
+    mode's bits; MKL/BLAS rounds by position, so there an id may differ between items whose float32
+    scores lie within the GEMM's rounding of each other, and a score by that rounding. (Asked on
+    first use: the choice may time both libraries.)"""
+    import sdml_ext
+
+    return sdml_ext.build_info()["cpu_gemm"]["gemm"]
+
+
+def both(q, g, k, exclude_self=False):
+    from sdml_ext.ops import cosine_topk
+
+    exact = cosine_topk(q, g, k, exclude_self=exclude_self)
+    fast = cosine_topk(q, g, k, exclude_self=exclude_self, precision="bf16")
+    return exact, fast
+
+
+def assert_same(exact, fast):
+    assert torch.equal(fast.indices, exact.indices)
+    assert torch.equal(fast.scores, exact.scores)
+    assert fast.scores.dtype == exact.scores.dtype and fast.indices.dtype == torch.int64
+
+
+def assert_same_up_to_gemm_rounding(q, g, k, exclude_self=False):
+    """The contract of both modes in this process: bitwise where the top-k GEMM is oneDNN (and
+    where "bf16" runs the exact mode: float64, 1-2 queries); else the same ids and scores but
+    where two items' scores lie within the float32 GEMM's rounding of each other."""
+    exact, fast = both(q, g, k, exclude_self)
+    if topk_gemm() == "onednn" or q.dtype == torch.float64 or q.shape[0] < 3:
+        assert_same(exact, fast)
+        return
+    assert fast.scores.dtype == exact.scores.dtype and fast.indices.dtype == torch.int64
+    d = q.shape[1]
+    bound = 2 * (d + 2) * 2.0**-24  # two float32 dot products of unit vectors, each within (d+2) u
+    assert (fast.scores - exact.scores).abs().max() <= bound
+    true = torch.nn.functional.normalize(q.double(), dim=1) @ torch.nn.functional.normalize(g.double(), dim=1).T
+    differ = fast.indices != exact.indices
+    assert (true.gather(1, fast.indices) - true.gather(1, exact.indices))[differ].abs().le(2 * bound).all()
+    assert all(len(set(row.tolist())) == k for row in fast.indices)  # distinct ids
+    if exclude_self:
+        assert not (fast.indices == torch.arange(q.shape[0]).unsqueeze(1)).any()
+
+
+def near_ties(n_heads=60, variants=12, n_random=3000, d=256, seed=0):
+    """A gallery whose best items per query are clusters of near-identical rows: each head is
+    repeated with a 1-ulp nudge of one or a few coordinates (float32 scores a few ulps apart, often
+    equal) and exactly (duplicates), among random rows; queries lie near the heads."""
+    g = torch.Generator().manual_seed(seed)
+    heads = torch.randn(n_heads, d, generator=g)
+    rows = [torch.randn(n_random, d, generator=g)]
+    for h in heads:
+        block = h.repeat(variants, 1)
+        for v in range(1, variants):
+            if v % 4 == 0:
+                continue  # exact duplicate of the head
+            cols = torch.randint(0, d, (v % 3 + 1,), generator=g)
+            block[v, cols] = torch.nextafter(block[v, cols], torch.full_like(block[v, cols], float("inf")))
+        rows.append(block)
+    gallery = torch.cat(rows)
+    gallery = gallery[torch.randperm(gallery.shape[0], generator=g)]  # ties spread over the blocks
+    queries = heads + 0.05 * torch.randn(n_heads, d, generator=g)
+    return queries, gallery

@@ -13,48 +13,11 @@ import torch
 import sdml_ext
 from sdml_ext.ops import cosine_topk
 
+from helpers import assert_same, assert_same_up_to_gemm_rounding, both, near_ties, topk_gemm
+
 HAS_BF16_UNITS = sdml_ext.build_info()["cpu_bf16"].startswith("bf16 units:")
 # Where the CPU lacks the units, "bf16" runs the exact mode and says so once: expected there.
 pytestmark = pytest.mark.filterwarnings("ignore:cosine_topk. precision=.bf16. runs the exact mode")
-
-
-# The library of the exact mode's top-k blocks in this process (sdml/cpu_gemm.h): oneDNN rounds a
-# product the same wherever it lies in the output, so "bf16" re-scores to the exact mode's bits;
-# MKL/BLAS rounds by position, so there an id may differ between items whose float32 scores lie
-# within the GEMM's rounding of each other, and a score by that rounding.
-TOPK_GEMM = sdml_ext.build_info()["cpu_gemm"]["gemm"]
-
-
-def both(q, g, k, exclude_self=False):
-    exact = cosine_topk(q, g, k, exclude_self=exclude_self)
-    fast = cosine_topk(q, g, k, exclude_self=exclude_self, precision="bf16")
-    return exact, fast
-
-
-def assert_same(exact, fast):
-    assert torch.equal(fast.indices, exact.indices)
-    assert torch.equal(fast.scores, exact.scores)
-    assert fast.scores.dtype == exact.scores.dtype and fast.indices.dtype == torch.int64
-
-
-def assert_same_up_to_gemm_rounding(q, g, k, exclude_self=False):
-    """The contract of both modes in this process: bitwise where the top-k GEMM is oneDNN (and
-    where "bf16" runs the exact mode: float64, 1-2 queries); else the same ids and scores but
-    where two items' scores lie within the float32 GEMM's rounding of each other."""
-    exact, fast = both(q, g, k, exclude_self)
-    if TOPK_GEMM == "onednn" or q.dtype == torch.float64 or q.shape[0] < 3:
-        assert_same(exact, fast)
-        return
-    assert fast.scores.dtype == exact.scores.dtype and fast.indices.dtype == torch.int64
-    d = q.shape[1]
-    bound = 2 * (d + 2) * 2.0**-24  # two float32 dot products of unit vectors, each within (d+2) u
-    assert (fast.scores - exact.scores).abs().max() <= bound
-    true = torch.nn.functional.normalize(q.double(), dim=1) @ torch.nn.functional.normalize(g.double(), dim=1).T
-    differ = fast.indices != exact.indices
-    assert (true.gather(1, fast.indices) - true.gather(1, exact.indices))[differ].abs().le(2 * bound).all()
-    assert all(len(set(row.tolist())) == k for row in fast.indices)  # distinct ids
-    if exclude_self:
-        assert not (fast.indices == torch.arange(q.shape[0]).unsqueeze(1)).any()
 
 
 @pytest.mark.parametrize("nq, ng, d, k", [(3, 5, 1, 1), (4, 40, 7, 3), (300, 5000, 512, 10), (257, 3001, 64, 1),
@@ -64,27 +27,6 @@ def test_bf16_ids_equal_exact_on_random_data(nq, ng, d, k):
     g = torch.Generator().manual_seed(nq + ng + d + k)
     q, gal = torch.randn(nq, d, generator=g), torch.randn(ng, d, generator=g)
     assert_same_up_to_gemm_rounding(q, gal, k)
-
-
-def near_ties(n_heads=60, variants=12, n_random=3000, d=256, seed=0):
-    """A gallery whose best items per query are clusters of near-identical rows: each head is
-    repeated with a 1-ulp nudge of one or a few coordinates (float32 scores a few ulps apart, often
-    equal) and exactly (duplicates), among random rows; queries lie near the heads."""
-    g = torch.Generator().manual_seed(seed)
-    heads = torch.randn(n_heads, d, generator=g)
-    rows = [torch.randn(n_random, d, generator=g)]
-    for h in heads:
-        block = h.repeat(variants, 1)
-        for v in range(1, variants):
-            if v % 4 == 0:
-                continue  # exact duplicate of the head
-            cols = torch.randint(0, d, (v % 3 + 1,), generator=g)
-            block[v, cols] = torch.nextafter(block[v, cols], torch.full_like(block[v, cols], float("inf")))
-        rows.append(block)
-    gallery = torch.cat(rows)
-    gallery = gallery[torch.randperm(gallery.shape[0], generator=g)]  # ties spread over the blocks
-    queries = heads + 0.05 * torch.randn(n_heads, d, generator=g)
-    return queries, gallery
 
 
 @pytest.mark.parametrize("k", [1, 5, 12, 13, 37])
@@ -205,7 +147,7 @@ def test_bf16_past_the_probe_size_sparse_and_dense_candidates(k):
 def test_the_other_gemm_library_keeps_the_contract():
     """This process runs the top-k blocks on one library; a fresh process forced to the other runs
     the random-data and near-tie cases, so both rules are tested on every machine."""
-    other = "blas" if TOPK_GEMM == "onednn" else "onednn"
+    other = "blas" if topk_gemm() == "onednn" else "onednn"
     env = {**os.environ, "SDML_CPU_GEMM": other, "SDML_CACHE_DIR": "off"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-x", "-p", "no:cacheprovider",

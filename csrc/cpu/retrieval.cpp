@@ -6,7 +6,10 @@
 //   duplicate_scores.h  exact duplicates of a gallery row get their first row's score
 //   running_topk.h      the best k of one query's scores so far (cosine_topk)
 //   topk.h              cosine_topk over tiles and gallery ranges
-//   topk_bf16.cpp       cosine_topk's precision="bf16": bf16 candidates, re-scored exactly
+//   topk_bf16.cpp       cosine_topk's precision="bf16": bf16 candidates, re-scored exactly, with
+//     bf16_rows.h         the bf16 copies of the rows and their rounding terms (the bound)
+//     margin_candidates.h a query's candidates above the bound's threshold
+//     exact_dots.h        the exact kernel's GEMM arithmetic, pair by pair, and its probe
 //   relevance.h         which gallery items are relevant to a query (class ids or label bits)
 //   relevant_ranker.h   the exact ranks of a query's relevant items, without a full sort
 //   query_ranks.h       tiles scored and ranked, per query (the metric ops)

@@ -28,6 +28,23 @@ PYBIND11_MODULE(_C, m) {
 #endif
   m.def("cpu_bf16_status", &sdml::cpu_bf16_status,
         "This CPU's bf16 units as cosine_topk's precision=\"bf16\" sees them, in one line.");
+  m.def("bf16_topk_output_rounding", &sdml::bf16_output_rounding,
+        "rho of the bf16 top-k's bound |S - s| <= rho |S| + D (sdml/topk_precision.h).");
+  m.def(
+      "bf16_topk_pair_bound",
+      [](py::sequence q, py::sequence g, int64_t d) {
+        const auto terms = [](py::sequence t) {
+          if (py::len(t) != 3) throw py::value_error("bf16_topk_pair_bound: terms are (norm, err, norm_bf16)");
+          return sdml::Bf16RowTerms{t[0].cast<double>(), t[1].cast<double>(), t[2].cast<double>()};
+        };
+        return sdml::bf16_pair_bound(terms(q), terms(g), d);
+      },
+      py::arg("q"), py::arg("g"), py::arg("d"),
+      "D of the bf16 top-k's bound for a query's and an item's row terms (norm, err, norm_bf16).");
+  m.def("bf16_topk_threshold", &sdml::bf16_candidate_threshold, py::arg("kappa"), py::arg("D"),
+        "The least bf16 score of a possible top-k item, for the k-th best bf16 score kappa and bound D.");
+  m.def("cpu_exact_dots_chunk", &sdml::cpu_exact_dots_chunk, py::arg("rows"), py::arg("cols"), py::arg("d"),
+        "The chunk of the model that reproduces this process's top-k GEMM at rows x cols x d, bit for bit (0: none).");
   m.def("release_cached_host_buffers", &sdml::release_cached_host_buffers,
         "Frees the CPU blocks cached for large kernel outputs; returns the bytes released.");
   m.def(

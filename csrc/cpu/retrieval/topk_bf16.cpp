@@ -495,4 +495,32 @@ std::tuple<at::Tensor, at::Tensor> cosine_topk_bf16_cpu(const at::Tensor& query_
   return {scores, indices};
 }
 
+std::tuple<at::Tensor, at::Tensor> cpu_bf16_rows(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "cpu_bf16_rows: x must be float32 [n, d]");
+  const Bf16Rows r = cpu_retrieval::bf16_rows(x.contiguous());
+  at::Tensor terms = at::empty({x.size(0), 3}, x.options().dtype(at::kDouble));
+  double* t = terms.mutable_data_ptr<double>();
+  for (int64_t i = 0; i < x.size(0); ++i) t[3 * i] = r.terms[i].norm, t[3 * i + 1] = r.terms[i].err, t[3 * i + 2] = r.terms[i].norm_bf16;
+  return {r.values, terms};
+}
+
+at::Tensor cpu_exact_dots(const at::Tensor& q, const at::Tensor& g, const at::Tensor& idx, int64_t chunk) {
+  TORCH_CHECK(q.dim() == 1 && g.dim() == 2 && q.size(0) == g.size(1) && q.scalar_type() == at::kFloat &&
+                  g.scalar_type() == at::kFloat && idx.dim() == 1 && idx.scalar_type() == at::kLong && chunk > 0,
+              "cpu_exact_dots: q [d] and g [n, d] float32, idx [m] int64, chunk > 0");
+  const at::Tensor qc = q.contiguous(), gc = g.contiguous(), ic = idx.contiguous();
+  const int64_t n = g.size(0), m = idx.size(0);
+  for (int64_t c = 0; c < m; ++c) TORCH_CHECK(ic.const_data_ptr<int64_t>()[c] >= 0 && ic.const_data_ptr<int64_t>()[c] < n, "cpu_exact_dots: idx out of range");
+  at::Tensor out = at::empty({m}, q.options());
+  std::vector<DotGroup> groups;
+  cpu_retrieval::append_dot_groups(qc.const_data_ptr<float>(), ic.const_data_ptr<int64_t>(), m, out.mutable_data_ptr<float>(), groups);
+  cpu_retrieval::exact_dot_groups(groups.data(), int64_t(groups.size()), gc.const_data_ptr<float>(), q.size(0), chunk);
+  return out;
+}
+
+int64_t cpu_exact_dots_chunk(int64_t rows, int64_t cols, int64_t d) {
+  TORCH_CHECK(rows > 0 && cols > 0 && d > 0, "cpu_exact_dots_chunk: sizes must be positive");
+  return cpu_retrieval::probe_exact_dots(Fp32Gemm().library(), rows, cols, d, at::get_num_threads() > 1, false).chunk;
+}
+
 }  // namespace sdml

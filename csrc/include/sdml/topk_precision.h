@@ -44,6 +44,14 @@ double bf16_pair_bound(const Bf16RowTerms& q, const Bf16RowTerms& g, int64_t d);
 // that is a lower bound of the k-th best (a running one) gives a lower, still valid threshold.
 float bf16_candidate_threshold(float kappa, double D);
 
+// For tests, the bf16 kernel's parts (csrc/cpu/retrieval/): the bf16 copy of float32 rows x
+// [n, d] and each row's terms [n, 3] float64 (|x|, |x~ - x|, |x~|); the scores of q [d] with rows
+// g[idx[c]] by the model of the exact kernel's GEMM with chunk `chunk` (exact_dots.h); the chunk a
+// probe finds for this process's top-k GEMM at calls of rows x cols x d (0: not reproduced).
+std::tuple<at::Tensor, at::Tensor> cpu_bf16_rows(const at::Tensor& x);
+at::Tensor cpu_exact_dots(const at::Tensor& q, const at::Tensor& g, const at::Tensor& idx, int64_t chunk);
+int64_t cpu_exact_dots_chunk(int64_t rows, int64_t cols, int64_t d);
+
 // The bf16 kernel: (scores [Nq, k], indices [Nq, k]) as cosine_topk's exact mode returns them.
 // query [Nq, d] and gallery [Ng, d] float32, Nq >= 3.
 std::tuple<at::Tensor, at::Tensor> cosine_topk_bf16_cpu(const at::Tensor& query, const at::Tensor& gallery, int64_t k,
