@@ -174,7 +174,7 @@ void MarginCandidates::offer_avx512(const uint16_t* s, int64_t n, int64_t base, 
 #endif
 
 // kappa from the list (it holds every item above the old threshold, so the k best offered), then
-// the items below the new threshold dropped, in order; room for eight times what is left.
+// the items below the new threshold dropped, in order; room for four times what is left.
 void MarginCandidates::prune() {
   if (size_ >= k_) {
     kappa_ = std::max(kappa_, kth_largest(score_.data(), size_, k_));
@@ -189,7 +189,7 @@ void MarginCandidates::prune() {
     }
     size_ = kept;
   }
-  reserve(std::max(cap_, 8 * size_));
+  reserve(std::max(cap_, 4 * size_));
 }
 
 bool MarginCandidates::finish(std::vector<int64_t>& out) {

@@ -83,13 +83,18 @@ constexpr int64_t kSmallCallRows = 3, kSmallCallCols = 5;
 // rows from the L2 cache, a search's mostly from further out (about twice as slow, measured).
 constexpr int64_t kProbeQueries = 32, kProbeItems = 16384, kDenseCandidates = 64;
 constexpr double kScanFactor = 1.5, kRescoreFactor = 2;
-// The sample behind the guesses of kappa (GallerySample): every kSampleStride-th gallery row, for
-// galleries of at least kSampleMinGallery rows.
-constexpr int64_t kSampleStride = 16, kSampleMinGallery = 4 * kBf16BlockCols;
+// The sample behind the guesses of kappa (GallerySample): every kSampleStride-th gallery row (or
+// sparser: at most kSampleMaxRows rows), for galleries of at least kSampleMinGallery rows.
+constexpr int64_t kSampleStride = 16, kSampleMaxRows = 16384, kSampleMinGallery = 4 * kBf16BlockCols;
 
-int64_t tile_rows(int64_t nq) {
+// Bytes of a tile's candidate lists that set fewer rows for a very large k (a list holds up to
+// about four times k items of 8 bytes; MarginCandidates).
+constexpr int64_t kCandidateBytes = 64 << 20;
+
+int64_t tile_rows(int64_t nq, int64_t k) {
   const int64_t share = kTilesPerThread * at::get_num_threads();
-  return std::clamp<int64_t>((nq + share - 1) / share, kMinTileRows, kMaxTileRows);
+  const int64_t rows = std::clamp<int64_t>((nq + share - 1) / share, kMinTileRows, kMaxTileRows);
+  return std::min(rows, std::max<int64_t>(kMinTileRows, kCandidateBytes / (32 * k)));
 }
 
 enum class Path { Auto, Dots, Gemm, Exact };
@@ -257,11 +262,12 @@ void answer_last_rows_exactly(const at::Tensor& query_in, const at::Tensor& gall
 }
 
 // A guess of each query's final kappa (the k-th best bf16 score) starts its threshold high: the
-// kth-best of its bf16 scores against every kSampleStride-th gallery row, with kth above the
-// share of k that the sample holds on average (1.25 times it, plus four standard deviations of
-// a count), so that the guess is rarely above the final kappa; MarginCandidates checks it, and a
-// query whose guess was too high is searched again. Without it the threshold rises from nothing
-// as the blocks come, and a large k appends k ln(Ng / k) items on the way.
+// kth-best of its bf16 scores against every kSampleStride-th gallery row (fewer in a very large
+// gallery), with kth above the share of k that the sample holds on average (1.25 times it, plus
+// four standard deviations of a count), so that the guess is rarely above the final kappa;
+// MarginCandidates checks it, and a query whose guess was too high is searched again. Without it
+// the threshold rises from nothing as the blocks come, and a large k appends k ln(Ng / k) items on
+// the way.
 struct GallerySample {
   at::Tensor rows;  // [n, d] bf16 (n = 0: no guesses)
   int64_t kth = 0;
@@ -270,11 +276,12 @@ struct GallerySample {
 GallerySample gallery_sample(const at::Tensor& gallery_bf16, int64_t k) {
   const int64_t ng = gallery_bf16.size(0);
   if (ng < kSampleMinGallery) return {gallery_bf16.narrow(0, 0, 0), 0};
-  const int64_t n = (ng + kSampleStride - 1) / kSampleStride;
+  const int64_t stride = std::max(kSampleStride, (ng + kSampleMaxRows - 1) / kSampleMaxRows);
+  const int64_t n = (ng + stride - 1) / stride;
   const double expected = double(k) * double(n) / double(ng);
   const int64_t kth = static_cast<int64_t>(std::ceil(1.25 * expected + 4 * std::sqrt(expected) + 2));
   if (kth > n / 4) return {gallery_bf16.narrow(0, 0, 0), 0};  // a large share: the guess would save little
-  return {gallery_bf16.slice(0, 0, ng, kSampleStride).contiguous(), kth};
+  return {gallery_bf16.slice(0, 0, ng, stride).contiguous(), kth};
 }
 
 // One thread's working memory for its tiles.
@@ -349,7 +356,7 @@ std::tuple<at::Tensor, at::Tensor> cosine_topk_bf16_cpu(const at::Tensor& query_
     if (dense) return exact_op().call(query_in, gallery_in, k, exclude_self, "exact");
   }
 
-  const int64_t rows = tile_rows(nq), tiles = (nq + rows - 1) / rows;
+  const int64_t rows = tile_rows(nq, k), tiles = (nq + rows - 1) / rows;
   at::Tensor scores = at::empty({nq, k}, query.options());
   at::Tensor indices = at::empty({nq, k}, query.options().dtype(at::kLong));
   float* out_scores = scores.mutable_data_ptr<float>();
