@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "sdml/host_buffers.h"
 #include "sdml/macros.h"
 
 namespace sdml::cpu_retrieval {
@@ -51,7 +52,7 @@ SDML_CPU_CLONES void convert_row(const float* x, int64_t d, uint16_t* out, doubl
 
 Bf16Rows bf16_rows(const at::Tensor& rows) {
   const int64_t n = rows.size(0), d = rows.size(1);
-  Bf16Rows r{at::empty({n, d}, rows.options().dtype(at::kBFloat16)), std::vector<Bf16RowTerms>(n), {}};
+  Bf16Rows r{empty_large_cpu({n, d}, rows.options().dtype(at::kBFloat16)), std::vector<Bf16RowTerms>(n), {}};
   const float* x = rows.const_data_ptr<float>();
   auto* out = reinterpret_cast<uint16_t*>(r.values.mutable_data_ptr<at::BFloat16>());
   // A double sum of d squares and its square root: relative error below (d + 2) 2^-53; rounded up.

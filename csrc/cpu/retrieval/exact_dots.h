@@ -36,7 +36,8 @@ void exact_dot_groups(const DotGroup* groups, int64_t count, const float* g, int
 
 // What a probe of one call shape found: the chunk of the exact GEMM (0: the model does not
 // reproduce it), and the seconds of one call of that shape by the GEMM, of the model on all its
-// pairs, and of the bf16 GEMM of the same shape (for choosing between the modes; 0 if not timed).
+// pairs, and of the bf16 GEMM of the same shape (for choosing between the modes; 0 if not timed;
+// the best of three, in the running thread's CPU time where the system has it).
 struct ExactDotProbe {
   int64_t chunk = 0;
   double gemm_s = 0, dots_s = 0, bf16_s = 0;

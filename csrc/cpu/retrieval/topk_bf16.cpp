@@ -55,6 +55,7 @@
 #include "sdml/checks.h"
 #include "sdml/cpu_blas.h"
 #include "sdml/cpu_gemm.h"
+#include "sdml/host_buffers.h"
 #include "sdml/retrieval.h"
 #include "sdml/topk_precision.h"
 
@@ -324,7 +325,9 @@ std::tuple<at::Tensor, at::Tensor> cosine_topk_bf16_cpu(const at::Tensor& query_
   const Path forced = forced_path();
   // The exact mode's normalized rows (bit for bit), and their bf16 copies.
   const auto [query, raw_gallery, gallery_norms] = embeddings_with_gallery_norms(op, query_in, gallery_in, exclude_self);
-  const at::Tensor gallery = at::div(raw_gallery, gallery_norms);
+  // (the exact kernel's at::div, into a block reused across calls: no page faults on 4 d Ng bytes)
+  at::Tensor gallery = empty_large_cpu(raw_gallery.sizes(), raw_gallery.options());
+  at::div_out(gallery, raw_gallery, gallery_norms);
   const int64_t nq = query.size(0), ng = gallery.size(0), d = query.size(1);
   check_topk_k(op, k, ranked_items(ng, exclude_self), exclude_self);
   TORCH_CHECK(query.scalar_type() == at::kFloat && nq >= kSmallCallRows, op, ": the bf16 kernel needs float32 and >= 3 queries");
