@@ -10,6 +10,7 @@
 //     bf16_rows.h         the bf16 copies of the rows and their rounding terms (the bound)
 //     margin_candidates.h a query's candidates above the bound's threshold
 //     exact_dots.h        the exact kernel's GEMM arithmetic, pair by pair, and its probe
+//     rank_keys.h         the exact mode's order of re-scored candidates as sortable integers
 //   relevance.h         which gallery items are relevant to a query (class ids or label bits)
 //   relevant_ranker.h   the exact ranks of a query's relevant items, without a full sort
 //   query_ranks.h       tiles scored and ranked, per query (the metric ops)

@@ -11,8 +11,9 @@
 // 3. Re-scoring, per tile, once its candidates are known: each candidate's exact float32 score.
 //    Where the exact kernel's GEMM follows the model of exact_dots.h (a probe compares it, bit
 //    for bit, at every call shape of this search), the score is computed pair by pair from the
-//    gallery row in place: 16 candidates of a query per vector, a gather per coordinate, the
-//    tile's groups in gallery order so that the rows a sweep needs stay in cache. Elsewhere (a
+//    gallery row in place: 16 candidates of a query per vector (their rows loaded 16 coordinates
+//    at a time and transposed), the tile's groups in gallery order so that neighbouring groups
+//    share rows while they are in cache. Elsewhere (a
 //    GEMM the model does not reproduce, e.g. MKL's) the candidates of kGroupRows queries are
 //    gathered and scored by the same GEMM as the exact mode (oneDNN rounds a product the same
 //    wherever it sits in a call of >= 3 rows and >= 5 columns; MKL/BLAS by position, where an id
@@ -20,8 +21,8 @@
 //    other at the k-th place, the exact mode's own order there being an artifact of its tiling).
 //    Then each query's candidates are ranked like the exact mode (higher score, lower index).
 //
-// The exact kernel's narrow calls (fewer than 3 rows or 5 columns) round differently, so they are
-// mirrored: a last gallery block of 1-4 items (Ng mod 1024) is re-scored in one call of that width,
+// The exact kernel's narrow calls (fewer than 3 rows or 5 columns) may take other code paths in
+// oneDNN (a matrix-vector product rounds differently), so they are mirrored either way: a last gallery block of 1-4 items (Ng mod 1024) is re-scored in one call of that width,
 // and the queries of a last query tile of 1-2 rows are answered by the exact kernel itself (its
 // tiling: cpu_retrieval::kBlockCols, cpu_retrieval::topk_tile_rows in topk.h).
 //
@@ -50,6 +51,7 @@
 #include "bf16_rows.h"
 #include "exact_dots.h"
 #include "margin_candidates.h"
+#include "rank_keys.h"
 #include "topk.h"
 
 #include "sdml/checks.h"
@@ -81,7 +83,7 @@ constexpr int64_t kSmallCallRows = 3, kSmallCallCols = 5;
 // candidate's row on its own, about the cost of scoring kDenseCandidates items by the exact
 // kernel's GEMM; the pairwise re-score is timed. kScanFactor: the bf16 pass costs its GEMM and
 // a scan of its scores, taken as this many times the GEMM; kRescoreFactor: the timed pairs read
-// rows from the L2 cache, a search's mostly from further out (about twice as slow, measured).
+// rows from the L2 cache, a search's mostly from further out (up to twice as slow, measured).
 constexpr int64_t kProbeQueries = 32, kProbeItems = 16384, kDenseCandidates = 64;
 constexpr double kScanFactor = 1.5, kRescoreFactor = 2;
 // The sample behind the guesses of kappa (GallerySample): every kSampleStride-th gallery row (or
@@ -190,47 +192,6 @@ double candidate_share(const at::Tensor& query_bf16, const at::Tensor& gallery_b
     candidates += std::count_if(row.begin(), row.end(), [thr](float v) { return v >= thr; });
   }
   return double(candidates) / double(s.size(0) * kProbeItems);
-}
-
-// A candidate's place in the exact mode's order, as one integer (ascending = higher score first,
-// then lower gallery index): the score's order bits above the candidate's position in its
-// ascending index list. -0 counts as +0, as float comparison does.
-inline uint64_t rank_key(float score, int64_t position) {
-  uint32_t u;
-  std::memcpy(&u, &score, sizeof u);
-  if ((u & 0x7FFFFFFFu) == 0) u = 0;
-  const uint32_t ordered = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-  return (uint64_t(~ordered) << 32) | uint64_t(position);
-}
-
-// Sorts keys ascending: a radix sort by bytes, least significant first, over the bytes that
-// differ between keys (a query's candidate scores share their leading bytes), for many keys; a
-// comparison sort of the k best for few.
-void sort_keys(std::vector<uint64_t>& keys, int64_t k, std::vector<uint64_t>& tmp) {
-  const size_t n = keys.size();
-  if (n < 512) {
-    std::nth_element(keys.begin(), keys.begin() + (k - 1), keys.end());
-    std::sort(keys.begin(), keys.begin() + k);
-    return;
-  }
-  uint64_t all_or = 0, all_and = ~uint64_t(0);
-  for (const uint64_t key : keys) all_or |= key, all_and &= key;
-  const uint64_t varying = all_or ^ all_and;
-  tmp.resize(n);
-  for (int b = 0; b < 8; ++b) {
-    const int shift = 8 * b;
-    if (((varying >> shift) & 0xFF) == 0) continue;
-    uint32_t count[256] = {};
-    for (const uint64_t key : keys) ++count[(key >> shift) & 0xFF];
-    uint32_t offset = 0;
-    for (uint32_t& c : count) {
-      const uint32_t here = c;
-      c = offset;
-      offset += here;
-    }
-    for (const uint64_t key : keys) tmp[count[(key >> shift) & 0xFF]++] = key;
-    keys.swap(tmp);
-  }
 }
 
 // The last query tile of the exact kernel, when it has fewer than kSmallCallRows rows, ran in
@@ -489,8 +450,8 @@ std::tuple<at::Tensor, at::Tensor> cosine_topk_bf16_cpu(const at::Tensor& query_
       for (int64_t i = 0; i < nrows; ++i) {
         const auto& idx = w.idx[i];
         w.ranked.resize(idx.size());
-        for (size_t c = 0; c < idx.size(); ++c) w.ranked[c] = rank_key(w.exact[i][c], c);
-        sort_keys(w.ranked, k, w.sort_scratch);
+        for (size_t c = 0; c < idx.size(); ++c) w.ranked[c] = cpu_retrieval::rank_key(w.exact[i][c], c);
+        cpu_retrieval::sort_keys(w.ranked, k, w.sort_scratch);
         const int64_t qi = q0 + i;
         for (int64_t j = 0; j < k; ++j) {
           const int64_t c = int64_t(w.ranked[j] & 0xFFFFFFFFu);
