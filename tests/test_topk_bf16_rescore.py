@@ -6,6 +6,9 @@ shapes, near-ties that bf16 misorders, a sample guess that is too high, exclude_
 and non-contiguous inputs: always the exact mode's ids and scores."""
 
 import math
+import os
+import subprocess
+import sys
 from fractions import Fraction
 
 import numpy as np
@@ -16,7 +19,7 @@ import sdml_ext
 from sdml_ext import _C
 from sdml_ext.ops import cosine_topk
 
-from helpers import assert_same, assert_same_up_to_gemm_rounding, near_ties
+from helpers import assert_same, assert_same_up_to_gemm_rounding, near_ties, topk_gemm
 
 HAS_BF16_UNITS = sdml_ext.build_info()["cpu_bf16"].startswith("bf16 units:")
 pytestmark = pytest.mark.filterwarnings("ignore:cosine_topk. precision=.bf16. runs the exact mode")
@@ -249,6 +252,33 @@ def test_a_sample_guess_above_the_final_kth_is_searched_again(rescore):
     final = S.topk(k, dim=1).values[:, -1]
     assert (guess > final).all()
     assert_same_up_to_gemm_rounding(q, g, k)
+
+
+@pytest.mark.parametrize("ng", [3000, 17000])
+def test_every_path_when_every_item_ties(rescore, ng):
+    """One row repeated (a few nudged): every bf16 score equals the k-th, so every item is a
+    candidate (lists grow to the gallery, the selection sees one key), and the exact mode's
+    order among duplicates is by index."""
+    gen = torch.Generator().manual_seed(ng)
+    g = torch.randn(1, 64, generator=gen).repeat(ng, 1)
+    g[::7] += 1e-3 * torch.randn(len(range(0, ng, 7)), 64, generator=gen)
+    q = torch.cat([torch.randn(3, 64, generator=gen), g[:3] + 1e-2 * torch.randn(3, 64, generator=gen)])
+    for k in (1, 10, ng - 1):
+        assert_same_up_to_gemm_rounding(q, g, k)
+    assert_same_up_to_gemm_rounding(g[:50].clone(), g[:50].clone(), 10, exclude_self=True)
+
+
+def test_the_other_gemm_library_on_these_cases():
+    """This process's top-k GEMM is one library; a fresh process forced to the other runs the
+    awkward shapes and the misordering near-ties on every path (with MKL/BLAS the model of the
+    GEMM need not hold, and the gathered GEMM re-score answers)."""
+    other = "blas" if topk_gemm() == "onednn" else "onednn"
+    env = {**os.environ, "SDML_CPU_GEMM": other, "SDML_CACHE_DIR": "off"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-x", "-p", "no:cacheprovider",
+                           "-k", "awkward or misorders"], cwd=root, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and " failed" not in proc.stdout
 
 
 def test_a_bad_path_name_is_refused(monkeypatch):
