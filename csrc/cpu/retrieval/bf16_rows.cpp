@@ -2,6 +2,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cmath>
@@ -31,36 +32,43 @@ inline float from_bf16(uint16_t b) {
   return f;
 }
 
-// One row: its bf16 copy into out, and the sums of squares of x, x~ - x and x~ (exact products
-// of floats in double; the differences of two floats this close are exact in double), summed in
-// any order (the caller's rounding-up covers any).
-SDML_CPU_CLONES void convert_row(const float* x, int64_t d, uint16_t* out, double sums[3]) {
+// One row x (divided by `divisor`, into y, where y is given): its bf16 copy into out, and the
+// sums of squares of x, x~ - x and x~ (exact products of floats in double; the differences of
+// two floats this close are exact in double), summed in any order (the caller's rounding-up
+// covers any).
+SDML_CPU_CLONES void convert_row(const float* x, float divisor, float* y, int64_t d, uint16_t* out, double sums[3]) {
   double xx = 0, ee = 0, bb = 0;
 #pragma omp simd reduction(+ : xx, ee, bb)
   for (int64_t j = 0; j < d; ++j) {
-    const uint16_t b = to_bf16(x[j]);
+    float v = x[j];
+    if (y) {
+      v = v / divisor;
+      y[j] = v;
+    }
+    const uint16_t b = to_bf16(v);
     out[j] = b;
-    const double v = x[j], w = from_bf16(b), e = w - v;
-    xx += v * v;
+    const double w = from_bf16(b), e = w - double(v);
+    xx += double(v) * double(v);
     ee += e * e;
     bb += w * w;
   }
   sums[0] = xx, sums[1] = ee, sums[2] = bb;
 }
 
-}  // namespace
-
-Bf16Rows bf16_rows(const at::Tensor& rows) {
+Bf16Rows convert(const at::Tensor& rows, const at::Tensor* divisors) {
   const int64_t n = rows.size(0), d = rows.size(1);
-  Bf16Rows r{empty_large_cpu({n, d}, rows.options().dtype(at::kBFloat16)), std::vector<Bf16RowTerms>(n), {}};
+  Bf16Rows r{divisors ? empty_large_cpu({n, d}, rows.options()) : at::Tensor(),
+             empty_large_cpu({n, d}, rows.options().dtype(at::kBFloat16)), std::vector<Bf16RowTerms>(n), {}};
   const float* x = rows.const_data_ptr<float>();
+  const float* div = divisors ? divisors->const_data_ptr<float>() : nullptr;
+  float* y = divisors ? r.normalized.mutable_data_ptr<float>() : nullptr;
   auto* out = reinterpret_cast<uint16_t*>(r.values.mutable_data_ptr<at::BFloat16>());
   // A double sum of d squares and its square root: relative error below (d + 2) 2^-53; rounded up.
   const double up = 1 + (static_cast<double>(d) + 4) * std::ldexp(1.0, -52);
   at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       double sums[3];
-      convert_row(x + i * d, d, out + i * d, sums);
+      convert_row(x + i * d, div ? div[i] : 1.0f, y ? y + i * d : nullptr, d, out + i * d, sums);
       r.terms[i] = {std::sqrt(sums[0]) * up, std::sqrt(sums[1]) * up, std::sqrt(sums[2]) * up};
     }
   });
@@ -70,6 +78,16 @@ Bf16Rows bf16_rows(const at::Tensor& rows) {
     r.max.norm_bf16 = std::max(r.max.norm_bf16, t.norm_bf16);
   }
   return r;
+}
+
+}  // namespace
+
+Bf16Rows bf16_rows(const at::Tensor& rows) { return convert(rows, nullptr); }
+
+Bf16Rows bf16_rows(const at::Tensor& rows, const at::Tensor& divisors) {
+  TORCH_CHECK(divisors.is_contiguous() && divisors.numel() == rows.size(0) && divisors.scalar_type() == at::kFloat,
+              "bf16_rows: divisors must be float32 [n, 1]");
+  return convert(rows, &divisors);
 }
 
 }  // namespace sdml::cpu_retrieval

@@ -10,6 +10,7 @@
 namespace sdml::cpu_retrieval {
 
 struct Bf16Rows {
+  at::Tensor normalized;            // [n, d] float32: rows / divisors (bf16_rows with divisors)
   at::Tensor values;                // [n, d] bf16: each element rounded to nearest even, subnormals flushed to zero
   std::vector<Bf16RowTerms> terms;  // per row: upper bounds of |x|, |x~ - x|, |x~|
   Bf16RowTerms max;                 // the largest of each term over the rows (0 for no rows)
@@ -18,5 +19,10 @@ struct Bf16Rows {
 // rows [n, d]: float32, contiguous. Flushing subnormals makes the values the same whether a unit
 // treats bf16 subnormals as zero (AMX, AVX512-BF16) or not (ATen's fallback).
 Bf16Rows bf16_rows(const at::Tensor& rows);
+
+// The same for rows / divisors (divisors [n, 1] float32, row by row), whose float32 values come
+// back too, in one pass: each element divided as at::div divides (IEEE division, correctly
+// rounded), so they are the exact kernel's normalized rows bit for bit.
+Bf16Rows bf16_rows(const at::Tensor& rows, const at::Tensor& divisors);
 
 }  // namespace sdml::cpu_retrieval

@@ -284,18 +284,19 @@ std::tuple<at::Tensor, at::Tensor> cosine_topk_bf16_cpu(const at::Tensor& query_
                                                         int64_t k, bool exclude_self) {
   constexpr const char* op = "cosine_topk";
   const Path forced = forced_path();
-  // The exact mode's normalized rows (bit for bit), and their bf16 copies.
+  // The exact mode's normalized query rows (bit for bit), and the gallery and its norms.
   const auto [query, raw_gallery, gallery_norms] = embeddings_with_gallery_norms(op, query_in, gallery_in, exclude_self);
-  // (the exact kernel's at::div, into a block reused across calls: no page faults on 4 d Ng bytes)
-  at::Tensor gallery = empty_large_cpu(raw_gallery.sizes(), raw_gallery.options());
-  at::div_out(gallery, raw_gallery, gallery_norms);
-  const int64_t nq = query.size(0), ng = gallery.size(0), d = query.size(1);
+  const int64_t nq = query.size(0), ng = raw_gallery.size(0), d = query.size(1);
   check_topk_k(op, k, ranked_items(ng, exclude_self), exclude_self);
   TORCH_CHECK(query.scalar_type() == at::kFloat && nq >= kSmallCallRows, op, ": the bf16 kernel needs float32 and >= 3 queries");
   // Candidate lists hold int32 gallery indices and positions.
   if (forced == Path::Exact || ng > std::numeric_limits<int32_t>::max())
     return exact_op().call(query_in, gallery_in, k, exclude_self, "exact");
-  const Bf16Rows query_bf16 = cpu_retrieval::bf16_rows(query), gallery_bf16 = cpu_retrieval::bf16_rows(gallery);
+  // The gallery normalized as the exact kernel normalizes it (its at::div, element for element),
+  // its bf16 copy and terms in one pass, into blocks reused across calls (no page faults).
+  const Bf16Rows query_bf16 = cpu_retrieval::bf16_rows(query);
+  const Bf16Rows gallery_bf16 = cpu_retrieval::bf16_rows(raw_gallery, gallery_norms);
+  const at::Tensor& gallery = gallery_bf16.normalized;
   std::vector<double> D(nq);
   bool finite = true;
   for (int64_t i = 0; i < nq; ++i) {
