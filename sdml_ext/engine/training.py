@@ -26,6 +26,7 @@ from ..loss import DSAELoss, label_targets
 from ..model import DEFAULT_CODE_DIM, DEFAULT_HIDDEN, DSAE
 from ..preprocess import PREPROCESS_MODES, Preprocessor
 from .cuda_graph_step import GraphTraining, graphs_enabled
+from .explicit_step import ExplicitStep
 from .records import EpochStats, ModalityResult
 
 DEFAULT_LRS = (1e-4, 2e-4)
@@ -153,9 +154,13 @@ class ModalityTrainer:
         graphs: replay each step from a CUDA graph (:mod:`sdml_ext.engine.cuda_graph_step`): None =
             on CUDA devices unless SDML_CUDA_GRAPHS=0; False = eager steps (the reference);
             True on the CPU runs the graph path's steps uncaptured (for tests).
+        explicit: take CPU steps without autograd (:mod:`sdml_ext.engine.explicit_step`): None =
+            on the CPU without graphs; False = autograd steps (the reference the explicit step
+            is tested against, and what every other device runs).
     """
 
-    def __init__(self, task: ModalityTask, device: str | torch.device = "cpu", graphs: bool | None = None):
+    def __init__(self, task: ModalityTask, device: str | torch.device = "cpu", graphs: bool | None = None,
+                 explicit: bool | None = None):
         self.task = task
         opts = task.options
         self.device = torch.device(device)
@@ -206,6 +211,11 @@ class ModalityTrainer:
         self._batch_x = self.train_x.new_empty((opts.batch_size, self.train_x.shape[1]))
         self._batch_y = self.train_y.new_empty((opts.batch_size, self.train_y.shape[1]))
         self._graph = GraphTraining(self) if graphs_enabled(self.device, graphs) else None
+        if explicit is None:
+            explicit = self.device.type == "cpu" and self._graph is None
+        if explicit and (self.device.type != "cpu" or self._graph is not None):
+            raise ValueError("explicit steps run on the CPU without graphs only")
+        self._explicit = ExplicitStep(self.model, self.optimizer, self.loss, opts.batch_size) if explicit else None
 
     def _to_device(self, x: np.ndarray, y: np.ndarray, c: int) -> tuple[Tensor, Tensor]:
         """Preprocessed features [n, D] and label rows [n, c], float32 on the device."""
@@ -242,6 +252,10 @@ class ModalityTrainer:
             b = self.task.options.batch_size
             idx = self._perm[j * b : (j + 1) * b]
             x = torch.index_select(self.train_x, 0, idx, out=self._batch_x)
+            if self._explicit is not None:
+                y = torch.index_select(self.train_y, 0, idx, out=self._batch_y)
+                self._sums += torch.stack(self._explicit(x, y)).float()
+                return
             h, x_hat = self.model(x)
             out = self.loss(x_hat, x, h, torch.index_select(self.train_y, 0, idx, out=self._batch_y))
             self.optimizer.zero_grad(set_to_none=True)
@@ -366,6 +380,8 @@ class ModalityTrainer:
         self.cpu_s = float(record["cpu_s"])
         if self._graph is not None:
             self._graph.invalidate()  # the optimizer's state tensors were replaced: capture again
+        if self._explicit is not None:
+            self._explicit.invalidate()  # likewise: adopt them into the flat moments again
 
     def state_bytes(self) -> int:
         """Bytes of the tensors this trainer holds: data, weights, gradients, Adam moments and
