@@ -2,6 +2,7 @@
 // implementations (sdml_ext/ops/dsae_step.py) run the same checks with the same messages.
 #include "sdml/dsae_step.h"
 
+#include <climits>
 #include <cmath>
 #include "sdml/checks.h"
 
@@ -107,6 +108,9 @@ void check_linear_weight_grad_adam_args(const at::Tensor& grad_out, const at::Te
   check_operand(op, "exp_avg", exp_avg, grad_out, "grad_out", {n_out, n_in});
   check_operand(op, "exp_avg_sq", exp_avg_sq, grad_out, "grad_out", {n_out, n_in});
   if (grad_weight.has_value()) check_operand(op, "grad_weight", *grad_weight, grad_out, "grad_out", {n_out, n_in});
+  SDML_CHECK_VALUE(B <= INT_MAX && n_out <= INT_MAX && n_in <= INT_MAX, op,
+                   ": sizes must fit the BLAS's 32-bit integers, got grad_out ", grad_out.sizes(), " and input ",
+                   input.sizes());
   check_adam_hyper(op, lr, beta1, beta2, eps, step);
 }
 

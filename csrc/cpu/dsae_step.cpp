@@ -20,12 +20,14 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
-#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "sdml/adam_math.h"
@@ -33,6 +35,19 @@
 #include "sdml/dsae_loss_math.h"
 #include "sdml/dsae_step.h"
 #include "sdml/macros.h"
+
+// The Fortran BLAS entry points torch's CPU GEMMs call (MKL or OpenBLAS inside libtorch_cpu).
+// The weight-gradient tiles call them directly: at::mm_out's dispatch and views cost more than a
+// small tile's arithmetic is worth. Weak: a torch without BLAS leaves them null, and the tiles
+// then go through at::mm_out.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+}
 
 namespace sdml {
 namespace {
@@ -47,12 +62,29 @@ constexpr int64_t kGrainElements = 16384;
 constexpr int64_t kLanes = 32;
 // Columns per task of a column reduction; a multiple of every vector width.
 constexpr int64_t kColumnBlock = 64;
-// The weight-gradient tiles: rows x columns of the weight. A [128, 1024] float tile (512 KiB),
-// the input's column slice ([B, 1024]: 400 KiB at B = 100) and the gradient's ([B, 128]) stay in a
-// core's L2 while Adam streams the tile's weights and moments. Constants: tiles must not move
-// with the thread count.
-constexpr int64_t kTileRows = 128;
+// The weight-gradient tiles: rows x columns of the weight. A [64, 1024] float tile (256 KiB),
+// the input's column slice ([B, 1024]: 400 KiB at B = 100) and the gradient's ([B, 64]) stay in a
+// core's L2 (2 MiB on current Xeons) while Adam streams the tile's weights and moments through it.
+// Constants: tiles must not move with the thread count.
+constexpr int64_t kTileRows = 64;
 constexpr int64_t kTileCols = 1024;
+// tile [rows, cols] (row-major, contiguous) = g[:, r0 : r0 + rows]^T x[:, c0 : c0 + cols] for row
+// blocks g [B, n_out] and x [B, n_in]: in BLAS's column-major terms tile^T = x_slice^T g_slice.
+template <typename T>
+void tile_gemm(const T* g, const T* x, int64_t B, int64_t n_out, int64_t n_in, int64_t r0, int64_t rows, int64_t c0,
+               int64_t cols, T* tile, const at::Tensor& grad_out, const at::Tensor& input) {
+  const char no = 'N', yes = 'T';
+  const int m = int(cols), n = int(rows), k = int(B), lda = int(n_in), ldb = int(n_out), ldc = int(cols);
+  const T one = 1, zero = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    if (sgemm_ != nullptr) return sgemm_(&no, &yes, &m, &n, &k, &one, x + c0, &lda, g + r0, &ldb, &zero, tile, &ldc);
+  } else {
+    if (dgemm_ != nullptr) return dgemm_(&no, &yes, &m, &n, &k, &one, x + c0, &lda, g + r0, &ldb, &zero, tile, &ldc);
+  }
+  at::Tensor out = at::from_blob(tile, {rows, cols}, grad_out.options());
+  at::mm_out(out, grad_out.narrow(1, r0, rows).t(), input.narrow(1, c0, cols));
+}
+
 // Elements per Adam task unit: a multiple of every vector width (the split is elementwise anyway).
 constexpr int64_t kAdamUnit = 64;
 
@@ -277,7 +309,7 @@ void adam_update_cpu(const at::Tensor& param, const at::Tensor& grad, const at::
   });
 }
 
-// weight -= Adam(grad_out^T input), tile by tile: tile t covers weight rows [r0, r0 + 128) and
+// weight -= Adam(grad_out^T input), tile by tile: tile t covers weight rows [r0, r0 + 64) and
 // columns [c0, c0 + 1024); tiles that share a column slice of the input are consecutive, so a
 // task's tiles reuse it from cache. Each tile is one single-threaded GEMM into the task's buffer,
 // then Adam over the tile's rows (and a copy into grad_weight when given).
@@ -296,16 +328,17 @@ void linear_weight_grad_adam_cpu(const at::Tensor& grad_out_in, const at::Tensor
     scalar_t *p = weight.mutable_data_ptr<scalar_t>(), *m = exp_avg.mutable_data_ptr<scalar_t>(),
              *v = exp_avg_sq.mutable_data_ptr<scalar_t>();
     scalar_t* gw = grad_weight.has_value() ? grad_weight->mutable_data_ptr<scalar_t>() : nullptr;
+    const scalar_t *go = grad_out.const_data_ptr<scalar_t>(), *x = input.const_data_ptr<scalar_t>();
+    const int64_t B = grad_out.size(0);
     at::parallel_for(0, row_tiles * col_tiles, 1, [&](int64_t begin, int64_t end) {
       const at::AutoDispatchBelowADInplaceOrView below;  // not inherited by OpenMP threads
       const SingleThreadedBlas one_thread;
-      at::Tensor buffer = at::empty({std::min(kTileRows, n_out) * std::min(kTileCols, n_in)}, grad_out.options());
+      std::vector<scalar_t> buffer(std::min(kTileRows, n_out) * std::min(kTileCols, n_in));
       for (int64_t t = begin; t < end; ++t) {
         const int64_t r0 = (t % row_tiles) * kTileRows, c0 = (t / row_tiles) * kTileCols;
         const int64_t rows = std::min(kTileRows, n_out - r0), cols = std::min(kTileCols, n_in - c0);
-        at::Tensor tile = buffer.narrow(0, 0, rows * cols).view({rows, cols});
-        at::mm_out(tile, grad_out.narrow(1, r0, rows).t(), input.narrow(1, c0, cols));
-        const scalar_t* g = tile.const_data_ptr<scalar_t>();
+        tile_gemm<scalar_t>(go, x, B, n_out, n_in, r0, rows, c0, cols, buffer.data(), grad_out, input);
+        const scalar_t* g = buffer.data();
         for (int64_t i = 0; i < rows; ++i) {
           const int64_t at = (r0 + i) * n_in + c0;
           if (gw != nullptr) std::copy_n(g + i * cols, cols, gw + at);

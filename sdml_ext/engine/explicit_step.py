@@ -47,7 +47,8 @@ def dsae_loss_and_grads(x_hat: Tensor, x: Tensor, h: Tensor, P: Tensor, y: Tenso
                         one: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss, rec, sup, d loss / d x_hat, d loss / d h) of one batch: the fused loss op and its
     backward op with d loss = 1 (``one``: a 0-d tensor holding 1). The step's only contact
-    with the loss."""
+    with the loss; the two gradients must be fresh [B, D] / [B, d] contiguous tensors the
+    caller may overwrite (the step adds the decoder's gradient into d loss / d h in place)."""
     loss, rec, sup, row_rec, row_sup, n_labelled = torch.ops.sdml.dsae_loss.default(
         x_hat, x, h, P, y, lam, check_finite)
     grad_x_hat, grad_h = torch.ops.sdml.dsae_loss_backward.default(
@@ -145,7 +146,6 @@ class ExplicitStep:
         self.output_norm = like.new_empty(batch) if model.normalize_output else None
         self.code = like.new_empty(self.encoder[-1].out.shape) if model.normalize_code else None
         self.x_hat = like.new_empty(self.decoder[-1].out.shape) if model.normalize_output else None
-        self.grad_code = like.new_empty(self.encoder[-1].out.shape)
         self.one = torch.ones((), dtype=like.dtype)
 
     @staticmethod
@@ -219,11 +219,11 @@ class ExplicitStep:
         return grad
 
     def _backward_chain(self, chain: list[_Dense], x: Tensor, g: Tensor, step: int | None,
-                        grad_in: Tensor | None = None, extra: Tensor | None = None) -> None:
+                        grad_in: Tensor | None = None) -> None:
         """Backward through `chain` (input x) from g, the gradient of its last layer's
         pre-activation (bias gradient already taken): every layer's weights updated by Adam
-        (`step`: this update's count) or, for step None, their gradients written; the layers' bias gradients, and the
-        gradient of the chain's input into grad_in (plus extra) unless grad_in is None."""
+        (`step`: this update's count) or, for step None, their gradients written; the layers' bias
+        gradients; and the gradient of the chain's input added to grad_in unless grad_in is None."""
         group = self.optimizer.param_groups[0]
         beta1, beta2 = group["betas"]
         hyper = dict(lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]), step=step)
@@ -234,10 +234,7 @@ class ExplicitStep:
             if below is not None:
                 torch.mm(g, layer.w, out=below.grad_out)
             elif grad_in is not None:
-                if extra is not None:
-                    torch.addmm(extra, g, layer.w, out=grad_in)
-                else:
-                    torch.mm(g, layer.w, out=grad_in)
+                torch.addmm(grad_in, g, layer.w, out=grad_in)  # in place: no copy of grad_in
             inputs = below.out if below is not None else x
             if step is not None:
                 kernels.linear_weight_grad_adam(g, inputs, layer.w, layer.w_state.exp_avg, layer.w_state.exp_avg_sq,
@@ -258,8 +255,9 @@ class ExplicitStep:
             x_hat, x, h, loss_fn.P, y, loss_fn.lam, loss_fn.check_finite, self.one)
         enc, dec = self.encoder, self.decoder
         g = self._top_grad(grad_x_hat, x_hat, self.output_norm, dec[-1])
-        self._backward_chain(dec, h, g, step, grad_in=self.grad_code, extra=grad_h)
-        g = self._top_grad(self.grad_code, h, self.code_norm, enc[-1])
+        # The code's gradient: the loss's (grad_h, ours to overwrite) plus the decoder's.
+        self._backward_chain(dec, h, g, step, grad_in=grad_h)
+        g = self._top_grad(grad_h, h, self.code_norm, enc[-1])
         self._backward_chain(enc, x, g, step)
         if step is not None:
             group = self.optimizer.param_groups[0]

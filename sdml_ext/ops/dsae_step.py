@@ -61,6 +61,8 @@ def linear_weight_grad_adam(grad_out: Tensor, input: Tensor, weight: Tensor, exp
 
 # ---- fake implementations: csrc/dsae_step_checks.cpp's checks, same wording ----------------------
 
+_INT_MAX = 2**31 - 1
+
 
 def _check_operand(op, name, t, ref, ref_name, shape):
     torch._check_type(t.dtype in (torch.float32, torch.float64),
@@ -154,4 +156,7 @@ def _linear_weight_grad_adam_fake(grad_out, input, weight, exp_avg, exp_avg_sq, 
         _check_operand(op, name, t, grad_out, "grad_out", (n_out, n_in))
     if grad_weight is not None:
         _check_operand(op, "grad_weight", grad_weight, grad_out, "grad_out", (n_out, n_in))
+    torch._check_value(max(B, n_out, n_in) <= _INT_MAX,
+                       lambda: f"{op}: sizes must fit the BLAS's 32-bit integers, got grad_out {list(grad_out.shape)} "
+                               f"and input {list(input.shape)}")
     _check_adam_hyper(op, lr, beta1, beta2, eps, step)
