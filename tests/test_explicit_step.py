@@ -135,6 +135,8 @@ def test_refuses_what_it_does_not_implement():
     step = ExplicitStep(fresh, torch.optim.Adam(fresh.parameters()), loss, 5)
     with pytest.raises(ValueError, match="keep_grads"):
         step.gradients(torch.zeros(5, 13), torch.zeros(5, 3))
+    with pytest.raises(ValueError, match=r"x must have 5 rows \(the batch size\), got shape \(4, 13\)"):
+        step(torch.zeros(4, 13), torch.zeros(4, 3))
 
 
 # ---- inside the trainer -------------------------------------------------------------------

@@ -246,6 +246,9 @@ class ExplicitStep:
                 g = below.grad_out
 
     def _run(self, x: Tensor, y: Tensor, update: bool) -> tuple[Tensor, Tensor, Tensor]:
+        if x.dim() != 2 or x.shape[0] != self.batch:
+            raise ValueError(f"explicit step: x must have {self.batch} rows (the batch size), got shape {tuple(x.shape)}")
+        x, y = x.contiguous(), y.contiguous()
         if not self._bound:
             self._bind()
         step = self._step + 1 if update else None
