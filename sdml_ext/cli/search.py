@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data import DATASET_NAMES, detect_layout, load_dataset, save_npz
-from ..data._io import ArrayFile, check_path, strings
+from ..data._io import ArrayFile, check_path, load_npy, strings
 from ..search.faiss_export import KINDS, check_options, export_faiss
 from ..search.format import CODE_DTYPES
 from ..search.index import build_index, load_index
@@ -48,10 +48,7 @@ def read_ids(path: str) -> np.ndarray:
     """Ids from a .npy array (ints or strings, no pickle) or a text file of one id per line."""
     path = check_path(path)
     if path.endswith(".npy"):
-        try:
-            return np.load(path, allow_pickle=False)
-        except ValueError as exc:
-            raise ValueError(f"{path}: cannot read ids ({exc})") from None
+        return load_npy(path, f"--ids {path}")
     with open(path, encoding="utf-8") as f:
         return np.array([line.rstrip("\n") for line in f if line.strip()], dtype=object)
 
@@ -69,11 +66,7 @@ def read_features(args, modality: str) -> Features:
         return Features(split.features, split.labels)
     path = check_path(args.features)
     if path.endswith(".npy"):
-        try:
-            x = np.load(path, mmap_mode="r", allow_pickle=False)
-        except ValueError as exc:
-            raise ValueError(f"{path}: not a readable .npy array ({exc})") from None
-        return Features(x)
+        return Features(load_npy(path, f"--features {path}", mmap_mode="r"))
     with ArrayFile(path) as f:
         if args.key:
             x_key, y_keys = args.key, ()

@@ -1,6 +1,7 @@
 """Run folders and bundles to tamper with: one small run stopped after its first modality
 (in-process: the pause point raises KeyboardInterrupt, as Ctrl-C would), a finished
-two-modality bundle, and a copier that gives each test its own copy of them."""
+two-modality bundle, a copier that gives each test its own copy of them, and a search index
+of that bundle."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 from safetensors.torch import load, save
 
 from helpers import run_config, run_main
+from sdml_ext.cli import search as search_cli
 from sdml_ext.cli import train as train_cli
 from sdml_ext.data import load_dataset, save_npz
 from sdml_ext.engine import checkpoint as checkpoint_module
@@ -63,6 +65,21 @@ def originals(tmp_path_factory):
         assert code == 0, err
     assert (base / "ck.partial" / "checkpoints" / "ckpt-01.safetensors").exists() and (base / "B" / "manifest.json").exists()
     return base
+
+
+def search(argv, capsys):
+    """(exit status, stdout, stderr) of ``python -m sdml_ext.search argv`` run in this process."""
+    return run_main(search_cli.main, argv, capsys)
+
+
+@pytest.fixture
+def index(work, capsys):
+    """An index `idx` of bundle B's m0 gallery (test split of good3.npz) with string ids, 2 shards."""
+    (work / "ids.txt").write_text("".join(f"item-{i}\n" for i in range(60)))
+    code, _, err = search(["build", "B", "--modality", "m0", "--features", "good3.npz", "--ids", "ids.txt",
+                           "--shard-rows", "32", "--out", "idx"], capsys)
+    assert code == 0, err
+    return work / "idx"
 
 
 class _NullCapture:
