@@ -15,7 +15,10 @@ with :meth:`SearchIndex.ids_of`.
 
 from __future__ import annotations
 
+import errno
 import math
+import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +94,15 @@ def _rows(index: SearchIndex, rows: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
 
 
+def _reason(exc: RuntimeError) -> str:
+    """The system's reason in a faiss write error ("... write error in FILE: 5 != 60 (No space
+    left on device)"), else faiss's last line: faiss's C++ location says nothing to a user."""
+    text = str(exc).strip()
+    reasons = {os.strerror(code) for code in errno.errorcode}
+    found = [r for r in re.findall(r"\(([^()]+)\)", text) if r in reasons]
+    return found[-1] if found else text.splitlines()[-1]
+
+
 def export_faiss(index: SearchIndex, path, kind: str = "ivf", **options) -> Path:
     """Write ``to_faiss(index, kind, **options)`` to a new file `path` (atomically; refuses to
     replace an existing file). Read it back with ``faiss.read_index``."""
@@ -104,6 +116,6 @@ def export_faiss(index: SearchIndex, path, kind: str = "ivf", **options) -> Path
         try:
             faiss.write_index(built, tmp)
         except RuntimeError as exc:  # faiss reports a failed write (a full disk) this way
-            raise WriteFailed(None, f"cannot write {path}: {str(exc).strip().splitlines()[-1]}") from None
+            raise WriteFailed(None, f"cannot write {path}: {_reason(exc)}") from None
 
     return write_new_file(path, write)
