@@ -39,7 +39,7 @@ def _faiss():
 
 def check_options(kind: str, nlist, nprobe) -> None:
     """ValueError naming the option: an unknown kind, nlist/nprobe that are not integers >= 1,
-    or either given with hnsw (which has neither)."""
+    nprobe more than nlist, or either given with hnsw (which has neither)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     if kind == "hnsw" and (nlist is not None or nprobe is not None):
@@ -47,6 +47,8 @@ def check_options(kind: str, nlist, nprobe) -> None:
     for name, value in (("nlist", nlist), ("nprobe", nprobe)):
         if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
             raise ValueError(f"--{name} must be an integer >= 1, got {value}")
+    if nlist is not None and nprobe is not None and nprobe > nlist:
+        raise ValueError(f"--nprobe {nprobe} is more than --nlist {nlist}: a query scans at most every list")
 
 
 def to_faiss(index: SearchIndex, kind: str = "ivf", *, nlist: int | None = None, nprobe: int | None = None,
@@ -69,13 +71,13 @@ def to_faiss(index: SearchIndex, kind: str = "ivf", *, nlist: int | None = None,
     else:
         nlist = int(nlist) if nlist is not None else max(1, min(int(4 * math.sqrt(n)), n // 39))
         if not 1 <= nlist <= n:
-            raise ValueError(f"nlist must be in [1, {n}], got {nlist}")
+            raise ValueError(f"--nlist must be in [1, {n}] (the index's items), got {nlist}")
+        if nprobe is not None and nprobe > nlist:  # before the quantizer's training, not after
+            raise ValueError(f"--nprobe must be in [1, nlist={nlist}], got {nprobe}")
         out = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
         rng = np.random.default_rng(seed)
         sample = np.sort(rng.choice(n, size=min(n, int(train_rows)), replace=False))
         out.train(_rows(index, sample))
-        if nprobe is not None and nprobe > nlist:
-            raise ValueError(f"nprobe must be in [1, nlist={nlist}], got {nprobe}")
         out.nprobe = int(nprobe) if nprobe is not None else max(1, nlist // 16)
     for _, block in index.blocks():
         out.add(np.ascontiguousarray(block.cpu().numpy(), dtype=np.float32))
