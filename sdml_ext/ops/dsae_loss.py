@@ -63,7 +63,15 @@ def dsae_loss(
     for name, t in (("P", P), ("y", y)):
         if isinstance(t, Tensor) and t.requires_grad:
             raise ValueError(f"dsae_loss: {name} is a constant of the objective and must not require grad")
-    return DSAELossOutput(*torch.ops.sdml.dsae_loss.default(x_hat, x, h, P, y, float(lam), check_finite))
+    # When autograd will need them, the kernel also forms the gradients at unit upstream gradient
+    # while each row is in cache; the backward of a plain loss.backward() then only hands them on.
+    grad = torch.is_grad_enabled()
+    need_input_grad = grad and any(isinstance(t, Tensor) and t.requires_grad for t in (x_hat, x))
+    need_code_grad = grad and isinstance(h, Tensor) and h.requires_grad
+    out = torch.ops.sdml.dsae_loss.default(
+        x_hat, x, h, P, y, float(lam), check_finite, need_input_grad, need_code_grad
+    )
+    return DSAELossOutput(*out[:6])
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -131,8 +139,8 @@ def _check_args(x_hat, x, h, P, y, lam):
 
 
 @torch.library.register_fake("sdml::dsae_loss")
-def _dsae_loss_fake(x_hat, x, h, P, y, lam, check_finite=True):
-    batch = _check_args(x_hat, x, h, P, y, lam)[0]
+def _dsae_loss_fake(x_hat, x, h, P, y, lam, check_finite=True, need_input_grad=False, need_code_grad=False):
+    batch, dim, code, _ = _check_args(x_hat, x, h, P, y, lam)
     acc = _acc_dtype(x_hat.dtype)
     return (
         x_hat.new_empty(()),
@@ -141,6 +149,15 @@ def _dsae_loss_fake(x_hat, x, h, P, y, lam, check_finite=True):
         x_hat.new_empty((batch,), dtype=acc),
         x_hat.new_empty((batch,), dtype=acc),
         x_hat.new_empty((), dtype=torch.int64),
+        *_empty_grads(x_hat, h, batch, dim, code, need_input_grad, need_code_grad),
+    )
+
+
+def _empty_grads(x_hat, h, batch, dim, code, need_input_grad, need_code_grad):
+    """grad_x_hat [B or 0, D] and grad_h [B or 0, d], as the kernels allocate them."""
+    return (
+        x_hat.new_empty((batch if need_input_grad else 0, dim)),
+        h.new_empty((batch if need_code_grad else 0, code)),
     )
 
 
@@ -172,34 +189,80 @@ def _dsae_loss_backward_fake(
     batch, dim, code, _ = _check_args(x_hat, x, h, P, y, lam)
     grads = (grad_loss, grad_rec, grad_sup, grad_row_rec, grad_row_sup)
     _check_backward_args(grads, x_hat, row_rec, row_sup, n_labelled, batch)
-    return (
-        x_hat.new_empty((batch if need_input_grad else 0, dim)),
-        h.new_empty((batch if need_code_grad else 0, code)),
-    )
+    return _empty_grads(x_hat, h, batch, dim, code, need_input_grad, need_code_grad)
 
 
 def _dsae_loss_setup_context(ctx, inputs, output):
-    x_hat, x, h, P, y, lam, _check_finite = inputs
-    _loss, _rec, _sup, row_rec, row_sup, n_labelled = output
+    x_hat, x, h, P, y, lam, _check_finite, need_input_grad, need_code_grad = inputs
+    _loss, _rec, _sup, row_rec, row_sup, n_labelled, grad_x_hat, grad_h = output
     ctx.save_for_backward(x_hat, x, h, P, y, row_rec, row_sup, n_labelled)
     ctx.lam = lam
+    ctx.mark_non_differentiable(grad_x_hat, grad_h)
+    # The gradients the forward formed at unit upstream gradient (None where not asked for). Kept
+    # as attributes, not saved tensors: the backward takes them (see _take_forward_grads), so the
+    # one it returns has no other owner: autograd adopts it as x_hat.grad without a copy, and
+    # scaling it in place touches nothing anyone else holds.
+    ctx.forward_grads = (grad_x_hat if need_input_grad else None, grad_h if need_code_grad else None)
     # Unused outputs pass None, so a plain loss.backward() reads no zero-filled row gradients.
     ctx.set_materialize_grads(False)
 
 
-def _dsae_loss_backward(ctx, grad_loss, grad_rec, grad_sup, grad_row_rec, grad_row_sup, _grad_n):
-    x_hat, x, h, P, y, row_rec, row_sup, n_labelled = ctx.saved_tensors
+def _take_forward_grads(ctx, grad_loss, others):
+    """The forward's gradients scaled by grad_loss, when they answer this backward: the upstream
+    gradient is on the loss alone (the usual ``loss.backward()``) and the forward formed every
+    gradient asked for. Taken at most once: a second backward through a retained graph (or any
+    other combination of upstream gradients) runs the backward kernel. None otherwise."""
+    grads = getattr(ctx, "forward_grads", None)
+    ctx.forward_grads = None  # released either way: the backward kernel does not need them
+    needs = ctx.needs_input_grad
+    if grads is None or grad_loss is None or any(g is not None for g in others):
+        return None
+    grad_x_hat, grad_h = grads
+    if ((needs[0] or needs[1]) and grad_x_hat is None) or (needs[2] and grad_h is None):
+        return None
+    if _is_one(grad_loss):
+        return grad_x_hat, grad_h
+    # Eager: the tensors are this backward's alone, so scale them in place (no new 64 MiB buffer).
+    # While tracing (torch.compile) they are graph values: scale out of place.
+    scale = (lambda g: g.mul_(grad_loss)) if _eager(grad_loss) else (lambda g: g * grad_loss)
+    return tuple(None if g is None else scale(g) for g in grads)
+
+
+def _eager(t: Tensor) -> bool:
+    """A plain tensor outside any tracing or functorch transform."""
+    return (
+        type(t) is Tensor
+        and torch._C._len_torch_dispatch_stack() == 0
+        and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+    )
+
+
+def _is_one(grad_loss: Tensor) -> bool:
+    """Whether grad_loss is exactly 1, when that is free to know: a CPU value read eagerly. On CUDA
+    reading it would sync the stream (and break CUDA-graph capture), and a traced value has none, so
+    there the gradients are always scaled (by 1 in the usual case: the same bits)."""
+    return grad_loss.device.type == "cpu" and _eager(grad_loss) and grad_loss.item() == 1
+
+
+def _dsae_loss_backward(ctx, grad_loss, grad_rec, grad_sup, grad_row_rec, grad_row_sup, _grad_n, _ggx, _ggh):
     needs = ctx.needs_input_grad
     if needs[3] or needs[4]:
         raise RuntimeError("dsae_loss: P and y are constants of the objective; no gradient flows to them")
-    grad_x_hat, grad_h = torch.ops.sdml.dsae_loss_backward.default(
-        grad_loss, grad_rec, grad_sup, grad_row_rec, grad_row_sup, x_hat, x, h, P, y,
-        row_rec, row_sup, n_labelled, ctx.lam, needs[0] or needs[1], needs[2],
-    )
+    taken = _take_forward_grads(ctx, grad_loss, (grad_rec, grad_sup, grad_row_rec, grad_row_sup))
+    x_hat, x, h, P, y, row_rec, row_sup, n_labelled = ctx.saved_tensors
+    if taken is not None:
+        grad_x_hat, grad_h = taken
+    else:
+        grad_x_hat, grad_h = torch.ops.sdml.dsae_loss_backward.default(
+            grad_loss, grad_rec, grad_sup, grad_row_rec, grad_row_sup, x_hat, x, h, P, y,
+            row_rec, row_sup, n_labelled, ctx.lam, needs[0] or needs[1], needs[2],
+        )
     return (
         grad_x_hat if needs[0] else None,
         -grad_x_hat if needs[1] else None,
         grad_h if needs[2] else None,
+        None,
+        None,
         None,
         None,
         None,
