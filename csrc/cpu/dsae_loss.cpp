@@ -153,10 +153,11 @@ void input_grad_row(const RowPtrs<T>& p, int64_t j, A row_norm, A alpha, int64_t
                             stream);
 }
 
-// Whether the [B, D] gradient of x_hat goes out with streaming stores (gradient_rows.h).
+// Whether the [B, D] gradient of x_hat goes out with streaming stores (gradient_rows.h): decided
+// by the bytes of the row pass that writes it (x_hat and x read, the gradient written).
 template <typename T>
 bool stream_input_grad(const DsaeSizes& s) {
-  return dsae_cpu::stream_gradient_rows(s.B * s.D * static_cast<int64_t>(sizeof(T)));
+  return dsae_cpu::stream_gradient_rows(3 * s.B * s.D * static_cast<int64_t>(sizeof(T)));
 }
 
 // Row j's residual e (P^T h_j - y_j on labelled rows) becomes its code-gradient weights in place:

@@ -4,6 +4,13 @@ The schemas are declared once in ``csrc/registration/dsae_loss.cpp``; kernels li
 The fake implementations run the same argument checks as the kernels (``csrc/dsae_loss_checks.cpp``,
 same messages), so a bad call fails under ``torch.compile`` tracing and ``FakeTensorMode`` too, and a
 meta tensor mixed with real ones is refused instead of returning uninitialized memory.
+
+Autograd: when autograd will need them, :func:`dsae_loss` asks the kernel for the gradients of the
+loss at unit upstream gradient (``need_input_grad`` / ``need_code_grad``), formed while each row is
+in cache. A backward whose upstream gradient is on the loss alone (``loss.backward()``) returns them
+times ``grad_loss`` (in place; nothing to do when it is 1), so the pair reads ``x_hat`` and ``x``
+once. Upstream gradients on the other outputs (``rec``, ``sup``, the per-row norms) run the backward
+op, which reads them again.
 """
 
 from __future__ import annotations
@@ -199,37 +206,17 @@ def _dsae_loss_setup_context(ctx, inputs, output):
     ctx.lam = lam
     ctx.mark_non_differentiable(grad_x_hat, grad_h)
     # The gradients the forward formed at unit upstream gradient (None where not asked for). Kept
-    # as attributes, not saved tensors: the backward takes them (see _take_forward_grads), so the
-    # one it returns has no other owner: autograd adopts it as x_hat.grad without a copy, and
-    # scaling it in place touches nothing anyone else holds.
+    # as attributes, not saved tensors: the first backward takes them, so the tensor it returns
+    # has no other owner (autograd adopts it as x_hat.grad without a copy, and scaling it in
+    # place touches nothing anyone else holds).
     ctx.forward_grads = (grad_x_hat if need_input_grad else None, grad_h if need_code_grad else None)
     # Unused outputs pass None, so a plain loss.backward() reads no zero-filled row gradients.
     ctx.set_materialize_grads(False)
 
 
-def _take_forward_grads(ctx, grad_loss, others):
-    """The forward's gradients scaled by grad_loss, when they answer this backward: the upstream
-    gradient is on the loss alone (the usual ``loss.backward()``) and the forward formed every
-    gradient asked for. Taken at most once: a second backward through a retained graph (or any
-    other combination of upstream gradients) runs the backward kernel. None otherwise."""
-    grads = getattr(ctx, "forward_grads", None)
-    ctx.forward_grads = None  # released either way: the backward kernel does not need them
-    needs = ctx.needs_input_grad
-    if grads is None or grad_loss is None or any(g is not None for g in others):
-        return None
-    grad_x_hat, grad_h = grads
-    if ((needs[0] or needs[1]) and grad_x_hat is None) or (needs[2] and grad_h is None):
-        return None
-    if _is_one(grad_loss):
-        return grad_x_hat, grad_h
-    # Eager: the tensors are this backward's alone, so scale them in place (no new 64 MiB buffer).
-    # While tracing (torch.compile) they are graph values: scale out of place.
-    scale = (lambda g: g.mul_(grad_loss)) if _eager(grad_loss) else (lambda g: g * grad_loss)
-    return tuple(None if g is None else scale(g) for g in grads)
-
-
 def _eager(t: Tensor) -> bool:
-    """A plain tensor outside any tracing or functorch transform."""
+    """A plain tensor outside any tracing or functorch transform: its value can be read and it can
+    be written in place."""
     return (
         type(t) is Tensor
         and torch._C._len_torch_dispatch_stack() == 0
@@ -238,24 +225,50 @@ def _eager(t: Tensor) -> bool:
 
 
 def _is_one(grad_loss: Tensor) -> bool:
-    """Whether grad_loss is exactly 1, when that is free to know: a CPU value read eagerly. On CUDA
-    reading it would sync the stream (and break CUDA-graph capture), and a traced value has none, so
-    there the gradients are always scaled (by 1 in the usual case: the same bits)."""
+    """Whether grad_loss is exactly 1, where that is free to know: a CPU value read eagerly. On CUDA
+    reading it would sync the stream (and break CUDA-graph capture), and a traced value has none:
+    there the gradients are always scaled (by 1 in the usual case, which keeps every bit)."""
     return grad_loss.device.type == "cpu" and _eager(grad_loss) and grad_loss.item() == 1
+
+
+def _scaled(g: Tensor | None, grad_loss: Tensor) -> Tensor | None:
+    """g * grad_loss; in place when g is this backward's own eager tensor (no new buffer)."""
+    if g is None or _is_one(grad_loss):
+        return g
+    return g.mul_(grad_loss) if _eager(g) and _eager(grad_loss) else g * grad_loss
+
+
+def _unit_grads(ctx, forward_grads, grad_loss, need_input, need_code):
+    """The gradients of the loss for an upstream gradient of 1: the forward's, when it formed all
+    that are needed (the first backward after it); else the backward kernel's at grad_loss = 1."""
+    if forward_grads is not None:
+        grad_x_hat, grad_h = forward_grads
+        if (grad_x_hat is not None or not need_input) and (grad_h is not None or not need_code):
+            return grad_x_hat, grad_h
+    x_hat, x, h, P, y, row_rec, row_sup, n_labelled = ctx.saved_tensors
+    return torch.ops.sdml.dsae_loss_backward.default(
+        torch.ones_like(grad_loss), None, None, None, None, x_hat, x, h, P, y,
+        row_rec, row_sup, n_labelled, ctx.lam, need_input, need_code,
+    )
 
 
 def _dsae_loss_backward(ctx, grad_loss, grad_rec, grad_sup, grad_row_rec, grad_row_sup, _grad_n, _ggx, _ggh):
     needs = ctx.needs_input_grad
     if needs[3] or needs[4]:
         raise RuntimeError("dsae_loss: P and y are constants of the objective; no gradient flows to them")
-    taken = _take_forward_grads(ctx, grad_loss, (grad_rec, grad_sup, grad_row_rec, grad_row_sup))
-    x_hat, x, h, P, y, row_rec, row_sup, n_labelled = ctx.saved_tensors
-    if taken is not None:
-        grad_x_hat, grad_h = taken
+    need_input, need_code = needs[0] or needs[1], needs[2]
+    forward_grads, ctx.forward_grads = ctx.forward_grads, None  # taken (or dropped) by the first backward
+    if grad_loss is not None and all(g is None for g in (grad_rec, grad_sup, grad_row_rec, grad_row_sup)):
+        # An upstream gradient on the loss alone (the usual loss.backward()): the unit gradient
+        # times grad_loss, whichever pass formed it, so a second backward through a retained graph
+        # gives the same bits as the first.
+        unit = _unit_grads(ctx, forward_grads, grad_loss, need_input, need_code)
+        grad_x_hat, grad_h = (_scaled(g, grad_loss) for g in unit)
     else:
+        x_hat, x, h, P, y, row_rec, row_sup, n_labelled = ctx.saved_tensors
         grad_x_hat, grad_h = torch.ops.sdml.dsae_loss_backward.default(
             grad_loss, grad_rec, grad_sup, grad_row_rec, grad_row_sup, x_hat, x, h, P, y,
-            row_rec, row_sup, n_labelled, ctx.lam, needs[0] or needs[1], needs[2],
+            row_rec, row_sup, n_labelled, ctx.lam, need_input, need_code,
         )
     return (
         grad_x_hat if needs[0] else None,

@@ -11,6 +11,7 @@
 // Both paths compute every element as the same two roundings (a - b, then times coef), so the
 // choice never changes a bit of the result.
 #include <cstdint>
+#include <string>
 
 namespace sdml::dsae_cpu {
 
@@ -23,18 +24,17 @@ void scaled_diff_row(const double* a, const double* b, double* out, double coef,
 // Orders this thread's streaming stores before its later stores (an sfence); a no-op elsewhere.
 void stream_fence();
 
-// Whether a gradient of `bytes` is written with streaming stores: when this CPU has them and the
-// gradient is larger than the share of the last-level cache that one core can count on, so it
-// would be evicted before its reader gets to it anyway. SDML_LOSS_STREAM=0/1 overrides.
-bool stream_gradient_rows(int64_t bytes);
+// Whether a pass that reads and writes `pass_bytes` in all (x_hat and x read, the gradient
+// written) writes its gradient with streaming stores: when the CPU has them and the pass does not
+// fit in the part of the last-level cache that this process's threads may count on (the cache's
+// size times the share of the CPUs sharing it that run torch's threads). A pass that fits keeps
+// its gradient in the cache for the next layer's backward (and its lines are usually still cached
+// from the previous step, so ordinary stores read nothing from memory); one that does not evicts
+// the gradient before its reader comes, and streaming saves the read-for-ownership.
+// SDML_LOSS_STREAM=0 / 1 overrides (ValueError for another value).
+bool stream_gradient_rows(int64_t pass_bytes);
 
-// What stream_gradient_rows decided from, for build_info(): "avx512" / "avx" / "none", the cache
-// share in bytes, and whether the override is set.
-struct StreamPolicy {
-  const char* isa;
-  int64_t cache_share_bytes;
-  int override_value;  // -1: not set, else 0 or 1
-};
-StreamPolicy stream_policy();
+// The policy in one line, for build_info().
+std::string stream_policy_note();
 
 }  // namespace sdml::dsae_cpu

@@ -4,6 +4,7 @@
 // Compiled into every build, so the CUDA limit checks run (and are tested) without a GPU.
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <ATen/core/Tensor.h>
 
@@ -78,6 +79,10 @@ struct DsaeCudaPlan {
 // Raises a ValueError naming the size when a call of these sizes exceeds the limits (the rows:
 // gridDim.x); returns the plan for a device of sm_count multiprocessors.
 DsaeCudaPlan check_dsae_loss_cuda_limits(const DsaeSizes& s, int64_t sm_count);
+
+// How the CPU kernel writes its [B, D] input gradients on this machine (ordinary or streaming
+// stores, and when), in one line for build_info(); csrc/cpu/dsae_loss/gradient_rows.h.
+std::string dsae_loss_cpu_stores();
 
 // A copy only when rows are not unit-stride in their last dimension.
 at::Tensor rows_contiguous(const at::Tensor& t);
