@@ -632,6 +632,18 @@ def test_direct_op_call_without_forward_gradients():
     assert torch.equal(a[0].grad, b[0].grad) and torch.equal(a[2].grad, b[2].grad)
 
 
+def test_direct_op_call_keeps_its_gradient_outputs():
+    """A direct op call that asked for the forward's gradients holds them: a scaled backward must
+    not scale them in place under it."""
+    inputs = make_inputs(12, 9, 8, 3, torch.float64, "cpu", seed=16)
+    x_hat, x, h, P, y = (t.clone().requires_grad_(i in (0, 2)) for i, t in enumerate(inputs))
+    out = torch.ops.sdml.dsae_loss.default(x_hat, x, h, P, y, 0.5, True, True, True)
+    kept = [out[6].clone(), out[7].clone()]
+    (3.0 * out[0]).backward()
+    assert torch.equal(out[6], kept[0]) and torch.equal(out[7], kept[1])
+    assert torch.equal(x_hat.grad, 3.0 * kept[0]) and torch.equal(h.grad, 3.0 * kept[1])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_gradient_of_x_alone(device):
     x_hat, x, h, P, y = make_inputs(5, 8, 6, 2, torch.float64, device, seed=17)

@@ -78,6 +78,9 @@ def dsae_loss(
     out = torch.ops.sdml.dsae_loss.default(
         x_hat, x, h, P, y, float(lam), check_finite, need_input_grad, need_code_grad
     )
+    if not torch.compiler.is_compiling():
+        for g in out[6:]:  # dropped here: nobody else can see them, so the backward may scale them in place
+            g._sdml_private = True
     return DSAELossOutput(*out[:6])
 
 
@@ -232,10 +235,13 @@ def _is_one(grad_loss: Tensor) -> bool:
 
 
 def _scaled(g: Tensor | None, grad_loss: Tensor) -> Tensor | None:
-    """g * grad_loss; in place when g is this backward's own eager tensor (no new buffer)."""
+    """g * grad_loss; in place when g is this backward's own eager tensor (no new buffer). The
+    forward's gradients are that only when the Python face asked for them (it marks them private:
+    a direct op call may still hold its outputs)."""
     if g is None or _is_one(grad_loss):
         return g
-    return g.mul_(grad_loss) if _eager(g) and _eager(grad_loss) else g * grad_loss
+    private = getattr(g, "_sdml_private", False) and _eager(g) and _eager(grad_loss)
+    return g.mul_(grad_loss) if private else g * grad_loss
 
 
 def _unit_grads(ctx, forward_grads, grad_loss, need_input, need_code):
@@ -246,10 +252,14 @@ def _unit_grads(ctx, forward_grads, grad_loss, need_input, need_code):
         if (grad_x_hat is not None or not need_input) and (grad_h is not None or not need_code):
             return grad_x_hat, grad_h
     x_hat, x, h, P, y, row_rec, row_sup, n_labelled = ctx.saved_tensors
-    return torch.ops.sdml.dsae_loss_backward.default(
+    grads = torch.ops.sdml.dsae_loss_backward.default(
         torch.ones_like(grad_loss), None, None, None, None, x_hat, x, h, P, y,
         row_rec, row_sup, n_labelled, ctx.lam, need_input, need_code,
     )
+    if _eager(grad_loss):
+        for g in grads:  # fresh from the kernel: this backward's own
+            g._sdml_private = True
+    return grads
 
 
 def _dsae_loss_backward(ctx, grad_loss, grad_rec, grad_sup, grad_row_rec, grad_row_sup, _grad_n, _ggx, _ggh):
