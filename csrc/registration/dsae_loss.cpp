@@ -7,9 +7,10 @@ TORCH_LIBRARY_FRAGMENT(sdml, m) {
   // Fused SDML objective of one modality's batch; see csrc/include/sdml/dsae_loss_math.h.
   // need_input_grad / need_code_grad: also return grad_x_hat [B, D] / grad_h [B, d], the gradients
   // of loss for an upstream gradient of 1, formed while each row is in cache (0 rows when not
-  // asked). They are the autograd formula's (sdml_ext/ops/dsae_loss.py): the Python face asks for
-  // them when autograd will need them and never returns them; its backward hands them on as the
-  // gradients of a plain loss.backward(), scaled in place by any other upstream value.
+  // asked). They are for the autograd formula (sdml_ext/ops/dsae_loss.py): the Python face asks
+  // for them when autograd will need them and never returns them; the backward of a loss-only
+  // upstream gradient hands them on, times that gradient (in place only when the Python face
+  // dropped them: a direct caller's outputs are left as they are).
   m.def(
       "dsae_loss(Tensor x_hat, Tensor x, Tensor h, Tensor P, Tensor y, float lam, "
       "bool check_finite=True, bool need_input_grad=False, bool need_code_grad=False) -> "
