@@ -28,6 +28,16 @@ PYBIND11_MODULE(_C, m) {
 #endif
   m.def("cpu_bf16_status", &sdml::cpu_bf16_status,
         "This CPU's bf16 units as cosine_topk's precision=\"bf16\" sees them, in one line.");
+  m.def(
+      "dsae_loss_cpu_stores",
+      []() {
+        try {
+          return sdml::dsae_loss_cpu_stores();
+        } catch (const c10::ValueError& e) {
+          throw py::value_error(e.what_without_backtrace());
+        }
+      },
+        "How the CPU loss kernel writes its input gradients here (ordinary or streaming stores), in one line.");
   m.def("release_cached_host_buffers", &sdml::release_cached_host_buffers,
         "Frees the CPU blocks cached for large kernel outputs; returns the bytes released.");
   m.def(

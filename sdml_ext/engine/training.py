@@ -42,6 +42,10 @@ _INIT_LOCK = threading.Lock()
 _EVAL_CHUNK = 2048  # rows per forward pass when scoring a split, to bound activation memory
 
 
+SEED_LIMIT = 2**32
+"""Seeds are in [0, 2**32): numpy's seed range (np.random.seed, RandomState), which torch takes too."""
+
+
 @dataclass(frozen=True)
 class TrainOptions:
     """Hyper-parameters shared by all modalities of a run: the authors' recipe except for the
@@ -74,6 +78,8 @@ class TrainOptions:
                 raise ValueError(f"{name} must be a sequence of numbers, got {value!r}") from None
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if isinstance(self.seed, bool) or not 0 <= self.seed < SEED_LIMIT:
+            raise ValueError(f"seed must be in [0, {SEED_LIMIT - 1}] (numpy's seed range), got {self.seed}")
         if self.batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
         if not 0.0 <= self.lam <= 1.0:
