@@ -10,7 +10,7 @@ written out here once, on the kernels of :mod:`sdml_ext.ops.dsae_step`:
 
 - forward, per layer: one GEMM (``torch.mm``) into the layer's buffer, then bias and ReLU in one
   pass (``dense_bias_act``); the code and the output rows normalised in one pass each;
-- the loss: :func:`dsae_loss_and_grads`, the fused loss op and its backward;
+- the loss: :func:`dsae_loss_and_grads`, the fused loss op forming its gradients as it goes;
 - backward, per layer from the top: the input's gradient by one GEMM with the layer's weights
   (before they change), then the weights' gradient and Adam in one sweep
   (``linear_weight_grad_adam``: tile by tile, the gradient never in memory), then the ReLU mask
@@ -43,16 +43,15 @@ from ..ops import dsae_step as kernels
 NORMALIZE_EPS = 1e-12  # F.normalize's default, which DSAE uses
 
 
-def dsae_loss_and_grads(x_hat: Tensor, x: Tensor, h: Tensor, P: Tensor, y: Tensor, lam: float, check_finite: bool,
-                        one: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(loss, rec, sup, d loss / d x_hat, d loss / d h) of one batch: the fused loss op and its
-    backward op with d loss = 1 (``one``: a 0-d tensor holding 1). The step's only contact
-    with the loss; the two gradients must be fresh [B, D] / [B, d] contiguous tensors the
-    caller may overwrite (the step adds the decoder's gradient into d loss / d h in place)."""
-    loss, rec, sup, row_rec, row_sup, n_labelled = torch.ops.sdml.dsae_loss.default(
-        x_hat, x, h, P, y, lam, check_finite)
-    grad_x_hat, grad_h = torch.ops.sdml.dsae_loss_backward.default(
-        one, None, None, None, None, x_hat, x, h, P, y, row_rec, row_sup, n_labelled, lam, True, True)
+def dsae_loss_and_grads(x_hat: Tensor, x: Tensor, h: Tensor, P: Tensor, y: Tensor, lam: float,
+                        check_finite: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, rec, sup, d loss / d x_hat, d loss / d h) of one batch: the fused loss op, asked
+    for the gradients at unit upstream gradient, which it forms while each row is in cache. The
+    step's only contact with the loss; the two gradients are fresh [B, D] / [B, d] contiguous
+    outputs of the op, the caller's to overwrite (the step adds the decoder's gradient into
+    d loss / d h in place)."""
+    loss, rec, sup, _, _, _, grad_x_hat, grad_h = torch.ops.sdml.dsae_loss.default(
+        x_hat, x, h, P, y, lam, check_finite, True, True)
     return loss, rec, sup, grad_x_hat, grad_h
 
 
@@ -146,7 +145,6 @@ class ExplicitStep:
         self.output_norm = like.new_empty(batch) if model.normalize_output else None
         self.code = like.new_empty(self.encoder[-1].out.shape) if model.normalize_code else None
         self.x_hat = like.new_empty(self.decoder[-1].out.shape) if model.normalize_output else None
-        self.one = torch.ones((), dtype=like.dtype)
 
     @staticmethod
     def _chain(sequential: nn.Sequential, views: dict, batch: int) -> list[_Dense]:
@@ -255,7 +253,7 @@ class ExplicitStep:
         h, x_hat = self._forward(x)
         loss_fn = self.loss
         loss, rec, sup, grad_x_hat, grad_h = dsae_loss_and_grads(
-            x_hat, x, h, loss_fn.P, y, loss_fn.lam, loss_fn.check_finite, self.one)
+            x_hat, x, h, loss_fn.P, y, loss_fn.lam, loss_fn.check_finite)
         enc, dec = self.encoder, self.decoder
         g = self._top_grad(grad_x_hat, x_hat, self.output_norm, dec[-1])
         # The code's gradient: the loss's (grad_h, ours to overwrite) plus the decoder's.
