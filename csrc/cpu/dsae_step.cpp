@@ -8,8 +8,8 @@
 //  - dense_grad: the ReLU mask applied to a gradient in place and its column sums (bias gradient);
 //  - linear_weight_grad_adam: the weight gradient grad_out^T input, one fixed tile at a time (a
 //    single-threaded GEMM into a buffer that stays in the core's cache), each tile consumed at
-//    once by Adam: the gradient never goes to memory and is never read back, which saves two of
-//    the update's seven passes over the weights' size;
+//    once by Adam: the gradient is never written to memory nor read back (two of the eight
+//    passes over the weights' size that a GEMM then fused Adam make: its write, Adam's read);
 //  - adam_update: Adam over contiguous buffers (the biases, laid end to end).
 //
 // No result depends on the thread count: rows are reduced one row per task in a fixed lane order,
@@ -25,7 +25,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <climits>
 #include <cmath>
 #include <type_traits>
 #include <vector>
