@@ -6,7 +6,7 @@
 // range are counted at R (no relevant item ranks behind them) or not at all.
 //
 // The histogram stays in the L1 cache (R + 2 counts, however many buckets). On AVX-512 the items
-// go 16 at a time: buckets, table entries (gathered), relevance (16 bits of the bitmap) and the
+// go 16 at a time: buckets, table entries (gathered), relevance (16 bytes) and the
 // candidates (compressed) in vectors; only the histogram's increments are scalar. The next row's
 // scores, when given, are prefetched as this row's are read, so that its first pass finds them in
 // the cache.
@@ -35,7 +35,7 @@ int64_t count_items_portable(const T* s, int64_t n, const RelevantIndex<T>& inde
                              const T* next) {
   int32_t b[kCountChunk];
   const int32_t* table = index.table();
-  const uint64_t* rel = index.relevant_bits();
+  const uint8_t* rel = index.relevant();
   int64_t nc = 0;
   for (int64_t t0 = 0; t0 < n; t0 += kCountChunk) {
     const int64_t len = std::min(kCountChunk, n - t0);
@@ -45,7 +45,7 @@ int64_t count_items_portable(const T* s, int64_t n, const RelevantIndex<T>& inde
       const int64_t t = t0 + j;
       const int32_t e = table[b[j]];
       const int32_t flagged = int32_t(uint32_t(e) >> 31);
-      const int32_t relevant = int32_t(rel[t >> 6] >> (t & 63)) & 1;
+      const int32_t relevant = rel[t];
       cand[nc] = int32_t(t);
       nc += flagged & (relevant ^ 1);
       count[e & ~kFlag] += (flagged | relevant) ^ 1;  // flagged: first(b), += 0
@@ -60,7 +60,7 @@ SDML_AVX512 inline int64_t count_items_avx512(const float* s, int64_t n, const R
   alignas(64) int32_t h[kCountChunk + 16];
   const BucketMap<float>& m = index.map();
   const int32_t* table = index.table();
-  const char* rel = reinterpret_cast<const char*>(index.relevant_bits());  // 16 bits per 16 items
+  const uint8_t* rel = index.relevant();
   const __m512 lo = _mm512_set1_ps(m.lo), hi = _mm512_set1_ps(m.hi), scale = _mm512_set1_ps(m.scale),
                top = _mm512_set1_ps(float(m.buckets - 1));
   const __m512i zero = _mm512_setzero_si512(), one = _mm512_set1_epi32(1),
@@ -83,10 +83,10 @@ SDML_AVX512 inline int64_t count_items_avx512(const float* s, int64_t n, const R
       b = _mm512_mask_mov_epi32(b, over, above);
       const __m512i e = _mm512_mask_i32gather_epi32(zero, valid, b, table, 4);
       const __mmask16 flagged = _mm512_movepi32_mask(e);
-      uint16_t relevant;
-      __builtin_memcpy(&relevant, rel + 2 * (t >> 4), sizeof relevant);  // t is a multiple of 16
-      const __mmask16 counted = valid & ~flagged & ~below & ~__mmask16(relevant);
-      const __mmask16 candidates = valid & flagged & ~__mmask16(relevant);
+      const __m128i r = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rel + t));  // slack past n
+      const __mmask16 relevant = _mm_test_epi8_mask(r, r);
+      const __mmask16 counted = valid & ~flagged & ~below & ~relevant;
+      const __mmask16 candidates = valid & flagged & ~relevant;
       _mm512_storeu_si512(h + nh, _mm512_maskz_compress_epi32(counted, e));
       nh += __builtin_popcount(counted);
       _mm512_storeu_si512(cand + nc,

@@ -79,10 +79,10 @@ SDML_CPU_CLONES void assign_buckets(const T* s, int64_t n, BucketMap<T> m, int32
 }
 
 // Whether item (va, a) ranks ahead of item (vb, b): a higher score, or an equal one and a lower
-// index (-0 equals +0).
+// index (-0 equals +0). Without branches: the outcome is a coin toss in the candidates' compares.
 template <typename T>
-inline bool ranks_ahead(T va, int64_t a, T vb, int64_t b) {
-  return va > vb || (va == vb && a < b);
+inline int32_t ranks_ahead(T va, int64_t a, T vb, int64_t b) {
+  return int32_t(va > vb) | (int32_t(va == vb) & int32_t(a < b));
 }
 
 template <typename T>
@@ -96,7 +96,7 @@ class RelevantIndex {
         padded_((buckets_ + 2 + 15) / 16 * 16),
         table_(padded_, 0),
         count_(padded_, 0),
-        relevant_bits_((n + 63) / 64 + 1, 0) {}
+        relevant_(n + kSlack, 0) {}
 
   // Indexes the relevant items `rel` (gallery indices < 2^31, ascending, at least one) of
   // scores s.
@@ -110,18 +110,12 @@ class RelevantIndex {
     const T* in = in_value_.data();
     int32_t* bucket = in_bucket_.data();
     assign_buckets(in, R, map_, bucket);
-    // Counts per bucket; the relevance bits, each word written whole (rel is ascending).
+    // Counts per bucket; the relevance marks.
     int32_t* count = count_.data();
-    uint64_t* bits = relevant_bits_.data();
-    int64_t word = rel[0] >> 6;
-    uint64_t acc = 0;
     crowded_.clear();
     for (int64_t i = 0; i < R; ++i) {
       if (++count[bucket[i]] == kUnsortedBucket + 1) crowded_.push_back(bucket[i]);
-      const int64_t w = rel[i] >> 6;
-      acc = (w == word ? acc : 0) | uint64_t{1} << (rel[i] & 63);
-      bits[w] = acc;
-      word = w;
+      relevant_[rel[i]] = 1;
     }
     fill_table();
     // Placed by bucket (count_ back to zero).
@@ -141,7 +135,7 @@ class RelevantIndex {
 
   // Undoes build()'s marks (call with the same rel before the next build).
   void release(const std::vector<int64_t>& rel) {
-    for (const int64_t t : rel) relevant_bits_[t >> 6] = 0;
+    for (const int64_t t : rel) relevant_[t] = 0;
   }
 
   const BucketMap<T>& map() const { return map_; }
@@ -150,8 +144,8 @@ class RelevantIndex {
   // The relevant items' scores and indices, grouped by bucket from the top (then kSlack zeros).
   const T* values() const { return value_.data(); }
   const int32_t* indices() const { return index_.data(); }
-  // Items t are relevant where bit t & 63 of word t >> 6 is set.
-  const uint64_t* relevant_bits() const { return relevant_bits_.data(); }
+  // relevant()[t]: 1 for the relevant items, else 0 (n + kSlack entries).
+  const uint8_t* relevant() const { return relevant_.data(); }
   int32_t first(int32_t b) const { return table_[b] & ~kFlag; }
   int32_t end(int32_t b) const { return table_[b - 1] & ~kFlag; }  // b >= 1: flagged buckets
 
@@ -258,7 +252,7 @@ class RelevantIndex {
   int64_t buckets_, padded_;
   BucketMap<T> map_;
   std::vector<int32_t> table_, count_;  // count_: relevant items per bucket, zero between builds
-  std::vector<uint64_t> relevant_bits_;
+  std::vector<uint8_t> relevant_;
   std::vector<T> in_value_, value_;  // in rel's order; grouped by bucket
   std::vector<int32_t> in_bucket_, index_;
   std::vector<int32_t> crowded_;  // buckets holding more than kUnsortedBucket relevant items
