@@ -17,6 +17,12 @@
 
 namespace sdml::cpu_retrieval {
 
+#if SDML_HAVE_AVX512_PATHS
+// All 16 lanes: the kernels call the masked forms of intrinsics whose plain forms start from an
+// undefined vector (GCC 12 warns about those: -Wmaybe-uninitialized).
+constexpr __mmask16 kAll = 0xFFFF;
+#endif
+
 inline bool use_avx512() {
 #if SDML_HAVE_AVX512_PATHS
   static const bool cpu = [] {

@@ -75,10 +75,10 @@ SDML_AVX512 inline int64_t count_items_avx512(const float* s, int64_t n, const R
       const int64_t t = t0 + j;
       const __mmask16 valid = len - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (len - j)) - 1);
       const __m512 v = _mm512_maskz_loadu_ps(valid, s + t);
-      const __m512 x = _mm512_min_ps(_mm512_mul_ps(_mm512_sub_ps(v, lo), scale), top);
+      const __m512 x = _mm512_maskz_min_ps(kAll, _mm512_mul_ps(_mm512_sub_ps(v, lo), scale), top);
       const __mmask16 below = _mm512_cmp_ps_mask(v, lo, _CMP_LT_OQ);
       const __mmask16 over = _mm512_cmp_ps_mask(v, hi, _CMP_GT_OQ);
-      __m512i b = _mm512_add_epi32(_mm512_cvttps_epi32(x), one);
+      __m512i b = _mm512_add_epi32(_mm512_maskz_cvttps_epi32(kAll, x), one);
       b = _mm512_mask_mov_epi32(b, below, zero);
       b = _mm512_mask_mov_epi32(b, over, above);
       const __m512i e = _mm512_mask_i32gather_epi32(zero, valid, b, table, 4);

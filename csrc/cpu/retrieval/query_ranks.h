@@ -73,7 +73,8 @@ void for_each_query_ranks(const at::Tensor& query, const at::Tensor& gallery, co
     for (int64_t i = 0; i < nrows; ++i) {
       const int64_t qi = q0 + i, self = exclude_self ? qi : -1;
       relevance.collect(qi, self, scratch.rel);
-      consume(qi, scratch.ranker->rank(s + i * ng, scratch.rel, self));
+      const T* next = i + 1 < nrows ? s + (i + 1) * ng : nullptr;  // prefetched meanwhile
+      consume(qi, scratch.ranker->rank(s + i * ng, scratch.rel, self, next));
     }
   });
 }
@@ -94,10 +95,11 @@ void for_each_row_ranks(T* s, int64_t nq, int64_t ng, const DuplicateScores& dup
     return Scratch{std::make_unique<RelevantRanker<T>>(ng), {}, std::vector<T>(duplicates.slots())};
   };
   for_each_tile((nq + rows - 1) / rows, setup, [&](Scratch& scratch, int64_t tile) {
-    for (int64_t qi = tile * rows; qi < std::min(nq, (tile + 1) * rows); ++qi) {
+    const int64_t end = std::min(nq, (tile + 1) * rows);
+    for (int64_t qi = tile * rows; qi < end; ++qi) {
       duplicates.apply(s + qi * ng, 1, ng, 0, ng, scratch.saved.data());
       relevance.collect(qi, -1, scratch.rel);
-      consume(qi, scratch.ranker->rank(s + qi * ng, scratch.rel, -1));
+      consume(qi, scratch.ranker->rank(s + qi * ng, scratch.rel, -1, qi + 1 < end ? s + (qi + 1) * ng : nullptr));
     }
   });
 }

@@ -180,7 +180,7 @@ class RelevantIndex {
     __m256 vlo = _mm256_set1_ps(s[rel[0]]), vhi = vlo;
     int64_t i = 0;
     for (; i + 8 <= R; i += 8) {
-      const __m256 v = _mm512_i64gather_ps(_mm512_loadu_si512(rel + i), s, 4);
+      const __m256 v = _mm512_mask_i64gather_ps(_mm256_setzero_ps(), 0xFF, _mm512_loadu_si512(rel + i), s, 4);
       _mm256_storeu_ps(in + i, v);
       vlo = _mm256_min_ps(vlo, v);
       vhi = _mm256_max_ps(vhi, v);
@@ -231,14 +231,14 @@ class RelevantIndex {
     for (int64_t b0 = n - 16; b0 >= 0; b0 -= 16) {
       const __m512i c = _mm512_loadu_si512(count + b0);
       __m512i sum = c;  // lane j: count[b0 + j .. b0 + 15]
-      sum = _mm512_add_epi32(sum, _mm512_alignr_epi32(zero, sum, 1));
-      sum = _mm512_add_epi32(sum, _mm512_alignr_epi32(zero, sum, 2));
-      sum = _mm512_add_epi32(sum, _mm512_alignr_epi32(zero, sum, 4));
-      sum = _mm512_add_epi32(sum, _mm512_alignr_epi32(zero, sum, 8));
+      sum = _mm512_add_epi32(sum, _mm512_maskz_alignr_epi32(kAll, zero, sum, 1));
+      sum = _mm512_add_epi32(sum, _mm512_maskz_alignr_epi32(kAll, zero, sum, 2));
+      sum = _mm512_add_epi32(sum, _mm512_maskz_alignr_epi32(kAll, zero, sum, 4));
+      sum = _mm512_add_epi32(sum, _mm512_maskz_alignr_epi32(kAll, zero, sum, 8));
       __m512i t = _mm512_add_epi32(run, _mm512_sub_epi32(sum, c));
       t = _mm512_mask_or_epi32(t, _mm512_test_epi32_mask(c, c), t, flag);
       _mm512_storeu_si512(table + b0, t);
-      run = _mm512_add_epi32(run, _mm512_permutexvar_epi32(zero, sum));
+      run = _mm512_add_epi32(run, _mm512_maskz_permutexvar_epi32(kAll, zero, sum));
     }
   }
 #endif
