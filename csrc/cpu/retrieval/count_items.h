@@ -1,15 +1,15 @@
 #pragma once
-// The pass over all of one query's items (RelevantRanker's main cost): each item that is not
-// relevant and lies in an unflagged bucket adds one to count[i], i = the relevant items ranked
-// ahead of it (RelevantIndex's table); the items of flagged buckets that are not relevant (the
-// candidates) are listed, in ascending order, for exact comparison. Items below the relevant
-// range are counted at R (no relevant item ranks behind them) or not at all.
+// The pass over all of one query's items (RelevantRanker's main cost): each item of an unflagged
+// bucket (never a relevant item: their buckets are flagged) adds one to count[i], i = the relevant
+// items ranked ahead of it (RelevantIndex's table); the items of flagged buckets that are not
+// relevant (the candidates) are listed, in ascending order, for exact comparison. Items below the
+// relevant range are counted at R (no relevant item ranks behind them) or not at all.
 //
 // The histogram stays in the L1 cache (R + 2 counts, however many buckets). On AVX-512 the items
-// go 16 at a time: buckets, table entries (gathered), relevance (16 bytes) and the
-// candidates (compressed) in vectors; only the histogram's increments are scalar. The next row's
-// scores, when given, are prefetched as this row's are read, so that its first pass finds them in
-// the cache.
+// go 16 at a time: buckets, table entries (gathered), relevance (16 bytes) and the candidates
+// (compressed) in vectors; only the histogram's increments are scalar. The next row's scores,
+// when given, are prefetched as this row's are read, so that its first pass finds them in the
+// cache.
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
@@ -48,7 +48,7 @@ int64_t count_items_portable(const T* s, int64_t n, const RelevantIndex<T>& inde
       const int32_t relevant = rel[t];
       cand[nc] = int32_t(t);
       nc += flagged & (relevant ^ 1);
-      count[e & ~kFlag] += (flagged | relevant) ^ 1;  // flagged: first(b), += 0
+      count[e & ~kFlag] += flagged ^ 1;  // flagged (so are relevant items' buckets): += 0
     }
   }
   return nc;
@@ -85,7 +85,7 @@ SDML_AVX512 inline int64_t count_items_avx512(const float* s, int64_t n, const R
       const __mmask16 flagged = _mm512_movepi32_mask(e);
       const __m128i r = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rel + t));  // slack past n
       const __mmask16 relevant = _mm_test_epi8_mask(r, r);
-      const __mmask16 counted = valid & ~flagged & ~below & ~relevant;
+      const __mmask16 counted = valid & ~flagged & ~below;  // a relevant item's bucket is flagged
       const __mmask16 candidates = valid & flagged & ~relevant;
       _mm512_storeu_si512(h + nh, _mm512_maskz_compress_epi32(counted, e));
       nh += __builtin_popcount(counted);
