@@ -3,11 +3,16 @@
 // one concept per header:
 //   tiles.h             query tiles taken by the threads from a shared counter; gallery ranges
 //   block_gemm.h        the GEMM of one block of scores (oneDNN or BLAS)
+//   packed_gallery.h    the gallery packed once for MKL's GEMM (the metric tiles, float32)
 //   duplicate_scores.h  exact duplicates of a gallery row get their first row's score
 //   running_topk.h      the best k of one query's scores so far (cosine_topk)
 //   topk.h              cosine_topk over tiles and gallery ranges
 //   topk_bf16.cpp       cosine_topk's precision="bf16": bf16 candidates, re-scored exactly
 //   relevance.h         which gallery items are relevant to a query (class ids or label bits)
+//   avx512.h            whether the hand-written AVX-512 paths run (SDML_CPU_AVX512=off: not)
+//   relevant_index.h    a query's relevant items: buckets, the table of relevant items ahead
+//   count_items.h       the pass over all items: counts per relevant interval, the candidates
+//   candidates.h        the candidates compared exactly with their bucket's relevant items
 //   relevant_ranker.h   the exact ranks of a query's relevant items, without a full sort
 //   query_ranks.h       tiles scored and ranked, per query (the metric ops)
 // Similarities are computed tile by tile, never as the full Nq x Ng matrix; the results do not

@@ -55,28 +55,33 @@ class LabelBitsRelevance {
 
   void collect(int64_t qi, int64_t self, std::vector<int64_t>& out) const {
     const uint64_t* q = query_ + qi * words_;
-    out.resize(rows_ + 8);  // + 8: the vector steps write whole vectors
+    // The hits are compacted into a buffer of all rows (+ 8: the vector steps write whole
+    // vectors) kept by the thread, then copied: growing `out` to all rows for every query would
+    // zero-fill it each time.
+    thread_local std::vector<int64_t> hits;
+    if (int64_t(hits.size()) < rows_ + 8) hits.resize(rows_ + 8);
+    int64_t* h = hits.data();
     int64_t n = 0;
 #if SDML_HAVE_AVX512_PATHS
     if (avx512_ && words_ <= 2) {
-      n = collect_avx512(q, out.data());
+      n = collect_avx512(q, h);
     } else
 #endif
     if (words_ == 1) {
       const uint64_t q0 = q[0];
       for (int64_t t = 0; t < rows_; ++t) {  // branch-free compaction
-        out[n] = t;
+        h[n] = t;
         n += (gallery_[t] & q0) != 0;
       }
     } else {
       for (int64_t t = 0; t < rows_; ++t) {
         uint64_t any = 0;
         for (int64_t w = 0; w < words_; ++w) any |= gallery_[t * words_ + w] & q[w];
-        out[n] = t;
+        h[n] = t;
         n += any != 0;
       }
     }
-    out.resize(n);
+    out.assign(h, h + n);
     if (self >= 0) out.erase(std::remove(out.begin(), out.end(), self), out.end());
   }
 
