@@ -213,3 +213,17 @@ def test_thread_count_cuts_tiles_without_changing_results(gemm, tmp_path):
         results.append(torch.load(out))
     for ap, prec in results[1:]:
         assert torch.equal(ap, results[0][0]) and torch.equal(prec, results[0][1])
+
+
+def test_gallery_past_32_bit_counts_is_refused():
+    """The ranker counts items in 32 bits: 2^31 gallery rows (a view, nothing allocated) are a
+    ValueError naming the argument, before any work."""
+    g = torch.ones(1, 1).expand(2**31, 1)
+    gl = torch.zeros(1, dtype=torch.long).expand(2**31)
+    q, ql = torch.ones(2, 1), torch.zeros(2, dtype=torch.long)
+    for call, name in ((lambda: average_precision(q, g, ql, gl), "average_precision: gallery"),
+                       (lambda: precision_at_k(q, g, ql, gl, [1]), "precision_at_k: gallery"),
+                       (lambda: precision_recall_curve(q, g, ql, gl, [0.5]), "precision_recall_curve: gallery"),
+                       (lambda: average_precision_pair(q, g, ql, gl), "average_precision_pair: b")):
+        with pytest.raises(ValueError, match=f"{name} has 2147483648 rows"):
+            call()
