@@ -3,6 +3,7 @@
 #include <ATen/ops/empty.h>
 
 #include <limits>
+#include <vector>
 
 #include "sdml/cpu_gemm.h"
 
@@ -24,12 +25,35 @@ constexpr int kColMajor = 102, kNoTrans = 111, kTrans = 112, kPacked = 151, kAMa
 
 bool fits_int(int64_t v) { return v >= 0 && v <= std::numeric_limits<int>::max(); }
 
+// Whether the packed API takes the arguments as declared above (32-bit integers): checked once
+// per process on a small product of small integers (exact in any order), row stride and output
+// stride wider than the rows, against a plain loop.
+bool packed_gemm_works() {
+  static const bool works = [] {
+    constexpr int m = 37, n = 5, k = 7, ldg = 9, ldq = 8, ldc = 41;
+    std::vector<float> g(m * ldg), q(n * ldq), c(n * ldc, -1.0f);
+    for (int i = 0; i < m * ldg; ++i) g[i] = float(i % 5) - 2.0f;
+    for (int i = 0; i < n * ldq; ++i) q[i] = float(i % 3) - 1.0f;
+    std::vector<float> packed((cblas_sgemm_pack_get_size(kAMatrix, m, n, k) + sizeof(float) - 1) / sizeof(float) + 1);
+    cblas_sgemm_pack(kColMajor, kAMatrix, kTrans, m, n, k, 1.0f, g.data(), ldg, packed.data());
+    cblas_sgemm_compute(kColMajor, kPacked, kNoTrans, m, n, k, packed.data(), m, q.data(), ldq, 0.0f, c.data(), ldc);
+    for (int r = 0; r < n; ++r)
+      for (int j = 0; j < m; ++j) {
+        float want = 0;
+        for (int x = 0; x < k; ++x) want += q[r * ldq + x] * g[j * ldg + x];
+        if (c[r * ldc + j] != want) return false;
+      }
+    return true;
+  }();
+  return works;
+}
+
 }  // namespace
 
 PackedGallery::PackedGallery(const at::Tensor& gallery, int64_t rows, int64_t tiles) {
   if (!cblas_sgemm_pack_get_size || !cblas_sgemm_pack || !cblas_sgemm_compute) return;
   if (gallery.scalar_type() != at::kFloat || tiles < 2) return;
-  if (cpu_gemm_choice().gemm_into_rows != CpuGemm::Blas) return;
+  if (cpu_gemm_choice().gemm_into_rows != CpuGemm::Blas || !packed_gemm_works()) return;
   const int64_t ng = gallery.size(0), d = gallery.size(1);
   if (ng == 0 || d == 0 || !fits_int(ng) || !fits_int(d) || !fits_int(rows) || gallery.stride(1) != 1) return;
   // Column-major view: the scores' transpose [ng, rows] = A [ng, d] times B [d, rows], A the

@@ -10,9 +10,10 @@
 // other kernels for short tiles), so they do not depend on how the thread count cut the tiles.
 //
 // Used for float32 where torch's MKL exports the packed API (weak symbols: absent elsewhere, and
-// then the tiles run BlockGemm as before), the process's GEMM choice for tiles written into rows is
-// BLAS (sdml/cpu_gemm.h), there is more than one query tile to share the packing, and the packed
-// copy stays within kMaxPackedBytes.
+// then the tiles run BlockGemm as before) and a small exact product through it checks out (once per
+// process: the declarations assume MKL's 32-bit integer interface), the process's GEMM choice for
+// tiles written into rows is BLAS (sdml/cpu_gemm.h), there is more than one query tile to share the
+// packing, and the packed copy stays within kMaxPackedBytes.
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
