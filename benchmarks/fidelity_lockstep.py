@@ -4,12 +4,15 @@ weights, P and batch order, one modality, compared step by step.
     python benchmarks/fidelity_lockstep.py --dataset mfeat --modality 0 --epochs 5
     python benchmarks/fidelity_lockstep.py --swap loss       # the reference with the product's fused loss
     python benchmarks/fidelity_lockstep.py --swap optimizer  # the reference with fused Adam
+    python benchmarks/fidelity_lockstep.py --swap both --step autograd   # bit for bit
 
 With identical inputs the two can differ only by floating-point rounding (summation order in the
 fused loss and fused Adam). This prints, per epoch, the relative weight difference and both
 validation supervised losses; a different algorithm would show up as an O(1) difference after
 the first step, rounding as ~1e-7 growing slowly. --swap replaces one piece of the reference by
-the product's, to tell which piece a difference comes from.
+the product's, to tell which piece a difference comes from. --step picks the product's CPU step:
+explicit (the default, sdml_ext.engine.explicit_step: its own GEMM order, so rounding even with
+--swap both) or autograd (the step CUDA devices take: with --swap both the reference's bits).
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ def main(argv=None) -> int:
                     help="nudge one initial weight of the reference by one float32 ulp: with --swap both, the "
                          "divergence that rounding alone produces, to set the product's against")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--step", choices=("explicit", "autograd"), default="explicit",
+                    help="the product's CPU training step (explicit: the default one; autograd: the reference's ops)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -67,7 +72,7 @@ def main(argv=None) -> int:
     opts = TrainOptions(epochs=args.epochs, batch_size=args.batch, preprocess="none", seed=args.seed)
     P = make_projection(opts.code_dim, ds.num_classes, args.seed)
     task = make_tasks(ds, P, opts)[args.modality]
-    trainer = ModalityTrainer(task)
+    trainer = ModalityTrainer(task, explicit=args.step == "explicit")
 
     net = ref.Autoencoder(task.input_dim)
     net.load_state_dict(to_reference(trainer.model.state_dict()))
@@ -83,7 +88,8 @@ def main(argv=None) -> int:
     shuffle = torch.Generator()
     shuffle.set_state(trainer.shuffle.get_state())  # the orders the trainer is about to draw
     orders = []
-    print(f"{args.dataset} modality {task.name} (D={task.input_dim}, lr={trainer.lr}), swap={args.swap}, perturb={args.perturb}")
+    print(f"{args.dataset} modality {task.name} (D={task.input_dim}, lr={trainer.lr}), swap={args.swap}, "
+          f"perturb={args.perturb}, step={args.step}")
     print("epoch  rel|W_prod - W_ref|  val_sup product  val_sup reference")
     opt = make_opt(net.parameters(), trainer.lr)
     for epoch in range(1, args.epochs + 1):

@@ -99,13 +99,6 @@ DsaeSizes check_dsae_loss_backward_args(
   return s;
 }
 
-DsaeForward empty_dsae_forward(const at::Tensor& x_hat, int64_t B) {
-  const at::TensorOptions opts = x_hat.options();
-  const at::TensorOptions acc = opts.dtype(dsae_acc_dtype(x_hat.scalar_type()));
-  return {at::empty({}, opts),      at::empty({}, opts),  at::empty({}, opts),
-          at::empty({B}, acc),      at::empty({B}, acc),  at::zeros({}, opts.dtype(at::kLong))};
-}
-
 DsaeBackward empty_dsae_backward(const at::Tensor& x_hat, const DsaeSizes& s, bool need_input_grad,
                                  bool need_code_grad) {
   const auto empty = [&](int64_t rows, int64_t cols) {
@@ -113,6 +106,16 @@ DsaeBackward empty_dsae_backward(const at::Tensor& x_hat, const DsaeSizes& s, bo
                           : at::empty({rows, cols}, x_hat.options());
   };
   return {empty(need_input_grad ? s.B : 0, s.D), empty(need_code_grad ? s.B : 0, s.d)};
+}
+
+DsaeForward empty_dsae_forward(const at::Tensor& x_hat, const DsaeSizes& s, bool need_input_grad,
+                               bool need_code_grad) {
+  const at::TensorOptions opts = x_hat.options();
+  const at::TensorOptions acc = opts.dtype(dsae_acc_dtype(x_hat.scalar_type()));
+  auto [grad_x_hat, grad_h] = empty_dsae_backward(x_hat, s, need_input_grad, need_code_grad);
+  return {at::empty({}, opts),   at::empty({}, opts),   at::empty({}, opts),
+          at::empty({s.B}, acc), at::empty({s.B}, acc), at::zeros({}, opts.dtype(at::kLong)),
+          std::move(grad_x_hat), std::move(grad_h)};
 }
 
 void check_dsae_loss_finite(const at::Tensor& rec, const at::Tensor& sup, const at::Tensor& x_hat,

@@ -81,7 +81,9 @@ def build_info() -> dict:
     libraries' rates; the cache file). The choice is made on the first call (a measurement of a
     few tens of ms, or the cache); ``python -m sdml_ext.info`` prints all this. Raises ValueError
     for a bad ``SDML_CPU_GEMM``. ``cpu_bf16``: this CPU's bf16 units, as
-    ``cosine_topk(..., precision="bf16")`` uses them, in one line.
+    ``cosine_topk(..., precision="bf16")`` uses them, in one line. ``cpu_loss_stores``: how the
+    CPU loss kernel writes its input gradients here (streaming stores past the cache available to
+    torch's threads, ordinary ones below; ``SDML_LOSS_STREAM=0/1`` overrides), in one line.
     """
     archs = [a for a in _config.CUDA_ARCHS.replace(",", ";").split(";") if a]
     return {
@@ -92,6 +94,7 @@ def build_info() -> dict:
         "cuda_available": torch.cuda.is_available(),
         "cpu_gemm": _C.cpu_gemm_choice(),
         "cpu_bf16": _C.cpu_bf16_status(),
+        "cpu_loss_stores": _C.dsae_loss_cpu_stores(),
     }
 
 

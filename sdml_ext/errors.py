@@ -21,6 +21,11 @@ class MissingKeyError(KeyError, ValueError):
         return str(self.args[0]) if self.args else ""
 
 
+class DataFileError(ValueError):
+    """A data file whose own description of itself does not hold (a header that declares more
+    data than the file has): corrupt or crafted. The message names the file (and key)."""
+
+
 class LockedError(OSError):
     """Another process holds the lock (of a bundle or a run directory)."""
 

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         info = build_info()
-    except ValueError as exc:  # a bad SDML_CPU_GEMM
+    except ValueError as exc:  # a bad SDML_CPU_GEMM or SDML_LOSS_STREAM
         print(f"python -m sdml_ext.info: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(info, indent=2) if args.json else "\n".join(_lines(info)))

@@ -31,10 +31,12 @@ def _matrices(path: str) -> dict[str, np.ndarray]:
     """Every 2-D numeric array in the file, by key (.npy: the key "P")."""
     ext = os.path.splitext(path)[1].lower()
     if ext == ".npy":
+        from .data._io import load_npy
+
         try:
-            return {"P": np.load(path, allow_pickle=False)}
-        except (ValueError, OSError) as exc:
-            raise ValueError(f"projection file {path}: not a readable .npy file ({exc})") from None
+            return {"P": load_npy(path, f"projection file {path}")}
+        except OSError as exc:
+            raise ValueError(f"projection file {path}: not a readable .npy file ({exc.strerror or exc})") from None
     if ext == ".safetensors":
         from safetensors.numpy import load_file
 

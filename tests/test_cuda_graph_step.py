@@ -2,7 +2,8 @@
 step and validation functions it captures on a GPU run as plain calls (warm-up and write-back
 included), and the captured path itself on CUDA.
 
-On the CPU the graph path must give the eager path's models bit for bit: the same permutations,
+On the CPU the graph path must give the eager autograd path's models (``explicit=False``: the
+CPU's default step is the autograd-free one of sdml_ext.engine.explicit_step) bit for bit: the same permutations,
 the same batches, the same ops in the same order, and warm-up steps that leave no trace. On CUDA
 the captured graphs are held to the eager CUDA path within float tolerance (bitwise is reported
 by the GPU check, not required), and to themselves bit for bit across a checkpoint."""
@@ -91,7 +92,7 @@ def assert_same_training(a: ModalityTrainer, b: ModalityTrainer, exact=True):
 @pytest.mark.parametrize("multilabel", [False, True])
 def test_graph_path_gives_the_eager_models_bit_for_bit(multilabel):
     task = make_task(multilabel=multilabel)
-    eager = train(ModalityTrainer(task, "cpu", graphs=False))
+    eager = train(ModalityTrainer(task, "cpu", graphs=False, explicit=False))
     graph = train(ModalityTrainer(task, "cpu", graphs=True))
     assert graph._graph is not None and graph._graph.captures == 1 and eager._graph is None
     assert_same_training(eager, graph)
@@ -101,7 +102,7 @@ def test_graph_path_gives_the_eager_models_bit_for_bit(multilabel):
 
 def test_without_a_validation_split_the_last_epoch_is_kept():
     task = make_task(n_val=0, epochs=2)
-    eager = train(ModalityTrainer(task, "cpu", graphs=False))
+    eager = train(ModalityTrainer(task, "cpu", graphs=False, explicit=False))
     graph = train(ModalityTrainer(task, "cpu", graphs=True))
     assert graph._graph._val is None and graph.best_epoch == 2
     assert_same_training(eager, graph)
@@ -153,7 +154,7 @@ def test_steps_must_come_in_order():
 def test_interleaved_trainers_step_independently():
     """The joint strategy's order: step j of every modality, then j + 1."""
     tasks = [make_task(seed=3), make_task(n_train=150, dim=9, seed=4)]
-    alone = [train(ModalityTrainer(t, "cpu", graphs=False)) for t in tasks]
+    alone = [train(ModalityTrainer(t, "cpu", graphs=False, explicit=False)) for t in tasks]
     together = [ModalityTrainer(t, "cpu", graphs=True) for t in tasks]
     for _ in range(tasks[0].options.epochs):
         for t in together:
@@ -182,7 +183,7 @@ def test_checkpoint_round_trip_continues_bit_for_bit(tmp_path):
     assert_same_training(straight, resumed)
     # A checkpoint of the eager path continues on the graph path to the same models, and back.
     eager_dir = tmp_path / "eager"
-    train(ModalityTrainer(task, "cpu", graphs=False), epochs=3, checkpoints=Checkpoints(str(eager_dir), every_s=0))
+    train(ModalityTrainer(task, "cpu", graphs=False, explicit=False), epochs=3, checkpoints=Checkpoints(str(eager_dir), every_s=0))
     crossed = ModalityTrainer(task, "cpu", graphs=True)
     assert Checkpoints(str(eager_dir), every_s=0).restore(crossed)
     assert_same_training(straight, train(crossed))
@@ -297,7 +298,7 @@ def test_the_cuda_capture_sequence(monkeypatch):
 
     assert {"pool", "stream", "capture_error_mode"} <= inspect.signature(torch.cuda.graph).parameters.keys()
     task = make_task(epochs=3)
-    reference = train(ModalityTrainer(task, "cpu", graphs=False))
+    reference = train(ModalityTrainer(task, "cpu", graphs=False, explicit=False))
     trainer = ModalityTrainer(task, "cpu", graphs=True)
     fake = FakeGraphs(trainer._graph)
     fake.install(monkeypatch)

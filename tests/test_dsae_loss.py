@@ -163,6 +163,9 @@ def test_opcheck(dtype, device):
         for t in grads:
             t.requires_grad_()
         torch.library.opcheck(torch.ops.sdml.dsae_loss.default, (x_hat, x, h, P, y, 0.5, True))
+        # With the forward's gradients asked for (all of them, or those of x_hat or h alone).
+        for flags in [(True, True), (True, False), (False, True)]:
+            torch.library.opcheck(torch.ops.sdml.dsae_loss.default, (x_hat, x, h, P, y, 0.5, True, *flags))
         x_hat, x, h = (t.detach() for t in (x_hat, x, h))
     out = torch.ops.sdml.dsae_loss.default(x_hat, x, h, P, y, 0.5, True)
     g = torch.ones((), dtype=dtype, device=device)
@@ -197,28 +200,31 @@ def test_torch_compile_fullgraph(device):
         assert torch.allclose(a, p.grad)
 
 
-def _loss_and_grads(inputs, threads):
-    """Forward outputs and the gradients of x_hat and h (rows weighted), run on ``threads`` threads."""
+def _loss_and_grads(inputs, threads, weighted=True):
+    """Forward outputs and the gradients of x_hat and h, run on ``threads`` threads: of the loss
+    plus weighted row norms (the backward kernel), or of the loss alone (the forward's gradients)."""
     x_hat, x, h, P, y = (t.clone().requires_grad_(i in (0, 2)) for i, t in enumerate(inputs))
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
         out = dsae_loss(x_hat, x, h, P, y, lam=0.3)
         w = torch.linspace(0.5, 1.5, x_hat.shape[0])
-        (out.loss + (w * out.row_rec).sum() + (w.flip(0) * out.row_sup).sum()).backward()
+        total = out.loss + (w * out.row_rec).sum() + (w.flip(0) * out.row_sup).sum() if weighted else out.loss
+        total.backward()
     finally:
         torch.set_num_threads(before)
     return [t.detach() for t in out] + [x_hat.grad, h.grad]
 
 
+@pytest.mark.parametrize("weighted", [True, False], ids=["backward_kernel", "forward_grads"])
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
-def test_deterministic_and_thread_count_independent(dtype):
+def test_deterministic_and_thread_count_independent(dtype, weighted):
     # Rows split across threads and several projection tiles (64 rows each) with a ragged last one.
     inputs = make_inputs(257, 301, 64, 10, dtype, "cpu", seed=9, unlabelled=[3, 200], exact_rows=[5])
-    one = _loss_and_grads(inputs, 1)
+    one = _loss_and_grads(inputs, 1, weighted)
     assert torch.isfinite(one[-1]).all() and one[-1].abs().sum() > 0
     for threads in (2, 3, 1):
-        other = _loss_and_grads(inputs, threads)
+        other = _loss_and_grads(inputs, threads, weighted)
         assert all(torch.equal(a, b) for a, b in zip(one, other)), f"{threads} threads differ from 1"
 
 
@@ -514,6 +520,245 @@ def test_cuda_split_rows_and_unaligned_rows_match_cpu(B, D, offset, dtype):
     assert int(got.n_labelled) == int(want.n_labelled)
     for a, b in zip(gpu[:3], ref[:3]):
         assert rel_err(a.grad, b.grad) <= tol
+
+
+# ---- gradients formed in the forward -----------------------------------------------------------
+
+
+def _op(inputs, lam=0.5, need_input_grad=True, need_code_grad=True):
+    return torch.ops.sdml.dsae_loss.default(*inputs, lam, True, need_input_grad, need_code_grad)
+
+
+def _kernel_grads(inputs, out, lam, grad_loss=1.0):
+    """The backward kernel's gradients for an upstream gradient on the loss alone."""
+    g = torch.full((), grad_loss, dtype=inputs[0].dtype, device=inputs[0].device)
+    return torch.ops.sdml.dsae_loss_backward.default(
+        g, None, None, None, None, *inputs, out[3], out[4], out[5], lam, True, True
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_gradients_are_the_backward_kernels_at_unit_upstream(shape, dtype, device):
+    """The op contract: asked for them, the forward returns the backward kernel's gradients at
+    grad_loss = 1, bit for bit, and the same loss terms as without them."""
+    inputs = make_inputs(*shape, dtype, device, seed=sum(shape) + 1, unlabelled=[0], exact_rows=[shape[0] - 1])
+    lam = 0.3
+    plain = _op(inputs, lam, False, False)
+    with_grads = _op(inputs, lam)
+    assert plain[6].shape == (0, shape[1]) and plain[7].shape == (0, shape[2])
+    assert all(torch.equal(a, b) for a, b in zip(plain[:6], with_grads[:6]))
+    want_x_hat, want_h = _kernel_grads(inputs, with_grads, lam)
+    assert torch.equal(with_grads[6], want_x_hat) and torch.equal(with_grads[7], want_h)
+    only_code = _op(inputs, lam, False, True)
+    assert only_code[6].shape == (0, shape[1]) and torch.equal(only_code[7], want_h)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_forward_gradients_of_non_contiguous_inputs(dtype):
+    B, D, d, c = 9, 14, 12, 5
+    x_hat, x, h, P, y = make_inputs(B, D, d, c, dtype, "cpu", seed=7, unlabelled=[4])
+    wide = torch.randn(B, 2 * D, dtype=dtype)
+    wide[:, 1::2] = x_hat
+    inputs = [wide[:, 1::2], x.t().contiguous().t(), torch.cat([h, h], 1)[:, :d], P.t().contiguous().t(), y.repeat(2, 1)[::2]]
+    out = _op(inputs)
+    want = _kernel_grads(inputs, out, 0.5)
+    assert torch.equal(out[6], want[0]) and torch.equal(out[7], want[1])
+    assert torch.equal(out[6], _op([t.contiguous() for t in inputs])[6])
+
+
+def _ran_backward_kernel(fn) -> bool:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return any(e.name == "sdml::dsae_loss_backward" for e in prof.events())
+
+
+def test_loss_backward_hands_on_the_forward_gradients():
+    """A plain loss.backward() runs no backward kernel (x_hat and x are read once) and gets the
+    same bits as the kernel; an upstream gradient on another output runs the kernel."""
+    inputs = make_inputs(40, 33, 16, 4, torch.float32, "cpu", seed=13, unlabelled=[3])
+
+    def grads(total):
+        x_hat, x, h, P, y = (t.clone().requires_grad_(i in (0, 2)) for i, t in enumerate(inputs))
+        out = dsae_loss(x_hat, x, h, P, y)
+        ran = _ran_backward_kernel(lambda: total(out).backward())
+        return ran, x_hat.grad, h.grad
+
+    ran_plain, *plain = grads(lambda out: out.loss)
+    ran_other, *other = grads(lambda out: out.loss + 0 * out.rec)  # same weights, through the kernel
+    assert not ran_plain and ran_other
+    assert all(torch.equal(a, b) for a, b in zip(plain, other))
+
+
+def test_loss_backward_adopts_the_forward_gradient_without_a_copy():
+    x_hat, x, h, P, y = make_inputs(64, 100, 8, 3, torch.float32, "cpu", seed=14)
+    x_hat.requires_grad_()
+    seen = []
+    x_hat.register_hook(lambda g: seen.append(g.data_ptr()))
+    dsae_loss(x_hat, x, h, P, y).loss.backward()
+    assert seen == [x_hat.grad.data_ptr()]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_scaled_loss_and_retained_graph(dtype, device):
+    """grad_loss != 1 scales the forward's gradients; a second backward through the retained
+    graph (the forward's gradients already taken) gives the same bits; neither touches the first
+    call's result; both match the reference."""
+    inputs = make_inputs(21, 17, 12, 4, dtype, device, seed=15, unlabelled=[2])
+    x_hat, x, h, P, y = (t.clone().requires_grad_(i in (0, 2)) for i, t in enumerate(inputs))
+    unit = torch.autograd.grad(dsae_loss(x_hat, x, h, P, y, lam=0.4).loss, [x_hat, h])
+    out = dsae_loss(x_hat, x, h, P, y, lam=0.4)
+    first = torch.autograd.grad(2.7 * out.loss, [x_hat, h], retain_graph=True)
+    kept = [g.clone() for g in first]
+    second = torch.autograd.grad(2.7 * out.loss, [x_hat, h])
+    for a, b, u, k in zip(first, second, unit, kept):
+        assert torch.equal(a, b) and torch.equal(a, k)
+        assert torch.equal(a, u * torch.tensor(2.7, dtype=dtype, device=device))
+    ref = [t.detach().double().cpu().requires_grad_(i in (0, 2)) for i, t in enumerate(inputs)]
+    (2.7 * reference(*ref, 0.4)[0]).backward()
+    assert rel_err(first[0], ref[0].grad) <= REL_TOL[dtype] and rel_err(first[1], ref[2].grad) <= REL_TOL[dtype]
+
+
+def test_direct_op_call_without_forward_gradients():
+    """Called through torch.ops without asking for them, the loss-only backward forms the unit
+    gradient with the kernel: the same bits as the Python face's."""
+    inputs = make_inputs(12, 9, 8, 3, torch.float64, "cpu", seed=16)
+    a = [t.clone().requires_grad_(i in (0, 2)) for i, t in enumerate(inputs)]
+    b = [t.clone().requires_grad_(i in (0, 2)) for i, t in enumerate(inputs)]
+    (3.0 * torch.ops.sdml.dsae_loss.default(*a, 0.5, True)[0]).backward()
+    (3.0 * dsae_loss(*b).loss).backward()
+    assert torch.equal(a[0].grad, b[0].grad) and torch.equal(a[2].grad, b[2].grad)
+
+
+def test_direct_op_call_keeps_its_gradient_outputs():
+    """A direct op call that asked for the forward's gradients holds them: a scaled backward must
+    not scale them in place under it."""
+    inputs = make_inputs(12, 9, 8, 3, torch.float64, "cpu", seed=16)
+    x_hat, x, h, P, y = (t.clone().requires_grad_(i in (0, 2)) for i, t in enumerate(inputs))
+    out = torch.ops.sdml.dsae_loss.default(x_hat, x, h, P, y, 0.5, True, True, True)
+    kept = [out[6].clone(), out[7].clone()]
+    (3.0 * out[0]).backward()
+    assert torch.equal(out[6], kept[0]) and torch.equal(out[7], kept[1])
+    assert torch.equal(x_hat.grad, 3.0 * kept[0]) and torch.equal(h.grad, 3.0 * kept[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradient_of_x_alone(device):
+    x_hat, x, h, P, y = make_inputs(5, 8, 6, 2, torch.float64, device, seed=17)
+    x.requires_grad_()
+    dsae_loss(x_hat, x, h, P, y).loss.backward()
+    x_hat.requires_grad_()
+    x.grad, grad = None, torch.autograd.grad(dsae_loss(x_hat, x.detach(), h, P, y).loss, x_hat)[0]
+    dsae_loss(x_hat.detach(), x, h, P, y).loss.backward()
+    assert torch.equal(x.grad, -grad)
+
+
+class _RecordFlags(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the need_input_grad / need_code_grad of each sdml::dsae_loss call."""
+
+    def __init__(self):
+        super().__init__()
+        self.flags = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.sdml.dsae_loss.default:
+            # Arguments equal to their defaults (False) may be left off the call.
+            passed = dict(zip([a.name for a in func._schema.arguments], args), **(kwargs or {}))
+            self.flags.append((passed.get("need_input_grad", False), passed.get("need_code_grad", False)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    "requires, context, want",
+    [
+        ((), None, (False, False)),
+        ((0,), None, (True, False)),
+        ((1,), None, (True, False)),
+        ((2,), None, (False, True)),
+        ((0, 2), None, (True, True)),
+        ((0, 2), torch.no_grad, (False, False)),
+        ((0, 2), torch.inference_mode, (False, False)),
+    ],
+)
+def test_forward_gradients_asked_for_only_when_autograd_needs_them(requires, context, want):
+    inputs = [t.requires_grad_(i in requires) for i, t in enumerate(make_inputs(4, 6, 5, 2, torch.float32, "cpu"))]
+    recorder = _RecordFlags()
+    with (context() if context else torch.enable_grad()), recorder:
+        dsae_loss(*inputs)
+    assert recorder.flags == [want]
+
+
+def test_gradcheck_of_a_scaled_loss():
+    """gradcheck runs each backward twice and demands identical bits: the second one (the forward's
+    gradients already taken) must repeat the first."""
+    x_hat, x, h, P, y = make_inputs(6, 7, 5, 3, torch.float64, "cpu", seed=18, unlabelled=[1])
+    args = [t.requires_grad_() for t in (x_hat, x, h)]
+    assert torch.autograd.gradcheck(lambda a, b, c: 0.37 * dsae_loss(a, b, c, P, y, lam=0.6).loss, args)
+
+
+@pytest.mark.parametrize("stream", ["0", "1"])
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_streaming_stores_give_the_same_bits(stream, dtype, monkeypatch):
+    """Ordinary and streaming stores write the same values: odd row lengths put the rows at every
+    alignment (the unaligned head and the tail take ordinary stores)."""
+    for B, D in [(1, 1), (3, 7), (17, 33), (9, 301), (5, 1027)]:
+        inputs = make_inputs(B, D, 8, 3, dtype, "cpu", seed=B + D, unlabelled=[0])
+        monkeypatch.delenv("SDML_LOSS_STREAM", raising=False)
+        monkeypatch.setenv("SDML_LOSS_STREAM", "1" if stream == "0" else "0")
+        other = _op(inputs)
+        other_kernel = _kernel_grads(inputs, other, 0.5, 2.5)
+        monkeypatch.setenv("SDML_LOSS_STREAM", stream)
+        assert sdml_ext.build_info()["cpu_loss_stores"].startswith(
+            ("streaming stores" if stream == "1" else "ordinary stores", "ordinary stores (this CPU")
+        )
+        out = _op(inputs)
+        assert torch.equal(out[6], other[6]) and torch.equal(_kernel_grads(inputs, out, 0.5, 2.5)[0], other_kernel[0])
+
+
+def test_bad_stream_override(monkeypatch):
+    monkeypatch.setenv("SDML_LOSS_STREAM", "yes")
+    with pytest.raises(ValueError, match="SDML_LOSS_STREAM must be 0"):
+        _op(make_inputs(2, 3, 4, 2, torch.float32, "cpu"))
+
+
+def test_torch_compile_plain_and_scaled_loss_backward():
+    x_hat, x, h, P, y = make_inputs(8, 12, 10, 4, torch.float32, "cpu", seed=19, unlabelled=[1])
+    enc = torch.nn.Linear(12, 10)
+
+    def step(x_hat, x, y, scale):
+        return scale * dsae_loss(x_hat, x, enc(x), P, y).loss
+
+    compiled = torch.compile(step, fullgraph=True)
+    for scale in (1.0, 2.5):
+        grads = []
+        for fn in (step, compiled):
+            xh = x_hat.clone().requires_grad_()
+            enc.zero_grad()
+            fn(xh, x, y, scale).backward()
+            grads.append([xh.grad] + [p.grad.clone() for p in enc.parameters()])
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b)
+
+
+def test_fake_forward_gradient_shapes():
+    inputs = _good()
+    with FakeTensorMode() as fake:
+        fakes = [fake.from_tensor(t) for t in inputs.values()]
+        out = torch.ops.sdml.dsae_loss.default(*fakes, 0.5, True, True, False)
+    assert out[6].shape == (4, 6) and out[7].shape == (0, 8)
+
+
+@requires_cuda
+def test_cuda_forward_gradients_are_the_backward_kernels_at_unit_upstream():
+    inputs = make_inputs(100, 4099, 64, 7, torch.float32, "cuda", seed=20, unlabelled=[3])
+    out = _op(inputs)
+    want = _kernel_grads(inputs, out, 0.5)
+    assert torch.equal(out[6], want[0]) and torch.equal(out[7], want[1])
+    x_hat, x, h, P, y = (t.clone().requires_grad_(i in (0, 2)) for i, t in enumerate(inputs))
+    (2.5 * dsae_loss(x_hat, x, h, P, y).loss).backward()
+    assert torch.equal(x_hat.grad, out[6] * 2.5) and torch.equal(h.grad, out[7] * 2.5)
 
 
 # ---- the module --------------------------------------------------------------------------------

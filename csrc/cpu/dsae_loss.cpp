@@ -9,6 +9,14 @@
 //    materialized); tile boundaries do not move with the thread count, so neither do the GEMMs.
 // The batch sums are taken afterwards, serially in row order in double.
 //
+// When asked (need_input_grad / need_code_grad), the forward also forms the gradients for an
+// upstream gradient of 1 on the loss, while each row is in cache: the gradient row of x_hat right
+// after the row's norm (a second read of a row that is still in L1/L2, not of memory), the tile's
+// code-gradient GEMM right after its residuals. So the usual loss.backward() needs no second pass
+// over x_hat and x (the backward hands these on, see sdml_ext/ops/dsae_loss.py). Both paths go
+// through the same functions on the same values, so the forward's gradients are bitwise those of
+// the backward kernel at grad_loss = 1.
+//
 // OpenMP's worker threads do not inherit the caller's thread-local dispatch state (the
 // below-autograd guard of the entry point), so the tensors the tiles hand to ATen are detached
 // first and each task sets the guard again.
@@ -26,6 +34,7 @@
 #include "sdml/cpu_blas.h"
 #include "sdml/dsae_loss.h"
 #include "sdml/dsae_loss_math.h"
+#include "dsae_loss/gradient_rows.h"
 
 namespace sdml {
 namespace {
@@ -60,13 +69,6 @@ SDML_CPU_CLONES A row_sq_dist(const T* a, const T* b, int64_t n) {
   }
   for (int64_t i = full; i < n; ++i) lane[i - full] += sq(A(a[i]) - A(b[i]));
   return sum_lanes(lane);
-}
-
-// out_i = coef * (a_i - b_i)
-template <typename T, typename A>
-SDML_CPU_CLONES void row_scaled_diff(const T* a, const T* b, T* out, A coef, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) out[i] = T(coef * (A(a[i]) - A(b[i])));
 }
 
 template <typename T>
@@ -133,25 +135,79 @@ void for_projection_tiles(const Rows& r, int64_t B, int64_t tile_begin, int64_t 
   }
 }
 
-// Forward, row work: row_rec[j] and whether row j is labelled.
+// The upstream gradients as the row loops read them: batch-level weights (math header) and
+// per-row gradients of row_rec / row_sup (null when absent).
+template <typename A>
+struct RowWeights {
+  A w_rec, w_sup;
+  const A *g_row_rec, *g_row_sup;
+  A alpha(int64_t j) const { return w_rec + (g_row_rec ? g_row_rec[j] : A(0)); }
+  A beta(int64_t j) const { return w_sup + (g_row_sup ? g_row_sup[j] : A(0)); }
+};
+
+// Gradient row j of x_hat: alpha_j (x_hat_j - x_j) / r_j. The forward and the backward both write
+// their gradient rows here, so the two agree bit for bit.
 template <typename T, typename A>
-void forward_rec_rows(const RowPtrs<T>& p, const DsaeSizes& s, A* rr, uint8_t* labelled) {
+void input_grad_row(const RowPtrs<T>& p, int64_t j, A row_norm, A alpha, int64_t D, T* gxh, bool stream) {
+  dsae_cpu::scaled_diff_row(p.xh + j * p.sxh, p.x + j * p.sx, gxh + j * D, alpha * inv_norm_or_zero(row_norm), D,
+                            stream);
+}
+
+// Whether the [B, D] gradient of x_hat goes out with streaming stores (gradient_rows.h): decided
+// by the bytes of the row pass that writes it (x_hat and x read, the gradient written).
+template <typename T>
+bool stream_input_grad(const DsaeSizes& s) {
+  return dsae_cpu::stream_gradient_rows(3 * s.B * s.D * static_cast<int64_t>(sizeof(T)));
+}
+
+// Row j's residual e (P^T h_j - y_j on labelled rows) becomes its code-gradient weights in place:
+// beta_j e / s_j on labelled rows, 0 on the others; the tile's GEMM with P^T then gives grad_h.
+template <typename T, typename A>
+void weight_residual(T* e, bool labelled, A beta, A row_norm, int64_t c) {
+  if (!labelled) {
+    std::fill_n(e, c, T(0));
+    return;
+  }
+  const A coef = beta * inv_norm_or_zero(row_norm);
+  for (int64_t col = 0; col < c; ++col) e[col] = T(coef * A(e[col]));
+}
+
+// grad_h rows row0 .. row0 + n - 1 = W P^T, W the tile's weighted residuals.
+inline void code_grad_tile(const Rows& r, const at::Tensor& grad_h_rows, int64_t row0, int64_t n, const at::Tensor& W) {
+  at::Tensor out = grad_h_rows.narrow(0, row0, n);
+  at::mm_out(out, W, r.P.t());
+}
+
+// Forward, row work: row_rec[j], whether row j is labelled and, with gxh, the gradient row of
+// x_hat (weights w) while the row is still in cache.
+template <typename T, typename A>
+void forward_rec_rows(const RowPtrs<T>& p, const DsaeSizes& s, A* rr, uint8_t* labelled, const RowWeights<A>& w,
+                      T* gxh) {
+  const bool stream = gxh && stream_input_grad<T>(s);
   at::parallel_for(0, s.B, grain_rows(s.D + s.c), [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       rr[j] = std::sqrt(row_sq_dist<T, A>(p.xh + j * p.sxh, p.x + j * p.sx, s.D));
       labelled[j] = row_labelled(p.y + j * p.sy, s.c);
+      if (gxh) input_grad_row(p, j, rr[j], w.alpha(j), s.D, gxh, stream);
     }
+    if (stream) dsae_cpu::stream_fence();
   });
 }
 
-// Forward, projection work: row_sup[j] (0 on unlabelled rows).
+// Forward, projection work: row_sup[j] (0 on unlabelled rows) and, with code_grad, the tile's
+// rows of grad_h (weights w) from the residuals still in the tile's buffer.
 template <typename T, typename A>
-void forward_sup_rows(const Rows& r, const RowPtrs<T>& p, const DsaeSizes& s, const uint8_t* labelled, A* rs) {
-  at::parallel_for(0, num_tiles(s.B), grain_tiles(s.d * s.c), [&](int64_t begin, int64_t end) {
+void forward_sup_rows(const Rows& r, const RowPtrs<T>& p, const DsaeSizes& s, const uint8_t* labelled, A* rs,
+                      const RowWeights<A>& w, bool code_grad, const at::Tensor& grad_h) {
+  const at::Tensor grad_h_rows = grad_h.detach();
+  at::parallel_for(0, num_tiles(s.B), grain_tiles((code_grad ? 2 : 1) * s.d * s.c), [&](int64_t begin, int64_t end) {
     for_projection_tiles(r, s.B, begin, end, [&](int64_t row0, int64_t n, at::Tensor& E) {
       T* e = E.mutable_data_ptr<T>();
-      for (int64_t j = row0; j < row0 + n; ++j, e += s.c)
+      for (int64_t j = row0; j < row0 + n; ++j, e += s.c) {
         rs[j] = labelled[j] ? std::sqrt(subtract_labels<T, A>(e, p.y + j * p.sy, s.c)) : A(0);
+        if (code_grad) weight_residual<T, A>(e, labelled[j], w.beta(j), rs[j], s.c);
+      }
+      if (code_grad) code_grad_tile(r, grad_h_rows, row0, n, E);
     });
   });
 }
@@ -180,19 +236,28 @@ void check_cpu_dtype(const at::Tensor& x_hat) {
 }
 
 DsaeForward dsae_loss_cpu(const at::Tensor& x_hat_in, const at::Tensor& x_in, const at::Tensor& h_in,
-                          const at::Tensor& P_in, const at::Tensor& y_in, double lam, bool check_finite) {
+                          const at::Tensor& P_in, const at::Tensor& y_in, double lam, bool check_finite,
+                          bool need_input_grad, bool need_code_grad) {
   const DsaeSizes s = check_dsae_loss_args(x_hat_in, x_in, h_in, P_in, y_in, lam);
   check_cpu_dtype(x_hat_in);
   const at::AutoDispatchBelowADInplaceOrView below_autograd;  // the tile GEMMs are internal
   const Rows r(x_hat_in, x_in, h_in, P_in, y_in);
-  const DsaeForward out = empty_dsae_forward(r.x_hat, s.B);
+  const DsaeForward out = empty_dsae_forward(r.x_hat, s, need_input_grad, need_code_grad);
   std::vector<uint8_t> labelled(s.B);
   AT_DISPATCH_FLOATING_TYPES(r.x_hat.scalar_type(), "dsae_loss_cpu", [&] {
     using A = acc_t<scalar_t>;
     const RowPtrs<scalar_t> p(r);
     A *rr = std::get<3>(out).mutable_data_ptr<A>(), *rs = std::get<4>(out).mutable_data_ptr<A>();
-    forward_rec_rows<scalar_t, A>(p, s, rr, labelled.data());
-    forward_sup_rows<scalar_t, A>(r, p, s, labelled.data(), rs);
+    // The weights of an upstream gradient of 1 on the loss and none on the other outputs (what
+    // loss.backward() sends), formed exactly as the backward kernel forms them.
+    RowWeights<A> w{rec_weight<A>(1.0, 0.0, lam, s.B), A(0), nullptr, nullptr};
+    forward_rec_rows<scalar_t, A>(p, s, rr, labelled.data(), w,
+                                  need_input_grad ? std::get<6>(out).mutable_data_ptr<scalar_t>() : nullptr);
+    if (need_code_grad) {
+      const int64_t n_lab = std::count(labelled.begin(), labelled.end(), uint8_t(1));
+      w.w_sup = sup_weight<A>(1.0, 0.0, lam, n_lab);
+    }
+    forward_sup_rows<scalar_t, A>(r, p, s, labelled.data(), rs, w, need_code_grad, std::get<7>(out));
     forward_reduce<scalar_t, A>(rr, rs, labelled.data(), s.B, lam, out);
   });
   if (check_finite) check_dsae_loss_finite(std::get<1>(out), std::get<2>(out), x_hat_in, x_in, h_in, P_in, y_in);
@@ -201,27 +266,18 @@ DsaeForward dsae_loss_cpu(const at::Tensor& x_hat_in, const at::Tensor& x_in, co
 
 double scalar_or_zero(const std::optional<at::Tensor>& g) { return g.has_value() ? g->item<double>() : 0.0; }
 
-// The upstream gradients as the row loops read them: batch-level weights (math header) and
-// per-row gradients of row_rec / row_sup (null when absent).
-template <typename A>
-struct RowWeights {
-  A w_rec, w_sup;
-  const A *g_row_rec, *g_row_sup;
-  A alpha(int64_t j) const { return w_rec + (g_row_rec ? g_row_rec[j] : A(0)); }
-  A beta(int64_t j) const { return w_sup + (g_row_sup ? g_row_sup[j] : A(0)); }
-};
-
 // Backward, row work: grad_x_hat rows = alpha_j (x_hat_j - x_j) / r_j.
 template <typename T, typename A>
-void input_grad_rows(const RowPtrs<T>& p, const A* rr, const RowWeights<A>& w, int64_t B, int64_t D, T* gxh) {
-  at::parallel_for(0, B, grain_rows(D), [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j)
-      row_scaled_diff<T, A>(p.xh + j * p.sxh, p.x + j * p.sx, gxh + j * D, w.alpha(j) * inv_norm_or_zero(rr[j]), D);
+void input_grad_rows(const RowPtrs<T>& p, const A* rr, const RowWeights<A>& w, const DsaeSizes& s, T* gxh) {
+  const bool stream = stream_input_grad<T>(s);
+  at::parallel_for(0, s.B, grain_rows(s.D), [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) input_grad_row(p, j, rr[j], w.alpha(j), s.D, gxh, stream);
+    if (stream) dsae_cpu::stream_fence();
   });
 }
 
 // Backward, projection work: grad_h rows = (beta_j / s_j) e_j P^T: a tile's residual rows are
-// formed and scaled in its buffer, then one GEMM writes the tile's rows of grad_h.
+// formed and weighted in its buffer, then one GEMM writes the tile's rows of grad_h.
 template <typename T, typename A>
 void code_grad_rows(const Rows& r, const RowPtrs<T>& p, const A* rs, const RowWeights<A>& w, const DsaeSizes& s,
                     at::Tensor& grad_h) {
@@ -231,16 +287,11 @@ void code_grad_rows(const Rows& r, const RowPtrs<T>& p, const A* rs, const RowWe
       T* e = E.mutable_data_ptr<T>();
       for (int64_t j = row0; j < row0 + n; ++j, e += s.c) {
         const T* y_j = p.y + j * p.sy;
-        if (!row_labelled(y_j, s.c)) {
-          std::fill_n(e, s.c, T(0));
-          continue;
-        }
-        subtract_labels<T, A>(e, y_j, s.c);
-        const A coef = w.beta(j) * inv_norm_or_zero(rs[j]);
-        for (int64_t col = 0; col < s.c; ++col) e[col] = T(coef * A(e[col]));
+        const bool labelled = row_labelled(y_j, s.c);
+        if (labelled) subtract_labels<T, A>(e, y_j, s.c);
+        weight_residual<T, A>(e, labelled, w.beta(j), rs[j], s.c);
       }
-      at::Tensor out = grad_h_rows.narrow(0, row0, n);
-      at::mm_out(out, E, r.P.t());
+      code_grad_tile(r, grad_h_rows, row0, n, E);
     });
   });
 }
@@ -276,7 +327,7 @@ DsaeBackward dsae_loss_backward_cpu(
                           g_row_rec.defined() ? g_row_rec.const_data_ptr<A>() : nullptr,
                           g_row_sup.defined() ? g_row_sup.const_data_ptr<A>() : nullptr};
     const A *rr = row_rec.const_data_ptr<A>(), *rs = row_sup.const_data_ptr<A>();
-    if (need_input_grad) input_grad_rows<scalar_t, A>(p, rr, w, s.B, s.D, grad_x_hat.mutable_data_ptr<scalar_t>());
+    if (need_input_grad) input_grad_rows<scalar_t, A>(p, rr, w, s, grad_x_hat.mutable_data_ptr<scalar_t>());
     if (need_code_grad) code_grad_rows<scalar_t, A>(r, p, rs, w, s, grad_h);
   });
   return grads;

@@ -3,6 +3,7 @@
 // one concept per header:
 //   tiles.h             query tiles taken by the threads from a shared counter; gallery ranges
 //   block_gemm.h        the GEMM of one block of scores (oneDNN or BLAS)
+//   packed_gallery.h    the gallery packed once for MKL's GEMM (the metric tiles, float32)
 //   duplicate_scores.h  exact duplicates of a gallery row get their first row's score
 //   running_topk.h      the best k of one query's scores so far (cosine_topk)
 //   topk.h              cosine_topk over tiles and gallery ranges
@@ -12,6 +13,10 @@
 //     exact_dots.h        the exact kernel's GEMM arithmetic, pair by pair, and its probe
 //     rank_keys.h         the exact mode's order of re-scored candidates as sortable integers
 //   relevance.h         which gallery items are relevant to a query (class ids or label bits)
+//   avx512.h            whether the hand-written AVX-512 paths run (SDML_CPU_AVX512=off: not)
+//   relevant_index.h    a query's relevant items: buckets, the table of relevant items ahead
+//   count_items.h       the pass over all items: counts per relevant interval, the candidates
+//   candidates.h        the candidates compared exactly with their bucket's relevant items
 //   relevant_ranker.h   the exact ranks of a query's relevant items, without a full sort
 //   query_ranks.h       tiles scored and ranked, per query (the metric ops)
 // Similarities are computed tile by tile, never as the full Nq x Ng matrix; the results do not
@@ -21,6 +26,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <vector>
 
 #include "retrieval/duplicate_scores.h"
@@ -63,6 +69,12 @@ std::tuple<at::Tensor, at::Tensor> cosine_topk_cpu(const at::Tensor& query_in, c
 
 // ---- the ranks of the relevant items ---------------------------------------------------------
 
+// The CPU ranker counts and lists gallery items with 32-bit integers (relevant_ranker.h).
+void check_rankable(const char* op, const char* name, int64_t rows) {
+  SDML_CHECK_VALUE(rows <= std::numeric_limits<int32_t>::max(), op, ": ", name, " has ", rows,
+                   " rows; the CPU ranking metrics take at most 2^31 - 1 gallery items");
+}
+
 // Runs consume over every query's relevant ranks (arguments already through retrieval_prologue).
 template <typename Consume>
 void rank_relevant(const char* op, const at::Tensor& query_in, const at::Tensor& gallery_in,
@@ -100,6 +112,7 @@ at::Tensor average_precision_cpu(const at::Tensor& query, const at::Tensor& gall
   constexpr const char* op = "average_precision";
   const RetrievalSizes sizes = retrieval_prologue(op, query, gallery, query_labels, gallery_labels, exclude_self);
   check_cpu_dtype(op, query);
+  check_rankable(op, "gallery", sizes.ng);
   const Divisor divisor = parse_divisor(op, divisor_name);
   const Empty empty = parse_empty(op, empty_name);
   const int64_t cutoff = resolve_k(op, k, sizes.ranked);
@@ -120,6 +133,8 @@ std::tuple<at::Tensor, at::Tensor> average_precision_pair_cpu(const at::Tensor& 
   const RetrievalSizes sizes = retrieval_prologue(op, a_in, b_in, a_labels, b_labels, /*exclude_self=*/false);
   check_cpu_dtype(op, a_in);
   SDML_CHECK_VALUE(sizes.nq > 0, op, ": a has no rows (nothing to rank for b's queries)");
+  check_rankable(op, "a", sizes.nq);
+  check_rankable(op, "b", sizes.ng);
   const Divisor divisor = parse_divisor(op, divisor_name);
   const Empty empty = parse_empty(op, empty_name);
   const int64_t na = sizes.nq, nb = sizes.ng;
@@ -151,6 +166,7 @@ at::Tensor precision_at_k_cpu(const at::Tensor& query, const at::Tensor& gallery
   constexpr const char* op = "precision_at_k";
   const RetrievalSizes sizes = retrieval_prologue(op, query, gallery, query_labels, gallery_labels, exclude_self);
   check_cpu_dtype(op, query);
+  check_rankable(op, "gallery", sizes.ng);
   check_cutoffs(op, k);
   const Empty empty = parse_empty(op, empty_name);
   const int64_t ranked = sizes.ranked, nk = k.size();
@@ -174,6 +190,7 @@ at::Tensor precision_recall_curve_cpu(const at::Tensor& query, const at::Tensor&
   constexpr const char* op = "precision_recall_curve";
   const RetrievalSizes sizes = retrieval_prologue(op, query, gallery, query_labels, gallery_labels, exclude_self);
   check_cpu_dtype(op, query);
+  check_rankable(op, "gallery", sizes.ng);
   check_recall_levels(op, recall_levels);
   const Empty empty = parse_empty(op, empty_name);
   const int64_t nl = recall_levels.size();

@@ -2,8 +2,14 @@
 // that small batches fill the device, 16-byte loads, one read of x_hat and x forward and one
 // backward (plan and layout: sdml/dsae_loss.h). The per-row math is sdml/dsae_loss_math.h,
 // shared with the CPU kernel.
+//
+// When the forward is asked for the gradients at unit upstream gradient (need_input_grad /
+// need_code_grad), it runs the backward kernel right after its own, with grad_loss a device 1
+// (no host sync, so CUDA-graph capturable): the op contract of the CPU kernel, whose forward forms
+// them in the same pass.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/ones.h>
 
 #include <cstdint>
 #include <initializer_list>
@@ -243,13 +249,32 @@ struct DeviceRows {
         y(rows_contiguous(y_in)), Pt(P_in.t().contiguous()) {}
 };
 
+// Launches the backward kernel for the rows of r into grad_x_hat / grad_h (those asked for).
+template <typename T, typename A>
+void launch_backward(const DeviceRows& r, const DsaeSizes& s, const DsaeCudaPlan& plan, const at::Tensor& row_rec,
+                     const at::Tensor& row_sup, const at::Tensor& n_labelled, const Grads<T, A>& g, double lam,
+                     bool need_input_grad, bool need_code_grad, const at::Tensor& grad_x_hat, const at::Tensor& grad_h,
+                     cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(s.B), static_cast<unsigned>(need_input_grad ? plan.splits : 1));
+  const at::Tensor e_buf = at::empty({need_code_grad ? s.B : 0, s.c}, row_rec.options());
+  const bool vec = rows_aligned({&r.x_hat, &r.x}) && (!need_input_grad || rows_aligned({&grad_x_hat}));
+  dsae_backward_kernel<T, A><<<grid, kThreads, 0, stream>>>(
+      r.x_hat.const_data_ptr<T>(), r.x.const_data_ptr<T>(), r.h.const_data_ptr<T>(), r.Pt.const_data_ptr<T>(),
+      r.y.const_data_ptr<T>(), r.x_hat.stride(0), r.x.stride(0), r.h.stride(0), r.y.stride(0), s.B, s.D, s.d, s.c,
+      plan.slice, vec, row_rec.const_data_ptr<A>(), row_sup.const_data_ptr<A>(), n_labelled.const_data_ptr<int64_t>(),
+      g, static_cast<A>(lam), need_input_grad ? grad_x_hat.mutable_data_ptr<T>() : nullptr,
+      need_code_grad ? grad_h.mutable_data_ptr<T>() : nullptr, need_code_grad ? e_buf.mutable_data_ptr<A>() : nullptr);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 DsaeForward dsae_loss_cuda(const at::Tensor& x_hat_in, const at::Tensor& x_in, const at::Tensor& h_in,
-                           const at::Tensor& P_in, const at::Tensor& y_in, double lam, bool check_finite) {
+                           const at::Tensor& P_in, const at::Tensor& y_in, double lam, bool check_finite,
+                           bool need_input_grad, bool need_code_grad) {
   const DsaeSizes s = check_dsae_loss_args(x_hat_in, x_in, h_in, P_in, y_in, lam);
   const c10::cuda::CUDAGuard guard(x_hat_in.device());
   const DsaeCudaPlan plan = check_dsae_loss_cuda_limits(s, multiprocessors());
   const DeviceRows r(x_hat_in, x_in, h_in, P_in, y_in);
-  const DsaeForward out = empty_dsae_forward(r.x_hat, s.B);
+  const DsaeForward out = empty_dsae_forward(r.x_hat, s, need_input_grad, need_code_grad);
   const at::Tensor &loss = std::get<0>(out), &rec = std::get<1>(out), &sup = std::get<2>(out),
                    &row_rec = std::get<3>(out), &row_sup = std::get<4>(out), &n_labelled = std::get<5>(out);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -269,6 +294,12 @@ DsaeForward dsae_loss_cuda(const at::Tensor& x_hat_in, const at::Tensor& x_in, c
         row_rec.mutable_data_ptr<A>(), row_sup.const_data_ptr<A>(), n_labelled.mutable_data_ptr<int64_t>(),
         loss.mutable_data_ptr<scalar_t>(), rec.mutable_data_ptr<scalar_t>(), sup.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (need_input_grad || need_code_grad) {
+      const at::Tensor one = at::ones({}, loss.options());  // grad_loss = 1, on the device
+      const Grads<scalar_t, A> g{one.const_data_ptr<scalar_t>(), nullptr, nullptr, nullptr, nullptr};
+      launch_backward<scalar_t, A>(r, s, plan, row_rec, row_sup, n_labelled, g, lam, need_input_grad, need_code_grad,
+                                   std::get<6>(out), std::get<7>(out), stream);
+    }
   });
   if (check_finite) check_dsae_loss_finite(rec, sup, x_hat_in, x_in, h_in, P_in, y_in);
   return out;
@@ -308,18 +339,8 @@ DsaeBackward dsae_loss_backward_cuda(
                                device_ptr<scalar_t>(grad_sup, dtype, held[2]),
                                device_ptr<A>(grad_row_rec, acc_dtype, held[3]),
                                device_ptr<A>(grad_row_sup, acc_dtype, held[4])};
-    const dim3 grid(static_cast<unsigned>(s.B), static_cast<unsigned>(need_input_grad ? plan.splits : 1));
-    const at::Tensor e_buf = at::empty({need_code_grad ? s.B : 0, s.c}, row_rec.options());
-    const bool vec = rows_aligned({&r.x_hat, &r.x}) && (!need_input_grad || rows_aligned({&grad_x_hat}));
-    dsae_backward_kernel<scalar_t, A><<<grid, kThreads, 0, stream>>>(
-        r.x_hat.const_data_ptr<scalar_t>(), r.x.const_data_ptr<scalar_t>(), r.h.const_data_ptr<scalar_t>(),
-        r.Pt.const_data_ptr<scalar_t>(), r.y.const_data_ptr<scalar_t>(), r.x_hat.stride(0), r.x.stride(0),
-        r.h.stride(0), r.y.stride(0), s.B, s.D, s.d, s.c, plan.slice, vec, row_rec.const_data_ptr<A>(),
-        row_sup.const_data_ptr<A>(), n_labelled.const_data_ptr<int64_t>(), g, static_cast<A>(lam),
-        need_input_grad ? grad_x_hat.mutable_data_ptr<scalar_t>() : nullptr,
-        need_code_grad ? grad_h.mutable_data_ptr<scalar_t>() : nullptr,
-        need_code_grad ? e_buf.mutable_data_ptr<A>() : nullptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_backward<scalar_t, A>(r, s, plan, row_rec, row_sup, n_labelled, g, lam, need_input_grad, need_code_grad,
+                                 grad_x_hat, grad_h, stream);
   });
   return grads;
 }

@@ -45,6 +45,16 @@ PYBIND11_MODULE(_C, m) {
         "The least bf16 score of a possible top-k item, for the k-th best bf16 score kappa and bound D.");
   m.def("cpu_exact_dots_chunk", &sdml::cpu_exact_dots_chunk, py::arg("rows"), py::arg("cols"), py::arg("d"),
         "The chunk of the model that reproduces this process's top-k GEMM at rows x cols x d, bit for bit (0: none).");
+  m.def(
+      "dsae_loss_cpu_stores",
+      []() {
+        try {
+          return sdml::dsae_loss_cpu_stores();
+        } catch (const c10::ValueError& e) {
+          throw py::value_error(e.what_without_backtrace());
+        }
+      },
+        "How the CPU loss kernel writes its input gradients here (ordinary or streaming stores), in one line.");
   m.def("release_cached_host_buffers", &sdml::release_cached_host_buffers,
         "Frees the CPU blocks cached for large kernel outputs; returns the bytes released.");
   m.def(

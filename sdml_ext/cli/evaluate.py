@@ -15,6 +15,7 @@ from ..eval.evaluation import curves, encode_split, evaluate
 from ..eval.plots import plot_curves
 from ..store.bundle import load
 from ..store.files import json_safe, write_json_atomic
+from .arguments import at_least_one, check_paths, refuse_empty
 from .runner import run
 
 
@@ -47,9 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.k < 1:
-        raise ValueError(f"--k must be >= 1, got {args.k}")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    refuse_empty(parser, args)
+    check_paths(parser, args, directories=("bundle",), new_directories=("out",))
+    at_least_one(args.k, "--k")
     bundle = load(args.bundle, args.device)
     config = bundle.config
     name = args.dataset or config.get("dataset", "mfeat")

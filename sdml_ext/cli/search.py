@@ -24,13 +24,14 @@ from pathlib import Path
 import numpy as np
 
 from ..data import DATASET_NAMES, detect_layout, load_dataset, save_npz
-from ..data._io import ArrayFile, check_path, strings
+from ..data._io import ArrayFile, check_path, load_npy, strings
 from ..search.faiss_export import KINDS, check_options, export_faiss
 from ..search.format import CODE_DTYPES
 from ..search.index import build_index, load_index
 from ..search.quality import hit_quality
 from ..store.files import write_new_file
 from ..wording import plural
+from .arguments import at_least_one, check_paths, refuse_empty
 
 SPLITS = ("test", "val", "train")
 
@@ -48,10 +49,7 @@ def read_ids(path: str) -> np.ndarray:
     """Ids from a .npy array (ints or strings, no pickle) or a text file of one id per line."""
     path = check_path(path)
     if path.endswith(".npy"):
-        try:
-            return np.load(path, allow_pickle=False)
-        except ValueError as exc:
-            raise ValueError(f"{path}: cannot read ids ({exc})") from None
+        return load_npy(path, f"--ids {path}")
     with open(path, encoding="utf-8") as f:
         return np.array([line.rstrip("\n") for line in f if line.strip()], dtype=object)
 
@@ -69,11 +67,7 @@ def read_features(args, modality: str) -> Features:
         return Features(split.features, split.labels)
     path = check_path(args.features)
     if path.endswith(".npy"):
-        try:
-            x = np.load(path, mmap_mode="r", allow_pickle=False)
-        except ValueError as exc:
-            raise ValueError(f"{path}: not a readable .npy array ({exc})") from None
-        return Features(x)
+        return Features(load_npy(path, f"--features {path}", mmap_mode="r"))
     with ArrayFile(path) as f:
         if args.key:
             x_key, y_keys = args.key, ()
@@ -168,14 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _positive(value, flag: str) -> None:
-    if value is not None and value < 1:
-        raise ValueError(f"{flag} must be >= 1, got {value}")
-
-
 def cmd_build(args) -> int:
-    _positive(args.shard_rows, "--shard-rows")
-    _positive(args.block_rows, "--block-rows")
+    at_least_one(args.shard_rows, "--shard-rows")
+    at_least_one(args.block_rows, "--block-rows")
     from ..store.bundle import load
 
     bundle = load(args.bundle, args.device)
@@ -202,8 +191,8 @@ def _output_format(args) -> str:
 
 
 def cmd_query(args) -> int:
-    _positive(args.k, "-k")
-    _positive(args.block_rows, "--block-rows")
+    at_least_one(args.k, "-k")
+    at_least_one(args.block_rows, "--block-rows")
     fmt = _output_format(args)
     if args.out and Path(args.out).exists():
         raise FileExistsError(f"output {args.out} already exists; choose another path or remove it first")
@@ -283,7 +272,19 @@ def cmd_export_data(args) -> int:
 COMMANDS = {"build": cmd_build, "query": cmd_query, "export-faiss": cmd_export_faiss, "export-data": cmd_export_data}
 
 
+# The kind of path each command's arguments name (by dest), for check_paths.
+PATHS = {
+    "build": dict(directories=("bundle",), files=("ids",), new_directories=("out",)),
+    "query": dict(directories=("index", "bundle"), new_files=("out",)),
+    "export-faiss": dict(directories=("index",), new_files=("out",)),
+    "export-data": dict(new_files=("out",)),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    refuse_empty(parser, args)
+    check_paths(parser, args, **PATHS[args.command])
     return COMMANDS[args.command](args)
 

@@ -18,6 +18,7 @@ from ..engine.rundir import SUFFIX
 from ..engine.strategies import STRATEGIES
 from ..engine.training import DEFAULT_EPOCHS, PAPER_EPOCHS
 from ..preprocess import PREPROCESS_MODES
+from .arguments import check_paths, check_seed, refuse_empty
 from .runner import run, stop_process
 
 
@@ -101,21 +102,46 @@ _FLAG_SETTINGS = ("dataset", "data", "modalities", "strategy", "epochs", "batch_
                   "code_dim", "projection", "projection_key", "preprocess", "devices", "out")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict]:
+    """The command line's arguments and its --config file's settings, with every refusal that
+    needs no data read (also run by ``python -m sdml_ext.launch`` before it starts the ranks)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    refuse_empty(parser, args)
+    check_paths(parser, args, files=("config", "projection"), directories=("into", "resume"), new_directories=("out",))
+    check_seed(args.seed)
     if args.resume is not None:
         given = [f"--{k.replace('_', '-')}" for k, v in vars(args).items() if v is not None and k != "resume"]
         if given:
             raise ValueError(f"--resume takes no other flag (the run's saved settings are used); got {', '.join(given)}")
-        flows.resume(args.resume)
-        return 0
+        return args, {}
     if (args.add_modality is None) != (args.into is None):
         raise ValueError("--add-modality and --into go together: --add-modality NAME --into BUNDLE")
-    flags = {k: getattr(args, k) for k in _FLAG_SETTINGS}
     file_settings = load_config_file(args.config) if args.config else {}
-    if args.into is not None and (args.out is not None or file_settings.get("out") is not None):
-        where = "--out" if args.out is not None else f"out (in {args.config})"
-        raise ValueError(f"{where} does not go with --add-modality: the modalities are added into the --into bundle")
+
+    def given(name: str) -> str | None:
+        """How `name` was given: as a flag, in the --config file, or not at all (None)."""
+        if getattr(args, name) is not None:
+            return f"--{name.replace('_', '-')}"
+        return f"{name} (in {args.config})" if file_settings.get(name) is not None else None
+
+    if args.into is not None:
+        if given("out"):
+            raise ValueError(f"{given('out')} does not go with --add-modality: the modalities are added into the --into bundle")
+        for flag in ("--projection", "--projection-key"):  # (a --config file's P is the bundle's, or unused)
+            if getattr(args, flag[2:].replace("-", "_")) is not None:
+                raise ValueError(f"{flag} does not go with --add-modality: the modalities train against the --into bundle's P")
+    elif given("projection_key") and not given("projection"):
+        raise ValueError(f"{given('projection_key')} names P in a --projection file; give --projection FILE too")
+    return args, file_settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, file_settings = parse(argv)
+    if args.resume is not None:
+        flows.resume(args.resume)
+        return 0
+    flags = {k: getattr(args, k) for k in _FLAG_SETTINGS}
     flows.absolute_data_paths(file_settings, flags)
     if args.into is not None:
         flows.add_modalities(args.into, list(args.add_modality), file_settings, flags)

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ..errors import MissingKeyError
+from ..errors import DataFileError, MissingKeyError
 
 FORMATS = ("npz", "h5", "mat", "dir")
 _EXTENSIONS = {".npz": "npz", ".h5": "h5", ".hdf5": "h5", ".mat": "mat"}
@@ -92,14 +92,10 @@ class ArrayFile:
             )
         with self.reading(key):
             if self.fmt == "npz":
-                with self._handle.zip.open(key + ".npy") as member:
-                    check_npy_size(member, self._handle.zip.getinfo(key + ".npy").file_size, f"{self.path}: {key!r}")
+                check_npz_member(self._handle.zip, key + ".npy", f"cannot read key {key!r} of {self.path}")
                 return self._handle[key]
             if self.fmt == "dir":
-                file = os.path.join(self.path, key + ".npy")
-                with open(file, "rb") as member:
-                    check_npy_size(member, os.fstat(member.fileno()).st_size, file)
-                return np.load(file, allow_pickle=False)
+                return load_npy(os.path.join(self.path, key + ".npy"), f"cannot read key {key!r} of {self.path}")
             if self.fmt == "h5":
                 return self._handle[key][()]
             if self._handle is not None:
@@ -144,7 +140,7 @@ class ArrayFile:
         """Turn any failure to decode the file into a ValueError naming the file (and key)."""
         try:
             yield
-        except (MissingKeyError, FileNotFoundError, MemoryError):
+        except (MissingKeyError, DataFileError, FileNotFoundError, MemoryError):
             raise
         except Exception as exc:
             what = f"key {key!r} of " if key else ""
@@ -218,19 +214,65 @@ def strings(value) -> list[str]:
     return out
 
 
+# Deflate's largest ratio of output to input bytes (a stream of one repeated byte): a zip member
+# that claims more than this many bytes per compressed byte lies about its size.
+_DEFLATE_MAX_RATIO = 1032
+
+
 def check_npy_size(stream, size: int, where: str) -> None:
     """Refuse a .npy whose header declares more data than the `size` bytes it has (a crafted
-    or truncated file would otherwise make numpy allocate the declared size first)."""
-    version = np.lib.format.read_magic(stream)
-    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, _, dtype = read(stream)
+    or truncated file would otherwise make numpy allocate the declared size first). `stream` is
+    at the start of the .npy; DataFileError names `where`."""
+    try:
+        version = np.lib.format.read_magic(stream)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(stream)
+    except ValueError as exc:
+        raise DataFileError(f"{where}: not a readable .npy array ({exc})") from None
     if dtype.hasobject:
         return  # refused by allow_pickle=False, with numpy's own message
     need = int(np.prod(shape, dtype=object)) * dtype.itemsize
     have = size - stream.tell()
     if need > have:
-        raise ValueError(f"{where}: the header declares a {dtype} array of shape {tuple(shape)} ({need} bytes), "
-                         f"but the file holds {max(have, 0)} bytes of data")
+        raise DataFileError(f"{where}: the header declares {dtype} data of shape {tuple(shape)} ({need} bytes), "
+                            f"but the file holds {max(have, 0)} bytes of data")
+
+
+def load_npy(path: str, where: str | None = None, mmap_mode: str | None = None) -> np.ndarray:
+    """The array of the .npy file `path` (memory-mapped with `mmap_mode`), its header's declared
+    size checked against the file's before anything is allocated; no pickles. Errors are one
+    DataFileError naming `where` (default: the path)."""
+    where = where or path
+    try:
+        with open(path, "rb") as f:
+            check_npy_size(f, os.fstat(f.fileno()).st_size, where)
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except IsADirectoryError:
+        raise DataFileError(f"{where} is a directory, not a .npy file") from None
+    except (ValueError, EOFError) as exc:
+        if isinstance(exc, DataFileError):
+            raise
+        raise DataFileError(f"{where}: not a readable .npy array ({exc})") from None
+
+
+def check_npz_member(archive, name: str, where: str) -> None:
+    """Refuse the .npy member `name` of an open .npz (zipfile) whose header declares more data
+    than the member holds, or whose recorded size is more than its compressed bytes can hold
+    (the archive's directory is as easy to craft as the header)."""
+    import zipfile
+
+    info = archive.getinfo(name)
+    try:
+        room = os.fstat(archive.fp.fileno()).st_size - info.header_offset
+    except (AttributeError, OSError, ValueError):  # an archive not backed by a file
+        room = info.compress_size
+    most = {zipfile.ZIP_STORED: info.compress_size,
+            zipfile.ZIP_DEFLATED: _DEFLATE_MAX_RATIO * info.compress_size + 64}.get(info.compress_type, info.file_size)
+    if info.compress_size > room or info.file_size > most:
+        raise DataFileError(f"{where}: the archive records {info.file_size} bytes in {info.compress_size} "
+                            f"compressed bytes, more than they can hold (corrupt or crafted)")
+    with archive.open(name) as member:
+        check_npy_size(member, info.file_size, where)
 
 
 def _npy_shape(stream) -> tuple[int, ...]:

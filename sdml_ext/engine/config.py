@@ -112,6 +112,8 @@ def _check_type(name: str, value, source: str):
             items = [float(v) for v in value] if item == "float" else list(value)
             return tuple(items) if base.startswith("tuple[") else items
     elif _is(value, base):
+        if base == "str" and not value.strip():  # never "not given", nor the current directory
+            raise ValueError(f"{source}: setting {name!r} is empty; give a value or leave it out")
         return float(value) if base == "float" else value
     raise ValueError(f"{source}: setting {name!r} must be {kind.replace('tuple[', 'list[').replace(', ...', '')}, got {value!r}")
 

@@ -26,6 +26,7 @@ from ..loss import DSAELoss, label_targets
 from ..model import DEFAULT_CODE_DIM, DEFAULT_HIDDEN, DSAE
 from ..preprocess import PREPROCESS_MODES, Preprocessor
 from .cuda_graph_step import GraphTraining, graphs_enabled
+from .explicit_step import ExplicitStep
 from .records import EpochStats, ModalityResult
 
 DEFAULT_LRS = (1e-4, 2e-4)
@@ -39,6 +40,10 @@ PAPER_EPOCHS = 200
 
 _INIT_LOCK = threading.Lock()
 _EVAL_CHUNK = 2048  # rows per forward pass when scoring a split, to bound activation memory
+
+
+SEED_LIMIT = 2**32
+"""Seeds are in [0, 2**32): numpy's seed range (np.random.seed, RandomState), which torch takes too."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,8 @@ class TrainOptions:
                 raise ValueError(f"{name} must be a sequence of numbers, got {value!r}") from None
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if isinstance(self.seed, bool) or not 0 <= self.seed < SEED_LIMIT:
+            raise ValueError(f"seed must be in [0, {SEED_LIMIT - 1}] (numpy's seed range), got {self.seed}")
         if self.batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
         if not 0.0 <= self.lam <= 1.0:
@@ -153,9 +160,13 @@ class ModalityTrainer:
         graphs: replay each step from a CUDA graph (:mod:`sdml_ext.engine.cuda_graph_step`): None =
             on CUDA devices unless SDML_CUDA_GRAPHS=0; False = eager steps (the reference);
             True on the CPU runs the graph path's steps uncaptured (for tests).
+        explicit: take CPU steps without autograd (:mod:`sdml_ext.engine.explicit_step`): None =
+            on the CPU without graphs; False = autograd steps (the reference the explicit step
+            is tested against, and what every other device runs).
     """
 
-    def __init__(self, task: ModalityTask, device: str | torch.device = "cpu", graphs: bool | None = None):
+    def __init__(self, task: ModalityTask, device: str | torch.device = "cpu", graphs: bool | None = None,
+                 explicit: bool | None = None):
         self.task = task
         opts = task.options
         self.device = torch.device(device)
@@ -206,6 +217,11 @@ class ModalityTrainer:
         self._batch_x = self.train_x.new_empty((opts.batch_size, self.train_x.shape[1]))
         self._batch_y = self.train_y.new_empty((opts.batch_size, self.train_y.shape[1]))
         self._graph = GraphTraining(self) if graphs_enabled(self.device, graphs) else None
+        if explicit is None:
+            explicit = self.device.type == "cpu" and self._graph is None
+        if explicit and (self.device.type != "cpu" or self._graph is not None):
+            raise ValueError("explicit steps run on the CPU without graphs only")
+        self._explicit = ExplicitStep(self.model, self.optimizer, self.loss, opts.batch_size) if explicit else None
 
     def _to_device(self, x: np.ndarray, y: np.ndarray, c: int) -> tuple[Tensor, Tensor]:
         """Preprocessed features [n, D] and label rows [n, c], float32 on the device."""
@@ -242,6 +258,10 @@ class ModalityTrainer:
             b = self.task.options.batch_size
             idx = self._perm[j * b : (j + 1) * b]
             x = torch.index_select(self.train_x, 0, idx, out=self._batch_x)
+            if self._explicit is not None:
+                y = torch.index_select(self.train_y, 0, idx, out=self._batch_y)
+                self._sums += torch.stack(self._explicit(x, y)).float()
+                return
             h, x_hat = self.model(x)
             out = self.loss(x_hat, x, h, torch.index_select(self.train_y, 0, idx, out=self._batch_y))
             self.optimizer.zero_grad(set_to_none=True)
@@ -366,6 +386,8 @@ class ModalityTrainer:
         self.cpu_s = float(record["cpu_s"])
         if self._graph is not None:
             self._graph.invalidate()  # the optimizer's state tensors were replaced: capture again
+        if self._explicit is not None:
+            self._explicit.invalidate()  # likewise: adopt them into the flat moments again
 
     def state_bytes(self) -> int:
         """Bytes of the tensors this trainer holds: data, weights, gradients, Adam moments and

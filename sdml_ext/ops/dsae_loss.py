@@ -4,6 +4,13 @@ The schemas are declared once in ``csrc/registration/dsae_loss.cpp``; kernels li
 The fake implementations run the same argument checks as the kernels (``csrc/dsae_loss_checks.cpp``,
 same messages), so a bad call fails under ``torch.compile`` tracing and ``FakeTensorMode`` too, and a
 meta tensor mixed with real ones is refused instead of returning uninitialized memory.
+
+Autograd: when autograd will need them, :func:`dsae_loss` asks the kernel for the gradients of the
+loss at unit upstream gradient (``need_input_grad`` / ``need_code_grad``), formed while each row is
+in cache. A backward whose upstream gradient is on the loss alone (``loss.backward()``) returns them
+times ``grad_loss`` (in place; nothing to do when it is 1), so the pair reads ``x_hat`` and ``x``
+once. Upstream gradients on the other outputs (``rec``, ``sup``, the per-row norms) run the backward
+op, which reads them again.
 """
 
 from __future__ import annotations
@@ -63,7 +70,18 @@ def dsae_loss(
     for name, t in (("P", P), ("y", y)):
         if isinstance(t, Tensor) and t.requires_grad:
             raise ValueError(f"dsae_loss: {name} is a constant of the objective and must not require grad")
-    return DSAELossOutput(*torch.ops.sdml.dsae_loss.default(x_hat, x, h, P, y, float(lam), check_finite))
+    # When autograd will need them, the kernel also forms the gradients at unit upstream gradient
+    # while each row is in cache; the backward of a plain loss.backward() then only hands them on.
+    grad = torch.is_grad_enabled()
+    need_input_grad = grad and any(isinstance(t, Tensor) and t.requires_grad for t in (x_hat, x))
+    need_code_grad = grad and isinstance(h, Tensor) and h.requires_grad
+    out = torch.ops.sdml.dsae_loss.default(
+        x_hat, x, h, P, y, float(lam), check_finite, need_input_grad, need_code_grad
+    )
+    if not torch.compiler.is_compiling():
+        for g in out[6:]:  # dropped here: nobody else can see them, so the backward may scale them in place
+            g._sdml_private = True
+    return DSAELossOutput(*out[:6])
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -131,8 +149,8 @@ def _check_args(x_hat, x, h, P, y, lam):
 
 
 @torch.library.register_fake("sdml::dsae_loss")
-def _dsae_loss_fake(x_hat, x, h, P, y, lam, check_finite=True):
-    batch = _check_args(x_hat, x, h, P, y, lam)[0]
+def _dsae_loss_fake(x_hat, x, h, P, y, lam, check_finite=True, need_input_grad=False, need_code_grad=False):
+    batch, dim, code, _ = _check_args(x_hat, x, h, P, y, lam)
     acc = _acc_dtype(x_hat.dtype)
     return (
         x_hat.new_empty(()),
@@ -141,6 +159,15 @@ def _dsae_loss_fake(x_hat, x, h, P, y, lam, check_finite=True):
         x_hat.new_empty((batch,), dtype=acc),
         x_hat.new_empty((batch,), dtype=acc),
         x_hat.new_empty((), dtype=torch.int64),
+        *_empty_grads(x_hat, h, batch, dim, code, need_input_grad, need_code_grad),
+    )
+
+
+def _empty_grads(x_hat, h, batch, dim, code, need_input_grad, need_code_grad):
+    """grad_x_hat [B or 0, D] and grad_h [B or 0, d], as the kernels allocate them."""
+    return (
+        x_hat.new_empty((batch if need_input_grad else 0, dim)),
+        h.new_empty((batch if need_code_grad else 0, code)),
     )
 
 
@@ -172,34 +199,93 @@ def _dsae_loss_backward_fake(
     batch, dim, code, _ = _check_args(x_hat, x, h, P, y, lam)
     grads = (grad_loss, grad_rec, grad_sup, grad_row_rec, grad_row_sup)
     _check_backward_args(grads, x_hat, row_rec, row_sup, n_labelled, batch)
-    return (
-        x_hat.new_empty((batch if need_input_grad else 0, dim)),
-        h.new_empty((batch if need_code_grad else 0, code)),
-    )
+    return _empty_grads(x_hat, h, batch, dim, code, need_input_grad, need_code_grad)
 
 
 def _dsae_loss_setup_context(ctx, inputs, output):
-    x_hat, x, h, P, y, lam, _check_finite = inputs
-    _loss, _rec, _sup, row_rec, row_sup, n_labelled = output
+    x_hat, x, h, P, y, lam, _check_finite, need_input_grad, need_code_grad = inputs
+    _loss, _rec, _sup, row_rec, row_sup, n_labelled, grad_x_hat, grad_h = output
     ctx.save_for_backward(x_hat, x, h, P, y, row_rec, row_sup, n_labelled)
     ctx.lam = lam
+    ctx.mark_non_differentiable(grad_x_hat, grad_h)
+    # The gradients the forward formed at unit upstream gradient (None where not asked for). Kept
+    # as attributes, not saved tensors: the first backward takes them, so the tensor it returns
+    # has no other owner (autograd adopts it as x_hat.grad without a copy, and scaling it in
+    # place touches nothing anyone else holds).
+    ctx.forward_grads = (grad_x_hat if need_input_grad else None, grad_h if need_code_grad else None)
     # Unused outputs pass None, so a plain loss.backward() reads no zero-filled row gradients.
     ctx.set_materialize_grads(False)
 
 
-def _dsae_loss_backward(ctx, grad_loss, grad_rec, grad_sup, grad_row_rec, grad_row_sup, _grad_n):
+def _eager(t: Tensor) -> bool:
+    """A plain tensor outside any tracing or functorch transform: its value can be read and it can
+    be written in place."""
+    return (
+        type(t) is Tensor
+        and torch._C._len_torch_dispatch_stack() == 0
+        and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+    )
+
+
+def _is_one(grad_loss: Tensor) -> bool:
+    """Whether grad_loss is exactly 1, where that is free to know: a CPU value read eagerly. On CUDA
+    reading it would sync the stream (and break CUDA-graph capture), and a traced value has none:
+    there the gradients are always scaled (by 1 in the usual case, which keeps every bit)."""
+    return grad_loss.device.type == "cpu" and _eager(grad_loss) and grad_loss.item() == 1
+
+
+def _scaled(g: Tensor | None, grad_loss: Tensor) -> Tensor | None:
+    """g * grad_loss; in place when g is this backward's own eager tensor (no new buffer). The
+    forward's gradients are that only when the Python face asked for them (it marks them private:
+    a direct op call may still hold its outputs)."""
+    if g is None or _is_one(grad_loss):
+        return g
+    private = getattr(g, "_sdml_private", False) and _eager(g) and _eager(grad_loss)
+    return g.mul_(grad_loss) if private else g * grad_loss
+
+
+def _unit_grads(ctx, forward_grads, grad_loss, need_input, need_code):
+    """The gradients of the loss for an upstream gradient of 1: the forward's, when it formed all
+    that are needed (the first backward after it); else the backward kernel's at grad_loss = 1."""
+    if forward_grads is not None:
+        grad_x_hat, grad_h = forward_grads
+        if (grad_x_hat is not None or not need_input) and (grad_h is not None or not need_code):
+            return grad_x_hat, grad_h
     x_hat, x, h, P, y, row_rec, row_sup, n_labelled = ctx.saved_tensors
+    grads = torch.ops.sdml.dsae_loss_backward.default(
+        torch.ones_like(grad_loss), None, None, None, None, x_hat, x, h, P, y,
+        row_rec, row_sup, n_labelled, ctx.lam, need_input, need_code,
+    )
+    if _eager(grad_loss):
+        for g in grads:  # fresh from the kernel: this backward's own
+            g._sdml_private = True
+    return grads
+
+
+def _dsae_loss_backward(ctx, grad_loss, grad_rec, grad_sup, grad_row_rec, grad_row_sup, _grad_n, _ggx, _ggh):
     needs = ctx.needs_input_grad
     if needs[3] or needs[4]:
         raise RuntimeError("dsae_loss: P and y are constants of the objective; no gradient flows to them")
-    grad_x_hat, grad_h = torch.ops.sdml.dsae_loss_backward.default(
-        grad_loss, grad_rec, grad_sup, grad_row_rec, grad_row_sup, x_hat, x, h, P, y,
-        row_rec, row_sup, n_labelled, ctx.lam, needs[0] or needs[1], needs[2],
-    )
+    need_input, need_code = needs[0] or needs[1], needs[2]
+    forward_grads, ctx.forward_grads = ctx.forward_grads, None  # taken (or dropped) by the first backward
+    if grad_loss is not None and all(g is None for g in (grad_rec, grad_sup, grad_row_rec, grad_row_sup)):
+        # An upstream gradient on the loss alone (the usual loss.backward()): the unit gradient
+        # times grad_loss, whichever pass formed it, so a second backward through a retained graph
+        # gives the same bits as the first.
+        unit = _unit_grads(ctx, forward_grads, grad_loss, need_input, need_code)
+        grad_x_hat, grad_h = (_scaled(g, grad_loss) for g in unit)
+    else:
+        x_hat, x, h, P, y, row_rec, row_sup, n_labelled = ctx.saved_tensors
+        grad_x_hat, grad_h = torch.ops.sdml.dsae_loss_backward.default(
+            grad_loss, grad_rec, grad_sup, grad_row_rec, grad_row_sup, x_hat, x, h, P, y,
+            row_rec, row_sup, n_labelled, ctx.lam, need_input, need_code,
+        )
     return (
         grad_x_hat if needs[0] else None,
         -grad_x_hat if needs[1] else None,
         grad_h if needs[2] else None,
+        None,
+        None,
         None,
         None,
         None,

@@ -15,7 +15,10 @@ with :meth:`SearchIndex.ids_of`.
 
 from __future__ import annotations
 
+import errno
 import math
+import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +39,7 @@ def _faiss():
 
 def check_options(kind: str, nlist, nprobe) -> None:
     """ValueError naming the option: an unknown kind, nlist/nprobe that are not integers >= 1,
-    or either given with hnsw (which has neither)."""
+    nprobe more than nlist, or either given with hnsw (which has neither)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     if kind == "hnsw" and (nlist is not None or nprobe is not None):
@@ -44,6 +47,8 @@ def check_options(kind: str, nlist, nprobe) -> None:
     for name, value in (("nlist", nlist), ("nprobe", nprobe)):
         if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
             raise ValueError(f"--{name} must be an integer >= 1, got {value}")
+    if nlist is not None and nprobe is not None and nprobe > nlist:
+        raise ValueError(f"--nprobe {nprobe} is more than --nlist {nlist}: a query scans at most every list")
 
 
 def to_faiss(index: SearchIndex, kind: str = "ivf", *, nlist: int | None = None, nprobe: int | None = None,
@@ -66,13 +71,13 @@ def to_faiss(index: SearchIndex, kind: str = "ivf", *, nlist: int | None = None,
     else:
         nlist = int(nlist) if nlist is not None else max(1, min(int(4 * math.sqrt(n)), n // 39))
         if not 1 <= nlist <= n:
-            raise ValueError(f"nlist must be in [1, {n}], got {nlist}")
+            raise ValueError(f"--nlist must be in [1, {n}] (the index's items), got {nlist}")
+        if nprobe is not None and nprobe > nlist:  # before the quantizer's training, not after
+            raise ValueError(f"--nprobe must be in [1, nlist={nlist}], got {nprobe}")
         out = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
         rng = np.random.default_rng(seed)
         sample = np.sort(rng.choice(n, size=min(n, int(train_rows)), replace=False))
         out.train(_rows(index, sample))
-        if nprobe is not None and nprobe > nlist:
-            raise ValueError(f"nprobe must be in [1, nlist={nlist}], got {nprobe}")
         out.nprobe = int(nprobe) if nprobe is not None else max(1, nlist // 16)
     for _, block in index.blocks():
         out.add(np.ascontiguousarray(block.cpu().numpy(), dtype=np.float32))
@@ -91,6 +96,15 @@ def _rows(index: SearchIndex, rows: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
 
 
+def _reason(exc: RuntimeError) -> str:
+    """The system's reason in a faiss write error ("... write error in FILE: 5 != 60 (No space
+    left on device)"), else faiss's last line: faiss's C++ location says nothing to a user."""
+    text = str(exc).strip()
+    reasons = {os.strerror(code) for code in errno.errorcode}
+    found = [r for r in re.findall(r"\(([^()]+)\)", text) if r in reasons]
+    return found[-1] if found else text.splitlines()[-1]
+
+
 def export_faiss(index: SearchIndex, path, kind: str = "ivf", **options) -> Path:
     """Write ``to_faiss(index, kind, **options)`` to a new file `path` (atomically; refuses to
     replace an existing file). Read it back with ``faiss.read_index``."""
@@ -104,6 +118,6 @@ def export_faiss(index: SearchIndex, path, kind: str = "ivf", **options) -> Path
         try:
             faiss.write_index(built, tmp)
         except RuntimeError as exc:  # faiss reports a failed write (a full disk) this way
-            raise WriteFailed(None, f"cannot write {path}: {str(exc).strip().splitlines()[-1]}") from None
+            raise WriteFailed(None, f"cannot write {path}: {_reason(exc)}") from None
 
     return write_new_file(path, write)

@@ -97,7 +97,7 @@ class IndexWriter:
         file = self._tmp / name
         # One metadata key (the format is in index.json): safetensors writes its metadata map in a
         # random order, so a second key would make the same shard a different file from build to build.
-        with writing(file):
+        with writing(self.path / name):  # named where the user will look for it
             save_file(arrays, str(file), metadata={"first_row": str(self.rows)})
             fsync_file(file)
         publish(file, 0o666)
@@ -124,7 +124,7 @@ class IndexWriter:
             "num_classes": self.num_classes,
             "shards": self._shards,
         }
-        write_json(self._tmp / MANIFEST, manifest)
+        write_json(self._tmp / MANIFEST, manifest, shown_as=self.path / MANIFEST)
         return self._directory.publish()  # fails rather than replace a non-empty directory
 
     def abort(self) -> None:

@@ -150,10 +150,11 @@ def json_bytes(data, indent: int | None = 1) -> bytes:
     return (json.dumps(data, indent=indent, allow_nan=False, default=_json_default) + "\n").encode("utf-8")
 
 
-def write_json(path: str | os.PathLike, data) -> None:
+def write_json(path: str | os.PathLike, data, shown_as: str | os.PathLike | None = None) -> None:
     """Write `data` as strict JSON (:func:`json_bytes`) to a file of a directory that is not
-    published yet (see :func:`new_directory`), fsynced."""
-    with writing(path), open(path, "wb") as f:
+    published yet (see :func:`new_directory`), fsynced. A failure names `shown_as` (the file's
+    path once the directory is published) if given."""
+    with writing(shown_as or path), open(path, "wb") as f:
         f.write(json_bytes(data))
         f.flush()
         os.fsync(f.fileno())
@@ -171,7 +172,8 @@ def write_new_file(path, write: Callable[[str], object]) -> Path:
     path = Path(path)
     if path.exists():
         raise FileExistsError(f"output {path} already exists; choose another path or remove it first")
-    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.tmp-")
+    with writing(path):  # a full directory fails here already
+        fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.tmp-")
     os.close(fd)
     try:
         with writing(path):

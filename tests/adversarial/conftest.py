@@ -1,3 +1,4 @@
-"""The adversarial suite's fixtures (defined in runs.py): a stopped run and a bundle to tamper with."""
+"""The adversarial suite's fixtures (defined in runs.py): a stopped run, a bundle and a search
+index to tamper with, and a small file system to fill up."""
 
-from runs import originals, work  # noqa: F401
+from runs import disk, index, originals, work  # noqa: F401

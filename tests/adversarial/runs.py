@@ -1,11 +1,14 @@
 """Run folders and bundles to tamper with: one small run stopped after its first modality
 (in-process: the pause point raises KeyboardInterrupt, as Ctrl-C would), a finished
-two-modality bundle, and a copier that gives each test its own copy of them."""
+two-modality bundle, a copier that gives each test its own copy of them, a search index of that
+bundle, and a small file system (tmpfs) to fill up."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +16,7 @@ import pytest
 from safetensors.torch import load, save
 
 from helpers import run_config, run_main
+from sdml_ext.cli import search as search_cli
 from sdml_ext.cli import train as train_cli
 from sdml_ext.data import load_dataset, save_npz
 from sdml_ext.engine import checkpoint as checkpoint_module
@@ -65,6 +69,21 @@ def originals(tmp_path_factory):
     return base
 
 
+def search(argv, capsys):
+    """(exit status, stdout, stderr) of ``python -m sdml_ext.search argv`` run in this process."""
+    return run_main(search_cli.main, argv, capsys)
+
+
+@pytest.fixture
+def index(work, capsys):
+    """An index `idx` of bundle B's m0 gallery (test split of good3.npz) with string ids, 2 shards."""
+    (work / "ids.txt").write_text("".join(f"item-{i}\n" for i in range(60)))
+    code, _, err = search(["build", "B", "--modality", "m0", "--features", "good3.npz", "--ids", "ids.txt",
+                           "--shard-rows", "32", "--out", "idx"], capsys)
+    assert code == 0, err
+    return work / "idx"
+
+
 class _NullCapture:
     def readouterr(self):
         return "", ""
@@ -81,6 +100,48 @@ def work(originals, tmp_path, monkeypatch):
             shutil.copy2(entry, target)
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture
+def disk(work):
+    """A 4 MiB tmpfs of 256 inodes at work/disk (small.toml and good3.npz stay outside it)."""
+    mount = work / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4M,nr_inodes=256", "tmpfs", str(mount)],
+                          capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def fill(mount: Path) -> Path:
+    """Fill the file system at `mount` to the last byte."""
+    filler = mount / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        for size in (1 << 16, 1 << 10, 1):
+            try:
+                while True:
+                    os.write(fd, b"\0" * size)
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+def use_up_inodes(mount: Path) -> Path:
+    """Create empty files under mount/inodes until the file system has no inode left (bytes
+    remain: a file can no longer be created, one that exists can still grow)."""
+    folder = mount / "inodes"
+    folder.mkdir()
+    try:
+        for n in range(1 << 20):
+            (folder / str(n)).touch()
+    except OSError:
+        pass
+    return folder
 
 
 def checkpoint_parts(path: Path) -> tuple[dict, dict]:

@@ -9,24 +9,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from helpers import run_main
-from runs import one_error_line
-from sdml_ext.cli import search as search_cli
+from runs import one_error_line, search
 from sdml_ext.store.files import sha256_file
-
-
-def search(argv, capsys):
-    return run_main(search_cli.main, argv, capsys)
-
-
-@pytest.fixture
-def index(work, capsys):
-    """An index of bundle B's m0 gallery (test split of good3.npz) with string ids, 2 shards."""
-    (work / "ids.txt").write_text("".join(f"item-{i}\n" for i in range(60)))
-    code, _, err = search(["build", "B", "--modality", "m0", "--features", "good3.npz", "--ids", "ids.txt",
-                           "--shard-rows", "32", "--out", "idx"], capsys)
-    assert code == 0, err
-    return work / "idx"
 
 
 def query(capsys, *extra):

@@ -9,23 +9,30 @@
 #include <algorithm>
 #include <cstdint>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "block_gemm.h"
 #include "duplicate_scores.h"
+#include "packed_gallery.h"
 #include "relevant_ranker.h"
 #include "tiles.h"
 
 namespace sdml::cpu_retrieval {
 
-// Scores of a tile of query rows against the whole gallery, computed in column blocks whose
-// output fits the L2 cache (the GEMM runs faster so), into a [rows, Ng] buffer; duplicates of
-// gallery rows then get their first row's score.
+// Scores of a tile of query rows against the whole gallery into a [rows, Ng] buffer: one call on
+// the packed gallery where there is one (PackedGallery), else in column blocks whose output fits
+// the L2 cache (the GEMM runs faster so); duplicates of gallery rows then get their first row's
+// score.
 template <typename T>
-void score_tile(const BlockGemm& gemm, const at::Tensor& q_tile, const at::Tensor& gallery,
-                const DuplicateScores& duplicates, at::Tensor& buffer, std::vector<T>& saved) {
+void score_tile(const BlockGemm& gemm, const PackedGallery& packed, const at::Tensor& q_tile,
+                const at::Tensor& gallery, const DuplicateScores& duplicates, at::Tensor& buffer,
+                std::vector<T>& saved) {
   const int64_t nrows = q_tile.size(0), ng = gallery.size(0);
-  for (int64_t g0 = 0; g0 < ng; g0 += kBlockCols) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (packed) packed.scores_into(q_tile, buffer.mutable_data_ptr<float>(), ng);
+  }
+  for (int64_t g0 = 0; g0 < ng && !packed; g0 += kBlockCols) {
     const int64_t ncols = std::min(kBlockCols, ng - g0);
     at::Tensor block = buffer.narrow(0, 0, nrows).narrow(1, g0, ncols);  // row stride ng
     gemm.scores_into(q_tile, gallery.narrow(0, g0, ncols), block);
@@ -56,6 +63,7 @@ void for_each_query_ranks(const at::Tensor& query, const at::Tensor& gallery, co
   const int64_t rows = tile_rows(nq, ng, sizeof(T));
   const int64_t tiles = (nq + rows - 1) / rows;
   const BlockGemm gemm(query.scalar_type());  // outside the threads: it may time the GEMMs
+  const PackedGallery packed(gallery, rows, tiles);  // outside the threads too
   struct Scratch {
     at::Tensor buffer;
     std::unique_ptr<RelevantRanker<T>> ranker;
@@ -67,13 +75,14 @@ void for_each_query_ranks(const at::Tensor& query, const at::Tensor& gallery, co
   };
   for_each_tile(tiles, setup, [&](Scratch& scratch, int64_t tile) {
     const int64_t q0 = tile * rows, nrows = std::min(rows, nq - q0);
-    score_tile<T>(gemm, query.narrow(0, q0, nrows), gallery, duplicates, scratch.buffer, scratch.saved);
+    score_tile<T>(gemm, packed, query.narrow(0, q0, nrows), gallery, duplicates, scratch.buffer, scratch.saved);
     const T* s = scratch.buffer.template const_data_ptr<T>();
     if (transposed) transpose_into(s, nrows, ng, transposed, nq, q0);
     for (int64_t i = 0; i < nrows; ++i) {
       const int64_t qi = q0 + i, self = exclude_self ? qi : -1;
       relevance.collect(qi, self, scratch.rel);
-      consume(qi, scratch.ranker->rank(s + i * ng, scratch.rel, self));
+      const T* next = i + 1 < nrows ? s + (i + 1) * ng : nullptr;  // prefetched meanwhile
+      consume(qi, scratch.ranker->rank(s + i * ng, scratch.rel, self, next));
     }
   });
 }
@@ -94,10 +103,11 @@ void for_each_row_ranks(T* s, int64_t nq, int64_t ng, const DuplicateScores& dup
     return Scratch{std::make_unique<RelevantRanker<T>>(ng), {}, std::vector<T>(duplicates.slots())};
   };
   for_each_tile((nq + rows - 1) / rows, setup, [&](Scratch& scratch, int64_t tile) {
-    for (int64_t qi = tile * rows; qi < std::min(nq, (tile + 1) * rows); ++qi) {
+    const int64_t end = std::min(nq, (tile + 1) * rows);
+    for (int64_t qi = tile * rows; qi < end; ++qi) {
       duplicates.apply(s + qi * ng, 1, ng, 0, ng, scratch.saved.data());
       relevance.collect(qi, -1, scratch.rel);
-      consume(qi, scratch.ranker->rank(s + qi * ng, scratch.rel, -1));
+      consume(qi, scratch.ranker->rank(s + qi * ng, scratch.rel, -1, qi + 1 < end ? s + (qi + 1) * ng : nullptr));
     }
   });
 }

@@ -4,9 +4,14 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "sdml/macros.h"
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 namespace sdml::cpu_retrieval {
 
@@ -25,6 +30,35 @@ template <typename T>
 class RunningTopK {
   static constexpr int64_t kChunk = 16;
 
+  // Whether any of s[0, n) exceeds `threshold`. The full chunk is tested with SSE2 compares
+  // (every x86-64 CPU has them; the AVX2 clone encodes them with VEX): neither a max reduction
+  // (`omp simd reduction` went through a stack array whose vector reload stalled on store
+  // forwarding in every chunk) nor an OR of compares (compiled to scalar compares) vectorized.
+  template <int64_t n>
+  static bool any_above(const T* s, T threshold) {
+#if defined(__SSE2__)
+    if constexpr (std::is_same_v<T, float>) {
+      static_assert(n % 4 == 0);
+      const __m128 t = _mm_set1_ps(threshold);
+      __m128 hit = _mm_cmpgt_ps(_mm_loadu_ps(s), t);
+      for (int64_t j = 4; j < n; j += 4) hit = _mm_or_ps(hit, _mm_cmpgt_ps(_mm_loadu_ps(s + j), t));
+      return _mm_movemask_ps(hit) != 0;
+    } else if constexpr (std::is_same_v<T, double>) {
+      static_assert(n % 2 == 0);
+      const __m128d t = _mm_set1_pd(threshold);
+      __m128d hit = _mm_cmpgt_pd(_mm_loadu_pd(s), t);
+      for (int64_t j = 2; j < n; j += 2) hit = _mm_or_pd(hit, _mm_cmpgt_pd(_mm_loadu_pd(s + j), t));
+      return _mm_movemask_pd(hit) != 0;
+    }
+#endif
+    return any_above(s, n, threshold);
+  }
+  static bool any_above(const T* s, int64_t n, T threshold) {
+    int hit = 0;
+    for (int64_t j = 0; j < n; ++j) hit |= int(s[j] > threshold);
+    return hit != 0;
+  }
+
  public:
   explicit RunningTopK(int64_t k) : k_(k), cand_(2 * k + kChunk) {}
 
@@ -37,11 +71,9 @@ class RunningTopK {
   SDML_CPU_CLONES void offer_block(const T* s, int64_t n, int64_t base, int64_t self) {
     for (int64_t t0 = 0; t0 < n; t0 += kChunk) {
       const int64_t len = std::min(kChunk, n - t0);
-      // Later items lose ties, so only a strictly higher score than the k-th best enters.
-      T m = s[t0];
-#pragma omp simd reduction(max : m)
-      for (int64_t j = 1; j < len; ++j) m = s[t0 + j] > m ? s[t0 + j] : m;
-      if (m <= threshold_) continue;
+      // Later items lose ties, so only a strictly higher score than the k-th best enters; most
+      // chunks have none (all but the first few blocks at a small k), so this test is the loop.
+      if (!(len == kChunk ? any_above<kChunk>(s + t0, threshold_) : any_above(s + t0, len, threshold_))) continue;
       for (int64_t j = 0; j < len; ++j) {
         const int64_t index = base + t0 + j;
         cand_[size_] = {s[t0 + j], index};

@@ -4,6 +4,7 @@
 // Compiled into every build, so the CUDA limit checks run (and are tested) without a GPU.
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <ATen/core/Tensor.h>
 
@@ -11,8 +12,12 @@ namespace sdml {
 
 // Forward. Shapes: x_hat, x [B, D]; h [B, d]; P [d, c]; y [B, c]; one floating dtype.
 // Returns loss, rec, sup (0-d, input dtype), row_rec, row_sup ([B], the accumulation dtype:
-// float32, float64 for float64 inputs; row_sup is 0 on unlabelled rows) and n_labelled (0-d int64).
-using DsaeForward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+// float32, float64 for float64 inputs; row_sup is 0 on unlabelled rows), n_labelled (0-d int64),
+// and grad_x_hat [B, D] / grad_h [B, d]: the gradients of loss for an upstream gradient of 1 (what
+// the backward would return for grad_loss = 1 alone), with 0 rows unless need_input_grad /
+// need_code_grad.
+using DsaeForward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                               at::Tensor>;
 // Backward. Returns grad_x_hat [B, D] (0 rows unless need_input_grad) and grad_h [B, d]
 // (0 rows unless need_code_grad).
 using DsaeBackward = std::tuple<at::Tensor, at::Tensor>;
@@ -39,8 +44,10 @@ DsaeSizes check_dsae_loss_backward_args(
     const at::Tensor& h, const at::Tensor& P, const at::Tensor& y, const at::Tensor& row_rec,
     const at::Tensor& row_sup, const at::Tensor& n_labelled, double lam);
 
-// The forward's outputs for B rows on x_hat's device, uninitialized except n_labelled = 0.
-DsaeForward empty_dsae_forward(const at::Tensor& x_hat, int64_t B);
+// The forward's outputs on x_hat's device, uninitialized except n_labelled = 0; the gradients as
+// empty_dsae_backward allocates them.
+DsaeForward empty_dsae_forward(const at::Tensor& x_hat, const DsaeSizes& s, bool need_input_grad,
+                               bool need_code_grad);
 
 // The backward's outputs (see DsaeBackward), uninitialized; large CPU ones come from the block
 // cache of host_buffers.h.
@@ -72,6 +79,10 @@ struct DsaeCudaPlan {
 // Raises a ValueError naming the size when a call of these sizes exceeds the limits (the rows:
 // gridDim.x); returns the plan for a device of sm_count multiprocessors.
 DsaeCudaPlan check_dsae_loss_cuda_limits(const DsaeSizes& s, int64_t sm_count);
+
+// How the CPU kernel writes its [B, D] input gradients on this machine (ordinary or streaming
+// stores, and when), in one line for build_info(); csrc/cpu/dsae_loss/gradient_rows.h.
+std::string dsae_loss_cpu_stores();
 
 // A copy only when rows are not unit-stride in their last dimension.
 at::Tensor rows_contiguous(const at::Tensor& t);
