@@ -36,6 +36,17 @@ def rescore(request, monkeypatch):
     return request.param
 
 
+# The AVX-512 kernels (the scan, the pairwise re-score) or the portable ones (SDML_CPU_AVX512=off,
+# read on every call: both run in one process, and on any machine).
+@pytest.fixture(params=["native", "portable"])
+def isa(request, monkeypatch):
+    if request.param == "portable":
+        monkeypatch.setenv("SDML_CPU_AVX512", "off")
+    else:
+        monkeypatch.delenv("SDML_CPU_AVX512", raising=False)
+    return request.param
+
+
 # ---- exact arithmetic -------------------------------------------------------------------------
 
 
@@ -69,10 +80,10 @@ def model_dot(q, x, chunk):
 
 @pytest.mark.parametrize("d, chunk", [(1, 1), (15, 15), (16, 16), (17, 17), (40, 16), (100, 48), (513, 512),
                                       (600, 512)])
-def test_exact_dots_kernel_is_the_model(d, chunk):
+def test_exact_dots_kernel_is_the_model(isa, d, chunk):
     """The vector kernel (16 pairs per vector, two groups at a time, a chunk's last < 16
-    coordinates lane by lane) computes the model bit for bit: full and partial groups, repeated
-    items, the chunk boundaries."""
+    coordinates lane by lane) and the portable one compute the model bit for bit: full and partial
+    groups, repeated items, the chunk boundaries."""
     gen = torch.Generator().manual_seed(d + chunk)
     q = torch.randn(d, generator=gen) * torch.exp2(torch.randint(-3, 3, (d,), generator=gen).float())
     g = torch.randn(50, d, generator=gen)
@@ -192,6 +203,19 @@ def test_every_path_equals_exact_on_awkward_shapes(rescore, nq, ng, d, k):
     gen = torch.Generator().manual_seed(nq * ng + d + k)
     q, g = torch.randn(nq, d, generator=gen), torch.randn(ng, d, generator=gen)
     assert_same_up_to_gemm_rounding(q, g, k)
+
+
+@pytest.mark.parametrize("nq, ng, d, k", [(5, 1025, 17, 1025), (33, 4097, 100, 257), (20, 17000, 513, 64)])
+def test_the_portable_kernels_equal_exact(monkeypatch, nq, ng, d, k):
+    """The portable scan and pairwise re-score (the only ones on a CPU without AVX-512) through the
+    whole search, on the pairwise path."""
+    monkeypatch.setenv("SDML_CPU_AVX512", "off")
+    monkeypatch.setenv("SDML_CPU_BF16_RESCORE", "dots")
+    gen = torch.Generator().manual_seed(nq * ng + d + k)
+    q, g = torch.randn(nq, d, generator=gen), torch.randn(ng, d, generator=gen)
+    assert_same_up_to_gemm_rounding(q, g, k)
+    qt, gt = misordering_near_ties()
+    assert_same_up_to_gemm_rounding(qt, gt, 20)
 
 
 def misordering_near_ties(n_heads=20, variants=40, n_random=2000, d=256, seed=0):

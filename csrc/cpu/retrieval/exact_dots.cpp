@@ -17,11 +17,7 @@
 #include <mutex>
 #include <tuple>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-#define SDML_AVX512_DOTS 1
-#endif
-
+#include "avx512.h"
 #include "sdml/cpu_blas.h"
 
 namespace sdml::cpu_retrieval {
@@ -43,11 +39,11 @@ void dot_group_portable(const DotGroup& grp, const float* g, int64_t d, int64_t 
   for (int64_t c = 0; c < grp.n; ++c) grp.out[c] = model_dot(grp.q, g + grp.idx[c] * d, d, chunk);
 }
 
-#ifdef SDML_AVX512_DOTS
+#if SDML_HAVE_AVX512_PATHS
 // Coordinates k0 .. k0 + 15 of 16 rows, transposed: out[k][lane] = rows[lane][k0 + k]. Each
 // vector is assembled from four rows' 4-coordinate pieces (a load and three inserts from memory,
 // which run beside the shuffles), then a 4 x 4 transpose within each 128-bit lane.
-__attribute__((target("avx512f"))) inline void load_transposed(const float* const* rows, int64_t k0, __m512 out[16]) {
+SDML_AVX512 inline void load_transposed(const float* const* rows, int64_t k0, __m512 out[16]) {
   for (int quad = 0; quad < 4; ++quad) {
     __m512 t[4];
     for (int i = 0; i < 4; ++i) {
@@ -58,14 +54,14 @@ __attribute__((target("avx512f"))) inline void load_transposed(const float* cons
       t[i] = _mm512_insertf32x4(v, _mm_loadu_ps(rows[i + 12] + k), 3);
     }
     // t[i], 128-bit lane L: row i + 4 L, coordinates 4 quad + 0..3
-    const __m512 a0 = _mm512_unpacklo_ps(t[0], t[1]), a1 = _mm512_unpackhi_ps(t[0], t[1]);
-    const __m512 a2 = _mm512_unpacklo_ps(t[2], t[3]), a3 = _mm512_unpackhi_ps(t[2], t[3]);
+    const __m512 a0 = _mm512_maskz_unpacklo_ps(kAll, t[0], t[1]), a1 = _mm512_maskz_unpackhi_ps(kAll, t[0], t[1]);
+    const __m512 a2 = _mm512_maskz_unpacklo_ps(kAll, t[2], t[3]), a3 = _mm512_maskz_unpackhi_ps(kAll, t[2], t[3]);
     const __m512d b0 = _mm512_castps_pd(a0), b1 = _mm512_castps_pd(a1);
     const __m512d b2 = _mm512_castps_pd(a2), b3 = _mm512_castps_pd(a3);
-    out[4 * quad + 0] = _mm512_castpd_ps(_mm512_unpacklo_pd(b0, b2));
-    out[4 * quad + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(b0, b2));
-    out[4 * quad + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b1, b3));
-    out[4 * quad + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b1, b3));
+    out[4 * quad + 0] = _mm512_castpd_ps(_mm512_maskz_unpacklo_pd(__mmask8(0xFF), b0, b2));
+    out[4 * quad + 1] = _mm512_castpd_ps(_mm512_maskz_unpackhi_pd(__mmask8(0xFF), b0, b2));
+    out[4 * quad + 2] = _mm512_castpd_ps(_mm512_maskz_unpacklo_pd(__mmask8(0xFF), b1, b3));
+    out[4 * quad + 3] = _mm512_castpd_ps(_mm512_maskz_unpackhi_pd(__mmask8(0xFF), b1, b3));
   }
 }
 
@@ -75,7 +71,7 @@ __attribute__((target("avx512f"))) inline void load_transposed(const float* cons
 // group's n repeat its last item and are not stored. A chunk's last < 16 coordinates continue each
 // lane's chain one by one; the chunks' partial sums are added in order, as the model says.
 template <int kGroups>
-__attribute__((target("avx512f"))) void dot_groups_avx512(const DotGroup* grp, const float* g, int64_t d,
+SDML_AVX512 void dot_groups_avx512(const DotGroup* grp, const float* g, int64_t d,
                                                             int64_t chunk) {
   const float* rows[kGroups][kDotLanes];
   __m512 total[kGroups], acc[kGroups];
@@ -110,10 +106,6 @@ __attribute__((target("avx512f"))) void dot_groups_avx512(const DotGroup* grp, c
     _mm512_mask_storeu_ps(grp[j].out, static_cast<__mmask16>((1u << grp[j].n) - 1), total[j]);
 }
 
-bool has_avx512f() {
-  static const bool yes = __builtin_cpu_supports("avx512f");
-  return yes;
-}
 #endif
 
 // Runs f as the exact kernel runs its tiles' GEMMs (cpu_retrieval::for_each_tile): on one thread
@@ -175,8 +167,8 @@ void append_dot_groups(const float* q, const int64_t* idx, int64_t n, float* out
 }
 
 void exact_dot_groups(const DotGroup* groups, int64_t count, const float* g, int64_t d, int64_t chunk) {
-#ifdef SDML_AVX512_DOTS
-  if (has_avx512f()) {
+#if SDML_HAVE_AVX512_PATHS
+  if (use_avx512()) {
     int64_t i = 0;
     for (; i + 2 <= count; i += 2) dot_groups_avx512<2>(groups + i, g, d, chunk);
     if (i < count) dot_groups_avx512<1>(groups + i, g, d, chunk);

@@ -3,11 +3,7 @@
 #include <algorithm>
 #include <cstring>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-#define SDML_AVX512_SCAN 1
-#endif
-
+#include "avx512.h"
 #include "sdml/macros.h"
 #include "sdml/topk_precision.h"
 
@@ -72,12 +68,6 @@ float kth_largest(const T* v, int64_t n, int64_t k) {
   return key_value((high << 8) | low);
 }
 
-#ifdef SDML_AVX512_SCAN
-bool has_avx512f() {
-  static const bool yes = __builtin_cpu_supports("avx512f");
-  return yes;
-}
-#endif
 
 }  // namespace
 
@@ -87,6 +77,7 @@ void MarginCandidates::reset(double D, float guess) {
   D_ = D;
   size_ = 0;
   guess_ = guess;
+  avx512_ = use_avx512();
   kappa_ = -std::numeric_limits<float>::infinity();
   threshold_ = bf16_candidate_threshold(guess, D);
   reserve(std::max<int64_t>(2 * k_, 512));
@@ -101,8 +92,8 @@ void MarginCandidates::reserve(int64_t cap) {
 }
 
 void MarginCandidates::offer_block(const uint16_t* s, int64_t n, int64_t base, int64_t self) {
-#ifdef SDML_AVX512_SCAN
-  if (has_avx512f()) {
+#if SDML_HAVE_AVX512_PATHS
+  if (avx512_) {
     const int64_t n16 = n / 16 * 16;
     offer_avx512(s, n16, base, self);
     offer_portable(s + n16, n - n16, base + n16, self);
@@ -135,10 +126,10 @@ SDML_CPU_CLONES void MarginCandidates::offer_portable(const uint16_t* s, int64_t
   }
 }
 
-#ifdef SDML_AVX512_SCAN
+#if SDML_HAVE_AVX512_PATHS
 // 16 scores at a time: widened to floats, compared with the threshold, and the passing ones
 // (and their indices) compressed into the list's end.
-__attribute__((target("avx512f"))) void MarginCandidates::offer_avx512(const uint16_t* s, int64_t n, int64_t base,
+SDML_AVX512 void MarginCandidates::offer_avx512(const uint16_t* s, int64_t n, int64_t base,
                                                                         int64_t self) {
   // Locals: the stores below may alias any member, which would be reloaded after each.
   __m512 thr = _mm512_set1_ps(threshold_);
@@ -147,7 +138,7 @@ __attribute__((target("avx512f"))) void MarginCandidates::offer_avx512(const uin
   int64_t size = size_, cap = cap_;
   const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (int64_t j = 0; j < n; j += 16) {
-    const __m512i bits = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + j))), 16);
+    const __m512i bits = _mm512_maskz_slli_epi32(kAll, _mm512_maskz_cvtepu16_epi32(kAll, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + j))), 16);
     const __m512 v = _mm512_castsi512_ps(bits);
     __mmask16 pass = _mm512_cmp_ps_mask(v, thr, _CMP_GE_OQ);
     if (!pass) continue;

@@ -44,6 +44,7 @@ class MarginCandidates {
 
   int64_t k_, size_ = 0, cap_ = 0;
   double D_ = 0;
+  bool avx512_ = false;  // the AVX-512 scan (avx512.h), chosen per query
   float kappa_ = -std::numeric_limits<float>::infinity(), threshold_ = -std::numeric_limits<float>::infinity();
   float guess_ = -std::numeric_limits<float>::infinity();
   std::vector<float> score_;    // [cap_ + slack]: the bf16 scores as floats
