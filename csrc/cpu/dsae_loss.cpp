@@ -34,6 +34,7 @@
 #include "sdml/cpu_blas.h"
 #include "sdml/dsae_loss.h"
 #include "sdml/dsae_loss_math.h"
+#include "sdml/lane_sums.h"
 #include "dsae_loss/gradient_rows.h"
 
 namespace sdml {
@@ -45,18 +46,10 @@ using namespace dsae;
 // still splits across the cores.
 constexpr int64_t kGrainElements = 16384;
 
-// Partial sums per row reduction: element i goes to lane i % kLanes, lanes are added in a fixed
-// order. Wide enough for two AVX-512 (four AVX2) accumulators in flight, and the same bits for
-// every vector width of the clones below.
-constexpr int64_t kLanes = 32;
+// Row reductions: sdml/lane_sums.h (the same bits for every vector width).
+using lanes::kLanes;
+using lanes::sum_lanes;
 
-// Sum of kLanes partial sums, pairwise in a fixed order.
-template <typename A>
-A sum_lanes(A* lane) {
-  for (int64_t width = kLanes / 2; width >= 1; width /= 2)
-    for (int64_t l = 0; l < width; ++l) lane[l] += lane[l + width];
-  return lane[0];
-}
 
 // sum_i (a_i - b_i)^2
 template <typename T, typename A>

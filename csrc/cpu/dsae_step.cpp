@@ -32,6 +32,7 @@
 #include "sdml/adam_math.h"
 #include "sdml/cpu_blas.h"
 #include "sdml/dsae_loss_math.h"
+#include "sdml/lane_sums.h"
 #include "sdml/dsae_step.h"
 #include "sdml/macros.h"
 
@@ -56,9 +57,9 @@ using dsae::acc_t;
 // Elements per parallel task: enough to amortize scheduling, small enough that a [100, 1024]
 // block still splits across the cores.
 constexpr int64_t kGrainElements = 16384;
-// Partial sums of a row reduction (element i to lane i % kLanes, lanes added pairwise in a fixed
-// order): the same bits for every vector width.
-constexpr int64_t kLanes = 32;
+// Row reductions: sdml/lane_sums.h (the same bits for every vector width).
+using lanes::kLanes;
+using lanes::sum_lanes;
 // Columns per task of a column reduction (a multiple of every vector width): each row's segment
 // is 2 KiB (float) of contiguous memory, long enough for the hardware prefetcher; with 64 columns
 // the pass was bound by a cache miss per row (rows are a page or more apart).
@@ -91,12 +92,6 @@ constexpr int64_t kAdamUnit = 64;
 
 int64_t grain_rows(int64_t per_row) { return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(per_row, 1)); }
 
-template <typename A>
-A sum_lanes(A* lane) {
-  for (int64_t width = kLanes / 2; width >= 1; width /= 2)
-    for (int64_t l = 0; l < width; ++l) lane[l] += lane[l + width];
-  return lane[0];
-}
 
 // sum_i a_i b_i, in kLanes lanes.
 template <typename T, typename A>
