@@ -185,3 +185,15 @@ def near_ties(n_heads=60, variants=12, n_random=3000, d=256, seed=0):
     gallery = gallery[torch.randperm(gallery.shape[0], generator=g)]  # ties spread over the blocks
     queries = heads + 0.05 * torch.randn(n_heads, d, generator=g)
     return queries, gallery
+
+
+@pytest.fixture(params=["native", "portable"])
+def cpu_kernels(request, monkeypatch):
+    """Runs a test through the CPU kernels' hand-written AVX-512 paths ("native", where the CPU has
+    AVX-512) and through their portable code (SDML_CPU_AVX512=off, read when a call starts: both
+    run in one process, on any machine)."""
+    if request.param == "portable":
+        monkeypatch.setenv("SDML_CPU_AVX512", "off")
+    else:
+        monkeypatch.delenv("SDML_CPU_AVX512", raising=False)
+    return request.param

@@ -14,20 +14,11 @@ import torch
 from sdml_ext.ops import average_precision, average_precision_pair, precision_at_k, precision_recall_curve
 
 import retrieval_reference as ref
+from helpers import cpu_kernels  # noqa: F401 (fixture: AVX-512 and portable paths)
 
 D = 256
-PATHS = ["avx512", "portable"]
 DTYPES = [torch.float32, torch.float64]
 LEVELS = [0.0, 0.2, 0.5, 0.9, 1.0]
-
-
-@pytest.fixture(params=PATHS)
-def path(request, monkeypatch):
-    if request.param == "portable":
-        monkeypatch.setenv("SDML_CPU_AVX512", "off")
-    else:
-        monkeypatch.delenv("SDML_CPU_AVX512", raising=False)
-    return request.param
 
 
 def exact_rows(n, gen, classes=4, flip=0.3, patterns=None):
@@ -65,7 +56,7 @@ SIZES = [(1, 1), (1, 5), (1, 63), (3, 64), (2, 65), (7, 300), (40, 1000), (5, 40
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("size", SIZES)
-def test_ranks_exact(size, dtype, path):
+def test_ranks_exact(size, dtype, cpu_kernels):
     nq, ng = size
     gen = torch.Generator().manual_seed(nq * 7919 + ng)
     patterns = torch.randint(0, 2, (4, D), generator=gen).double() * 2 - 1
@@ -76,7 +67,7 @@ def test_ranks_exact(size, dtype, path):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("exclude_self", [False, True])
-def test_same_sample_exclude_self(exclude_self, dtype, path):
+def test_same_sample_exclude_self(exclude_self, dtype, cpu_kernels):
     gen = torch.Generator().manual_seed(31)
     x, labels = exact_rows(500, gen, flip=0.2)
     check_all(x, x.clone(), labels, labels.clone(), dtype, exclude_self=exclude_self)
@@ -84,7 +75,7 @@ def test_same_sample_exclude_self(exclude_self, dtype, path):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("exclude_self", [False, True])
-def test_all_scores_equal(exclude_self, dtype, path):
+def test_all_scores_equal(exclude_self, dtype, cpu_kernels):
     """Every gallery row the same direction: one score, ranks by ascending index."""
     gen = torch.Generator().manual_seed(5)
     row = torch.randint(0, 2, (1, D), generator=gen).double() * 2 - 1
@@ -95,7 +86,7 @@ def test_all_scores_equal(exclude_self, dtype, path):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_few_distinct_scores(dtype, path):
+def test_few_distinct_scores(dtype, cpu_kernels):
     """Flips of one pattern by few signs: a handful of score values, thousands of ties each, the
     relevant items crowding their buckets."""
     gen = torch.Generator().manual_seed(6)
@@ -105,7 +96,7 @@ def test_few_distinct_scores(dtype, path):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_crowded_bucket_of_distinct_scores(dtype, path):
+def test_crowded_bucket_of_distinct_scores(dtype, cpu_kernels):
     """A relevant item scoring -1 stretches the relevant range, so that the other relevant items'
     distinct scores share few buckets (more than a bucket keeps unsorted), with items that are not
     relevant between them."""
@@ -121,7 +112,7 @@ def test_crowded_bucket_of_distinct_scores(dtype, path):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("relevant", ["none", "one", "all", "one below all", "one above all"])
-def test_relevant_sets(relevant, dtype, path):
+def test_relevant_sets(relevant, dtype, cpu_kernels):
     gen = torch.Generator().manual_seed(9)
     q, _ = exact_rows(3, gen, classes=1, flip=0.3)
     g, _ = exact_rows(700, gen, classes=1, flip=0.3)
@@ -140,7 +131,7 @@ def test_relevant_sets(relevant, dtype, path):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_non_contiguous_inputs(dtype, path):
+def test_non_contiguous_inputs(dtype, cpu_kernels):
     gen = torch.Generator().manual_seed(10)
     q, ql = exact_rows(9, gen)
     g, gl = exact_rows(400, gen)
@@ -154,7 +145,7 @@ def test_non_contiguous_inputs(dtype, path):
 
 @pytest.mark.parametrize("classes", [7, 80, 150])  # one, two and three label words
 @pytest.mark.parametrize("ng", [1, 13, 1003])
-def test_multi_label_relevance(ng, classes, path):
+def test_multi_label_relevance(ng, classes, cpu_kernels):
     gen = torch.Generator().manual_seed(ng + classes)
     g, _ = exact_rows(ng, gen)
     q, _ = exact_rows(6, gen)

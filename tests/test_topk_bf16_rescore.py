@@ -19,7 +19,7 @@ import sdml_ext
 from sdml_ext import _C
 from sdml_ext.ops import cosine_topk
 
-from helpers import assert_same, assert_same_up_to_gemm_rounding, near_ties, topk_gemm
+from helpers import assert_same, assert_same_up_to_gemm_rounding, cpu_kernels, near_ties, topk_gemm  # noqa: F401 (fixture)
 
 HAS_BF16_UNITS = sdml_ext.build_info()["cpu_bf16"].startswith("bf16 units:")
 pytestmark = pytest.mark.filterwarnings("ignore:cosine_topk. precision=.bf16. runs the exact mode")
@@ -36,15 +36,6 @@ def rescore(request, monkeypatch):
     return request.param
 
 
-# The AVX-512 kernels (the scan, the pairwise re-score) or the portable ones (SDML_CPU_AVX512=off,
-# read on every call: both run in one process, and on any machine).
-@pytest.fixture(params=["native", "portable"])
-def isa(request, monkeypatch):
-    if request.param == "portable":
-        monkeypatch.setenv("SDML_CPU_AVX512", "off")
-    else:
-        monkeypatch.delenv("SDML_CPU_AVX512", raising=False)
-    return request.param
 
 
 # ---- exact arithmetic -------------------------------------------------------------------------
@@ -80,7 +71,7 @@ def model_dot(q, x, chunk):
 
 @pytest.mark.parametrize("d, chunk", [(1, 1), (15, 15), (16, 16), (17, 17), (40, 16), (100, 48), (513, 512),
                                       (600, 512)])
-def test_exact_dots_kernel_is_the_model(isa, d, chunk):
+def test_exact_dots_kernel_is_the_model(cpu_kernels, d, chunk):
     """The vector kernel (16 pairs per vector, two groups at a time, a chunk's last < 16
     coordinates lane by lane) and the portable one compute the model bit for bit: full and partial
     groups, repeated items, the chunk boundaries."""

@@ -189,23 +189,21 @@ class ExplicitStep:
 
     def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(h, x_hat) of the batch, every layer's output left in its buffer."""
-        a = x
-        for layer in self.encoder:
+        h = self._dense_chain(x, self.encoder, self.code, self.code_norm)
+        return h, self._dense_chain(h, self.decoder, self.x_hat, self.output_norm)
+
+    @staticmethod
+    def _dense_chain(a: Tensor, layers, normalized: Tensor, norm: Tensor | None) -> Tensor:
+        """Runs `layers` (GEMM, then bias and ReLU in one pass, into each layer's buffer) from `a`;
+        with `norm`, the last output's rows are normalised into `normalized` (row norms in `norm`)."""
+        for layer in layers:
             torch.mm(a, layer.w.t(), out=layer.out)
             kernels.dense_bias_act(layer.out, layer.b, layer.relu)
             a = layer.out
-        if self.code_norm is not None:
-            kernels.normalize_rows(a, NORMALIZE_EPS, self.code, self.code_norm)
-            a = self.code
-        h = a
-        for layer in self.decoder:
-            torch.mm(a, layer.w.t(), out=layer.out)
-            kernels.dense_bias_act(layer.out, layer.b, layer.relu)
-            a = layer.out
-        if self.output_norm is not None:
-            kernels.normalize_rows(a, NORMALIZE_EPS, self.x_hat, self.output_norm)
-            a = self.x_hat
-        return h, a
+        if norm is not None:
+            kernels.normalize_rows(a, NORMALIZE_EPS, normalized, norm)
+            a = normalized
+        return a
 
     def _top_grad(self, grad: Tensor, out: Tensor, norm: Tensor | None, layer: _Dense) -> Tensor:
         """The gradient of the chain's last layer's pre-activation from that of the chain's
