@@ -93,6 +93,34 @@ bool use_cpu_bf16_topk(const char* op, const at::Tensor& query, std::string_view
   return query.scalar_type() == at::kFloat && query.dim() == 2 && query.size(0) >= 3;
 }
 
+namespace {
+bool exact_filter_disabled() {
+  const char* value = std::getenv("SDML_CPU_EXACT_FILTER");
+  return value && (std::string_view(value) == "off" || std::string_view(value) == "0");
+}
+}  // namespace
+
+namespace {
+thread_local bool exact_kernel_only = false;
+}  // namespace
+ExactKernelOnly::ExactKernelOnly() : was_(exact_kernel_only) { exact_kernel_only = true; }
+ExactKernelOnly::~ExactKernelOnly() { exact_kernel_only = was_; }
+bool ExactKernelOnly::active() { return exact_kernel_only; }
+
+bool use_cpu_bf16_filter(const at::Tensor& query, int64_t gallery_rows) {
+  return !ExactKernelOnly::active() && gallery_rows > kExactFilterMinItems && !exact_filter_disabled() && cpu_bf16_units() &&
+         at::globalContext().userEnabledMkldnn() && query.scalar_type() == at::kFloat && query.dim() == 2 &&
+         query.size(0) >= 3;
+}
+
+std::string cpu_exact_filter_status() {
+  if (!cpu_bf16_units()) return "off: no bf16 units (the exact mode is the float32 kernel alone)";
+  if (exact_filter_disabled()) return "off: SDML_CPU_EXACT_FILTER=off (the exact mode is the float32 kernel alone)";
+  return "on: the exact mode filters galleries of > " + std::to_string(kExactFilterMinItems) +
+         " items with the bf16 pass where its re-score is proven bit for bit the float32 kernel's and "
+         "measured cheaper (same ids and scores); SDML_CPU_EXACT_FILTER=off turns it off";
+}
+
 // The bf16 mode's error bound. Notation: q, g are the exact mode's normalized float32 rows (the
 // bf16 kernel starts from the same rows, bit for bit), q~, g~ their bf16 copies (rounded to nearest
 // even, subnormals flushed to zero, so that every bf16 unit and ATen's fallback see the same

@@ -81,7 +81,9 @@ def build_info() -> dict:
     libraries' rates; the cache file). The choice is made on the first call (a measurement of a
     few tens of ms, or the cache); ``python -m sdml_ext.info`` prints all this. Raises ValueError
     for a bad ``SDML_CPU_GEMM``. ``cpu_bf16``: this CPU's bf16 units, as
-    ``cosine_topk(..., precision="bf16")`` uses them, in one line. ``cpu_loss_stores``: how the
+    ``cosine_topk(..., precision="bf16")`` uses them, in one line. ``cpu_exact_filter``: whether
+    the exact mode filters large galleries with a bf16 pass here (the same ids and scores as the
+    float32 kernel alone, which ``SDML_CPU_EXACT_FILTER=off`` selects). ``cpu_loss_stores``: how the
     CPU loss kernel writes its input gradients here (streaming stores past the cache available to
     torch's threads, ordinary ones below; ``SDML_LOSS_STREAM=0/1`` overrides), in one line.
     """
@@ -94,6 +96,7 @@ def build_info() -> dict:
         "cuda_available": torch.cuda.is_available(),
         "cpu_gemm": _C.cpu_gemm_choice(),
         "cpu_bf16": _C.cpu_bf16_status(),
+        "cpu_exact_filter": _C.cpu_exact_filter_status(),
         "cpu_loss_stores": _C.dsae_loss_cpu_stores(),
     }
 

@@ -8,6 +8,9 @@ another test file or conftest.
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import pytest
 import torch
 
@@ -132,10 +135,26 @@ def topk_gemm() -> str:
     return sdml_ext.build_info()["cpu_gemm"]["gemm"]
 
 
+@contextlib.contextmanager
+def float32_kernel_alone():
+    """cosine_topk's exact mode as its float32 kernel alone: without the bf16 filter it takes on
+    large galleries where the CPU has bf16 units (the reference the filter must equal)."""
+    old = os.environ.get("SDML_CPU_EXACT_FILTER")
+    os.environ["SDML_CPU_EXACT_FILTER"] = "off"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["SDML_CPU_EXACT_FILTER"]
+        else:
+            os.environ["SDML_CPU_EXACT_FILTER"] = old
+
+
 def both(q, g, k, exclude_self=False):
     from sdml_ext.ops import cosine_topk
 
-    exact = cosine_topk(q, g, k, exclude_self=exclude_self)
+    with float32_kernel_alone():
+        exact = cosine_topk(q, g, k, exclude_self=exclude_self)
     fast = cosine_topk(q, g, k, exclude_self=exclude_self, precision="bf16")
     return exact, fast
 

@@ -56,6 +56,10 @@ std::tuple<at::Tensor, at::Tensor> cosine_topk_cpu(const at::Tensor& query_in, c
   check_cpu_dtype(op, query_in);
   check_topk_k(op, k, sizes.ranked, exclude_self);
   if (use_cpu_bf16_topk(op, query_in, precision)) return cosine_topk_bf16_cpu(query_in, gallery_in, k, exclude_self);
+  // The exact mode itself: where bf16 units make a first pass cheap, it filters the candidates
+  // and re-scores them in this kernel's own arithmetic (or runs this kernel): the same answer.
+  if (use_cpu_bf16_filter(query_in, sizes.ng))
+    return cosine_topk_bf16_cpu(query_in, gallery_in, k, exclude_self, /*as_filter=*/true);
   const auto [query, raw_gallery, gallery_norms] = embeddings_with_gallery_norms(op, query_in, gallery_in, exclude_self);
   const DuplicateScores duplicates(duplicate_rows(gallery_in));
   at::Tensor scores = at::empty({sizes.nq, k}, query.options());

@@ -28,6 +28,8 @@ PYBIND11_MODULE(_C, m) {
 #endif
   m.def("cpu_bf16_status", &sdml::cpu_bf16_status,
         "This CPU's bf16 units as cosine_topk's precision=\"bf16\" sees them, in one line.");
+  m.def("cpu_exact_filter_status", &sdml::cpu_exact_filter_status,
+        "Whether cosine_topk's exact mode filters with a bf16 pass on this CPU, in one line.");
   m.def("bf16_topk_output_rounding", &sdml::bf16_output_rounding,
         "rho of the bf16 top-k's bound |S - s| <= rho |S| + D (sdml/topk_precision.h).");
   m.def(

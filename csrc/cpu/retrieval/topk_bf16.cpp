@@ -30,6 +30,10 @@
 // faster and runs instead: decided from the candidates of a sample of the search and, for the
 // pairwise re-score, the measured times of the three parts at the exact kernel's call shape.
 // SDML_CPU_BF16_RESCORE=auto|dots|gemm|exact forces a path (tests; the answer is the same).
+//
+// The exact mode calls this kernel as its filter (as_filter; cosine_topk_cpu in retrieval.cpp) on
+// CPUs with bf16 units: there only the pairwise re-score, proven bit for bit the exact kernel's,
+// may answer, so the exact mode's ids and scores are its float32 kernel's whichever runs.
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/div.h>
@@ -115,9 +119,13 @@ Path forced_path() {
 
 using ExactFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, int64_t, bool,
                                                    c10::string_view);
-const c10::TypedOperatorHandle<ExactFn>& exact_op() {
+// The exact mode through the dispatcher, as the float32 kernel alone (not its bf16 filter, which
+// is this kernel).
+std::tuple<at::Tensor, at::Tensor> exact_kernel(const at::Tensor& query, const at::Tensor& gallery, int64_t k,
+                                                bool exclude_self) {
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("sdml::cosine_topk", "").typed<ExactFn>();
-  return op;
+  const ExactKernelOnly float32_kernel;
+  return op.call(query, gallery, k, exclude_self, "exact");
 }
 
 // The exact mode's block GEMM: the library the exact kernel's top-k blocks run on (the process's
@@ -200,7 +208,7 @@ void answer_last_rows_exactly(const at::Tensor& query_in, const at::Tensor& gall
                               int64_t last_rows, at::Tensor& scores, at::Tensor& indices) {
   const int64_t nq = query_in.size(0), ng = gallery_in.size(0), first = nq - last_rows;
   if (!exclude_self) {
-    const auto [s, i] = exact_op().call(query_in.narrow(0, first, last_rows), gallery_in, k, false, "exact");
+    const auto [s, i] = exact_kernel(query_in.narrow(0, first, last_rows), gallery_in, k, false);
     scores.narrow(0, first, last_rows).copy_(s);
     indices.narrow(0, first, last_rows).copy_(i);
     return;
@@ -210,7 +218,7 @@ void answer_last_rows_exactly(const at::Tensor& query_in, const at::Tensor& gall
   // search); so rank them with self masked, as the exact kernel does, through the same narrow
   // call shape: the exact kernel's scores of those rows (k + 1 best, self removed).
   const int64_t kk = std::min(k + 1, ng);
-  const auto [s, i] = exact_op().call(query_in.narrow(0, first, last_rows), gallery_in, kk, false, "exact");
+  const auto [s, i] = exact_kernel(query_in.narrow(0, first, last_rows), gallery_in, kk, false);
   for (int64_t r = 0; r < last_rows; ++r) {
     const int64_t self = first + r;
     int64_t out = 0;
@@ -281,7 +289,7 @@ at::Tensor group_rows(const at::Tensor& query, int64_t q0, int64_t m, at::Tensor
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> cosine_topk_bf16_cpu(const at::Tensor& query_in, const at::Tensor& gallery_in,
-                                                        int64_t k, bool exclude_self) {
+                                                        int64_t k, bool exclude_self, bool as_filter) {
   constexpr const char* op = "cosine_topk";
   const Path forced = forced_path();
   // The exact mode's normalized query rows (bit for bit), and the gallery and its norms.
@@ -291,7 +299,7 @@ std::tuple<at::Tensor, at::Tensor> cosine_topk_bf16_cpu(const at::Tensor& query_
   TORCH_CHECK(query.scalar_type() == at::kFloat && nq >= kSmallCallRows, op, ": the bf16 kernel needs float32 and >= 3 queries");
   // Candidate lists hold int32 gallery indices and positions.
   if (forced == Path::Exact || ng > std::numeric_limits<int32_t>::max())
-    return exact_op().call(query_in, gallery_in, k, exclude_self, "exact");
+    return exact_kernel(query_in, gallery_in, k, exclude_self);
   // The gallery normalized as the exact kernel normalizes it (its at::div, element for element),
   // its bf16 copy and terms in one pass, into blocks reused across calls (no page faults).
   const Bf16Rows query_bf16 = cpu_retrieval::bf16_rows(query);
@@ -303,12 +311,15 @@ std::tuple<at::Tensor, at::Tensor> cosine_topk_bf16_cpu(const at::Tensor& query_
     D[i] = bf16_pair_bound(query_bf16.terms[i], gallery_bf16.max, d);
     finite = finite && std::isfinite(D[i]);
   }
-  if (!finite) return exact_op().call(query_in, gallery_in, k, exclude_self, "exact");
+  if (!finite) return exact_kernel(query_in, gallery_in, k, exclude_self);
 
   const Fp32Gemm fp32;
   const ExactCalls calls = exact_calls(nq, ng, k);
   const int64_t chunk = forced == Path::Gemm ? 0 : model_chunk(fp32, calls, d);
   const bool dots = chunk > 0;
+  // As the exact mode's filter, only where the re-score is proven to be the exact kernel's own
+  // arithmetic: the gathered GEMM re-score can differ at near-ties where the GEMM is MKL's.
+  if (as_filter && !dots) return exact_kernel(query_in, gallery_in, k, exclude_self);
   if (forced == Path::Auto && ng > kProbeItems) {
     const double share = candidate_share(query_bf16.values, gallery_bf16.values, k, D);
     bool dense = share * kDenseCandidates > 1;
@@ -318,7 +329,7 @@ std::tuple<at::Tensor, at::Tensor> cosine_topk_bf16_cpu(const at::Tensor& query_
                                                      calls.parallel_region, true);
       dense = kScanFactor * t.bf16_s + kRescoreFactor * share * t.dots_s >= t.gemm_s;
     }
-    if (dense) return exact_op().call(query_in, gallery_in, k, exclude_self, "exact");
+    if (dense) return exact_kernel(query_in, gallery_in, k, exclude_self);
   }
 
   const int64_t rows = tile_rows(nq, k), tiles = (nq + rows - 1) / rows;

@@ -53,8 +53,33 @@ at::Tensor cpu_exact_dots(const at::Tensor& q, const at::Tensor& g, const at::Te
 int64_t cpu_exact_dots_chunk(int64_t rows, int64_t cols, int64_t d);
 
 // The bf16 kernel: (scores [Nq, k], indices [Nq, k]) as cosine_topk's exact mode returns them.
-// query [Nq, d] and gallery [Ng, d] float32, Nq >= 3.
+// query [Nq, d] and gallery [Ng, d] float32, Nq >= 3. as_filter: the exact mode's own fast path
+// (use_cpu_bf16_filter): the bf16 pass runs only where its re-score is proven bit for bit the
+// exact kernel's (the pairwise model, exact_dots.h) and measured cheaper; otherwise the exact
+// kernel runs, so the answer is the exact kernel's own, bit for bit, either way.
 std::tuple<at::Tensor, at::Tensor> cosine_topk_bf16_cpu(const at::Tensor& query, const at::Tensor& gallery, int64_t k,
-                                                        bool exclude_self);
+                                                        bool exclude_self, bool as_filter = false);
+
+// For cosine_topk's exact mode on the CPU: whether to try the bf16 kernel as a filter (the answer
+// stays the exact kernel's bit for bit: see cosine_topk_bf16_cpu). Where the CPU has bf16 units,
+// for float32 inputs of >= 3 queries and a gallery large enough for the filter to pay
+// (kExactFilterMinItems), unless SDML_CPU_EXACT_FILTER=off (read at each call: the pure float32
+// kernel, for comparisons) or the call comes from within the bf16 kernel itself.
+constexpr int64_t kExactFilterMinItems = 16384;
+// While alive on a thread, cosine_topk's exact mode there is the float32 kernel alone: the bf16
+// kernel's own calls of the exact mode (its fallbacks) must not come back to it.
+class ExactKernelOnly {
+ public:
+  ExactKernelOnly();
+  ~ExactKernelOnly();
+  ExactKernelOnly(const ExactKernelOnly&) = delete;
+  ExactKernelOnly& operator=(const ExactKernelOnly&) = delete;
+  static bool active();
+
+ private:
+  bool was_;
+};
+bool use_cpu_bf16_filter(const at::Tensor& query, int64_t gallery_rows);
+std::string cpu_exact_filter_status();
 
 }  // namespace sdml
