@@ -138,6 +138,19 @@ def interleaved(alternatives: dict, rounds: int, device: str) -> dict:
     return out
 
 
+def _float32_alone(fn, *args):
+    """fn(*args) with cosine_topk's exact mode as its float32 kernel alone (no bf16 filter)."""
+    old = os.environ.get("SDML_CPU_EXACT_FILTER")
+    os.environ["SDML_CPU_EXACT_FILTER"] = "off"
+    try:
+        return fn(*args)
+    finally:
+        if old is None:
+            del os.environ["SDML_CPU_EXACT_FILTER"]
+        else:
+            os.environ["SDML_CPU_EXACT_FILTER"] = old
+
+
 def topk_case(nq, ng, ks, device, rounds):
     query, _ = embeddings(nq, D, 0, device)
     gallery, _ = embeddings(ng, D, 1, device)
@@ -149,6 +162,8 @@ def topk_case(nq, ng, ks, device, rounds):
             alts["faiss_flat_ip"] = lambda: faiss_topk(index, query, k)
         if device == "cpu":  # runs the exact mode (and says so) where the CPU has no bf16 units
             alts["sdml_bf16"] = lambda: cosine_topk(query, gallery, k, precision="bf16")
+            # The exact mode without its bf16 filter (where the CPU has bf16 units): the float32 kernel alone.
+            alts["sdml_fp32_alone"] = lambda: _float32_alone(cosine_topk, query, gallery, k)
         # Correctness first: the k best scores agree with torch's (float32 rounding aside).
         check = slice(0, 100)
         want, _ = torch_topk(query[check], gallery, k)
@@ -156,9 +171,11 @@ def topk_case(nq, ng, ks, device, rounds):
             got_scores, got_idx = fn()
             assert got_idx.shape == (nq, k), name
             torch.testing.assert_close(got_scores[check].float().cpu(), want.cpu(), rtol=0, atol=2e-5)
-        if "sdml_bf16" in alts:  # the bf16 mode's contract: the exact mode's ids and scores, all queries
-            exact, fast = cosine_topk(query, gallery, k), alts["sdml_bf16"]()
-            assert torch.equal(exact.indices, fast.indices) and torch.equal(exact.scores, fast.scores)
+        if "sdml_bf16" in alts:  # the contract: the float32 kernel's ids and scores, all queries
+            alone = alts["sdml_fp32_alone"]()
+            for name in ("sdml", "sdml_bf16"):
+                got = alts[name]()
+                assert torch.equal(alone.indices, got.indices) and torch.equal(alone.scores, got.scores), name
         results[f"topk {device} {nq}x{ng} d{D} k{k}"] = dict(
             interleaved(alts, rounds, device), gemm_GFLOP=2.0 * nq * ng * D / 1e9
         )
