@@ -6,6 +6,8 @@
 #include <cmath>
 #include "sdml/checks.h"
 
+#include <ATen/MemoryOverlap.h>
+
 namespace sdml {
 
 namespace {
@@ -43,6 +45,59 @@ void check_dense_bias_act_args(const at::Tensor& out, const at::Tensor& bias) {
   const auto [B, n] = check_rows(op, "out", out);
   (void)B;
   check_operand(op, "bias", bias, out, "out", {n});
+}
+
+namespace {
+
+// A weight [n_out, n_in] matching the block beside it (n_in given, n_out >= 1): returns n_out.
+int64_t check_weight(const char* op, const at::Tensor& weight, const at::Tensor& ref, const char* ref_name,
+                     int64_t n_in) {
+  SDML_CHECK_VALUE(weight.dim() == 2 && weight.size(0) > 0 && weight.size(1) == n_in, op,
+                   ": weight must be [n_out, n_in] with n_in = ", n_in, " (", ref_name, "'s columns) and n_out >= 1, got shape ",
+                   weight.sizes());
+  check_operand(op, "weight", weight, ref, ref_name, weight.sizes());
+  return weight.size(0);
+}
+
+// The written block must not share memory with an operand (the GEMM reads them while it writes).
+// Not in the fakes: fake tensors have no memory to compare.
+void check_no_overlap(const char* op, const char* name, const at::Tensor& written, const char* other_name,
+                      const at::Tensor& other) {
+  SDML_CHECK_VALUE(at::get_overlap_status(written, other) == at::MemOverlapStatus::No, op, ": ", name,
+                   " must not share memory with ", other_name);
+}
+
+}  // namespace
+
+void check_dense_forward_args(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                              const at::Tensor& out) {
+  constexpr const char* op = "dense_forward";
+  const auto [B, n_in] = check_rows(op, "input", input);
+  const int64_t n_out = check_weight(op, weight, input, "input", n_in);
+  check_operand(op, "bias", bias, input, "input", {n_out});
+  check_operand(op, "out", out, input, "input", {B, n_out});
+  SDML_CHECK_VALUE(B <= INT_MAX && n_out <= INT_MAX && n_in <= INT_MAX, op,
+                   ": sizes must fit the BLAS's 32-bit integers, got input ", input.sizes(), " and weight ",
+                   weight.sizes());
+  check_no_overlap(op, "out", out, "input", input);
+  check_no_overlap(op, "out", out, "weight", weight);
+  check_no_overlap(op, "out", out, "bias", bias);
+}
+
+void check_dense_input_grad_args(const at::Tensor& grad_out, const at::Tensor& weight, const at::Tensor& grad_input) {
+  constexpr const char* op = "dense_input_grad";
+  const auto [B, n_out] = check_rows(op, "grad_out", grad_out);
+  SDML_CHECK_VALUE(weight.dim() == 2 && weight.size(0) == n_out && weight.size(1) > 0, op,
+                   ": weight must be [n_out, n_in] with n_out = ", n_out, " (grad_out's columns) and n_in >= 1, got shape ",
+                   weight.sizes());
+  check_operand(op, "weight", weight, grad_out, "grad_out", weight.sizes());
+  const int64_t n_in = weight.size(1);
+  check_operand(op, "grad_input", grad_input, grad_out, "grad_out", {B, n_in});
+  SDML_CHECK_VALUE(B <= INT_MAX && n_out <= INT_MAX && n_in <= INT_MAX, op,
+                   ": sizes must fit the BLAS's 32-bit integers, got grad_out ", grad_out.sizes(), " and weight ",
+                   weight.sizes());
+  check_no_overlap(op, "grad_input", grad_input, "grad_out", grad_out);
+  check_no_overlap(op, "grad_input", grad_input, "weight", weight);
 }
 
 void check_normalize_rows_args(const at::Tensor& v, double eps, const at::Tensor& out, const at::Tensor& norm) {

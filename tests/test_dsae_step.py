@@ -1,5 +1,5 @@
-"""The DSAE training-step kernels (sdml::dense_bias_act, normalize_rows(_backward), dense_grad,
-adam_update, linear_weight_grad_adam) against plain PyTorch references on awkward shapes:
+"""The DSAE training-step kernels (sdml::dense_forward, dense_input_grad, dense_bias_act,
+normalize_rows(_backward), dense_grad, adam_update, linear_weight_grad_adam) against plain PyTorch references on awkward shapes:
 float64 gradchecks of the hand-written derivatives, Adam against torch's fused Adam, results
 independent of the thread count, opcheck, bad input eagerly and on fake tensors."""
 
@@ -55,6 +55,72 @@ def test_dense_bias_act_is_bias_then_relu(shape, dtype, relu):
     ds.dense_bias_act(out, b, relu)
     expected = z + b
     assert torch.equal(out, torch.relu(expected) if relu else expected)
+
+
+# Linear layers: one row, one column, odd widths, n_out and n_in past one and several 128-column
+# tiles and not a multiple of them, the paper's widths.
+LINEAR = [(1, 1, 1), (1, 3, 17), (3, 129, 5), (7, 130, 1030), (100, 257, 2050), (100, 1024, 4096)]
+
+
+def gemm_close(ours, expected, a, b, dtype, slack=0.0):
+    """ours ~ expected = a @ b (+ terms worth ``slack``, all in float64) within the rounding of a
+    float GEMM: per element k * eps * (|a| @ |b|) + slack, k the inner size."""
+    bound = (a.double().abs() @ b.double().abs()) * (a.shape[1] * torch.finfo(dtype).eps) + slack
+    err = (ours.double() - expected).abs()
+    assert bool((err <= bound).all()), float((err - bound).max())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,n_out,n_in", LINEAR)
+@pytest.mark.parametrize("relu", [False, True])
+def test_dense_forward_is_linear_then_relu(B, n_out, n_in, dtype, relu):
+    x, w = rand(B, n_in, dtype=dtype, seed=40), rand(n_out, n_in, dtype=dtype, seed=41)
+    b = rand(n_out, dtype=dtype, seed=42)
+    out = torch.full((B, n_out), float("nan"), dtype=dtype)  # every element must be written
+    ds.dense_forward(x, w, b, relu, out)
+    expected = x.double() @ w.double().t() + b.double()
+    # ReLU is 1-Lipschitz: the GEMM's bound holds after it, and nothing below zero survives it.
+    gemm_close(out, torch.relu(expected) if relu else expected, x, w.t(), dtype,
+               slack=b.double().abs() * torch.finfo(dtype).eps)
+    if relu:
+        assert bool((out >= 0).all())
+        assert bool((out[expected < -1e-3] == 0).all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,n_out,n_in", LINEAR)
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_dense_input_grad_is_grad_out_times_weight(B, n_out, n_in, dtype, accumulate):
+    go, w = rand(B, n_out, dtype=dtype, seed=43), rand(n_out, n_in, dtype=dtype, seed=44)
+    before = rand(B, n_in, dtype=dtype, seed=45)
+    grad_input = before.clone() if accumulate else torch.full((B, n_in), float("nan"), dtype=dtype)
+    ds.dense_input_grad(go, w, grad_input, accumulate)
+    expected = go.double() @ w.double()
+    slack = 0.0
+    if accumulate:  # the sum adds one rounding of |before|
+        expected = expected + before.double()
+        slack = 2 * before.double().abs() * torch.finfo(dtype).eps
+    gemm_close(grad_input, expected, go, w, dtype, slack)
+
+
+def test_dense_forward_and_input_grad_match_autograd_in_float64():
+    """The two GEMMs are a Linear layer's forward and input gradient: gradcheck the composition."""
+    w, b = rand(9, 13, seed=46), rand(9, seed=47)
+
+    class Linear(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            out = x.new_empty(x.shape[0], 9)
+            ds.dense_forward(x.detach().contiguous(), w, b, False, out)
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):
+            gi = grad.new_empty(grad.shape[0], 13)
+            ds.dense_input_grad(grad.contiguous(), w, gi)
+            return gi
+
+    assert torch.autograd.gradcheck(Linear.apply, (rand(4, 13, seed=48).requires_grad_(),))
 
 
 def _rows_with_edges(shape, dtype, seed):
@@ -247,7 +313,12 @@ def test_results_do_not_depend_on_the_thread_count(threads):
         ds.dense_bias_act(act, b, True)
         flat = [t.flatten().clone() for t in state]
         ds.adam_update(flat[0], grad.flatten(), flat[1], flat[2], step=2, **HYPER[1])
-        return [*state, grad, out, norm, gi, sums, masked, gb, act, *flat]
+        # Past several 128-column tiles each way: out [100, 300] and grad_input [100, 2100].
+        lin = torch.empty(100, 300)
+        ds.dense_forward(x, w, b[:300], True, lin)
+        gin = z.clone()
+        ds.dense_input_grad(go, w, gin, accumulate=True)
+        return [*state, grad, out, norm, gi, sums, masked, gb, act, *flat, lin, gin]
 
     torch.set_num_threads(1)
     one = run()
@@ -281,6 +352,9 @@ def _calls(dtype=torch.float32):
                                                 torch.empty_like(w))),
         (sdml.linear_weight_grad_adam.default, (go, x, w.clone(), m.clone(), v.clone(), 1e-3, 0.5, 0.999, 1e-8, 2.0,
                                                 None)),
+        (sdml.dense_forward.default, (x, w, b, True, torch.empty_like(z))),
+        (sdml.dense_input_grad.default, (go, w, torch.empty_like(x), False)),
+        (sdml.dense_input_grad.default, (go, w, x.clone(), True)),
     ]
 
 
@@ -293,7 +367,7 @@ def test_opcheck(dtype):
 def _bad(calls):
     """(op, args, error, message) for bad versions of the valid calls."""
     (bias_act, (z, b, _)), (norm_op, nargs), (nb_op, nbargs), _, (dg_op, dgargs), _, (adam_op, aargs), \
-        (lwg_op, largs), _ = calls
+        (lwg_op, largs), _, (fwd_op, fargs), (ig_op, igargs), _ = calls
     half = z.half()
     return [
         (bias_act, (z, b[:-1], True), ValueError, r"dense_bias_act: bias must have shape \[6\], got \[5\]"),
@@ -318,6 +392,21 @@ def _bad(calls):
         (lwg_op, (*largs[:2], largs[2].t(), *largs[3:]), ValueError, "linear_weight_grad_adam: weight must have shape"),
         (lwg_op, (*largs[:10], largs[10][:-1]), ValueError, "linear_weight_grad_adam: grad_weight must have shape"),
         (lwg_op, (*largs[:7], 1.0, *largs[8:]), ValueError, r"linear_weight_grad_adam: beta2 must be in \[0, 1\)"),
+        (fwd_op, (fargs[0], fargs[1][:, :-1], *fargs[2:]), ValueError,
+         r"dense_forward: weight must be \[n_out, n_in\] with n_in = 9 \(input's columns\)"),
+        (fwd_op, (fargs[0], fargs[1][:0], fargs[2][:0], *fargs[3:]), ValueError, "dense_forward: weight must be"),
+        (fwd_op, (*fargs[:2], fargs[2][:-1], *fargs[3:]), ValueError, r"dense_forward: bias must have shape \[6\]"),
+        (fwd_op, (*fargs[:4], fargs[4].t()), ValueError, r"dense_forward: out must have shape \[5, 6\]"),
+        (fwd_op, (fargs[0].t().contiguous().t(), *fargs[1:]), ValueError, "dense_forward: input must be contiguous"),
+        (fwd_op, (fargs[0], fargs[1].half(), *fargs[2:]), TypeError, "dense_forward: weight must be float32 or"),
+        (fwd_op, (fargs[0][:0], *fargs[1:]), ValueError, "dense_forward: input must have rows and columns"),
+        (ig_op, (igargs[0], igargs[1][:-1], *igargs[2:]), ValueError,
+         r"dense_input_grad: weight must be \[n_out, n_in\] with n_out = 6 \(grad_out's columns\)"),
+        (ig_op, (*igargs[:2], igargs[2][:, :-1].contiguous(), igargs[3]), ValueError,
+         r"dense_input_grad: grad_input must have shape \[5, 9\]"),
+        (ig_op, (igargs[0], igargs[1].t().contiguous().t(), *igargs[2:]), ValueError,
+         "dense_input_grad: weight must be contiguous"),
+        (ig_op, (igargs[0].flatten(), *igargs[1:]), ValueError, "dense_input_grad: grad_out must be a 2-D tensor"),
     ]
 
 
@@ -325,6 +414,20 @@ def test_bad_input_names_the_argument():
     for op, args, error, message in _bad(_calls()):
         with pytest.raises(error, match=message):
             op(*args)
+
+
+def test_dense_outputs_must_not_share_memory_with_their_operands():
+    """The GEMM reads its operands while it writes: an aliased output would read half-written
+    values. Checked eagerly only (fake tensors have no memory to compare)."""
+    x, w, b = rand(4, 4, dtype=torch.float32), rand(4, 4, dtype=torch.float32, seed=1), torch.zeros(4)
+    with pytest.raises(ValueError, match="dense_forward: out must not share memory with input"):
+        ds.dense_forward(x, w, b, False, x)
+    with pytest.raises(ValueError, match="dense_forward: out must not share memory with weight"):
+        ds.dense_forward(x, w, b, False, w)
+    with pytest.raises(ValueError, match="dense_input_grad: grad_input must not share memory with grad_out"):
+        ds.dense_input_grad(x, w, x, True)
+    with pytest.raises(ValueError, match="dense_input_grad: grad_input must not share memory with weight"):
+        ds.dense_input_grad(x, w, w)
 
 
 def test_bad_input_on_fake_tensors():

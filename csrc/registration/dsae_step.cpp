@@ -7,6 +7,10 @@
 TORCH_LIBRARY_FRAGMENT(sdml, m) {
   // out [B, n] = act(out + bias): the forward's bias and ReLU after its GEMM.
   m.def("dense_bias_act(Tensor(a!) out, Tensor bias, bool relu) -> ()");
+  // out [B, n_out] = act(input [B, n_in] weight [n_out, n_in]^T + bias): a Linear layer's forward.
+  m.def("dense_forward(Tensor input, Tensor weight, Tensor bias, bool relu, Tensor(a!) out) -> ()");
+  // grad_input [B, n_in] = grad_out [B, n_out] weight (added to grad_input when accumulate).
+  m.def("dense_input_grad(Tensor grad_out, Tensor weight, Tensor(a!) grad_input, bool accumulate) -> ()");
   // out = v / max(||v_j||, eps) per row, norm [B] = ||v_j||.
   m.def("normalize_rows(Tensor v, float eps, Tensor(a!) out, Tensor(b!) norm) -> ()");
   // grad_input = d v of normalize_rows from grad (the gradient of out); column_sums its column sums.

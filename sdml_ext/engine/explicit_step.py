@@ -8,11 +8,13 @@ parameter over gradients written to memory and read back. The network is a fixed
 (Linear, ReLU, ..., Linear, normalise; twice), so its backward is known in advance and is
 written out here once, on the kernels of :mod:`sdml_ext.ops.dsae_step`:
 
-- forward, per layer: one GEMM (``torch.mm``) into the layer's buffer, then bias and ReLU in one
-  pass (``dense_bias_act``); the code and the output rows normalised in one pass each;
+- forward, per layer: ``dense_forward``: the GEMM into the layer's buffer in fixed column tiles,
+  each a single-threaded GEMM followed by bias and ReLU while the tile is in cache (at batch ~100
+  a threaded BLAS call leaves cores idle; see csrc/cpu/dsae_step.cpp); the code and the output
+  rows normalised in one pass each;
 - the loss: :func:`dsae_loss_and_grads`, the fused loss op forming its gradients as it goes;
-- backward, per layer from the top: the input's gradient by one GEMM with the layer's weights
-  (before they change), then the weights' gradient and Adam in one sweep
+- backward, per layer from the top: the input's gradient with the layer's weights (before they
+  change; ``dense_input_grad``, column tiles again), then the weights' gradient and Adam in one sweep
   (``linear_weight_grad_adam``: tile by tile, the gradient never in memory), then the ReLU mask
   of the layer below and its bias gradient in one pass (``dense_grad``; under a normalisation,
   its backward sums the bias gradient instead);
@@ -197,8 +199,7 @@ class ExplicitStep:
         """Runs `layers` (GEMM, then bias and ReLU in one pass, into each layer's buffer) from `a`;
         with `norm`, the last output's rows are normalised into `normalized` (row norms in `norm`)."""
         for layer in layers:
-            torch.mm(a, layer.w.t(), out=layer.out)
-            kernels.dense_bias_act(layer.out, layer.b, layer.relu)
+            kernels.dense_forward(a, layer.w, layer.b, layer.relu, layer.out)
             a = layer.out
         if norm is not None:
             kernels.normalize_rows(a, NORMALIZE_EPS, normalized, norm)
@@ -228,9 +229,9 @@ class ExplicitStep:
             below = chain[k - 1] if k > 0 else None
             # The input's gradient first: it needs the weights before their update.
             if below is not None:
-                torch.mm(g, layer.w, out=below.grad_out)
+                kernels.dense_input_grad(g, layer.w, below.grad_out)
             elif grad_in is not None:
-                torch.addmm(grad_in, g, layer.w, out=grad_in)  # in place: no copy of grad_in
+                kernels.dense_input_grad(g, layer.w, grad_in, accumulate=True)  # in place: no copy of grad_in
             inputs = below.out if below is not None else x
             if step is not None:
                 kernels.linear_weight_grad_adam(g, inputs, layer.w, layer.w_state.exp_avg, layer.w_state.exp_avg_sq,

@@ -22,6 +22,19 @@ def dense_bias_act(out: Tensor, bias: Tensor, relu: bool) -> None:
     torch.ops.sdml.dense_bias_act.default(out, bias, relu)
 
 
+def dense_forward(input: Tensor, weight: Tensor, bias: Tensor, relu: bool, out: Tensor) -> None:
+    """A Linear layer (and its ReLU) into ``out`` [B, n_out]: ``act(input @ weight.T + bias)`` for
+    input [B, n_in], weight [n_out, n_in], bias [n_out]; in fixed column tiles, each one
+    single-threaded GEMM (the result does not depend on the thread count)."""
+    torch.ops.sdml.dense_forward.default(input, weight, bias, relu, out)
+
+
+def dense_input_grad(grad_out: Tensor, weight: Tensor, grad_input: Tensor, accumulate: bool = False) -> None:
+    """A Linear layer's input gradient ``grad_out @ weight`` (grad_out [B, n_out], weight
+    [n_out, n_in]) written into ``grad_input`` [B, n_in], or added to it when ``accumulate``."""
+    torch.ops.sdml.dense_input_grad.default(grad_out, weight, grad_input, accumulate)
+
+
 def normalize_rows(v: Tensor, eps: float, out: Tensor, norm: Tensor) -> None:
     """``F.normalize(v, dim=1, eps=eps)`` into ``out`` [B, n]; ``norm`` [B] gets ``||v_j||``
     (unclamped: the backward reads whether the clamp was active)."""
@@ -101,6 +114,38 @@ def _check_adam_hyper(op, lr, beta1, beta2, eps, step):
 def _dense_bias_act_fake(out, bias, relu):
     _, n = _check_rows("dense_bias_act", "out", out)
     _check_operand("dense_bias_act", "bias", bias, out, "out", (n,))
+
+
+def _check_sizes(op, **shapes):
+    torch._check_value(all(n <= _INT_MAX for shape in shapes.values() for n in shape),
+                       lambda: f"{op}: sizes must fit the BLAS's 32-bit integers, got "
+                               + " and ".join(f"{name} {list(shape)}" for name, shape in shapes.items()))
+
+
+@torch.library.register_fake("sdml::dense_forward")
+def _dense_forward_fake(input, weight, bias, relu, out):
+    op = "dense_forward"
+    B, n_in = _check_rows(op, "input", input)
+    torch._check_value(weight.dim() == 2 and weight.shape[0] > 0 and weight.shape[1] == n_in,
+                       lambda: f"{op}: weight must be [n_out, n_in] with n_in = {n_in} (input's columns) and "
+                               f"n_out >= 1, got shape {list(weight.shape)}")
+    _check_operand(op, "weight", weight, input, "input", weight.shape)
+    n_out = weight.shape[0]
+    _check_operand(op, "bias", bias, input, "input", (n_out,))
+    _check_operand(op, "out", out, input, "input", (B, n_out))
+    _check_sizes(op, input=input.shape, weight=weight.shape)
+
+
+@torch.library.register_fake("sdml::dense_input_grad")
+def _dense_input_grad_fake(grad_out, weight, grad_input, accumulate):
+    op = "dense_input_grad"
+    B, n_out = _check_rows(op, "grad_out", grad_out)
+    torch._check_value(weight.dim() == 2 and weight.shape[0] == n_out and weight.shape[1] > 0,
+                       lambda: f"{op}: weight must be [n_out, n_in] with n_out = {n_out} (grad_out's columns) and "
+                               f"n_in >= 1, got shape {list(weight.shape)}")
+    _check_operand(op, "weight", weight, grad_out, "grad_out", weight.shape)
+    _check_operand(op, "grad_input", grad_input, grad_out, "grad_out", (B, weight.shape[1]))
+    _check_sizes(op, grad_out=grad_out.shape, weight=weight.shape)
 
 
 @torch.library.register_fake("sdml::normalize_rows")

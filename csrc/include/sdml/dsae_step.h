@@ -12,6 +12,13 @@ namespace sdml {
 // dense_bias_act: out [B, n] (written), bias [n].
 void check_dense_bias_act_args(const at::Tensor& out, const at::Tensor& bias);
 
+// dense_forward: input [B, n_in], weight [n_out, n_in], bias [n_out], out [B, n_out] (written).
+void check_dense_forward_args(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                              const at::Tensor& out);
+
+// dense_input_grad: grad_out [B, n_out], weight [n_out, n_in], grad_input [B, n_in] (written or added to).
+void check_dense_input_grad_args(const at::Tensor& grad_out, const at::Tensor& weight, const at::Tensor& grad_input);
+
 // normalize_rows: v [B, n], out [B, n] (written), norm [B] (written), eps >= 0.
 void check_normalize_rows_args(const at::Tensor& v, double eps, const at::Tensor& out, const at::Tensor& norm);
 
