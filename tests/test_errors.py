@@ -80,6 +80,32 @@ def test_cli_exit_codes_by_blame(capsys, monkeypatch):
     assert "Traceback (most recent call last): ..." in capsys.readouterr().err
 
 
+class _Writes:
+    """A stderr that records each write call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def write(self, text):
+        self.calls.append(text)
+        return len(text)
+
+    def flush(self):
+        pass
+
+
+@pytest.mark.parametrize("exc, status", [(KeyboardInterrupt(), 130), (BundleError("not a bundle"), 2),
+                                         (WorkerCrash("modality 'x' failed"), 1)])
+def test_each_line_is_one_write(monkeypatch, exc, status):
+    """The ranks of a distributed job share one stderr: each line (text and newline) must go out
+    in one write, or two ranks' lines run together (print writes the newline separately)."""
+    monkeypatch.delenv("SDML_DEBUG", raising=False)
+    stderr = _Writes()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    assert cli.run(_raiser(exc), []) == status
+    assert len(stderr.calls) == 1 and stderr.calls[0].endswith("\n") and stderr.calls[0].count("\n") == 1, stderr.calls
+
+
 def test_evaluating_needs_no_training_machinery(tmp_path):
     code = ("import sys, sdml_ext.evaluate, sdml_ext.store.bundle; "
             "print(' '.join(m for m in sys.modules if m.startswith(('sdml_ext.', 'multiprocessing'))))")

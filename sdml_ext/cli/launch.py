@@ -32,7 +32,7 @@ import sys
 # is in the environment the ranks inherit.
 from .arguments import refuse_empty
 from .pipes import SIGPIPE_STATUS, silence_stdout, stdout_closed
-from .runner import run
+from .runner import run, say
 
 
 def _failure_line(failures: dict) -> str | None:
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     except ChildFailedError as exc:
         line = _failure_line(exc.failures)
         if line:
-            print(line, file=sys.stderr)
+            say(line)
         return max([f.exitcode for f in exc.failures.values() if f.exitcode > 0], default=1)
     except KeyboardInterrupt:
         return 130
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             return SIGPIPE_STATUS
         if os.environ.get("SDML_DEBUG"):
             raise
-        print(f"error: torchrun: {type(exc).__name__}: {exc}", file=sys.stderr)
+        say(f"error: torchrun: {type(exc).__name__}: {exc}")
         return 1
 
 

@@ -21,6 +21,15 @@ from .pipes import SIGPIPE_STATUS, silence_stdout, stdout_closed
 USER_ERRORS = (ValueError, OSError, BundleError, ModalityError, FloatingPointError)
 
 
+def say(line: str) -> None:
+    """`line` on stderr as one write: the ranks of a distributed job share one stderr, and
+    print's two writes (the text, then the newline) interleave with another rank's when stderr is
+    unbuffered, running two ranks' lines together."""
+    if sys.stderr is not None:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+
 def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
     """Call ``main(argv)`` and turn user errors into a message and an exit status. SIGTERM is
     handled like Ctrl-C (exit status 143 instead of 130); an interrupted training run says how
@@ -34,21 +43,20 @@ def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) 
             return status
     except KeyboardInterrupt as exc:
         hint = getattr(exc, "resume_hint", None)
-        print("interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
+        say("interrupted" + (f"; {hint}" if hint else ""))
         return getattr(exc, "exit_status", 130)
     except JobStopped as exc:
         if debug:
             raise
         if exc.message:
-            print(f"error: {exc.message}", file=sys.stderr, flush=True)
+            say(f"error: {exc.message}")
         return exc.exit_status
     except WorkerCrash as exc:
         if debug:
             if exc.detail:
                 print(f"the worker's traceback:\n{exc.detail}", file=sys.stderr)
             raise
-        print(f"error: training crashed (not caused by the input): {exc}; "
-              f"SDML_DEBUG=1 shows the traceback", file=sys.stderr)
+        say(f"error: training crashed (not caused by the input): {exc}; SDML_DEBUG=1 shows the traceback")
         return 1
     except USER_ERRORS as exc:
         if isinstance(exc, BrokenPipeError) and stdout_closed():  # the reader left (| head): not an error
@@ -56,7 +64,7 @@ def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) 
             return SIGPIPE_STATUS
         if debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        say(f"error: {exc}")
         return 2
 
 
@@ -65,5 +73,5 @@ def stop_process(message: str | None) -> None:
     any) as one error line: a distributed rank whose job failed elsewhere, which may be inside a
     computation or a collective that an exception would not interrupt."""
     if message:
-        print(f"error: {message}", file=sys.stderr, flush=True)
+        say(f"error: {message}")
     os._exit(JobStopped.exit_status)
