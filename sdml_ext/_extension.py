@@ -75,10 +75,10 @@ def build_info() -> dict:
     Returns a dict with ``torch_version`` (the torch it was compiled against), ``torch_cuda``
     (that torch's CUDA version, or None), ``cuda_kernels`` (whether CUDA kernels were compiled
     in), ``cuda_archs`` (list of compute capabilities, e.g. ``["90"]``), ``cuda_available``
-    (whether a CUDA device is usable now), and ``cpu_gemm``: the library that runs the CPU
-    kernels' float32 tile GEMMs in this process (``gemm``: ``"blas"`` or ``"onednn"``) and why
-    (``how``: measured, cached, or the ``SDML_CPU_GEMM`` override; ``measured_gflops``: both
-    libraries' rates; the cache file). The choice is made on the first call (a measurement of a
+    (whether a CUDA device is usable now), and ``cpu_gemm``: the code that runs the CPU
+    kernels' float32 tile GEMMs in this process (``gemm``: ``"blas"``, ``"onednn"`` or ``"avx2"``,
+    our own kernel) and why (``how``: measured, cached, or the ``SDML_CPU_GEMM`` override;
+    ``measured_gflops``: each one's rate; the cache file). The choice is made on the first call (a measurement of a
     few tens of ms, or the cache); ``python -m sdml_ext.info`` prints all this. Raises ValueError
     for a bad ``SDML_CPU_GEMM``. ``cpu_bf16``: this CPU's bf16 units, as
     ``cosine_topk(..., precision="bf16")`` uses them, in one line. ``cpu_exact_filter``: whether

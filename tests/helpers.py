@@ -124,12 +124,18 @@ def class_structured(nq, ng, d, kind, seed, dtype=torch.float64, device="cpu"):
 # ---- cosine_topk's precision modes on the CPU -----------------------------------------------------
 
 
+# The top-k GEMMs whose rounding does not depend on a product's place in the output.
+POSITION_FREE_GEMMS = ("onednn", "avx2")
+# Every choice SDML_CPU_GEMM can force (one falls back to blas where this machine lacks it).
+CPU_GEMMS = ("blas", "onednn", "avx2")
+
+
 def topk_gemm() -> str:
-    """The library of the exact mode's top-k blocks in this process (sdml/cpu_gemm.h): oneDNN
-    rounds a product the same wherever it lies in the output, so "bf16" re-scores to the exact
-    mode's bits; MKL/BLAS rounds by position, so there an id may differ between items whose float32
-    scores lie within the GEMM's rounding of each other, and a score by that rounding. (Asked on
-    first use: the choice may time both libraries.)"""
+    """The GEMM of the exact mode's top-k blocks in this process (sdml/cpu_gemm.h): oneDNN and our
+    AVX2 kernel round a product the same wherever it lies in the output, so "bf16" re-scores to
+    the exact mode's bits; MKL/BLAS rounds by position, so there an id may differ between items
+    whose float32 scores lie within the GEMM's rounding of each other, and a score by that rounding.
+    (Asked on first use: the choice may time them all.)"""
     import sdml_ext
 
     return sdml_ext.build_info()["cpu_gemm"]["gemm"]
@@ -166,11 +172,11 @@ def assert_same(exact, fast):
 
 
 def assert_same_up_to_gemm_rounding(q, g, k, exclude_self=False):
-    """The contract of both modes in this process: bitwise where the top-k GEMM is oneDNN (and
+    """The contract of both modes in this process: bitwise where the top-k GEMM is oneDNN or ours (and
     where "bf16" runs the exact mode: float64, 1-2 queries); else the same ids and scores but
     where two items' scores lie within the float32 GEMM's rounding of each other."""
     exact, fast = both(q, g, k, exclude_self)
-    if topk_gemm() == "onednn" or q.dtype == torch.float64 or q.shape[0] < 3:
+    if topk_gemm() in POSITION_FREE_GEMMS or q.dtype == torch.float64 or q.shape[0] < 3:
         assert_same(exact, fast)
         return
     assert fast.scores.dtype == exact.scores.dtype and fast.indices.dtype == torch.int64

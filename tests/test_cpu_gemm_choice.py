@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-HEADER = "sdml_ext cpu gemm calibration v2"
+HEADER = "sdml_ext cpu gemm calibration v3"
 
 # Prints the choice, after a float32 top-k that uses it (the kernels' results are checked by
 # test_retrieval.py; here: that the call works with the choice).
@@ -40,17 +40,27 @@ def _choice(tmp_path, **env):
 
 
 def _cache_file(tmp_path) -> Path:
-    return tmp_path / "cache" / "cpu_gemm_v2.txt"
+    return tmp_path / "cache" / "cpu_gemm_v3.txt"
+
+
+def _has_avx2_fma() -> bool:
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return " avx2" in flags and " fma" in flags
 
 
 def test_measured_then_cached(tmp_path):
     first = _choice(tmp_path)
-    assert first["how"] == "measured" and first["gemm"] in ("blas", "onednn")
+    assert first["how"] == "measured" and first["gemm"] in ("blas", "onednn", "avx2")
     rates = first["measured_gflops"]
     assert rates["blas"] > 0 and rates["onednn"] >= 0
-    # The faster library is chosen (top-k blocks: oneDNN unless BLAS is more than 1/0.95 faster).
-    assert first["gemm"] == ("onednn" if rates["onednn"] >= 0.95 * rates["blas"] else "blas")
-    assert first["gemm_into_rows"] == ("onednn" if rates["onednn_into_rows"] > rates["blas_into_rows"] else "blas")
+    # Our kernel is measured exactly where the CPU runs it.
+    assert (rates["avx2"] > 0 and rates["avx2_into_rows"] > 0) == _has_avx2_fma()
+    # Top-k blocks: the faster of oneDNN and our kernel unless BLAS is more than 1/0.95 faster.
+    free = "avx2" if rates["avx2"] > rates["onednn"] else "onednn"
+    assert first["gemm"] == (free if rates[free] >= 0.95 * rates["blas"] else "blas")
+    # Into a wider buffer: the fastest (BLAS on a tie).
+    into = {g: rates[f"{g}_into_rows"] for g in ("blas", "onednn", "avx2")}
+    assert into[first["gemm_into_rows"]] == max(into.values())
     assert first["cache"] == "none yet; written" and first["cache_file"] == str(_cache_file(tmp_path))
     text = _cache_file(tmp_path).read_text()
     assert text.startswith(HEADER + "\n") and f"gemm={first['gemm']}\n" in text
@@ -63,7 +73,8 @@ def test_measured_then_cached(tmp_path):
 def _record(**changes) -> bytes:
     """A well-formed cache record (for no machine in particular) with some fields changed."""
     fields = dict(machine="x", gemm="blas", gemm_into_rows="blas", blas_gflops="1", onednn_gflops="2",
-                  blas_into_rows_gflops="1", onednn_into_rows_gflops="2", shape="s")
+                  blas_into_rows_gflops="1", onednn_into_rows_gflops="2", avx2_gflops="3",
+                  avx2_into_rows_gflops="3", shape="s")
     fields.update(changes)
     return (HEADER + "\n" + "".join(f"{k}={v}\n" for k, v in fields.items() if v is not None)).encode()
 
@@ -75,6 +86,9 @@ def _record(**changes) -> bytes:
     _record(gemm="fastest"),
     _record(blas_gflops="nan"),
     _record(onednn_into_rows_gflops="-1"),
+    _record(avx2_gflops="inf"),
+    _record(avx2_into_rows_gflops=None),
+    _record(gemm="avx2", avx2_gflops="0"),  # a choice whose rate was never measured
     _record(gemm_into_rows=None),
     _record(shape="s\nno equals sign"),
     b"sdml_ext cpu gemm calibration v0\nmachine=x\n",
@@ -112,11 +126,14 @@ def test_unwritable_cache_dir_still_works(tmp_path):
     assert choice["how"] == "measured" and "not written" in choice["cache"]
 
 
-@pytest.mark.parametrize("value", ["blas", "onednn"])
+@pytest.mark.parametrize("value", ["blas", "onednn", "avx2"])
 def test_override(tmp_path, value):
     choice = _choice(tmp_path, SDML_CPU_GEMM=value)
     assert choice["how"].startswith(f"SDML_CPU_GEMM={value}")
-    assert choice["gemm"] == choice["gemm_into_rows"] and (choice["gemm"] == value or "no oneDNN" in choice["how"])
+    fallback = "no oneDNN" in choice["how"] or "no AVX2 and FMA" in choice["how"]
+    assert choice["gemm"] == choice["gemm_into_rows"] and (choice["gemm"] == value) != fallback
+    if value == "avx2":
+        assert (choice["gemm"] == "avx2") == _has_avx2_fma()
     assert "measured_gflops" not in choice and choice["cache"] == "not used"
     assert not _cache_file(tmp_path).exists()
 
@@ -135,7 +152,7 @@ def test_cache_off(tmp_path):
 def test_bad_override_names_the_variable(tmp_path):
     proc = _run(tmp_path, {"SDML_CPU_GEMM": "fastest"})
     assert proc.returncode != 0
-    assert 'SDML_CPU_GEMM must be auto, measure, blas or onednn, got "fastest"' in proc.stderr
+    assert 'SDML_CPU_GEMM must be auto, measure, blas, onednn or avx2, got "fastest"' in proc.stderr
     info = _run(tmp_path, {"SDML_CPU_GEMM": "fastest"}, args=["-m", "sdml_ext.info"])
     assert info.returncode == 2 and info.stderr.startswith("python -m sdml_ext.info: SDML_CPU_GEMM must be")
     assert "Traceback" not in info.stderr

@@ -1,6 +1,7 @@
 """sdml retrieval ops against the numpy references in retrieval_reference.py: cosine_topk,
 average_precision, precision_at_k, precision_recall_curve; ties, awkward sizes, opcheck, errors."""
 
+import os
 import numpy as np
 import pytest
 import torch
@@ -117,22 +118,61 @@ torch.save((top.scores, top.indices, average_precision(q, g, ql, gl)), {out!r})
 
 
 def test_float32_gemm_paths_agree(tmp_path):
-    """float32 blocks go through oneDNN by default and through BLAS (at::mm_out) with
-    SDML_CPU_GEMM=blas: both give the same rankings up to float32 rounding."""
+    """float32 blocks go through the measured choice by default, through BLAS (at::mm_out), oneDNN
+    or our AVX2 kernel when forced: all give the same rankings up to float32 rounding."""
     import os
     import subprocess
     import sys
 
     results = []
-    for choice in ("", "blas"):
+    for choice in ("", "blas", "onednn", "avx2"):
         out = tmp_path / f"gemm_{choice or 'default'}.pt"
         env = dict(os.environ, SDML_CPU_GEMM=choice)
         subprocess.run([sys.executable, "-P", "-c", BLAS_PATH.format(out=str(out))], env=env, check=True)
         results.append(torch.load(out))
-    (s1, i1, ap1), (s2, i2, ap2) = results
-    torch.testing.assert_close(s1, s2, rtol=0, atol=1e-6)
-    assert (i1 == i2).float().mean() > 0.99
-    torch.testing.assert_close(ap1, ap2, rtol=0, atol=1e-3)
+    s1, i1, ap1 = results[0]
+    for s2, i2, ap2 in results[1:]:
+        torch.testing.assert_close(s1, s2, rtol=0, atol=1e-6)
+        assert (i1 == i2).float().mean() > 0.99
+        torch.testing.assert_close(ap1, ap2, rtol=0, atol=1e-3)
+
+
+AVX2_PLACES = """
+import sys, torch, sdml_ext
+from sdml_ext.ops import cosine_topk
+assert sdml_ext.build_info()["cpu_gemm"]["gemm"] == "avx2"
+gen = torch.Generator().manual_seed(5)
+for nq, ng, d, k in ((305, 3001, 37, 9), (40, 1030, 520, 1030), (7, 17, 1, 4)):
+    q, g = torch.randn(nq, d, generator=gen), torch.randn(ng, d, generator=gen)
+    g[ng // 2] = g[0]  # a duplicate row
+    many = cosine_topk(q, g, k)
+    for i in (0, 1, nq // 2, nq - 1):  # one query: other tiles, the gallery split in ranges, packed per call
+        one = cosine_topk(q[i:i + 1], g, k)
+        assert torch.equal(one.scores[0], many.scores[i]) and torch.equal(one.indices[0], many.indices[i]), (nq, i)
+    for threads in (1, 3):
+        torch.set_num_threads(threads)
+        again = cosine_topk(q, g, k)
+        assert torch.equal(again.scores, many.scores) and torch.equal(again.indices, many.indices), threads
+    torch.set_num_threads(2)
+    ref = torch.nn.functional.normalize(q.double(), dim=1) @ torch.nn.functional.normalize(g.double(), dim=1).T
+    torch.testing.assert_close(many.scores.double(), ref.gather(1, many.indices), rtol=0, atol=(d + 2) * 2.0**-23)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(" avx2" not in open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else True,
+                    reason="this CPU has no AVX2: SDML_CPU_GEMM=avx2 falls back to BLAS (test_cpu_gemm_choice.py)")
+def test_avx2_kernel_scores_a_pair_the_same_wherever_it_lies():
+    """Our AVX2 kernel rounds each score as one chain of FMAs: a query's top-k is bitwise the
+    same alone (its gallery split into ranges, blocks packed per call) or among 305 queries (the
+    gallery packed once), on 1-3 threads, including partial panels and a d of 1; and within
+    float32 rounding of float64."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, SDML_CPU_GEMM="avx2", SDML_CACHE_DIR="off")
+    proc = subprocess.run([sys.executable, "-P", "-c", AVX2_PLACES], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
 
 
 @pytest.mark.parametrize("device", DEVICES)

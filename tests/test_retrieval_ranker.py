@@ -187,11 +187,12 @@ torch.save((average_precision(q, g, ql, gl), precision_at_k(q, g, ql, gl, [1, 50
 """
 
 
-@pytest.mark.parametrize("gemm", ["blas", "onednn"])
+@pytest.mark.parametrize("gemm", ["blas", "onednn", "avx2"])
 def test_thread_count_cuts_tiles_without_changing_results(gemm, tmp_path):
     """1, 2 and 5 threads cut 305 queries into tiles of 77, 39 and 16 rows (the last of 74, 32 and
     1 row): the float32 results are bitwise the same, with the gallery packed once
-    (SDML_CPU_GEMM=blas, where torch's MKL has the packed GEMM) and with oneDNN blocks."""
+    (SDML_CPU_GEMM=blas, where torch's MKL has the packed GEMM), with oneDNN blocks and with our
+    AVX2 kernel."""
     import os
     import subprocess
     import sys

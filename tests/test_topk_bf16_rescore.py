@@ -19,7 +19,7 @@ import sdml_ext
 from sdml_ext import _C
 from sdml_ext.ops import cosine_topk
 
-from helpers import assert_same, assert_same_up_to_gemm_rounding, cpu_kernels, near_ties, topk_gemm  # noqa: F401 (fixture)
+from helpers import CPU_GEMMS, assert_same, assert_same_up_to_gemm_rounding, cpu_kernels, near_ties, topk_gemm  # noqa: F401 (fixture)
 
 HAS_BF16_UNITS = sdml_ext.build_info()["cpu_bf16"].startswith("bf16 units:")
 pytestmark = pytest.mark.filterwarnings("ignore:cosine_topk. precision=.bf16. runs the exact mode")
@@ -284,16 +284,16 @@ def test_every_path_when_every_item_ties(rescore, ng):
 
 
 def test_the_other_gemm_library_on_these_cases():
-    """This process's top-k GEMM is one library; a fresh process forced to the other runs the
+    """This process's top-k GEMM is one of them; a fresh process forced to each other one runs the
     awkward shapes and the misordering near-ties on every path (with MKL/BLAS the model of the
     GEMM need not hold, and the gathered GEMM re-score answers)."""
-    other = "blas" if topk_gemm() == "onednn" else "onednn"
-    env = {**os.environ, "SDML_CPU_GEMM": other, "SDML_CACHE_DIR": "off"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-x", "-p", "no:cacheprovider",
-                           "-k", "awkward or misorders"], cwd=root, env=env, capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert " passed" in proc.stdout and " failed" not in proc.stdout
+    for other in (g for g in CPU_GEMMS if g != topk_gemm()):
+        env = {**os.environ, "SDML_CPU_GEMM": other, "SDML_CACHE_DIR": "off"}
+        proc = subprocess.run([sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-x", "-p", "no:cacheprovider",
+                               "-k", "awkward or misorders"], cwd=root, env=env, capture_output=True, text=True, timeout=1200)
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+        assert " passed" in proc.stdout and " failed" not in proc.stdout
 
 
 def test_a_bad_path_name_is_refused(monkeypatch):

@@ -13,7 +13,7 @@ import torch
 import sdml_ext
 from sdml_ext.ops import cosine_topk
 
-from helpers import assert_same, assert_same_up_to_gemm_rounding, both, near_ties, topk_gemm
+from helpers import CPU_GEMMS, assert_same, assert_same_up_to_gemm_rounding, both, near_ties, topk_gemm
 
 HAS_BF16_UNITS = sdml_ext.build_info()["cpu_bf16"].startswith("bf16 units:")
 # Where the CPU lacks the units, "bf16" runs the exact mode and says so once: expected there.
@@ -145,13 +145,13 @@ def test_bf16_past_the_probe_size_sparse_and_dense_candidates(k):
 
 
 def test_the_other_gemm_library_keeps_the_contract():
-    """This process runs the top-k blocks on one library; a fresh process forced to the other runs
-    the random-data and near-tie cases, so both rules are tested on every machine."""
-    other = "blas" if topk_gemm() == "onednn" else "onednn"
-    env = {**os.environ, "SDML_CPU_GEMM": other, "SDML_CACHE_DIR": "off"}
+    """This process runs the top-k blocks on one GEMM; a fresh process forced to each other one
+    runs the random-data and near-tie cases, so every rule is tested on every machine."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-x", "-p", "no:cacheprovider",
-                           "-k", "random_data or near_ties"], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=1200)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert " passed" in proc.stdout and " failed" not in proc.stdout
+    for other in (g for g in CPU_GEMMS if g != topk_gemm()):
+        env = {**os.environ, "SDML_CPU_GEMM": other, "SDML_CACHE_DIR": "off"}
+        proc = subprocess.run([sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-x", "-p", "no:cacheprovider",
+                               "-k", "random_data or near_ties"], cwd=root, env=env, capture_output=True, text=True,
+                              timeout=1200)
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+        assert " passed" in proc.stdout and " failed" not in proc.stdout

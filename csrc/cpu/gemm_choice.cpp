@@ -1,5 +1,5 @@
-// The float32 tile GEMM of the CPU kernels: MKL/BLAS or oneDNN, chosen by timing both on this
-// machine (see sdml/cpu_gemm.h), with a per-process and an on-disk cache.
+// The float32 tile GEMM of the CPU kernels: MKL/BLAS, oneDNN or our AVX2 kernel, chosen by timing
+// them on this machine (see sdml/cpu_gemm.h), with a per-process and an on-disk cache.
 //
 // at::parallel_for runs the calibration on every thread, as the kernels run their tiles: this
 // file is compiled with -fopenmp (CMakeLists.txt).
@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "sdml/cpu_blas.h"
+#include "sdml/panel_gemm.h"
 
 namespace sdml {
 namespace {
@@ -53,10 +54,11 @@ const c10::TypedOperatorHandle<LinearFn>* onednn_linear() {
 constexpr int64_t kRows = 256, kCols = 1024, kDepth = 256;
 constexpr int kRounds = 3;        // interleaved rounds; each library keeps its best
 constexpr int kGemmsPerThread = 2;  // per round (~1-3 ms per GEMM and thread)
-constexpr std::string_view kHeader = "sdml_ext cpu gemm calibration v2";
-constexpr std::string_view kFileName = "cpu_gemm_v2.txt";  // v2: the top-k rule below
-// The top-k blocks run on oneDNN unless BLAS measures more than 1 / kOneDnnPreference faster.
-constexpr double kOneDnnPreference = 0.95;
+constexpr std::string_view kHeader = "sdml_ext cpu gemm calibration v3";
+constexpr std::string_view kFileName = "cpu_gemm_v3.txt";  // v3: our AVX2 kernel measured too
+// The top-k blocks run on oneDNN or our kernel (the faster) unless BLAS measures more than
+// 1 / kPositionFreePreference faster.
+constexpr double kPositionFreePreference = 0.95;
 
 std::string cpu_model() {
   std::ifstream in("/proc/cpuinfo");
@@ -155,10 +157,13 @@ std::optional<CpuGemmChoice> read_cache(const fs::path& file, const std::string&
              shape = field("shape");
   const double blas = number("blas_gflops"), onednn = number("onednn_gflops");
   const double blas_rows = number("blas_into_rows_gflops"), onednn_rows = number("onednn_into_rows_gflops");
+  const double avx2 = number("avx2_gflops"), avx2_rows = number("avx2_into_rows_gflops");
   const auto rate_ok = [](double r, bool positive) { return std::isfinite(r) && (positive ? r > 0 : r >= 0); };
-  const auto name_ok = [](const std::optional<std::string>& g) { return g && (*g == "blas" || *g == "onednn"); };
+  const auto name_ok = [](const std::optional<std::string>& g) {
+    return g && (*g == "blas" || *g == "onednn" || *g == "avx2");
+  };
   if (!machine || !shape || !name_ok(gemm) || !name_ok(gemm_rows) || !rate_ok(blas, true) || !rate_ok(onednn, false) ||
-      !rate_ok(blas_rows, true) || !rate_ok(onednn_rows, false)) {
+      !rate_ok(blas_rows, true) || !rate_ok(onednn_rows, false) || !rate_ok(avx2, false) || !rate_ok(avx2_rows, false)) {
     why = "ignored: corrupt";
     return std::nullopt;
   }
@@ -167,10 +172,18 @@ std::optional<CpuGemmChoice> read_cache(const fs::path& file, const std::string&
     return std::nullopt;
   }
   CpuGemmChoice choice;
-  choice.gemm = *gemm == "onednn" ? CpuGemm::OneDnn : CpuGemm::Blas;
-  choice.gemm_into_rows = *gemm_rows == "onednn" ? CpuGemm::OneDnn : CpuGemm::Blas;
-  if ((choice.gemm == CpuGemm::OneDnn && !(onednn > 0 && onednn_linear())) ||
-      (choice.gemm_into_rows == CpuGemm::OneDnn && !(onednn_rows > 0 && onednn_linear()))) {
+  const auto parsed = [](const std::string& g) {
+    return g == "onednn" ? CpuGemm::OneDnn : g == "avx2" ? CpuGemm::Avx2 : CpuGemm::Blas;
+  };
+  choice.gemm = parsed(*gemm);
+  choice.gemm_into_rows = parsed(*gemm_rows);
+  // A choice must name code this process has and whose rate was measured.
+  const auto usable = [](CpuGemm g, double onednn_rate, double avx2_rate) {
+    if (g == CpuGemm::OneDnn) return onednn_rate > 0 && onednn_linear() != nullptr;
+    if (g == CpuGemm::Avx2) return avx2_rate > 0 && panel_gemm::available();
+    return true;
+  };
+  if (!usable(choice.gemm, onednn, avx2) || !usable(choice.gemm_into_rows, onednn_rows, avx2_rows)) {
     why = "ignored: corrupt";
     return std::nullopt;
   }
@@ -178,6 +191,8 @@ std::optional<CpuGemmChoice> read_cache(const fs::path& file, const std::string&
   choice.onednn_gflops = onednn;
   choice.blas_into_rows_gflops = blas_rows;
   choice.onednn_into_rows_gflops = onednn_rows;
+  choice.avx2_gflops = avx2;
+  choice.avx2_into_rows_gflops = avx2_rows;
   choice.shape = *shape;
   return choice;
 }
@@ -193,7 +208,9 @@ std::string write_cache(const fs::path& file, const CpuGemmChoice& choice) {
         << "\ngemm_into_rows=" << cpu_gemm_name(choice.gemm_into_rows)
         << "\nblas_gflops=" << gflops_text(choice.blas_gflops) << "\nonednn_gflops=" << gflops_text(choice.onednn_gflops)
         << "\nblas_into_rows_gflops=" << gflops_text(choice.blas_into_rows_gflops)
-        << "\nonednn_into_rows_gflops=" << gflops_text(choice.onednn_into_rows_gflops) << "\nshape=" << choice.shape
+        << "\nonednn_into_rows_gflops=" << gflops_text(choice.onednn_into_rows_gflops)
+        << "\navx2_gflops=" << gflops_text(choice.avx2_gflops)
+        << "\navx2_into_rows_gflops=" << gflops_text(choice.avx2_into_rows_gflops) << "\nshape=" << choice.shape
         << "\n";
     out.close();
     if (!out) {
@@ -221,11 +238,18 @@ at::Tensor filled(int64_t rows, int64_t cols, uint64_t seed) {
   return t;
 }
 
-// Best aggregate rate (GFLOP/s) of each library and use over kRounds interleaved rounds, every
-// thread running kGemmsPerThread tile GEMMs per round; the oneDNN rates are 0 without oneDNN.
+// Best aggregate rate (GFLOP/s) of each GEMM and use over kRounds interleaved rounds, every
+// thread running kGemmsPerThread tile GEMMs per round; the rates of code this process lacks are 0.
+// Our kernel's top-k rate is of its top-k use: the gallery block packed once, before the clock
+// (cosine_topk packs the gallery once per search); into a wider buffer, it packs per call.
 void measure(CpuGemmChoice& choice) {
   const int threads = at::get_num_threads();
   const at::Tensor a = filled(kRows, kDepth, 1), b = filled(kCols, kDepth, 2);
+  at::Tensor packed;
+  if (panel_gemm::available()) {
+    packed = at::empty({panel_gemm::packed_floats(kCols, kDepth)}, at::kFloat);
+    panel_gemm::pack(b.const_data_ptr<float>(), kDepth, nullptr, 0, kCols, kCols, kDepth, packed.mutable_data_ptr<float>());
+  }
   std::vector<at::Tensor> outs, wide;
   for (int t = 0; t < threads; ++t) {
     outs.push_back(at::empty({kRows, kCols}, at::kFloat));
@@ -238,7 +262,10 @@ void measure(CpuGemmChoice& choice) {
       for (int64_t t = begin; t < end; ++t) {
         at::Tensor block = wide[t].narrow(1, kCols, kCols);
         for (int i = 0; i < gemms; ++i) {
-          if (!into_rows) {
+          if (!into_rows && gemm == CpuGemm::Avx2) {
+            panel_gemm::scores(a.const_data_ptr<float>(), kRows, kDepth, packed.const_data_ptr<float>(), kCols, kDepth,
+                               outs[t].mutable_data_ptr<float>(), kCols);
+          } else if (!into_rows) {
             cpu_gemm_nt(gemm, a, b, outs[t]);
           } else if (const at::Tensor s = cpu_gemm_nt(gemm, a, b, block); !s.is_same(block)) {
             block.copy_(s);
@@ -250,38 +277,49 @@ void measure(CpuGemmChoice& choice) {
   };
   std::vector<CpuGemm> gemms{CpuGemm::Blas};
   if (onednn_linear()) gemms.push_back(CpuGemm::OneDnn);
+  if (panel_gemm::available()) gemms.push_back(CpuGemm::Avx2);
   for (const CpuGemm gemm : gemms) seconds(gemm, false, 1);  // warm-up: oneDNN builds its kernel here
   const double flops = 2.0 * kRows * kCols * kDepth * kGemmsPerThread * threads;
+  const auto best_rate = [&](CpuGemm gemm, bool into_rows) -> double& {
+    if (gemm == CpuGemm::OneDnn) return into_rows ? choice.onednn_into_rows_gflops : choice.onednn_gflops;
+    if (gemm == CpuGemm::Avx2) return into_rows ? choice.avx2_into_rows_gflops : choice.avx2_gflops;
+    return into_rows ? choice.blas_into_rows_gflops : choice.blas_gflops;
+  };
   for (int round = 0; round < kRounds; ++round) {
     for (const bool into_rows : {false, true}) {
       for (const CpuGemm gemm : gemms) {
-        const double rate = flops / seconds(gemm, into_rows, kGemmsPerThread) / 1e9;
-        double& best = gemm == CpuGemm::Blas ? (into_rows ? choice.blas_into_rows_gflops : choice.blas_gflops)
-                                             : (into_rows ? choice.onednn_into_rows_gflops : choice.onednn_gflops);
-        best = std::max(best, rate);
+        double& best = best_rate(gemm, into_rows);
+        best = std::max(best, flops / seconds(gemm, into_rows, kGemmsPerThread) / 1e9);
       }
     }
   }
-  // Top-k blocks prefer oneDNN unless BLAS is clearly faster: oneDNN's fp32 kernels round a
-  // product the same wherever it lies in the output, so a query's top-k scores do not depend on
-  // its tile, and precision="bf16" can re-score its candidates to the exact mode's very bits.
-  choice.gemm = choice.onednn_gflops >= kOneDnnPreference * choice.blas_gflops ? CpuGemm::OneDnn : CpuGemm::Blas;
-  choice.gemm_into_rows =
-      choice.onednn_into_rows_gflops > choice.blas_into_rows_gflops ? CpuGemm::OneDnn : CpuGemm::Blas;
+  // Top-k blocks prefer oneDNN or our kernel unless BLAS is clearly faster: they round a product
+  // the same wherever it lies in the output, so a query's top-k scores do not depend on its tile,
+  // and precision="bf16" can re-score its candidates to the exact mode's very bits.
+  const CpuGemm free_gemm = choice.avx2_gflops > choice.onednn_gflops ? CpuGemm::Avx2 : CpuGemm::OneDnn;
+  const double free_rate = std::max(choice.avx2_gflops, choice.onednn_gflops);
+  choice.gemm = free_rate > 0 && free_rate >= kPositionFreePreference * choice.blas_gflops ? free_gemm : CpuGemm::Blas;
+  // Into a wider buffer: the fastest.
+  choice.gemm_into_rows = CpuGemm::Blas;
+  for (const CpuGemm gemm : gemms)
+    if (best_rate(gemm, true) > best_rate(choice.gemm_into_rows, true)) choice.gemm_into_rows = gemm;
   choice.shape = std::to_string(kRows) + " x " + std::to_string(kCols) + " x " + std::to_string(kDepth);
 }
 
 CpuGemmChoice decide() {
   const char* env = std::getenv("SDML_CPU_GEMM");
   const std::string mode = env && *env ? env : "auto";
-  TORCH_CHECK_VALUE(mode == "auto" || mode == "measure" || mode == "blas" || mode == "onednn",
-                    "SDML_CPU_GEMM must be auto, measure, blas or onednn, got \"", mode, "\"");
+  TORCH_CHECK_VALUE(mode == "auto" || mode == "measure" || mode == "blas" || mode == "onednn" || mode == "avx2",
+                    "SDML_CPU_GEMM must be auto, measure, blas, onednn or avx2, got \"", mode, "\"");
   CpuGemmChoice choice;
   choice.threads = at::get_num_threads();
   choice.machine = machine_key(choice.threads);
-  if (mode == "blas" || mode == "onednn") {
-    choice.gemm = choice.gemm_into_rows = mode == "onednn" && onednn_linear() ? CpuGemm::OneDnn : CpuGemm::Blas;
-    choice.how = "SDML_CPU_GEMM=" + mode + (mode == "onednn" && !onednn_linear() ? " (this torch has no oneDNN: blas)" : "");
+  if (mode == "blas" || mode == "onednn" || mode == "avx2") {
+    const bool onednn = mode == "onednn" && onednn_linear(), avx2 = mode == "avx2" && panel_gemm::available();
+    choice.gemm = choice.gemm_into_rows = onednn ? CpuGemm::OneDnn : avx2 ? CpuGemm::Avx2 : CpuGemm::Blas;
+    choice.how = "SDML_CPU_GEMM=" + mode;
+    if (mode == "onednn" && !onednn) choice.how += " (this torch has no oneDNN: blas)";
+    if (mode == "avx2" && !avx2) choice.how += " (this CPU has no AVX2 and FMA: blas)";
     choice.cache_note = "not used";
     return choice;
   }
@@ -312,7 +350,9 @@ CpuGemmChoice decide() {
 
 }  // namespace
 
-const char* cpu_gemm_name(CpuGemm gemm) { return gemm == CpuGemm::OneDnn ? "onednn" : "blas"; }
+const char* cpu_gemm_name(CpuGemm gemm) {
+  return gemm == CpuGemm::OneDnn ? "onednn" : gemm == CpuGemm::Avx2 ? "avx2" : "blas";
+}
 
 const CpuGemmChoice& cpu_gemm_choice() {
   // A function-local static: initialised once, by the first caller, others wait; an exception
@@ -325,6 +365,18 @@ at::Tensor cpu_gemm_nt(CpuGemm gemm, const at::Tensor& a, const at::Tensor& b, a
   if (gemm == CpuGemm::OneDnn && a.scalar_type() == at::kFloat) {
     if (const auto* linear = onednn_linear())
       return linear->call(a, b, std::nullopt, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
+  }
+  if (gemm == CpuGemm::Avx2 && a.scalar_type() == at::kFloat && panel_gemm::available() && a.stride(1) == 1 &&
+      b.stride(1) == 1 && out.stride(1) == 1 && out.size(0) == a.size(0) && out.size(1) == b.size(0) &&
+      b.size(1) == a.size(1)) {
+    // b packed per call into the thread's scratch (kept: the calls come block after block).
+    const int64_t rows = a.size(0), cols = b.size(0), d = a.size(1);
+    thread_local std::vector<float> packed;
+    packed.resize(size_t(panel_gemm::packed_floats(cols, d)));
+    panel_gemm::pack(b.const_data_ptr<float>(), b.stride(0), nullptr, 0, cols, cols, d, packed.data());
+    panel_gemm::scores(a.const_data_ptr<float>(), rows, a.stride(0), packed.data(), cols, d,
+                       out.mutable_data_ptr<float>(), out.stride(0));
+    return out;
   }
   at::mm_out(out, a, b.t());
   return out;

@@ -71,8 +71,9 @@ PYBIND11_MODULE(_C, m) {
           if (c.blas_gflops > 0) {
             d["measured_gflops"] =
                 py::dict(py::arg("blas") = c.blas_gflops, py::arg("onednn") = c.onednn_gflops,
-                         py::arg("blas_into_rows") = c.blas_into_rows_gflops,
-                         py::arg("onednn_into_rows") = c.onednn_into_rows_gflops);
+                         py::arg("avx2") = c.avx2_gflops, py::arg("blas_into_rows") = c.blas_into_rows_gflops,
+                         py::arg("onednn_into_rows") = c.onednn_into_rows_gflops,
+                         py::arg("avx2_into_rows") = c.avx2_into_rows_gflops);
             d["measured_shape"] = c.shape;
           }
           d["threads"] = c.threads;
@@ -84,7 +85,7 @@ PYBIND11_MODULE(_C, m) {
           throw py::value_error(e.what_without_backtrace());
         }
       },
-      "The libraries running the CPU kernels' float32 tile GEMMs in this process (gemm: blocks with "
+      "The code running the CPU kernels' float32 tile GEMMs in this process (gemm: blocks with "
       "their own output, cosine_topk; gemm_into_rows: blocks of a wider buffer, the metric ops) and "
       "why (made on the first call: SDML_CPU_GEMM, the cache file, or a measurement of tens of ms).");
   m.def(

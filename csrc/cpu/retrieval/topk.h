@@ -10,12 +10,15 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "block_gemm.h"
 #include "duplicate_scores.h"
 #include "running_topk.h"
 #include "tiles.h"
+
+#include "sdml/panel_gemm.h"
 
 namespace sdml::cpu_retrieval {
 
@@ -46,8 +49,25 @@ void topk_tiles(const at::Tensor& query, const at::Tensor& raw_gallery, const at
   // One range per tile: the gallery normalized once. Several (few queries, where this per-call
   // copy of the whole gallery would cost more than the GEMMs): each block is normalized as it is
   // scored, into the thread's scratch, to the same values.
-  const at::Tensor gallery = ranges > 1 ? raw_gallery : at::div(raw_gallery, gallery_norms);
   const BlockGemm gemm(query.scalar_type());
+  // With our AVX2 kernel chosen (one range, float32): the gallery normalized and packed once
+  // (sdml/panel_gemm.h), in place of the normalized copy; its blocks are then scored without a
+  // per-call copy, to the same bits as gemm.scores().
+  at::Tensor packed;
+  if constexpr (std::is_same_v<T, float>) {
+    if (ranges == 1 && gemm.panel_kernel() && query.stride(1) == 1) {
+      packed = at::empty({panel_gemm::packed_floats(ng, d)}, query.options());
+      const at::Tensor raw = raw_gallery.contiguous(), norms = gallery_norms.contiguous();
+      const float *src = raw.const_data_ptr<float>(), *n = norms.const_data_ptr<float>();
+      float* dst = packed.mutable_data_ptr<float>();
+      const int64_t panels = (ng + panel_gemm::kPanelCols - 1) / panel_gemm::kPanelCols;
+      at::parallel_for(0, panels, 16, [&](int64_t begin, int64_t end) {
+        panel_gemm::pack(src, d, n, begin * panel_gemm::kPanelCols, std::min(ng, end * panel_gemm::kPanelCols), ng,
+                         d, dst);
+      });
+    }
+  }
+  const at::Tensor gallery = ranges > 1 || packed.defined() ? raw_gallery : at::div(raw_gallery, gallery_norms);
   static_assert(sizeof(Scored<T>) == 16);
   const int64_t slots = duplicates.slots();
   // One range: duplicates take their first row's score block by block (per-thread `saved`).
@@ -81,7 +101,16 @@ void topk_tiles(const at::Tensor& query, const at::Tensor& raw_gallery, const at
         at::Tensor normalized = scratch.normalized.narrow(0, 0, ncols);
         g_block = at::div_out(normalized, g_block, gallery_norms.narrow(0, g0, ncols));
       }
-      block = gemm.scores(q_tile, g_block, block);
+      if constexpr (std::is_same_v<T, float>) {
+        if (packed.defined()) {
+          panel_gemm::scores(q_tile.const_data_ptr<float>(), nrows, query.stride(0),
+                             packed.const_data_ptr<float>() + g0 * d, ncols, d, block.mutable_data_ptr<float>(), ncols);
+        } else {
+          block = gemm.scores(q_tile, g_block, block);
+        }
+      } else {
+        block = gemm.scores(q_tile, g_block, block);
+      }
       T* s = block.mutable_data_ptr<T>();
       if (ranges > 1) {
         duplicates.save_firsts_mask_dups(s, nrows, ncols, g0, ncols, shared_saved.data() + q0 * slots);

@@ -16,7 +16,8 @@
 //    share rows while they are in cache. Elsewhere (a
 //    GEMM the model does not reproduce, e.g. MKL's) the candidates of kGroupRows queries are
 //    gathered and scored by the same GEMM as the exact mode (oneDNN rounds a product the same
-//    wherever it sits in a call of >= 3 rows and >= 5 columns; MKL/BLAS by position, where an id
+//    wherever it sits in a call of >= 3 rows and >= 5 columns, our AVX2 kernel in any call
+//    (sdml/panel_gemm.h); MKL/BLAS by position, where an id
 //    can then differ between items whose float32 scores lie within the GEMM's rounding of each
 //    other at the k-th place, the exact mode's own order there being an artifact of its tiling).
 //    Then each query's candidates are ranked like the exact mode (higher score, lower index).

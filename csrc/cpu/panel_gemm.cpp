@@ -1,0 +1,135 @@
+// The AVX2 + FMA similarity GEMM (sdml/panel_gemm.h): a 6 x 16 register block per call of the
+// micro-kernel (12 accumulators, two panel vectors, one broadcast: 15 of the 16 ymm registers),
+// the query rows in sub-blocks that stay in the L2 cache while the panels of a block pass by.
+#include "sdml/panel_gemm.h"
+
+#include <algorithm>
+#include <cstring>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__CUDACC__)
+#define SDML_PANEL_GEMM 1
+#include <immintrin.h>
+// The functions carry their own target, so the build stays baseline x86-64; available() guards.
+#define SDML_AVX2_FMA __attribute__((target("avx2,fma")))
+#else
+#define SDML_PANEL_GEMM 0
+#endif
+
+namespace sdml::panel_gemm {
+namespace {
+
+// Query rows per sub-block: their rows (kSubBytes at most) stay in L2 while a block's panels
+// stream past them; a multiple of the micro-kernel's 6 rows.
+constexpr int64_t kMicroRows = 6, kSubBytes = 96 << 10;
+
+int64_t sub_rows(int64_t d) {
+  const int64_t rows = kSubBytes / std::max<int64_t>(1, d * int64_t(sizeof(float)));
+  return std::max(kMicroRows, rows / kMicroRows * kMicroRows);
+}
+
+#if SDML_PANEL_GEMM
+// out[r][j] for r < R, j < w (w <= 16): one FMA chain per score, coordinates in order from zero.
+template <int R>
+SDML_AVX2_FMA void micro(const float* a, int64_t lda, const float* p, int64_t d, float* out, int64_t ldc,
+                         int64_t w) {
+  __m256 acc[R][2];
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < d; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(p + k * kPanelCols), b1 = _mm256_loadu_ps(p + k * kPanelCols + 8);
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) {
+      const __m256 x = _mm256_broadcast_ss(a + r * lda + k);
+      acc[r][0] = _mm256_fmadd_ps(x, b0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(x, b1, acc[r][1]);
+    }
+  }
+  if (w == kPanelCols) {
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) {
+      _mm256_storeu_ps(out + r * ldc, acc[r][0]);
+      _mm256_storeu_ps(out + r * ldc + 8, acc[r][1]);
+    }
+    return;
+  }
+  alignas(32) float tmp[kPanelCols];  // the last panel of a block: only its w real columns
+  // (Every loop over the accumulators is unrolled: an indexed one would keep them in memory.)
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r) {
+    _mm256_store_ps(tmp, acc[r][0]);
+    _mm256_store_ps(tmp + 8, acc[r][1]);
+    std::memcpy(out + r * ldc, tmp, size_t(w) * sizeof(float));
+  }
+}
+
+SDML_AVX2_FMA void scores_avx2(const float* a, int64_t rows, int64_t lda, const float* packed, int64_t cols,
+                               int64_t d, float* out, int64_t ldc) {
+  const int64_t sub = sub_rows(d);
+  for (int64_t r0 = 0; r0 < rows; r0 += sub) {
+    const int64_t r1 = std::min(rows, r0 + sub);
+    for (int64_t c0 = 0; c0 < cols; c0 += kPanelCols) {
+      const float* p = packed + c0 * d;  // panel c0 / 16 starts at (c0 / 16) * 16 * d
+      const int64_t w = std::min(kPanelCols, cols - c0);
+      int64_t r = r0;
+      for (; r + kMicroRows <= r1; r += kMicroRows) micro<6>(a + r * lda, lda, p, d, out + r * ldc + c0, ldc, w);
+      const float* ar = a + r * lda;
+      float* o = out + r * ldc + c0;
+      switch (r1 - r) {
+        case 5: micro<5>(ar, lda, p, d, o, ldc, w); break;
+        case 4: micro<4>(ar, lda, p, d, o, ldc, w); break;
+        case 3: micro<3>(ar, lda, p, d, o, ldc, w); break;
+        case 2: micro<2>(ar, lda, p, d, o, ldc, w); break;
+        case 1: micro<1>(ar, lda, p, d, o, ldc, w); break;
+        default: break;
+      }
+    }
+  }
+}
+#endif
+
+}  // namespace
+
+bool available() {
+#if SDML_PANEL_GEMM
+  static const bool cpu = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return cpu;
+#else
+  return false;
+#endif
+}
+
+void pack(const float* b, int64_t ldb, const float* norms, int64_t r0, int64_t r1, int64_t n, int64_t d,
+          float* packed) {
+  // Panel by panel, 16 rows read side by side (each a sequential stream), coordinate-major out.
+  for (int64_t p0 = r0; p0 < r1; p0 += kPanelCols) {
+    float* dst = packed + p0 * d;
+    const int64_t live = std::clamp<int64_t>(n - p0, 0, kPanelCols);
+    for (int64_t j = 0; j < kPanelCols; ++j) {
+      if (j >= live) {
+        for (int64_t k = 0; k < d; ++k) dst[k * kPanelCols + j] = 0.0f;
+        continue;
+      }
+      const float* row = b + (p0 + j) * ldb;
+      if (norms) {
+        const float norm = norms[p0 + j];
+        for (int64_t k = 0; k < d; ++k) dst[k * kPanelCols + j] = row[k] / norm;
+      } else {
+        for (int64_t k = 0; k < d; ++k) dst[k * kPanelCols + j] = row[k];
+      }
+    }
+  }
+}
+
+void scores(const float* a, int64_t rows, int64_t lda, const float* packed, int64_t cols, int64_t d, float* out,
+            int64_t ldc) {
+#if SDML_PANEL_GEMM
+  if (rows > 0 && cols > 0) scores_avx2(a, rows, lda, packed, cols, d, out, ldc);
+#else
+  (void)a, (void)rows, (void)lda, (void)packed, (void)cols, (void)d, (void)out, (void)ldc;
+#endif
+}
+
+}  // namespace sdml::panel_gemm
