@@ -29,9 +29,11 @@ int64_t sub_rows(int64_t d) {
 
 #if SDML_PANEL_GEMM
 // out[r][j] for r < R, j < w (w <= 16): one FMA chain per score, coordinates in order from zero.
+// With `above` (scores_above): row r's scores are written only where one exceeds above[r], and
+// hits[r * hit_stride] says whether they were.
 template <int R>
 SDML_AVX2_FMA void micro(const float* a, int64_t lda, const float* p, int64_t d, float* out, int64_t ldc,
-                         int64_t w) {
+                         int64_t w, const float* above = nullptr, uint8_t* hits = nullptr, int64_t hit_stride = 0) {
   __m256 acc[R][2];
 #pragma GCC unroll 6
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
@@ -44,9 +46,20 @@ SDML_AVX2_FMA void micro(const float* a, int64_t lda, const float* p, int64_t d,
       acc[r][1] = _mm256_fmadd_ps(x, b1, acc[r][1]);
     }
   }
+  if (above) {
+    // Ordered, non-signalling: a NaN score exceeds nothing (as in the running top-k's own test).
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) {
+      const __m256 t = _mm256_set1_ps(above[r]);
+      const int hit = _mm256_movemask_ps(
+          _mm256_or_ps(_mm256_cmp_ps(acc[r][0], t, _CMP_GT_OQ), _mm256_cmp_ps(acc[r][1], t, _CMP_GT_OQ)));
+      hits[r * hit_stride] = hit != 0;
+    }
+  }
   if (w == kPanelCols) {
 #pragma GCC unroll 6
     for (int r = 0; r < R; ++r) {
+      if (above && !hits[r * hit_stride]) continue;
       _mm256_storeu_ps(out + r * ldc, acc[r][0]);
       _mm256_storeu_ps(out + r * ldc + 8, acc[r][1]);
     }
@@ -56,30 +69,35 @@ SDML_AVX2_FMA void micro(const float* a, int64_t lda, const float* p, int64_t d,
   // (Every loop over the accumulators is unrolled: an indexed one would keep them in memory.)
 #pragma GCC unroll 6
   for (int r = 0; r < R; ++r) {
+    if (above && !hits[r * hit_stride]) continue;
     _mm256_store_ps(tmp, acc[r][0]);
     _mm256_store_ps(tmp + 8, acc[r][1]);
     std::memcpy(out + r * ldc, tmp, size_t(w) * sizeof(float));
   }
 }
 
+// above / hits: nullptr (scores), or as scores_above.
 SDML_AVX2_FMA void scores_avx2(const float* a, int64_t rows, int64_t lda, const float* packed, int64_t cols,
-                               int64_t d, float* out, int64_t ldc) {
-  const int64_t sub = sub_rows(d);
+                               int64_t d, float* out, int64_t ldc, const float* above, uint8_t* hits) {
+  const int64_t sub = sub_rows(d), panels = (cols + kPanelCols - 1) / kPanelCols;
   for (int64_t r0 = 0; r0 < rows; r0 += sub) {
     const int64_t r1 = std::min(rows, r0 + sub);
     for (int64_t c0 = 0; c0 < cols; c0 += kPanelCols) {
       const float* p = packed + c0 * d;  // panel c0 / 16 starts at (c0 / 16) * 16 * d
       const int64_t w = std::min(kPanelCols, cols - c0);
+      const auto at = [&](int64_t r) { return hits ? hits + r * panels + c0 / kPanelCols : nullptr; };
+      const auto above_at = [&](int64_t r) { return above ? above + r : nullptr; };
       int64_t r = r0;
-      for (; r + kMicroRows <= r1; r += kMicroRows) micro<6>(a + r * lda, lda, p, d, out + r * ldc + c0, ldc, w);
+      for (; r + kMicroRows <= r1; r += kMicroRows)
+        micro<6>(a + r * lda, lda, p, d, out + r * ldc + c0, ldc, w, above_at(r), at(r), panels);
       const float* ar = a + r * lda;
       float* o = out + r * ldc + c0;
       switch (r1 - r) {
-        case 5: micro<5>(ar, lda, p, d, o, ldc, w); break;
-        case 4: micro<4>(ar, lda, p, d, o, ldc, w); break;
-        case 3: micro<3>(ar, lda, p, d, o, ldc, w); break;
-        case 2: micro<2>(ar, lda, p, d, o, ldc, w); break;
-        case 1: micro<1>(ar, lda, p, d, o, ldc, w); break;
+        case 5: micro<5>(ar, lda, p, d, o, ldc, w, above_at(r), at(r), panels); break;
+        case 4: micro<4>(ar, lda, p, d, o, ldc, w, above_at(r), at(r), panels); break;
+        case 3: micro<3>(ar, lda, p, d, o, ldc, w, above_at(r), at(r), panels); break;
+        case 2: micro<2>(ar, lda, p, d, o, ldc, w, above_at(r), at(r), panels); break;
+        case 1: micro<1>(ar, lda, p, d, o, ldc, w, above_at(r), at(r), panels); break;
         default: break;
       }
     }
@@ -126,9 +144,18 @@ void pack(const float* b, int64_t ldb, const float* norms, int64_t r0, int64_t r
 void scores(const float* a, int64_t rows, int64_t lda, const float* packed, int64_t cols, int64_t d, float* out,
             int64_t ldc) {
 #if SDML_PANEL_GEMM
-  if (rows > 0 && cols > 0) scores_avx2(a, rows, lda, packed, cols, d, out, ldc);
+  if (rows > 0 && cols > 0) scores_avx2(a, rows, lda, packed, cols, d, out, ldc, nullptr, nullptr);
 #else
   (void)a, (void)rows, (void)lda, (void)packed, (void)cols, (void)d, (void)out, (void)ldc;
+#endif
+}
+
+void scores_above(const float* a, int64_t rows, int64_t lda, const float* packed, int64_t cols, int64_t d,
+                  const float* above, float* out, int64_t ldc, uint8_t* hits) {
+#if SDML_PANEL_GEMM
+  if (rows > 0 && cols > 0) scores_avx2(a, rows, lda, packed, cols, d, out, ldc, above, hits);
+#else
+  (void)a, (void)rows, (void)lda, (void)packed, (void)cols, (void)d, (void)above, (void)out, (void)ldc, (void)hits;
 #endif
 }
 

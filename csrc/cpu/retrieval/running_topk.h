@@ -83,6 +83,9 @@ class RunningTopK {
     }
   }
 
+  // The score an item must exceed to enter now (the k-th best kept, once k are; it only rises).
+  T threshold() const { return threshold_; }
+
   // Writes the kept items best first (min(k, offered) of them).
   void finish(T* scores, int64_t* indices) {
     prune();

@@ -78,12 +78,18 @@ void topk_tiles(const at::Tensor& query, const at::Tensor& raw_gallery, const at
     at::Tensor buffer, normalized;  // scores of a block; the normalized block (several ranges)
     std::vector<RunningTopK<T>> best;
     std::vector<T> saved;
+    std::vector<float> above;     // packed gallery: each row's threshold at the block's start
+    std::vector<uint8_t> hits;    // packed gallery: [rows, panels of a block] (panel_gemm.h)
   };
+  constexpr int64_t kBlockPanels = kBlockCols / panel_gemm::kPanelCols;
+  static_assert(kBlockCols % panel_gemm::kPanelCols == 0);
   const auto setup = [&] {
     return Scratch{at::empty({rows * kBlockCols}, query.options()),
                    at::empty({ranges > 1 ? kBlockCols : 0, d}, query.options()),
                    std::vector<RunningTopK<T>>(rows, RunningTopK<T>(k)),
-                   std::vector<T>(ranges > 1 ? 0 : rows * slots)};
+                   std::vector<T>(ranges > 1 ? 0 : rows * slots),
+                   std::vector<float>(packed.defined() ? rows : 0),
+                   std::vector<uint8_t>(packed.defined() ? rows * kBlockPanels : 0)};
   };
   for_each_tile(tiles * ranges, setup, [&](Scratch& scratch, int64_t item) {
     const int64_t tile = item / ranges, range = item % ranges;
@@ -103,14 +109,29 @@ void topk_tiles(const at::Tensor& query, const at::Tensor& raw_gallery, const at
       }
       if constexpr (std::is_same_v<T, float>) {
         if (packed.defined()) {
-          panel_gemm::scores(q_tile.const_data_ptr<float>(), nrows, query.stride(0),
-                             packed.const_data_ptr<float>() + g0 * d, ncols, d, block.mutable_data_ptr<float>(), ncols);
-        } else {
-          block = gemm.scores(q_tile, g_block, block);
+          // The kernel writes only the 16-score panels a row's running top-k can take (a score
+          // above its threshold at the block's start; the threshold only rises, and offer_block
+          // tests each score again), and flags them: the rest is neither written nor read back.
+          // Exact duplicates need no fix-up here: each score is one FMA chain of the pair alone.
+          for (int64_t i = 0; i < nrows; ++i) scratch.above[i] = best[i].threshold();
+          float* s = block.mutable_data_ptr<float>();
+          const int64_t panels = (ncols + panel_gemm::kPanelCols - 1) / panel_gemm::kPanelCols;
+          panel_gemm::scores_above(q_tile.const_data_ptr<float>(), nrows, query.stride(0),
+                                   packed.const_data_ptr<float>() + g0 * d, ncols, d, scratch.above.data(), s, ncols,
+                                   scratch.hits.data());
+          for (int64_t i = 0; i < nrows; ++i) {
+            const uint8_t* hit = scratch.hits.data() + i * panels;
+            for (int64_t p = 0; p < panels; ++p) {
+              if (!hit[p]) continue;
+              const int64_t c0 = p * panel_gemm::kPanelCols;
+              best[i].offer_block(s + i * ncols + c0, std::min(panel_gemm::kPanelCols, ncols - c0), g0 + c0,
+                                  exclude_self ? q0 + i : -1);
+            }
+          }
+          continue;
         }
-      } else {
-        block = gemm.scores(q_tile, g_block, block);
       }
+      block = gemm.scores(q_tile, g_block, block);
       T* s = block.mutable_data_ptr<T>();
       if (ranges > 1) {
         duplicates.save_firsts_mask_dups(s, nrows, ncols, g0, ncols, shared_saved.data() + q0 * slots);

@@ -41,4 +41,13 @@ void pack(const float* b, int64_t ldb, const float* norms, int64_t r0, int64_t r
 void scores(const float* a, int64_t rows, int64_t lda, const float* packed, int64_t cols, int64_t d, float* out,
             int64_t ldc);
 
+// As scores(), for a running top-k: the 16 scores of row i in panel p (columns [16 p, 16 p + 16))
+// are written, and hits[i * panels + p] set to 1, only where one of them exceeds above[i] (the
+// row's k-th best so far: a later score that does not exceed it cannot enter); elsewhere
+// hits[...] = 0 and out is left as it was. panels = ceil(cols / 16). Saves writing and re-reading
+// a block of scores of which a small k keeps few. (A last, partial panel may be flagged by its
+// padding's zero scores: the caller offers only its real columns.)
+void scores_above(const float* a, int64_t rows, int64_t lda, const float* packed, int64_t cols, int64_t d,
+                  const float* above, float* out, int64_t ldc, uint8_t* hits);
+
 }  // namespace sdml::panel_gemm
