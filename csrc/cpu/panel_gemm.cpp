@@ -20,7 +20,7 @@ namespace {
 
 // Query rows per sub-block: their rows (kSubBytes at most) stay in L2 while a block's panels
 // stream past them; a multiple of the micro-kernel's 6 rows.
-constexpr int64_t kMicroRows = 6, kSubBytes = 96 << 10;
+constexpr int64_t kSubBytes = 96 << 10;
 
 int64_t sub_rows(int64_t d) {
   const int64_t rows = kSubBytes / std::max<int64_t>(1, d * int64_t(sizeof(float)));
@@ -29,9 +29,10 @@ int64_t sub_rows(int64_t d) {
 
 #if SDML_PANEL_GEMM
 // out[r][j] for r < R, j < w (w <= 16): one FMA chain per score, coordinates in order from zero.
-// With `above` (scores_above): row r's scores are written only where one exceeds above[r], and
-// hits[r * hit_stride] says whether they were.
-template <int R>
+// kPackedA: a is a group of pack_rows (row r's coordinate k at a[k * 6 + r]), else rows of
+// stride lda. With `above` (scores_above): row r's scores are written only where one exceeds
+// above[r], and hits[r * hit_stride] says whether they were.
+template <int R, bool kPackedA>
 SDML_AVX2_FMA void micro(const float* a, int64_t lda, const float* p, int64_t d, float* out, int64_t ldc,
                          int64_t w, const float* above = nullptr, uint8_t* hits = nullptr, int64_t hit_stride = 0) {
   __m256 acc[R][2];
@@ -41,7 +42,7 @@ SDML_AVX2_FMA void micro(const float* a, int64_t lda, const float* p, int64_t d,
     const __m256 b0 = _mm256_loadu_ps(p + k * kPanelCols), b1 = _mm256_loadu_ps(p + k * kPanelCols + 8);
 #pragma GCC unroll 6
     for (int r = 0; r < R; ++r) {
-      const __m256 x = _mm256_broadcast_ss(a + r * lda + k);
+      const __m256 x = _mm256_broadcast_ss(kPackedA ? a + k * kMicroRows + r : a + r * lda + k);
       acc[r][0] = _mm256_fmadd_ps(x, b0, acc[r][0]);
       acc[r][1] = _mm256_fmadd_ps(x, b1, acc[r][1]);
     }
@@ -76,7 +77,8 @@ SDML_AVX2_FMA void micro(const float* a, int64_t lda, const float* p, int64_t d,
   }
 }
 
-// above / hits: nullptr (scores), or as scores_above.
+// above / hits: nullptr (scores), or as scores_above; kPackedA: a as pack_rows gives it.
+template <bool kPackedA>
 SDML_AVX2_FMA void scores_avx2(const float* a, int64_t rows, int64_t lda, const float* packed, int64_t cols,
                                int64_t d, float* out, int64_t ldc, const float* above, uint8_t* hits) {
   const int64_t sub = sub_rows(d), panels = (cols + kPanelCols - 1) / kPanelCols;
@@ -87,17 +89,19 @@ SDML_AVX2_FMA void scores_avx2(const float* a, int64_t rows, int64_t lda, const 
       const int64_t w = std::min(kPanelCols, cols - c0);
       const auto at = [&](int64_t r) { return hits ? hits + r * panels + c0 / kPanelCols : nullptr; };
       const auto above_at = [&](int64_t r) { return above ? above + r : nullptr; };
+      // Row r's data: packed, its group starts at r * d (r is a multiple of 6 here).
+      const auto rows_at = [&](int64_t r) { return kPackedA ? a + r * d : a + r * lda; };
       int64_t r = r0;
       for (; r + kMicroRows <= r1; r += kMicroRows)
-        micro<6>(a + r * lda, lda, p, d, out + r * ldc + c0, ldc, w, above_at(r), at(r), panels);
-      const float* ar = a + r * lda;
+        micro<6, kPackedA>(rows_at(r), lda, p, d, out + r * ldc + c0, ldc, w, above_at(r), at(r), panels);
+      const float* ar = rows_at(r);
       float* o = out + r * ldc + c0;
       switch (r1 - r) {
-        case 5: micro<5>(ar, lda, p, d, o, ldc, w, above_at(r), at(r), panels); break;
-        case 4: micro<4>(ar, lda, p, d, o, ldc, w, above_at(r), at(r), panels); break;
-        case 3: micro<3>(ar, lda, p, d, o, ldc, w, above_at(r), at(r), panels); break;
-        case 2: micro<2>(ar, lda, p, d, o, ldc, w, above_at(r), at(r), panels); break;
-        case 1: micro<1>(ar, lda, p, d, o, ldc, w, above_at(r), at(r), panels); break;
+        case 5: micro<5, kPackedA>(ar, lda, p, d, o, ldc, w, above_at(r), at(r), panels); break;
+        case 4: micro<4, kPackedA>(ar, lda, p, d, o, ldc, w, above_at(r), at(r), panels); break;
+        case 3: micro<3, kPackedA>(ar, lda, p, d, o, ldc, w, above_at(r), at(r), panels); break;
+        case 2: micro<2, kPackedA>(ar, lda, p, d, o, ldc, w, above_at(r), at(r), panels); break;
+        case 1: micro<1, kPackedA>(ar, lda, p, d, o, ldc, w, above_at(r), at(r), panels); break;
         default: break;
       }
     }
@@ -144,18 +148,32 @@ void pack(const float* b, int64_t ldb, const float* norms, int64_t r0, int64_t r
 void scores(const float* a, int64_t rows, int64_t lda, const float* packed, int64_t cols, int64_t d, float* out,
             int64_t ldc) {
 #if SDML_PANEL_GEMM
-  if (rows > 0 && cols > 0) scores_avx2(a, rows, lda, packed, cols, d, out, ldc, nullptr, nullptr);
+  if (rows > 0 && cols > 0) scores_avx2<false>(a, rows, lda, packed, cols, d, out, ldc, nullptr, nullptr);
 #else
   (void)a, (void)rows, (void)lda, (void)packed, (void)cols, (void)d, (void)out, (void)ldc;
 #endif
 }
 
-void scores_above(const float* a, int64_t rows, int64_t lda, const float* packed, int64_t cols, int64_t d,
+void pack_rows(const float* a, int64_t rows, int64_t lda, int64_t d, float* out) {
+  for (int64_t g = 0; g < rows; g += kMicroRows) {
+    float* dst = out + g * d;
+    for (int64_t r = 0; r < kMicroRows; ++r) {
+      if (g + r >= rows) {
+        for (int64_t k = 0; k < d; ++k) dst[k * kMicroRows + r] = 0.0f;
+        continue;
+      }
+      const float* row = a + (g + r) * lda;
+      for (int64_t k = 0; k < d; ++k) dst[k * kMicroRows + r] = row[k];
+    }
+  }
+}
+
+void scores_above(const float* a_packed, int64_t rows, const float* packed, int64_t cols, int64_t d,
                   const float* above, float* out, int64_t ldc, uint8_t* hits) {
 #if SDML_PANEL_GEMM
-  if (rows > 0 && cols > 0) scores_avx2(a, rows, lda, packed, cols, d, out, ldc, above, hits);
+  if (rows > 0 && cols > 0) scores_avx2<true>(a_packed, rows, 0, packed, cols, d, out, ldc, above, hits);
 #else
-  (void)a, (void)rows, (void)lda, (void)packed, (void)cols, (void)d, (void)above, (void)out, (void)ldc, (void)hits;
+  (void)a_packed, (void)rows, (void)packed, (void)cols, (void)d, (void)above, (void)out, (void)ldc, (void)hits;
 #endif
 }
 

@@ -80,6 +80,7 @@ void topk_tiles(const at::Tensor& query, const at::Tensor& raw_gallery, const at
     std::vector<T> saved;
     std::vector<float> above;     // packed gallery: each row's threshold at the block's start
     std::vector<uint8_t> hits;    // packed gallery: [rows, panels of a block] (panel_gemm.h)
+    std::vector<float> q_packed;  // packed gallery: the query tile, packed once (pack_rows)
   };
   constexpr int64_t kBlockPanels = kBlockCols / panel_gemm::kPanelCols;
   static_assert(kBlockCols % panel_gemm::kPanelCols == 0);
@@ -89,7 +90,8 @@ void topk_tiles(const at::Tensor& query, const at::Tensor& raw_gallery, const at
                    std::vector<RunningTopK<T>>(rows, RunningTopK<T>(k)),
                    std::vector<T>(ranges > 1 ? 0 : rows * slots),
                    std::vector<float>(packed.defined() ? rows : 0),
-                   std::vector<uint8_t>(packed.defined() ? rows * kBlockPanels : 0)};
+                   std::vector<uint8_t>(packed.defined() ? rows * kBlockPanels : 0),
+                   std::vector<float>(packed.defined() ? panel_gemm::packed_rows_floats(rows, d) : 0)};
   };
   for_each_tile(tiles * ranges, setup, [&](Scratch& scratch, int64_t item) {
     const int64_t tile = item / ranges, range = item % ranges;
@@ -99,6 +101,10 @@ void topk_tiles(const at::Tensor& query, const at::Tensor& raw_gallery, const at
     const int64_t g_end = std::min(ng, (range + 1) * blocks / ranges * kBlockCols);
     const at::Tensor q_tile = query.narrow(0, q0, nrows);
     for (int64_t i = 0; i < nrows; ++i) best[i].reset();
+    if (packed.defined()) {
+      if constexpr (std::is_same_v<T, float>)
+        panel_gemm::pack_rows(q_tile.const_data_ptr<float>(), nrows, query.stride(0), d, scratch.q_packed.data());
+    }
     for (int64_t g0 = g_begin; g0 < g_end; g0 += kBlockCols) {
       const int64_t ncols = std::min(kBlockCols, ng - g0);
       at::Tensor block = scratch.buffer.narrow(0, 0, nrows * ncols).view({nrows, ncols});
@@ -116,9 +122,8 @@ void topk_tiles(const at::Tensor& query, const at::Tensor& raw_gallery, const at
           for (int64_t i = 0; i < nrows; ++i) scratch.above[i] = best[i].threshold();
           float* s = block.mutable_data_ptr<float>();
           const int64_t panels = (ncols + panel_gemm::kPanelCols - 1) / panel_gemm::kPanelCols;
-          panel_gemm::scores_above(q_tile.const_data_ptr<float>(), nrows, query.stride(0),
-                                   packed.const_data_ptr<float>() + g0 * d, ncols, d, scratch.above.data(), s, ncols,
-                                   scratch.hits.data());
+          panel_gemm::scores_above(scratch.q_packed.data(), nrows, packed.const_data_ptr<float>() + g0 * d, ncols, d,
+                                   scratch.above.data(), s, ncols, scratch.hits.data());
           for (int64_t i = 0; i < nrows; ++i) {
             const uint8_t* hit = scratch.hits.data() + i * panels;
             for (int64_t p = 0; p < panels; ++p) {

@@ -41,13 +41,21 @@ void pack(const float* b, int64_t ldb, const float* norms, int64_t r0, int64_t r
 void scores(const float* a, int64_t rows, int64_t lda, const float* packed, int64_t cols, int64_t d, float* out,
             int64_t ldc);
 
+// Rows of a packed for scores_above (once per query tile: the kernel's six rows then come from
+// one sequential stream, not six): groups of kMicroRows rows, coordinate-major,
+// out[(r / 6) * 6 * d + k * 6 + r % 6] = a[r][k]; a last group's missing rows are zero.
+constexpr int64_t kMicroRows = 6;
+inline int64_t packed_rows_floats(int64_t rows, int64_t d) { return (rows + kMicroRows - 1) / kMicroRows * kMicroRows * d; }
+void pack_rows(const float* a, int64_t rows, int64_t lda, int64_t d, float* out);
+
 // As scores(), for a running top-k: the 16 scores of row i in panel p (columns [16 p, 16 p + 16))
 // are written, and hits[i * panels + p] set to 1, only where one of them exceeds above[i] (the
 // row's k-th best so far: a later score that does not exceed it cannot enter); elsewhere
 // hits[...] = 0 and out is left as it was. panels = ceil(cols / 16). Saves writing and re-reading
 // a block of scores of which a small k keeps few. (A last, partial panel may be flagged by its
 // padding's zero scores: the caller offers only its real columns.)
-void scores_above(const float* a, int64_t rows, int64_t lda, const float* packed, int64_t cols, int64_t d,
+// a_packed: the rows as pack_rows gives them (the same bits as scores() on them unpacked).
+void scores_above(const float* a_packed, int64_t rows, const float* packed, int64_t cols, int64_t d,
                   const float* above, float* out, int64_t ldc, uint8_t* hits);
 
 }  // namespace sdml::panel_gemm
