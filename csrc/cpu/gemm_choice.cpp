@@ -52,7 +52,7 @@ const c10::TypedOperatorHandle<LinearFn>* onednn_linear() {
 // The calibrated GEMM: a query tile of the kernels' largest size against one gallery block, at an
 // embedding size typical of the models (the rates' order, not their values, is what is used).
 constexpr int64_t kRows = 256, kCols = 1024, kDepth = 256;
-constexpr int kRounds = 3;        // interleaved rounds; each library keeps its best
+constexpr int kRounds = 5;        // interleaved rounds; each keeps its best (short bursts of noise pass)
 constexpr int kGemmsPerThread = 2;  // per round (~1-3 ms per GEMM and thread)
 constexpr std::string_view kHeader = "sdml_ext cpu gemm calibration v3";
 constexpr std::string_view kFileName = "cpu_gemm_v3.txt";  // v3: our AVX2 kernel measured too
@@ -240,8 +240,8 @@ at::Tensor filled(int64_t rows, int64_t cols, uint64_t seed) {
 
 // Best aggregate rate (GFLOP/s) of each GEMM and use over kRounds interleaved rounds, every
 // thread running kGemmsPerThread tile GEMMs per round; the rates of code this process lacks are 0.
-// Our kernel's top-k rate is of its top-k use: the gallery block packed once, before the clock
-// (cosine_topk packs the gallery once per search); into a wider buffer, it packs per call.
+// Our kernel's rates are of its uses: the gallery block packed before the clock (cosine_topk
+// packs the gallery once per search, the metric tiles once per call for all their tiles).
 void measure(CpuGemmChoice& choice) {
   const int threads = at::get_num_threads();
   const at::Tensor a = filled(kRows, kDepth, 1), b = filled(kCols, kDepth, 2);
@@ -262,9 +262,10 @@ void measure(CpuGemmChoice& choice) {
       for (int64_t t = begin; t < end; ++t) {
         at::Tensor block = wide[t].narrow(1, kCols, kCols);
         for (int i = 0; i < gemms; ++i) {
-          if (!into_rows && gemm == CpuGemm::Avx2) {
+          if (gemm == CpuGemm::Avx2) {
+            at::Tensor& o = into_rows ? block : outs[t];
             panel_gemm::scores(a.const_data_ptr<float>(), kRows, kDepth, packed.const_data_ptr<float>(), kCols, kDepth,
-                               outs[t].mutable_data_ptr<float>(), kCols);
+                               o.mutable_data_ptr<float>(), o.stride(0));
           } else if (!into_rows) {
             cpu_gemm_nt(gemm, a, b, outs[t]);
           } else if (const at::Tensor s = cpu_gemm_nt(gemm, a, b, block); !s.is_same(block)) {

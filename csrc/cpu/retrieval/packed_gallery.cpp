@@ -1,11 +1,13 @@
 #include "packed_gallery.h"
 
+#include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 
 #include <limits>
 #include <vector>
 
 #include "sdml/cpu_gemm.h"
+#include "sdml/panel_gemm.h"
 
 // MKL's packed GEMM (CBLAS, 32-bit integers: torch's MKL interface). Weak: a torch without MKL
 // leaves them null.
@@ -51,8 +53,27 @@ bool packed_gemm_works() {
 }  // namespace
 
 PackedGallery::PackedGallery(const at::Tensor& gallery, int64_t rows, int64_t tiles) {
-  if (!cblas_sgemm_pack_get_size || !cblas_sgemm_pack || !cblas_sgemm_compute) return;
   if (gallery.scalar_type() != at::kFloat || tiles < 2) return;
+  if (cpu_gemm_choice().gemm_into_rows == CpuGemm::Avx2) {
+    // Our kernel's panels (sdml/panel_gemm.h), packed on every thread.
+    const int64_t ng = gallery.size(0), d = gallery.size(1);
+    if (ng == 0 || d == 0 || gallery.stride(1) != 1) return;
+    const int64_t floats = panel_gemm::packed_floats(ng, d);
+    if (floats * int64_t(sizeof(float)) > kMaxPackedBytes) return;
+    packed_ = at::empty({floats}, gallery.options());
+    const float* src = gallery.const_data_ptr<float>();
+    float* dst = packed_.mutable_data_ptr<float>();
+    const int64_t ld = gallery.stride(0), panels = floats / (panel_gemm::kPanelCols * d);
+    at::parallel_for(0, panels, 16, [&](int64_t begin, int64_t end) {
+      panel_gemm::pack(src, ld, nullptr, begin * panel_gemm::kPanelCols, std::min(ng, end * panel_gemm::kPanelCols), ng,
+                       d, dst);
+    });
+    ours_ = true;
+    ng_ = ng;
+    d_ = d;
+    return;
+  }
+  if (!cblas_sgemm_pack_get_size || !cblas_sgemm_pack || !cblas_sgemm_compute) return;
   if (cpu_gemm_choice().gemm_into_rows != CpuGemm::Blas || !packed_gemm_works()) return;
   const int64_t ng = gallery.size(0), d = gallery.size(1);
   if (ng == 0 || d == 0 || !fits_int(ng) || !fits_int(d) || !fits_int(rows) || gallery.stride(1) != 1) return;
@@ -69,6 +90,11 @@ PackedGallery::PackedGallery(const at::Tensor& gallery, int64_t rows, int64_t ti
 
 void PackedGallery::scores_into(const at::Tensor& q_tile, float* out, int64_t out_stride) const {
   const at::Tensor q = q_tile.stride(1) == 1 ? q_tile : q_tile.contiguous();
+  if (ours_) {
+    panel_gemm::scores(q.const_data_ptr<float>(), q.size(0), q.stride(0), packed_.const_data_ptr<float>(), ng_, d_, out,
+                       out_stride);
+    return;
+  }
   cblas_sgemm_compute(kColMajor, kPacked, kNoTrans, int(ng_), int(q.size(0)), int(d_), packed_.const_data_ptr<float>(),
                       int(ng_), q.const_data_ptr<float>(), int(q.stride(0)), 0.0f, out, int(out_stride));
 }

@@ -1,6 +1,7 @@
 #pragma once
-// The gallery packed once, for all query tiles, in MKL's own GEMM layout (cblas_sgemm_pack), so
-// that a tile's scores against the whole gallery are one cblas_sgemm_compute call.
+// The gallery packed once, for all query tiles, in MKL's own GEMM layout (cblas_sgemm_pack) or,
+// where the tile GEMM choice is our AVX2 kernel, in its panels (sdml/panel_gemm.h), so that a
+// tile's scores against the whole gallery are one call.
 //
 // Why: a plain GEMM packs its operands on every call, and the metric tiles (a few hundred query
 // rows against the whole gallery) re-packed the whole gallery for every tile: about a tenth of
@@ -9,11 +10,11 @@
 // whatever the tile's height and the row's place in it (measured for 1 to 256 rows; at::mm takes
 // other kernels for short tiles), so they do not depend on how the thread count cut the tiles.
 //
-// Used for float32 where torch's MKL exports the packed API (weak symbols: absent elsewhere, and
-// then the tiles run BlockGemm as before) and a small exact product through it checks out (once per
-// process: the declarations assume MKL's 32-bit integer interface), the process's GEMM choice for
-// tiles written into rows is BLAS (sdml/cpu_gemm.h), there is more than one query tile to share the
-// packing, and the packed copy stays within kMaxPackedBytes.
+// Used for float32 where the process's GEMM choice for tiles written into rows (sdml/cpu_gemm.h) is
+// our kernel, or is BLAS and torch's MKL exports the packed API (weak symbols: absent elsewhere,
+// and then the tiles run BlockGemm as before) and a small exact product through it checks out
+// (once per process: the declarations assume MKL's 32-bit integer interface); there must be more
+// than one query tile to share the packing, and the packed copy stay within kMaxPackedBytes.
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
@@ -39,6 +40,7 @@ class PackedGallery {
 
  private:
   at::Tensor packed_;
+  bool ours_ = false;  // our kernel's panels, not MKL's layout
   int64_t ng_ = 0, d_ = 0;
 };
 
