@@ -11,7 +11,7 @@ namespace sdml::cpu_retrieval {
 
 class BlockGemm {
  public:
-  // Makes the process's GEMM choice on first use (it may time both libraries): construct it
+  // Makes the process's GEMM choice on first use (it may time the candidates): construct it
   // outside parallel regions, once per call, and share it with the threads.
   explicit BlockGemm(at::ScalarType dtype);
 

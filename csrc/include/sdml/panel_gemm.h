@@ -3,9 +3,9 @@
 //
 // Why our own: on CPUs where torch's libraries run their AVX2 code (MKL on AMD), a GEMM of a
 // query tile against a gallery packed once per search beats a library call per block, which
-// re-packs the block for every query tile (measured on an AMD EPYC Zen 3: 2.2-2.4 s for the
-// 4,000 x 100,000 x 512 product against 2.5 s for MKL's tiles). The calibration
-// (sdml/cpu_gemm.h) times it beside MKL/BLAS and oneDNN and keeps whichever is fastest here.
+// re-packs the block for every query tile (measured on an AMD EPYC Zen 3 at the calibration's
+// tile shape: 182-195 GFLOP/s against MKL's 160-168 and oneDNN's 153-165, both cores). The
+// calibration (sdml/cpu_gemm.h) times it beside them and keeps whichever is fastest here.
 //
 // Arithmetic: every score is one chain of fused multiply-adds over the coordinates in order,
 // starting from zero, whatever the call's shape and wherever the score lies in its output. So a
