@@ -51,7 +51,8 @@ void pack_rows(const float* a, int64_t rows, int64_t lda, int64_t d, float* out)
 // As scores(), for a running top-k: the 16 scores of row i in panel p (columns [16 p, 16 p + 16))
 // are written, and hits[i * panels + p] set to 1, only where one of them exceeds above[i] (the
 // row's k-th best so far: a later score that does not exceed it cannot enter); elsewhere
-// hits[...] = 0 and out is left as it was. panels = ceil(cols / 16). Saves writing and re-reading
+// hits[...] = 0 and out holds no score (at most a partial sum of a long row's passes).
+// panels = ceil(cols / 16). Saves writing and re-reading
 // a block of scores of which a small k keeps few. (A last, partial panel may be flagged by its
 // padding's zero scores: the caller offers only its real columns.)
 // a_packed: the rows as pack_rows gives them (the same bits as scores() on them unpacked).
